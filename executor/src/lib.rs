@@ -1,0 +1,13 @@
+//! The `stoa-executor` library: what every stoa process shares below the protocol level.
+//!
+//! * [`codec`]: the length-prefixed bincode frame used on every stoa channel.
+//! * [`job`]: the job the broker hands an executor on its control socket (fd 3).
+//! * [`sys`]: every `unsafe` system call in stoa, each behind a safe function.
+//!
+//! The broker (in the `stoa` crate) and the `stoa-executor` binary both link this crate,
+//! which is why the one unsafe module lives here and not in `stoa` itself.
+#![deny(unsafe_code)]
+
+pub mod codec;
+pub mod job;
+pub mod sys;

@@ -1,0 +1,854 @@
+//! Every `unsafe` system call in stoa, each behind a safe function.
+//!
+//! The heart of it is [`spawn_child`]: fork, then the spawn-as-user sequence of
+//! research/privsep.md §1 phase B, then exec. Everything the child needs is computed before
+//! the fork; between fork and exec the child makes only async-signal-safe system calls on
+//! that prepared data (no allocation, no locks, no NSS).
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Highest signal number on Linux (`NSIG - 1`).
+const LAST_SIGNAL: libc::c_int = 64;
+/// How many fds a child may be given (0–2 plus extras).
+const MAX_CHILD_FDS: usize = 8;
+/// `close_range(2)` flag: mark close-on-exec instead of closing now.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+/// `capget/capset` header version 3 (two 32-bit words per set).
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+// ---------------------------------------------------------------------------------------
+// Inherited fds
+
+/// fds 0–63 already taken by [`take_inherited_fd`], so nothing owns one twice.
+static TAKEN_FDS: AtomicU64 = AtomicU64::new(0);
+
+/// Takes ownership of an fd this process inherited at a fixed number (the executor's control
+/// socket at 3, the daemon's broker link at 3 and listener at 4). Each number can be taken
+/// once; a closed number is an error.
+pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if !(3..64).contains(&fd) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "inherited fd out of range",
+        ));
+    }
+    let bit = 1u64 << fd;
+    if TAKEN_FDS.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "inherited fd already taken",
+        ));
+    }
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open (checked above), was handed to this process by its parent for
+    // exactly this use, and the TAKEN_FDS bit guarantees no second OwnedFd for it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(&owned)?;
+    Ok(owned)
+}
+
+fn set_cloexec(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Duplicates fd `target` of process `pid` into this process (`pidfd_getfd(2)`, needs
+/// ptrace rights over `pid`: root). Used by the tests that play a compromised daemon.
+pub fn pidfd_getfd(pid: i32, target: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes plain integers and returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a fresh descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    // SAFETY: pidfd_getfd takes plain integers and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_getfd returned a fresh (close-on-exec) descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+// ---------------------------------------------------------------------------------------
+// Terminals
+
+/// A new pseudo-terminal pair, both ends close-on-exec, the slave opened without becoming
+/// anyone's controlling tty.
+pub struct Pty {
+    pub master: OwnedFd,
+    pub slave: OwnedFd,
+    /// `/dev/pts/N`
+    pub path: String,
+}
+
+/// Opens `/dev/ptmx` and its peer through `TIOCGPTPEER`, so no path is looked up between
+/// the two opens.
+pub fn open_pty() -> io::Result<Pty> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let master: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/ptmx")?
+        .into();
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one c_int from a valid pointer.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut number: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one c_uint through a valid pointer.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut number) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER takes open flags by value and returns a new fd or -1.
+    let slave = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    if slave < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCGPTPEER returned a fresh descriptor that nothing else owns.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    Ok(Pty {
+        master,
+        slave,
+        path: format!("/dev/pts/{number}"),
+    })
+}
+
+/// Sets a terminal's window size (works on the master; needs no privilege).
+pub fn set_window_size(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads a terminal's window size as (rows, cols).
+pub fn window_size(fd: BorrowedFd<'_>) -> io::Result<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize through a valid pointer.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((ws.ws_row, ws.ws_col))
+}
+
+// ---------------------------------------------------------------------------------------
+// Spawning
+
+/// The identity a child takes, resolved by the caller (getpwnam_r, getgrouplist) before
+/// the fork.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    /// The complete supplementary group list (may be empty).
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Core,
+    NoFile,
+    NProc,
+    As,
+    FSize,
+    Nice,
+    RtPrio,
+}
+
+impl Resource {
+    fn raw(self) -> libc::__rlimit_resource_t {
+        match self {
+            Resource::Core => libc::RLIMIT_CORE,
+            Resource::NoFile => libc::RLIMIT_NOFILE,
+            Resource::NProc => libc::RLIMIT_NPROC,
+            Resource::As => libc::RLIMIT_AS,
+            Resource::FSize => libc::RLIMIT_FSIZE,
+            Resource::Nice => libc::RLIMIT_NICE,
+            Resource::RtPrio => libc::RLIMIT_RTPRIO,
+        }
+    }
+}
+
+impl Resource {
+    /// This process's own (soft, hard) limit; `u64::MAX` means unlimited.
+    pub fn current(self) -> io::Result<(u64, u64)> {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit through a valid pointer.
+        if unsafe { libc::getrlimit(self.raw(), &mut limit) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let conv = |v: libc::rlim_t| {
+            if v == libc::RLIM_INFINITY {
+                u64::MAX
+            } else {
+                v as u64
+            }
+        };
+        Ok((conv(limit.rlim_cur), conv(limit.rlim_max)))
+    }
+}
+
+/// One resource limit; `u64::MAX` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: Resource,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// What to start and as whom. Borrowed fds stay owned by the caller, who closes its copies
+/// of the child's ends after [`spawn_child`] returns.
+pub struct ChildSpec<'a> {
+    /// The program, opened by the caller (`O_PATH`); run with `execveat(AT_EMPTY_PATH)` so
+    /// the file that was checked is the file that runs.
+    pub exe: BorrowedFd<'a>,
+    pub argv: Vec<CString>,
+    /// The complete environment, `NAME=value`.
+    pub env: Vec<CString>,
+    /// Become fds 0, 1, 2; `None` keeps the caller's.
+    pub stdio: Option<[BorrowedFd<'a>; 3]>,
+    /// Become fds 3, 4, … in order.
+    pub extra_fds: Vec<BorrowedFd<'a>>,
+    /// Make fd 0 (a pty slave) the controlling terminal of the new session.
+    pub controlling_tty: bool,
+    /// `None`: keep the caller's identity (single-user mode, no privileges to drop).
+    pub identity: Option<Identity>,
+    pub rlimits: Vec<Rlimit>,
+    pub umask: u32,
+    /// Entered after the identity change, with the user's own permissions.
+    pub cwd: Option<CString>,
+    /// `PR_SET_PDEATHSIG`, set after the identity change (which clears it).
+    pub parent_death_signal: Option<i32>,
+}
+
+/// The step of the child's sequence that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ChildStage {
+    ResetSignals = 1,
+    NewSession,
+    ArrangeFds,
+    ControllingTty,
+    Rlimits,
+    SetGroups,
+    SetGid,
+    DropBoundingSet,
+    ClearAmbient,
+    SetUid,
+    VerifyIds,
+    ClearCapabilities,
+    VerifyCapabilities,
+    NoNewPrivs,
+    ParentDeathSignal,
+    CloseFds,
+    Chdir,
+    Exec,
+}
+
+impl ChildStage {
+    fn from_raw(raw: u32) -> Option<ChildStage> {
+        use ChildStage::*;
+        const ALL: [ChildStage; 18] = [
+            ResetSignals,
+            NewSession,
+            ArrangeFds,
+            ControllingTty,
+            Rlimits,
+            SetGroups,
+            SetGid,
+            DropBoundingSet,
+            ClearAmbient,
+            SetUid,
+            VerifyIds,
+            ClearCapabilities,
+            VerifyCapabilities,
+            NoNewPrivs,
+            ParentDeathSignal,
+            CloseFds,
+            Chdir,
+            Exec,
+        ];
+        ALL.into_iter().find(|s| *s as u32 == raw)
+    }
+
+    pub fn describe(self) -> &'static str {
+        use ChildStage::*;
+        match self {
+            ResetSignals => "resetting signals",
+            NewSession => "starting a new session",
+            ArrangeFds => "arranging file descriptors",
+            ControllingTty => "acquiring the controlling terminal",
+            Rlimits => "setting resource limits",
+            SetGroups => "setting supplementary groups",
+            SetGid => "setting the group id",
+            DropBoundingSet => "dropping the capability bounding set",
+            ClearAmbient => "clearing ambient capabilities",
+            SetUid => "setting the user id",
+            VerifyIds => "verifying the identity change",
+            ClearCapabilities => "clearing capabilities",
+            VerifyCapabilities => "verifying capabilities are empty",
+            NoNewPrivs => "setting no_new_privs",
+            ParentDeathSignal => "setting the parent-death signal",
+            CloseFds => "closing inherited file descriptors",
+            Chdir => "entering the working directory",
+            Exec => "executing the program",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum SpawnError {
+    /// Before or at fork, in the caller.
+    Setup(io::Error),
+    /// In the child, before exec; the child has been reaped. `errno` 0 means a
+    /// verification found the wrong state.
+    Child { stage: ChildStage, errno: i32 },
+}
+
+impl fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpawnError::Setup(e) => write!(f, "cannot start the child: {e}"),
+            SpawnError::Child { stage, errno: 0 } => {
+                write!(f, "failed {}: verification failed", stage.describe())
+            }
+            SpawnError::Child { stage, errno } => {
+                write!(
+                    f,
+                    "failed {}: {}",
+                    stage.describe(),
+                    io::Error::from_raw_os_error(*errno)
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for SpawnError {}
+
+/// Threads in this process, from /proc/self/status.
+fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Threads line in /proc/self/status"))
+}
+
+/// The highest capability number this kernel knows.
+pub fn last_capability() -> io::Result<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::other("unreadable /proc/sys/kernel/cap_last_cap"))
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Everything the child touches, built before the fork.
+struct Prepared<'s> {
+    argv: Vec<*const libc::c_char>,
+    env: Vec<*const libc::c_char>,
+    fd_sources: [RawFd; MAX_CHILD_FDS],
+    fd_targets: [RawFd; MAX_CHILD_FDS],
+    fd_count: usize,
+    first_unkept_fd: RawFd,
+    exe: RawFd,
+    controlling_tty: bool,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    identity: Option<&'s Identity>,
+    groups_scratch: Vec<libc::gid_t>,
+    /// The group list as getgroups reports it: the kernel keeps it sorted.
+    groups_sorted: Vec<libc::gid_t>,
+    last_cap: u32,
+    umask: libc::mode_t,
+    cwd: Option<&'s CStr>,
+    parent_death_signal: Option<i32>,
+    parent_pid: libc::pid_t,
+}
+
+/// Forks and runs the spawn sequence in the child, then execs `spec.exe`. Returns the
+/// child's pid once it has exec'd; a failure before exec comes back as
+/// [`SpawnError::Child`] with the child already reaped.
+///
+/// Only a single-threaded process may fork and then run code in the child (another
+/// thread could hold the allocator's lock), so this refuses to run in a process with more
+/// than one thread. The broker is single-threaded by design.
+pub fn spawn_child(spec: &ChildSpec<'_>) -> Result<i32, SpawnError> {
+    let threads = thread_count().map_err(SpawnError::Setup)?;
+    if threads != 1 {
+        return Err(SpawnError::Setup(io::Error::other(format!(
+            "spawn_child needs a single-threaded process, this one has {threads} threads"
+        ))));
+    }
+    let mut prepared = prepare(spec).map_err(SpawnError::Setup)?;
+    let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SpawnError::Setup(e.into()))?;
+
+    // SAFETY: this process has exactly one thread (checked above), so no other thread can
+    // hold a lock the child would need; the child runs only `child_sequence`, which makes
+    // async-signal-safe system calls on `prepared` and then execs or `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SpawnError::Setup(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let (stage, errno) = child_sequence(&mut prepared);
+        let mut report = [0u8; 8];
+        report[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+        report[4..].copy_from_slice(&errno.to_ne_bytes());
+        // SAFETY: write and _exit are async-signal-safe; `report` is a valid 8-byte buffer
+        // on this stack.
+        unsafe {
+            libc::write(err_write.as_raw_fd(), report.as_ptr().cast(), report.len());
+            libc::_exit(127);
+        }
+    }
+    drop(err_write);
+    let mut report = [0u8; 8];
+    let mut got = 0;
+    let mut pipe = File::from(err_read);
+    while got < report.len() {
+        match pipe.read(&mut report[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                reap(pid);
+                return Err(SpawnError::Setup(e));
+            }
+        }
+    }
+    if got == 0 {
+        return Ok(pid);
+    }
+    reap(pid);
+    let stage = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
+    let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
+    Err(SpawnError::Child {
+        stage: ChildStage::from_raw(stage).unwrap_or(ChildStage::Exec),
+        errno,
+    })
+}
+
+fn reap(pid: i32) {
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+}
+
+fn prepare<'s>(spec: &'s ChildSpec<'_>) -> io::Result<Prepared<'s>> {
+    if spec.argv.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty argv"));
+    }
+    let stdio_count = if spec.stdio.is_some() { 3 } else { 0 };
+    let fd_count = stdio_count + spec.extra_fds.len();
+    if fd_count > MAX_CHILD_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many fds for the child",
+        ));
+    }
+    let mut fd_sources = [-1; MAX_CHILD_FDS];
+    let mut fd_targets = [-1; MAX_CHILD_FDS];
+    let mut i = 0;
+    if let Some(stdio) = &spec.stdio {
+        for (n, fd) in stdio.iter().enumerate() {
+            fd_sources[i] = fd.as_raw_fd();
+            fd_targets[i] = n as RawFd;
+            i += 1;
+        }
+    }
+    for (n, fd) in spec.extra_fds.iter().enumerate() {
+        fd_sources[i] = fd.as_raw_fd();
+        fd_targets[i] = 3 + n as RawFd;
+        i += 1;
+    }
+    let with_null = |v: &'s [CString]| {
+        v.iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(ptr::null()))
+            .collect::<Vec<_>>()
+    };
+    let rlimits = spec
+        .rlimits
+        .iter()
+        .map(|r| {
+            let conv = |v: u64| {
+                if v == u64::MAX {
+                    libc::RLIM_INFINITY
+                } else {
+                    v as libc::rlim_t
+                }
+            };
+            (
+                r.resource.raw(),
+                libc::rlimit {
+                    rlim_cur: conv(r.soft),
+                    rlim_max: conv(r.hard),
+                },
+            )
+        })
+        .collect();
+    let groups_len = spec.identity.as_ref().map_or(0, |id| id.groups.len());
+    Ok(Prepared {
+        argv: with_null(&spec.argv),
+        env: with_null(&spec.env),
+        fd_sources,
+        fd_targets,
+        fd_count,
+        first_unkept_fd: 3 + spec.extra_fds.len() as RawFd,
+        exe: spec.exe.as_raw_fd(),
+        controlling_tty: spec.controlling_tty,
+        rlimits,
+        identity: spec.identity.as_ref(),
+        groups_scratch: vec![0; groups_len + 1],
+        groups_sorted: {
+            let mut g = spec
+                .identity
+                .as_ref()
+                .map(|id| id.groups.clone())
+                .unwrap_or_default();
+            g.sort_unstable();
+            g.dedup();
+            g
+        },
+        last_cap: last_capability()?,
+        umask: spec.umask as libc::mode_t,
+        cwd: spec.cwd.as_deref(),
+        parent_death_signal: spec.parent_death_signal,
+        // SAFETY: getpid has no preconditions.
+        parent_pid: unsafe { libc::getpid() },
+    })
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// The child's side, in the order of research/privsep.md phase B. Returns only on failure,
+/// with the failing stage and errno (0: a verification found the wrong state).
+fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
+    use ChildStage::*;
+    macro_rules! check {
+        ($stage:expr, $call:expr) => {
+            if $call < 0 {
+                return ($stage, errno());
+            }
+        };
+    }
+    // SAFETY (for every block in this function): we are the only thread of a freshly forked
+    // child. Each call below is an async-signal-safe system call (signal(7) lists them, or
+    // raw syscalls/prctl) whose pointer arguments point into `p`, which the parent built
+    // before the fork and which stays alive until exec or _exit.
+    unsafe {
+        // B1: default dispositions for every signal, then an empty mask (the broker blocks
+        // the signals it reads through a signalfd; a blocked mask survives exec).
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = libc::SIG_DFL;
+        libc::sigemptyset(&mut action.sa_mask);
+        for sig in 1..=LAST_SIGNAL {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &action, ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        check!(
+            ResetSignals,
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut())
+        );
+
+        // B2/B3: a new session, which is also a new process group.
+        check!(NewSession, libc::setsid());
+
+        // fds: first copy every source above the kept range (so one source cannot be
+        // overwritten by another's dup2), then move each into place.
+        let mut temps = [-1; MAX_CHILD_FDS];
+        for (temp, source) in temps.iter_mut().zip(&p.fd_sources).take(p.fd_count) {
+            *temp = libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, p.first_unkept_fd);
+            check!(ArrangeFds, *temp);
+        }
+        let exe = libc::fcntl(p.exe, libc::F_DUPFD_CLOEXEC, p.first_unkept_fd);
+        check!(ArrangeFds, exe);
+        for (temp, target) in temps.iter().zip(&p.fd_targets).take(p.fd_count) {
+            check!(ArrangeFds, libc::dup2(*temp, *target));
+        }
+        if p.controlling_tty {
+            check!(ControllingTty, libc::ioctl(0, libc::TIOCSCTTY, 0));
+        }
+
+        // B4: the user's limits, not the broker's.
+        for (resource, limit) in &p.rlimits {
+            check!(Rlimits, libc::setrlimit(*resource, limit));
+        }
+
+        // B5–B7: groups, then gid, then (still privileged) the bounding set and ambient
+        // set, then uid; then verify.
+        let mut header = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        let zero = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if let Some(id) = p.identity {
+            check!(
+                SetGroups,
+                libc::setgroups(id.groups.len(), id.groups.as_ptr())
+            );
+            check!(SetGid, libc::setresgid(id.gid, id.gid, id.gid));
+            for cap in 0..=p.last_cap {
+                check!(
+                    DropBoundingSet,
+                    libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0)
+                );
+            }
+            if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) < 0
+                && errno() != libc::EINVAL
+            {
+                return (ClearAmbient, errno());
+            }
+            check!(SetUid, libc::setresuid(id.uid, id.uid, id.uid));
+
+            let (mut r, mut e, mut s) = (0, 0, 0);
+            check!(VerifyIds, libc::getresuid(&mut r, &mut e, &mut s));
+            if (r, e, s) != (id.uid, id.uid, id.uid) {
+                return (VerifyIds, 0);
+            }
+            check!(VerifyIds, libc::getresgid(&mut r, &mut e, &mut s));
+            if (r, e, s) != (id.gid, id.gid, id.gid) {
+                return (VerifyIds, 0);
+            }
+            let n = libc::getgroups(
+                p.groups_scratch.len() as libc::c_int,
+                p.groups_scratch.as_mut_ptr(),
+            );
+            if n < 0 || p.groups_scratch[..n as usize] != p.groups_sorted[..] {
+                return (VerifyIds, 0);
+            }
+            // Regaining root must fail (OpenSSH permanently_set_uid).
+            if id.uid != 0 && (libc::setresuid(0, 0, 0) == 0 || libc::setresgid(0, 0, 0) == 0) {
+                return (VerifyIds, 0);
+            }
+        } else if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ) < 0
+            && errno() != libc::EINVAL
+        {
+            return (ClearAmbient, errno());
+        }
+        check!(
+            ClearCapabilities,
+            libc::syscall(libc::SYS_capset, &mut header, zero.as_ptr()) as libc::c_int
+        );
+        let mut now = [CapData {
+            effective: 1,
+            permitted: 1,
+            inheritable: 1,
+        }; 2];
+        check!(
+            VerifyCapabilities,
+            libc::syscall(libc::SYS_capget, &mut header, now.as_mut_ptr()) as libc::c_int
+        );
+        if now
+            .iter()
+            .any(|d| d.effective | d.permitted | d.inheritable != 0)
+        {
+            return (VerifyCapabilities, 0);
+        }
+        if p.identity.is_some() {
+            for cap in 0..=p.last_cap {
+                if libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) != 0 {
+                    return (VerifyCapabilities, 0);
+                }
+                if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_IS_SET, cap, 0, 0) > 0 {
+                    return (VerifyCapabilities, 0);
+                }
+            }
+        }
+
+        // B8
+        check!(
+            NoNewPrivs,
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        );
+
+        // B9: after the identity change, which clears it; then make sure the parent did not
+        // die before it was set.
+        if let Some(sig) = p.parent_death_signal {
+            check!(
+                ParentDeathSignal,
+                libc::prctl(libc::PR_SET_PDEATHSIG, sig, 0, 0, 0)
+            );
+            if libc::getppid() != p.parent_pid {
+                return (ParentDeathSignal, 0);
+            }
+        }
+
+        // B10: nothing but the kept fds survives exec.
+        check!(
+            CloseFds,
+            libc::syscall(
+                libc::SYS_close_range,
+                p.first_unkept_fd,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC
+            ) as libc::c_int
+        );
+
+        // B11, B12: umask; the working directory with the user's own permissions.
+        libc::umask(p.umask);
+        if let Some(cwd) = p.cwd {
+            check!(Chdir, libc::chdir(cwd.as_ptr()));
+        }
+
+        // B13
+        libc::syscall(
+            libc::SYS_execveat,
+            exe,
+            c"".as_ptr(),
+            p.argv.as_ptr(),
+            p.env.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+        (Exec, errno())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Passing fds over Unix sockets
+
+/// What one `recvmsg` brought.
+pub struct Received {
+    pub bytes: usize,
+    /// Every fd that arrived (close-on-exec), owned: dropping closes them.
+    pub fds: Vec<OwnedFd>,
+    /// The kernel dropped fds or control data that did not fit (`MSG_CTRUNC`).
+    pub truncated: bool,
+}
+
+/// Most fds accepted in one `recvmsg`.
+pub const MAX_FDS_PER_MESSAGE: usize = 8;
+
+/// `recvmsg` with room for [`MAX_FDS_PER_MESSAGE`] fds, `MSG_CMSG_CLOEXEC` always, and
+/// `MSG_DONTWAIT` when `nonblocking`.
+pub fn recv_with_fds(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    nonblocking: bool,
+) -> io::Result<Received> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+    if nonblocking {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), flags)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for r in raw {
+                // SAFETY: SCM_RIGHTS installed these descriptors in this process for us
+                // alone; wrapping each exactly once makes this the only owner.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+            }
+        }
+    }
+    Ok(Received {
+        bytes: msg.bytes,
+        fds,
+        truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC),
+    })
+}
+
+/// `sendmsg` of `buf` with `fds` attached (`SCM_RIGHTS`), `MSG_NOSIGNAL`, and
+/// `MSG_DONTWAIT` when `nonblocking`. Returns the bytes sent; the fds go with the first.
+pub fn send_with_fds(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    fds: &[BorrowedFd<'_>],
+    nonblocking: bool,
+) -> io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs = if raw.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    let mut flags = MsgFlags::MSG_NOSIGNAL;
+    if nonblocking {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    Ok(sendmsg::<()>(
+        fd.as_raw_fd(),
+        &[io::IoSlice::new(buf)],
+        &cmsgs,
+        flags,
+        None,
+    )?)
+}
+
+/// Registers an owned fd (pipe, PTY master, socket) with tokio's reactor.
+#[cfg(feature = "async")]
+pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is an open descriptor that stays the same until the AsyncFd,
+    // which now owns it, drops it.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}

@@ -1,0 +1,930 @@
+//! The broker: `stoa serve` as root. The only stoa process that can switch users.
+//!
+//! One thread, one `poll` loop over two fds: a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP)
+//! and the daemon link. Being single-threaded is what makes `fork` safe here, so this
+//! process never starts a runtime or a thread. It re-execs its own binary as the daemon,
+//! dropped to the service user, and restarts it (with backoff) when it exits, crashes or
+//! breaks the protocol; executors keep running throughout and a new daemon adopts them.
+//!
+//! Started without root, the same loop runs in single-user mode: nothing changes identity
+//! and only the invoking user may be run.
+#![forbid(unsafe_code)]
+
+pub mod credentials;
+pub mod link;
+pub mod permit;
+pub mod policy;
+pub mod spawn;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::OpenOptions;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, killpg, SigSet, Signal as NixSignal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{Pid, Uid};
+use tracing::{error, info, warn};
+
+use stoa_executor::codec;
+use stoa_executor::sys::{self, ChildSpec, Identity, Resource, Rlimit};
+
+use crate::config::DaemonConfig;
+use crate::wire::{
+    BrokerError, BrokerMessage, ErrorKind, Event, ExitStatus, FdLayout, Handle, HandleInfo,
+    Program, ReplyBody, Request, RequestBody, Signal, SpawnRequest, Welcome, PROTOCOL_VERSION,
+};
+use link::{Link, LinkError};
+use permit::LinkState;
+use policy::{Policy, Refusal, UserFacts};
+use spawn::{Account, LaunchError, Launcher};
+
+/// The daemon's fds: its end of the broker link, and the HTTP listener.
+pub const DAEMON_LINK_FD: i32 = 3;
+pub const DAEMON_LISTENER_FD: i32 = 4;
+
+const RESTART_MIN: Duration = Duration::from_millis(100);
+const RESTART_MAX: Duration = Duration::from_secs(10);
+/// A daemon that ran this long resets the restart backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// How long the daemon and then executors get between SIGTERM and SIGKILL at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+pub struct ServeOptions {
+    pub broker_config: PathBuf,
+    pub config: PathBuf,
+}
+
+enum Mode {
+    /// Root: executors run as their users, the daemon as `service`.
+    Isolated { service: Account },
+    /// Not root: everything runs as `me`.
+    SingleUser { me: Account },
+}
+
+struct Entry {
+    info: HandleInfo,
+    /// Duplicates of what the daemon got (no stdin pipe), for a daemon that restarts.
+    kept: Vec<OwnedFd>,
+    /// The daemon is done with it; dropped once the process is also reaped.
+    released: bool,
+}
+
+struct Daemon {
+    pid: i32,
+    link: Link,
+    state: LinkState,
+    started: Instant,
+}
+
+struct Broker {
+    opts: ServeOptions,
+    policy: Policy,
+    allowed_gids: Vec<u32>,
+    mode: Mode,
+    credentials: credentials::Credentials,
+    executor: OwnedFd,
+    self_exe: OwnedFd,
+    listener: OwnedFd,
+    tty_gid: Option<u32>,
+    daemon: Option<Daemon>,
+    restart_at: Option<Instant>,
+    restart_failures: u32,
+    entries: BTreeMap<Handle, Entry>,
+    by_pid: HashMap<i32, Handle>,
+    next_handle: u64,
+    signals: SignalFd,
+    shutting_down: bool,
+}
+
+/// Runs the broker until SIGTERM/SIGINT.
+pub fn serve(opts: ServeOptions) -> Result<(), String> {
+    let mut broker = Broker::start(opts)?;
+    broker.run();
+    Ok(())
+}
+
+/// fds 0–2 must be open so no socket ever lands on a stdio number (OpenSSH
+/// `sanitise_stdfd`): each closed one gets /dev/null, inheritable like a real stdio.
+fn sanitize_stdio() {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    loop {
+        let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") else {
+            return;
+        };
+        if null.as_raw_fd() > 2 {
+            return; // 0–2 are all open; dropping closes this one
+        }
+        let _ = nix::fcntl::fcntl(
+            &null,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        );
+        let _ = null.into_raw_fd(); // stays open as that stdio fd
+    }
+}
+
+fn ensure_dir(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), String> {
+    std::fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", path.display()));
+    }
+    if meta.uid() != uid || meta.gid() != gid {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+            .map_err(|e| format!("cannot chown {}: {e}", path.display()))?;
+    }
+    if meta.mode() & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Opens a program to run later with `execveat`, so what was checked is what runs.
+fn open_program(path: &Path) -> Result<OwnedFd, String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    Ok(file.into())
+}
+
+fn resolve_gids(names: &[String]) -> Vec<u32> {
+    names
+        .iter()
+        .filter_map(|name| match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => Some(g.gid.as_raw()),
+            _ => {
+                warn!(group = %name, "allowed group does not exist; nobody is allowed through it");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Keeps only the capabilities the broker uses, in every set including the bounding set.
+fn drop_capabilities() -> Result<(), String> {
+    use caps::{CapSet, Capability};
+    let wanted = [
+        Capability::CAP_CHOWN,        // the user's pty slave
+        Capability::CAP_KILL,         // the daemon (executors are signalled as their user)
+        Capability::CAP_SETGID,       // identity changes
+        Capability::CAP_SETUID,       // identity changes
+        Capability::CAP_SETPCAP,      // children drop their bounding set
+        Capability::CAP_SYS_RESOURCE, // rlimits above the broker's own
+    ];
+    let permitted = caps::read(None, CapSet::Permitted).map_err(|e| e.to_string())?;
+    let keep: caps::CapsHashSet = wanted
+        .into_iter()
+        .filter(|c| permitted.contains(c))
+        .collect();
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            let _ = caps::drop(None, CapSet::Bounding, cap);
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(|e| format!("clearing ambient caps: {e}"))?;
+    caps::clear(None, CapSet::Inheritable)
+        .map_err(|e| format!("clearing inheritable caps: {e}"))?;
+    caps::set(None, CapSet::Effective, &keep)
+        .map_err(|e| format!("setting effective caps: {e}"))?;
+    caps::set(None, CapSet::Permitted, &keep)
+        .map_err(|e| format!("setting permitted caps: {e}"))?;
+    let mut names: Vec<String> = keep.iter().map(|c| c.to_string()).collect();
+    names.sort();
+    info!(capabilities = %names.join(","), "broker dropped its capabilities (bounding set too) to what it needs");
+    Ok(())
+}
+
+/// Without CAP_SYS_RESOURCE no limit can go above the broker's own hard limit; lower
+/// such a limit to it (and say so) instead of failing every spawn.
+fn fit_rlimits(limits: Vec<Rlimit>) -> Vec<Rlimit> {
+    if caps::has_cap(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_SYS_RESOURCE,
+    )
+    .unwrap_or(false)
+    {
+        return limits;
+    }
+    limits
+        .into_iter()
+        .map(|r| match r.resource.current() {
+            Ok((_, hard)) if r.hard > hard => {
+                warn!(resource = ?r.resource, wanted = r.hard, allowed = hard, "rlimit above the broker's own hard limit (no CAP_SYS_RESOURCE); lowered");
+                Rlimit { resource: r.resource, soft: r.soft.min(hard), hard }
+            }
+            _ => r,
+        })
+        .collect()
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn exit_status(ws: WaitStatus) -> Option<(i32, ExitStatus)> {
+    match ws {
+        WaitStatus::Exited(pid, code) => Some((pid.as_raw(), ExitStatus::Code(code))),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw(), ExitStatus::Signal(sig as i32))),
+        _ => None,
+    }
+}
+
+fn error_reply(kind: ErrorKind, message: impl Into<String>) -> (ReplyBody, Vec<OwnedFd>) {
+    (
+        ReplyBody::Error(BrokerError {
+            kind,
+            message: message.into(),
+        }),
+        Vec::new(),
+    )
+}
+
+fn refused(r: Refusal) -> (ReplyBody, Vec<OwnedFd>) {
+    let message = r.to_string();
+    error_reply(
+        ErrorKind::Refused {
+            rule: r.rule.to_string(),
+        },
+        message,
+    )
+}
+
+impl Broker {
+    fn start(opts: ServeOptions) -> Result<Broker, String> {
+        sanitize_stdio();
+        let euid = nix::unistd::geteuid().as_raw();
+        let (policy, found) = Policy::load(&opts.broker_config, euid)?;
+        if !found {
+            warn!(path = %opts.broker_config.display(), "no policy file; using the built-in defaults");
+        }
+        let daemon_config = DaemonConfig::load(&opts.config)?;
+        if opts.config.exists() {
+            policy::check_trusted_path(&opts.config, euid)?;
+        }
+
+        let mode = if euid == 0 {
+            let (service, created) = spawn::ensure_service_account(&policy.service_user)?;
+            if created {
+                info!(user = %service.name, uid = service.uid, "created the service user (system account, no login shell, no home)");
+            }
+            if service.uid == 0 || service.gid == 0 {
+                return Err(format!(
+                    "service user '{}' must not be root or in group 0",
+                    service.name
+                ));
+            }
+            Mode::Isolated { service }
+        } else {
+            let me = Account::lookup_uid(euid)?
+                .ok_or_else(|| format!("uid {euid} has no passwd entry"))?;
+            warn!(user = %me.name, "SINGLE-USER MODE: not started as root, so there is no isolation: every session runs as '{}' and only '{}' may be named", me.name, me.name);
+            Mode::SingleUser { me }
+        };
+
+        ensure_dir(
+            &policy.state_dir,
+            euid,
+            nix::unistd::getegid().as_raw(),
+            0o700,
+        )?;
+        policy::check_trusted_path(&policy.state_dir, euid)?;
+        let (credentials, token_path, created) =
+            credentials::Credentials::load_or_create(&policy.state_dir, euid)?;
+        if created {
+            info!(path = %token_path.display(), "created the admin token");
+            eprintln!("stoa: admin token written to {}", token_path.display());
+        }
+        let (svc_uid, svc_gid) = match &mode {
+            Mode::Isolated { service } => (service.uid, service.gid),
+            Mode::SingleUser { me } => (me.uid, me.gid),
+        };
+        ensure_dir(&daemon_config.state_dir, svc_uid, svc_gid, 0o700)?;
+
+        let executor_path = policy
+            .executor_path
+            .clone()
+            .unwrap_or_else(policy::default_executor_path);
+        policy::check_trusted_path(&executor_path, euid)
+            .map_err(|e| format!("refusing executor {}: {e}", executor_path.display()))?;
+        let meta = std::fs::metadata(&executor_path).map_err(|e| format!("executor: {e}"))?;
+        if !meta.is_file() || meta.mode() & 0o001 == 0 && euid == 0 {
+            return Err(format!(
+                "executor {} must be a regular file executable by others (mode 0755)",
+                executor_path.display()
+            ));
+        }
+        let executor = open_program(&executor_path)?;
+        info!(path = %executor_path.display(), "executor");
+        let self_path =
+            std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+        let self_exe = open_program(&self_path)?;
+
+        let listener = std::net::TcpListener::bind(&daemon_config.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", daemon_config.listen))?;
+        info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+        let tty_gid = nix::unistd::Group::from_name("tty")
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        let allowed_gids = resolve_gids(&policy.allow_groups);
+
+        if euid == 0 {
+            drop_capabilities()?;
+        }
+
+        let mut mask = SigSet::empty();
+        for s in [
+            NixSignal::SIGCHLD,
+            NixSignal::SIGTERM,
+            NixSignal::SIGINT,
+            NixSignal::SIGHUP,
+        ] {
+            mask.add(s);
+        }
+        mask.thread_block()
+            .map_err(|e| format!("cannot block signals: {e}"))?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| format!("cannot create a signalfd: {e}"))?;
+
+        Ok(Broker {
+            opts,
+            policy,
+            allowed_gids,
+            mode,
+            credentials,
+            executor,
+            self_exe,
+            listener: listener.into(),
+            tty_gid,
+            daemon: None,
+            restart_at: None,
+            restart_failures: 0,
+            entries: BTreeMap::new(),
+            by_pid: HashMap::new(),
+            next_handle: 1,
+            signals,
+            shutting_down: false,
+        })
+    }
+
+    fn run(&mut self) {
+        while !self.shutting_down {
+            let now = Instant::now();
+            if self.daemon.is_none() && self.restart_at.is_none_or(|t| t <= now) {
+                self.start_daemon();
+            }
+            let deadline = match &self.daemon {
+                Some(d) => d.link.deadline(),
+                None => self.restart_at,
+            };
+            let timeout = match deadline {
+                Some(t) => {
+                    let ms = t.saturating_duration_since(now).as_millis().min(60_000) as i32;
+                    PollTimeout::try_from(ms.max(1)).unwrap_or(PollTimeout::MAX)
+                }
+                None => PollTimeout::NONE,
+            };
+            let (signalled, daemon_events) = {
+                let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+                if let Some(d) = &self.daemon {
+                    let mut events = PollFlags::POLLIN;
+                    if d.link.wants_write() {
+                        events |= PollFlags::POLLOUT;
+                    }
+                    fds.push(PollFd::new(d.link.socket().as_fd(), events));
+                }
+                match poll(&mut fds, timeout) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => {
+                        error!("poll failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                }
+                let revents = |f: &PollFd| f.revents().unwrap_or(PollFlags::empty());
+                (
+                    revents(&fds[0]).contains(PollFlags::POLLIN),
+                    fds.get(1).map(revents),
+                )
+            };
+            if signalled {
+                self.handle_signals();
+            }
+            if let Some(ev) = daemon_events {
+                if ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+                    self.read_daemon();
+                }
+                if ev.contains(PollFlags::POLLOUT) {
+                    if let Some(d) = &mut self.daemon {
+                        if let Err(e) = d.link.flush() {
+                            self.link_failed(e);
+                        }
+                    }
+                }
+            }
+            if let Some(d) = &self.daemon {
+                if d.link.deadline().is_some_and(|t| t <= Instant::now()) {
+                    self.link_failed(LinkError::Violation(format!(
+                        "a frame stayed incomplete for {:?}",
+                        link::PARTIAL_FRAME_TIMEOUT
+                    )));
+                }
+            }
+        }
+        self.shutdown();
+    }
+
+    fn handle_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match NixSignal::try_from(info.ssi_signo as i32) {
+                Ok(NixSignal::SIGCHLD) => self.reap(),
+                Ok(NixSignal::SIGTERM) | Ok(NixSignal::SIGINT) => {
+                    info!("shutdown requested");
+                    self.shutting_down = true;
+                }
+                Ok(NixSignal::SIGHUP) => self.reload(),
+                _ => {}
+            }
+        }
+        // SIGCHLDs coalesce; reap whatever is there.
+        self.reap();
+    }
+
+    fn reload(&mut self) {
+        let euid = nix::unistd::geteuid().as_raw();
+        match Policy::load(&self.opts.broker_config, euid) {
+            Ok((policy, _)) => {
+                self.allowed_gids = resolve_gids(&policy.allow_groups);
+                self.policy = policy;
+                info!(path = %self.opts.broker_config.display(), "policy reloaded");
+            }
+            Err(e) => error!("policy not reloaded, keeping the old one: {e}"),
+        }
+    }
+
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => return,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    error!("waitpid failed: {e}");
+                    return;
+                }
+                Ok(ws) => {
+                    if let Some((pid, status)) = exit_status(ws) {
+                        self.on_exit(pid, status);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: i32, status: ExitStatus) {
+        if self.daemon.as_ref().is_some_and(|d| d.pid == pid) {
+            self.daemon_gone(&format!("daemon exited ({status:?})"), true);
+            return;
+        }
+        let Some(handle) = self.by_pid.remove(&pid) else {
+            return;
+        };
+        let Some(entry) = self.entries.get_mut(&handle) else {
+            return;
+        };
+        entry.info.exited = Some(status);
+        info!(handle = handle.0, pid, user = %entry.info.unix_user, ?status, "executor exited");
+        if entry.released {
+            self.entries.remove(&handle);
+            return;
+        }
+        self.send_event(Event::Exited { handle, status });
+    }
+
+    fn send_event(&mut self, event: Event) {
+        let Some(d) = &mut self.daemon else { return };
+        if d.state != LinkState::Ready {
+            return; // the next daemon learns it from ListHandles
+        }
+        let result = codec::encode(&BrokerMessage::Event(event))
+            .map_err(LinkError::Io)
+            .and_then(|frame| d.link.send(frame, Vec::new()));
+        if let Err(e) = result {
+            self.link_failed(e);
+        }
+    }
+
+    fn start_daemon(&mut self) {
+        self.restart_at = None;
+        let result = (|| -> Result<Daemon, String> {
+            let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+            let (argv, env) = spawn::daemon_command(&self.opts.config);
+            let identity = match &self.mode {
+                // No supplementary groups at all for the service user.
+                Mode::Isolated { service } => Some(Identity {
+                    uid: service.uid,
+                    gid: service.gid,
+                    groups: vec![],
+                }),
+                Mode::SingleUser { .. } => None,
+            };
+            let spec = ChildSpec {
+                exe: self.self_exe.as_fd(),
+                argv,
+                env,
+                stdio: None,
+                extra_fds: vec![theirs.as_fd(), self.listener.as_fd()],
+                controlling_tty: false,
+                identity,
+                rlimits: fit_rlimits(vec![
+                    Rlimit {
+                        resource: Resource::Core,
+                        soft: 0,
+                        hard: 0,
+                    },
+                    Rlimit {
+                        resource: Resource::NoFile,
+                        soft: 65536,
+                        hard: 65536,
+                    },
+                ]),
+                umask: 0o077,
+                cwd: Some(c"/".into()),
+                parent_death_signal: Some(libc::SIGTERM),
+            };
+            let pid = sys::spawn_child(&spec).map_err(|e| e.to_string())?;
+            let link = Link::new(ours).map_err(|e| e.to_string())?;
+            Ok(Daemon {
+                pid,
+                link,
+                state: LinkState::Fresh,
+                started: Instant::now(),
+            })
+        })();
+        match result {
+            Ok(d) => {
+                info!(pid = d.pid, "daemon started");
+                self.daemon = Some(d);
+            }
+            Err(e) => {
+                error!("cannot start the daemon: {e}");
+                self.schedule_restart();
+            }
+        }
+    }
+
+    fn schedule_restart(&mut self) {
+        let delay = RESTART_MIN
+            .saturating_mul(1 << self.restart_failures.min(10))
+            .min(RESTART_MAX);
+        self.restart_failures += 1;
+        self.restart_at = Some(Instant::now() + delay);
+        info!(?delay, "daemon restart scheduled");
+    }
+
+    /// The daemon is finished: kill it if it is still there, reap it, schedule a new one.
+    fn daemon_gone(&mut self, reason: &str, reaped: bool) {
+        let Some(d) = self.daemon.take() else { return };
+        warn!(pid = d.pid, "daemon down: {reason}");
+        if !reaped {
+            let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(d.pid), None);
+        }
+        if d.started.elapsed() >= HEALTHY_RUN {
+            self.restart_failures = 0;
+        }
+        self.schedule_restart();
+    }
+
+    fn link_failed(&mut self, e: LinkError) {
+        match e {
+            LinkError::Closed => self.daemon_gone("it closed the link", false),
+            LinkError::Io(e) => self.daemon_gone(&format!("link error: {e}"), false),
+            LinkError::Violation(what) => {
+                error!(violation = %what, "PROTOCOL VIOLATION by the daemon; dropping the link and restarting it");
+                self.daemon_gone("protocol violation", false);
+            }
+        }
+    }
+
+    fn read_daemon(&mut self) {
+        let Some(d) = &mut self.daemon else { return };
+        let payloads = match d.link.read_payloads() {
+            Ok(p) => p,
+            Err(e) => return self.link_failed(e),
+        };
+        for payload in payloads {
+            let request: Request = match codec::decode(&payload) {
+                Ok(r) => r,
+                Err(e) => return self.link_failed(LinkError::Violation(e.to_string())),
+            };
+            if let Err(what) = self.handle_request(request) {
+                return self.link_failed(LinkError::Violation(what));
+            }
+            if self.daemon.is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Answers one request. `Err` is a protocol violation.
+    fn handle_request(&mut self, request: Request) -> Result<(), String> {
+        let Some(d) = &mut self.daemon else {
+            return Ok(());
+        };
+        permit::permit(d.state, &request.body)
+            .map_err(|why| format!("{} not permitted: {why}", permit::name(&request.body)))?;
+        let (body, fds) = match request.body {
+            RequestBody::Hello { protocol } => {
+                if protocol != PROTOCOL_VERSION {
+                    return Err(format!(
+                        "daemon speaks protocol {protocol}, broker {PROTOCOL_VERSION}"
+                    ));
+                }
+                d.state = LinkState::Ready;
+                let single_user = match &self.mode {
+                    Mode::Isolated { .. } => None,
+                    Mode::SingleUser { me } => Some(me.name.clone()),
+                };
+                let welcome = Welcome {
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    isolation: single_user.is_none(),
+                    single_user,
+                };
+                (ReplyBody::Welcome(welcome), Vec::new())
+            }
+            RequestBody::Authenticate { credential } => {
+                match self.credentials.verify(&credential) {
+                    Some(p) => (ReplyBody::Principal(p), Vec::new()),
+                    None => error_reply(ErrorKind::Unauthorized, "invalid credential"),
+                }
+            }
+            RequestBody::Spawn(req) => self.spawn(req),
+            RequestBody::Kill { handle, signal } => {
+                let entry = self.live_entry(handle)?;
+                self.signal_group(entry.info.uid, entry.info.pid, signal)
+            }
+            RequestBody::Release { handle } => {
+                let entry = self.entries.get_mut(&handle).filter(|e| !e.released);
+                let entry =
+                    entry.ok_or_else(|| format!("Release of unknown handle {}", handle.0))?;
+                if entry.info.exited.is_some() {
+                    self.entries.remove(&handle);
+                } else {
+                    entry.released = true;
+                    entry.kept.clear();
+                }
+                (ReplyBody::Done, Vec::new())
+            }
+            RequestBody::ListHandles => {
+                let list = self
+                    .entries
+                    .values()
+                    .filter(|e| !e.released)
+                    .map(|e| e.info.clone())
+                    .collect();
+                (ReplyBody::Handles(list), Vec::new())
+            }
+            RequestBody::Adopt { handle } => {
+                let entry = self.live_entry(handle)?;
+                let fds: Result<Vec<OwnedFd>, _> =
+                    entry.kept.iter().map(|f| f.try_clone()).collect();
+                match fds {
+                    Ok(fds) => {
+                        let mut info = entry.info.clone();
+                        if let FdLayout::Pipes { .. } = info.fds {
+                            info.fds = FdLayout::Pipes { stdin: false };
+                        }
+                        (ReplyBody::Adopted(info), fds)
+                    }
+                    Err(e) => error_reply(ErrorKind::Failed, format!("cannot duplicate fds: {e}")),
+                }
+            }
+        };
+        let frame = codec::encode(&BrokerMessage::Reply {
+            id: request.id,
+            body,
+        })
+        .map_err(|e| format!("cannot encode a reply: {e}"))?;
+        if let Some(d) = &mut self.daemon {
+            if let Err(e) = d.link.send(frame, fds) {
+                self.link_failed(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn live_entry(&self, handle: Handle) -> Result<&Entry, String> {
+        self.entries
+            .get(&handle)
+            .filter(|e| !e.released)
+            .ok_or_else(|| format!("unknown handle {}", handle.0))
+    }
+
+    /// Signals a process group with the owning user's identity as the effective uid, so
+    /// the kernel refuses anything not that user's (OpenSSH `temporarily_use_uid`).
+    fn signal_group(&self, uid: u32, pgid: i32, signal: Signal) -> (ReplyBody, Vec<OwnedFd>) {
+        let sig = match NixSignal::try_from(signal.number()) {
+            Ok(s) => s,
+            Err(_) => return error_reply(ErrorKind::BadRequest, "unknown signal"),
+        };
+        let result = self.as_user(uid, || killpg(Pid::from_raw(pgid), sig));
+        match result {
+            Ok(()) => (ReplyBody::Done, Vec::new()),
+            Err(nix::errno::Errno::ESRCH) => {
+                error_reply(ErrorKind::Failed, "no process left in that group")
+            }
+            Err(e) => error_reply(ErrorKind::Failed, format!("cannot signal: {e}")),
+        }
+    }
+
+    fn as_user<T>(&self, uid: u32, op: impl FnOnce() -> T) -> T {
+        if !matches!(self.mode, Mode::Isolated { .. }) {
+            return op();
+        }
+        let root = Uid::from_raw(0);
+        if let Err(e) = nix::unistd::setresuid(root, Uid::from_raw(uid), root) {
+            error!("cannot switch effective uid to {uid}: {e}");
+        }
+        let result = op();
+        if let Err(e) = nix::unistd::setresuid(root, root, root) {
+            // Carrying on with the wrong effective uid would break every later spawn.
+            error!("cannot restore effective uid 0: {e}; exiting");
+            std::process::exit(70);
+        }
+        result
+    }
+
+    fn spawn(&mut self, req: SpawnRequest) -> (ReplyBody, Vec<OwnedFd>) {
+        if self.credentials.verify(&req.credential).is_none() {
+            warn!(user = %req.unix_user.escape_debug(), "spawn refused: invalid credential");
+            return error_reply(ErrorKind::Unauthorized, "invalid credential");
+        }
+        if let Err(e) = spawn::validate(&req) {
+            return error_reply(ErrorKind::BadRequest, e);
+        }
+        if let Some((name, _)) = req.env.iter().find(|(n, _)| self.policy.env_denied(n)) {
+            return refused(Refusal::new(
+                "env-deny",
+                format!("environment variable {name} may not be set (policy env_deny, or set by the broker)"),
+            ));
+        }
+        let account = match Account::lookup(&req.unix_user) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                return refused(Refusal::new(
+                    "unknown-user",
+                    format!("unix user '{}' does not exist", req.unix_user),
+                ))
+            }
+            Err(e) => return error_reply(ErrorKind::Failed, e),
+        };
+        let check = match &self.mode {
+            Mode::Isolated { service } => self.policy.check_user(&UserFacts {
+                name: &account.name,
+                uid: account.uid,
+                gid: account.gid,
+                groups: &account.groups,
+                service_uid: service.uid,
+                service_gid: service.gid,
+                allowed_gids: &self.allowed_gids,
+            }),
+            Mode::SingleUser { me } if me.uid != account.uid => Err(Refusal::new(
+                "single-user",
+                format!("single-user mode: only '{}' may be run", me.name),
+            )),
+            Mode::SingleUser { .. } => Ok(()),
+        };
+        if let Err(r) = check {
+            warn!(user = %account.name, rule = r.rule, "spawn refused: {}", r.message);
+            return refused(r);
+        }
+        let live_for_user = self
+            .entries
+            .values()
+            .filter(|e| e.info.uid == account.uid && e.info.exited.is_none())
+            .count();
+        if live_for_user >= self.policy.max_executors_per_user {
+            return error_reply(
+                ErrorKind::Quota,
+                Refusal::new(
+                    "executors-per-user",
+                    format!(
+                        "'{}' already has {live_for_user} live executors",
+                        account.name
+                    ),
+                )
+                .to_string(),
+            );
+        }
+        if self.entries.len() >= self.policy.max_executors_total {
+            return error_reply(
+                ErrorKind::Quota,
+                Refusal::new(
+                    "executors-total",
+                    format!("the broker holds {} handles", self.entries.len()),
+                )
+                .to_string(),
+            );
+        }
+        let umask = self.policy.umask_bits().unwrap_or(0o022);
+        let launcher = Launcher {
+            executor: &self.executor,
+            isolated: matches!(self.mode, Mode::Isolated { .. }),
+            tty_gid: self.tty_gid,
+            rlimits: fit_rlimits(self.policy.rlimits()),
+            umask,
+            path: self.policy.path.clone(),
+        };
+        let launched = match launcher.launch(&account, &req) {
+            Ok(l) => l,
+            Err(LaunchError::Cwd(msg)) => return error_reply(ErrorKind::BadRequest, msg),
+            Err(LaunchError::Other(msg)) => {
+                error!(user = %account.name, "spawn failed: {msg}");
+                return error_reply(ErrorKind::Failed, msg);
+            }
+        };
+        let handle = Handle(self.next_handle);
+        self.next_handle += 1;
+        let info = HandleInfo {
+            handle,
+            pid: launched.pid,
+            unix_user: account.name.clone(),
+            uid: account.uid,
+            program: req.program.clone(),
+            fds: launched.layout,
+            exited: None,
+            started_at: now_secs(),
+        };
+        let what = match &req.program {
+            Program::Exec { argv } => format!("exec {:?}", argv),
+            Program::Shell => "shell".into(),
+        };
+        info!(handle = handle.0, pid = launched.pid, user = %account.name, tty = req.tty.is_some(), "spawned {}", what.escape_debug());
+        self.by_pid.insert(launched.pid, handle);
+        self.entries.insert(
+            handle,
+            Entry {
+                info: info.clone(),
+                kept: launched.kept,
+                released: false,
+            },
+        );
+        (ReplyBody::Spawned(info), launched.for_daemon)
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            let pid = Pid::from_raw(d.pid);
+            let _ = kill(pid, NixSignal::SIGTERM);
+            let deadline = Instant::now() + SHUTDOWN_GRACE;
+            while Instant::now() < deadline {
+                if !matches!(
+                    waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+                    Ok(WaitStatus::StillAlive)
+                ) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = kill(pid, NixSignal::SIGKILL);
+            let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+        }
+        let live: Vec<(u32, i32)> = self
+            .entries
+            .values()
+            .filter(|e| e.info.exited.is_none())
+            .map(|e| (e.info.uid, e.info.pid))
+            .collect();
+        info!(executors = live.len(), "stopping executors");
+        for &(uid, pgid) in &live {
+            self.signal_group(uid, pgid, Signal::Hup);
+            self.signal_group(uid, pgid, Signal::Term);
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while !self.by_pid.is_empty() && Instant::now() < deadline {
+            self.reap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for &(uid, pgid) in &live {
+            self.signal_group(uid, pgid, Signal::Kill);
+        }
+        for pid in self.by_pid.keys().copied().collect::<Vec<_>>() {
+            let _ = waitpid(Pid::from_raw(pid), None);
+        }
+        info!("broker stopped");
+    }
+}

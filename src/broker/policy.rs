@@ -1,0 +1,440 @@
+//! Who may be run, read from a root-owned TOML file (default `/etc/stoa/broker.toml`).
+//!
+//! | rule                 | refuses                                                              |
+//! |----------------------|----------------------------------------------------------------------|
+//! | `unknown-user`       | a name with no passwd entry                                          |
+//! | `root`               | uid 0                                                                |
+//! | `root-group`         | a user whose primary or supplementary groups include gid 0           |
+//! | `service-user`       | the service user, or a user whose primary group is the service group |
+//! | `uid-range`          | a uid outside `min_uid..=max_uid`                                    |
+//! | `allow-group`        | a user in none of `allow_groups`                                     |
+//! | `single-user`        | in single-user mode, anyone but the user running stoa                |
+//! | `executors-per-user` | a spawn past `max_executors_per_user` live executors of that user    |
+//! | `executors-total`    | a spawn past `max_executors_total` handles in the broker             |
+//!
+//! `root`, `root-group` and `service-user` always apply. `uid-range` and `allow-group`
+//! combine by `require`: `"all"` (the default: both must pass) or `"any"` (either may).
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use stoa_executor::sys::{Resource, Rlimit};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Require {
+    #[default]
+    All,
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Core dump size in bytes (0: none).
+    pub core: u64,
+    /// Open files.
+    pub nofile: u64,
+    /// Processes of the user (RLIMIT_NPROC counts all of the user's processes).
+    pub nproc: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            core: 0,
+            nofile: 8192,
+            nproc: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// The unprivileged account the daemon runs as (created if missing).
+    pub service_user: String,
+    /// The executor binary. Unset: `/usr/libexec/stoa/stoa-executor`, or, where that does
+    /// not exist, `stoa-executor` beside the `stoa` binary. Either way it must be owned by
+    /// root and writable by nobody else, up to `/`.
+    pub executor_path: Option<PathBuf>,
+    /// The broker's own root-only directory (admin token).
+    pub state_dir: PathBuf,
+    pub allow_groups: Vec<String>,
+    pub min_uid: u32,
+    pub max_uid: u32,
+    pub require: Require,
+    pub max_executors_per_user: usize,
+    pub max_executors_total: usize,
+    /// Octal, e.g. "022".
+    pub umask: String,
+    /// PATH for every executor.
+    pub path: String,
+    /// Environment names a request may not set; a trailing `*` matches a prefix.
+    pub env_deny: Vec<String>,
+    pub rlimits: Limits,
+}
+
+/// Identity variables the broker sets from the passwd entry; a request never overrides them.
+pub const IDENTITY_VARS: [&str; 5] = ["HOME", "USER", "LOGNAME", "SHELL", "PATH"];
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            service_user: "stoa".into(),
+            executor_path: None,
+            state_dir: crate::config::default_broker_state_dir(),
+            allow_groups: vec!["stoa-users".into()],
+            min_uid: 1000,
+            max_uid: 4_294_967_293,
+            require: Require::All,
+            max_executors_per_user: 64,
+            max_executors_total: 1024,
+            umask: "022".into(),
+            path: "/usr/local/bin:/usr/bin:/bin".into(),
+            env_deny: [
+                "LD_*",
+                "DYLD_*",
+                "BASH_ENV",
+                "ENV",
+                "BASH_FUNC_*",
+                "IFS",
+                "CDPATH",
+                "GCONV_PATH",
+                "LOCPATH",
+                "NLSPATH",
+                "HOSTALIASES",
+                "RES_OPTIONS",
+                "LOCALDOMAIN",
+                "MALLOC_*",
+                "GLIBC_TUNABLES",
+                "PYTHONPATH",
+                "PYTHONSTARTUP",
+                "PYTHONHOME",
+                "PERL5LIB",
+                "PERL5OPT",
+                "PERLLIB",
+                "RUBYLIB",
+                "RUBYOPT",
+                "NODE_OPTIONS",
+                "JAVA_TOOL_OPTIONS",
+                "PROMPT_COMMAND",
+                "SHELLOPTS",
+                "BASHOPTS",
+                "PS4",
+                "STOA_*",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rlimits: Limits::default(),
+        }
+    }
+}
+
+impl Policy {
+    /// Reads the policy. A missing file gives the defaults (logged by the caller); a file
+    /// that someone other than `owner` could change is refused.
+    pub fn load(path: &Path, owner: u32) -> Result<(Policy, bool), String> {
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Policy::default(), false))
+            }
+            Err(e) => return Err(format!("cannot read policy {}: {e}", path.display())),
+            Ok(_) => {}
+        }
+        check_trusted_path(path, owner)?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read policy {}: {e}", path.display()))?;
+        let policy: Policy =
+            toml::from_str(&text).map_err(|e| format!("invalid policy {}: {e}", path.display()))?;
+        policy
+            .validate()
+            .map_err(|e| format!("invalid policy {}: {e}", path.display()))?;
+        Ok((policy, true))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.min_uid == 0 {
+            return Err("min_uid must be at least 1: uid 0 is never allowed".into());
+        }
+        if self.min_uid > self.max_uid {
+            return Err("min_uid is above max_uid".into());
+        }
+        self.umask_bits()?;
+        if self.max_executors_per_user == 0 || self.max_executors_total == 0 {
+            return Err("executor limits must be at least 1".into());
+        }
+        if !self.path.split(':').all(|p| p.starts_with('/')) {
+            return Err("every PATH entry must be absolute".into());
+        }
+        Ok(())
+    }
+
+    pub fn umask_bits(&self) -> Result<u32, String> {
+        u32::from_str_radix(&self.umask, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| format!("umask {:?} is not an octal mode", self.umask))
+    }
+
+    pub fn rlimits(&self) -> Vec<Rlimit> {
+        let both = |resource, v| Rlimit {
+            resource,
+            soft: v,
+            hard: v,
+        };
+        vec![
+            both(Resource::Core, self.rlimits.core),
+            both(Resource::NoFile, self.rlimits.nofile),
+            both(Resource::NProc, self.rlimits.nproc),
+            // su's sanitize_prlimits: no inherited priority boosts.
+            both(Resource::Nice, 0),
+            both(Resource::RtPrio, 0),
+        ]
+    }
+
+    /// True if `name` is refused by `env_deny` or is an identity variable.
+    pub fn env_denied(&self, name: &str) -> bool {
+        IDENTITY_VARS.contains(&name)
+            || self.env_deny.iter().any(|pat| match pat.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == pat,
+            })
+    }
+
+    /// Checks the identity rules (not the counts) for a resolved user.
+    pub fn check_user(&self, user: &UserFacts<'_>) -> Result<(), Refusal> {
+        if user.uid == 0 {
+            return Err(Refusal::new(
+                "root",
+                format!("unix user '{}' is root", user.name),
+            ));
+        }
+        if user.gid == 0 || user.groups.contains(&0) {
+            return Err(Refusal::new(
+                "root-group",
+                format!("unix user '{}' is in the root group (gid 0)", user.name),
+            ));
+        }
+        if user.uid == user.service_uid || user.gid == user.service_gid {
+            return Err(Refusal::new(
+                "service-user",
+                format!("unix user '{}' is stoa's service account", user.name),
+            ));
+        }
+        let in_range = (self.min_uid..=self.max_uid).contains(&user.uid);
+        let in_group = user.groups.iter().any(|g| user.allowed_gids.contains(g));
+        let range_refusal = || {
+            Refusal::new(
+                "uid-range",
+                format!(
+                    "unix user '{}' has uid {}, outside the allowed range {}..={}",
+                    user.name, user.uid, self.min_uid, self.max_uid
+                ),
+            )
+        };
+        let group_refusal = || {
+            Refusal::new(
+                "allow-group",
+                format!(
+                    "unix user '{}' is in none of the allowed groups ({})",
+                    user.name,
+                    self.allow_groups.join(", ")
+                ),
+            )
+        };
+        match self.require {
+            Require::All if !in_range => Err(range_refusal()),
+            Require::All if !in_group => Err(group_refusal()),
+            Require::Any if !in_range && !in_group => Err(group_refusal()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What [`Policy::check_user`] looks at, resolved by the broker.
+pub struct UserFacts<'a> {
+    pub name: &'a str,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: &'a [u32],
+    pub service_uid: u32,
+    pub service_gid: u32,
+    /// gids of `allow_groups` that exist.
+    pub allowed_gids: &'a [u32],
+}
+
+/// A spawn the policy refused, naming the rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub rule: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(rule: &'static str, message: String) -> Refusal {
+        Refusal { rule, message }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "refused by policy rule '{}': {}",
+            self.rule, self.message
+        )
+    }
+}
+
+/// Refuses a file that anyone but `owner` (or root) could replace: the file and every
+/// directory above it must belong to `owner` or root and be writable by nobody else
+/// (a sticky directory, like /tmp, protects entries it does not own).
+pub fn check_trusted_path(path: &Path, owner: u32) -> Result<(), String> {
+    let path = path
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+    let mut current = Some(path.as_path());
+    let mut is_leaf = true;
+    while let Some(p) = current {
+        let meta = std::fs::metadata(p).map_err(|e| format!("cannot stat {}: {e}", p.display()))?;
+        if meta.uid() != 0 && meta.uid() != owner {
+            return Err(format!(
+                "{} is owned by uid {}, not by root{}",
+                p.display(),
+                meta.uid(),
+                if owner != 0 { " or you" } else { "" }
+            ));
+        }
+        let sticky = meta.mode() & 0o1000 != 0;
+        if meta.mode() & 0o022 != 0 && (is_leaf || !sticky) {
+            return Err(format!(
+                "{} is writable by group or others (mode {:o})",
+                p.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+        is_leaf = false;
+        current = p.parent();
+    }
+    Ok(())
+}
+
+/// Where the executor binary is, if `configured` is unset.
+pub fn default_executor_path() -> PathBuf {
+    let installed = PathBuf::from("/usr/libexec/stoa/stoa-executor");
+    if installed.exists() {
+        return installed;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("stoa-executor")))
+        .unwrap_or(installed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts<'a>(uid: u32, gid: u32, groups: &'a [u32], allowed: &'a [u32]) -> UserFacts<'a> {
+        UserFacts {
+            name: "u",
+            uid,
+            gid,
+            groups,
+            service_uid: 990,
+            service_gid: 990,
+            allowed_gids: allowed,
+        }
+    }
+
+    #[test]
+    fn rules_name_themselves() {
+        let p = Policy::default();
+        let rule = |f: UserFacts<'_>| p.check_user(&f).err().map(|r| r.rule);
+        assert_eq!(rule(facts(0, 0, &[0], &[1500])), Some("root"));
+        assert_eq!(rule(facts(1001, 0, &[0], &[1500])), Some("root-group"));
+        assert_eq!(
+            rule(facts(1001, 1001, &[1001, 0], &[1500])),
+            Some("root-group")
+        );
+        assert_eq!(rule(facts(990, 990, &[990], &[1500])), Some("service-user"));
+        assert_eq!(
+            rule(facts(1001, 990, &[990], &[1500])),
+            Some("service-user")
+        );
+        assert_eq!(
+            rule(facts(500, 500, &[500, 1500], &[1500])),
+            Some("uid-range")
+        );
+        assert_eq!(
+            rule(facts(1001, 1001, &[1001], &[1500])),
+            Some("allow-group")
+        );
+        assert_eq!(rule(facts(1001, 1001, &[1001, 1500], &[1500])), None);
+    }
+
+    #[test]
+    fn require_any_accepts_either() {
+        let p = Policy {
+            require: Require::Any,
+            ..Policy::default()
+        };
+        assert!(p
+            .check_user(&facts(500, 500, &[500, 1500], &[1500]))
+            .is_ok());
+        assert!(p.check_user(&facts(1001, 1001, &[1001], &[1500])).is_ok());
+        assert_eq!(
+            p.check_user(&facts(500, 500, &[500], &[1500]))
+                .unwrap_err()
+                .rule,
+            "allow-group"
+        );
+    }
+
+    #[test]
+    fn env_deny_matches_prefixes_and_identity() {
+        let p = Policy::default();
+        for name in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "BASH_ENV",
+            "HOME",
+            "PATH",
+            "STOA_TOKEN",
+        ] {
+            assert!(p.env_denied(name), "{name} should be denied");
+        }
+        for name in ["FOO", "LANG", "TERM", "LDX"] {
+            assert!(!p.env_denied(name), "{name} should be allowed");
+        }
+    }
+
+    #[test]
+    fn policy_parses_and_validates() {
+        let p: Policy = toml::from_str(
+            "min_uid = 2000\nallow_groups = []\nrequire = \"any\"\n[rlimits]\nnofile = 100\n",
+        )
+        .unwrap();
+        assert_eq!(p.min_uid, 2000);
+        assert_eq!(p.rlimits.nofile, 100);
+        assert_eq!(p.rlimits.core, 0);
+        assert!(Policy {
+            min_uid: 0,
+            ..Policy::default()
+        }
+        .validate()
+        .is_err());
+        assert!(Policy {
+            umask: "9".into(),
+            ..Policy::default()
+        }
+        .validate()
+        .is_err());
+        assert!(toml::from_str::<Policy>("bogus = 1").is_err());
+    }
+}

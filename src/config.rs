@@ -1,0 +1,110 @@
+//! Where stoa's files are, and the daemon's configuration (`/etc/stoa/config.toml`).
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7433";
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7433";
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Address the HTTP API listens on (bound by the broker, handed to each daemon).
+    pub listen: String,
+    /// The daemon's own state directory, owned by the service user.
+    pub state_dir: PathBuf,
+    /// Most bytes of stdout (and of stderr) `POST /exec` returns; the rest is drained and
+    /// dropped, and the reply says `truncated`.
+    pub exec_output_limit: usize,
+    /// After a program exits, how long to wait for output still held open by processes it
+    /// left behind before their process group is killed.
+    pub exec_drain_timeout_ms: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            listen: DEFAULT_LISTEN.into(),
+            state_dir: if is_root() {
+                "/var/lib/stoa".into()
+            } else {
+                user_state_dir().join("daemon")
+            },
+            exec_output_limit: 1 << 20,
+            exec_drain_timeout_ms: 1000,
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// Reads the config; a missing file gives the defaults.
+    pub fn load(path: &Path) -> Result<DaemonConfig, String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DaemonConfig::default()),
+            Err(e) => Err(format!("cannot read config {}: {e}", path.display())),
+        }
+    }
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// `$XDG_STATE_HOME/stoa` or `~/.local/state/stoa`: single-user mode's state.
+pub fn user_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("stoa");
+    }
+    home_dir().join(".local/state/stoa")
+}
+
+fn user_config_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("stoa");
+    }
+    home_dir().join(".config/stoa")
+}
+
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::geteuid())
+                .ok()
+                .flatten()
+                .map(|u| u.dir)
+        })
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// The broker policy file: `/etc/stoa/broker.toml` as root, else the user's config dir.
+pub fn default_broker_config() -> PathBuf {
+    if is_root() {
+        "/etc/stoa/broker.toml".into()
+    } else {
+        user_config_dir().join("broker.toml")
+    }
+}
+
+/// The daemon config file: `/etc/stoa/config.toml` as root, else the user's config dir.
+pub fn default_daemon_config() -> PathBuf {
+    if is_root() {
+        "/etc/stoa/config.toml".into()
+    } else {
+        user_config_dir().join("config.toml")
+    }
+}
+
+/// The broker's state directory when the policy does not name one.
+pub fn default_broker_state_dir() -> PathBuf {
+    if is_root() {
+        "/var/lib/stoa-broker".into()
+    } else {
+        user_state_dir().join("broker")
+    }
+}

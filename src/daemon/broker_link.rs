@@ -1,0 +1,212 @@
+//! The daemon's end of the broker link. One reader thread (blocking `recvmsg`, so fds are
+//! taken exactly as they arrive) routes replies to their waiting requests and events to the
+//! process table; requests are written whole under a lock.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+use stoa_executor::codec::{self, HEADER_LEN};
+use stoa_executor::sys;
+
+use crate::wire::{
+    BrokerMessage, Event, ReplyBody, Request, RequestBody, Welcome, PROTOCOL_VERSION,
+};
+
+/// A reply and the fds that came with it.
+pub struct Reply {
+    pub body: ReplyBody,
+    pub fds: Vec<OwnedFd>,
+}
+
+#[derive(Debug)]
+pub struct LinkDown;
+
+impl std::fmt::Display for LinkDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the broker link is down")
+    }
+}
+
+type Waiter = oneshot::Sender<Reply>;
+
+pub struct BrokerLink {
+    writer: Mutex<UnixStream>,
+    pending: Mutex<HashMap<u64, Waiter>>,
+    next_id: AtomicU64,
+    connected: AtomicBool,
+    welcome: Welcome,
+}
+
+/// Called on the reader thread for each reply before it is handed to its request, and for
+/// each event. Used to record handles before anyone can see their exit.
+pub trait LinkObserver: Send + Sync + 'static {
+    fn reply(&self, body: &ReplyBody);
+    fn event(&self, event: Event);
+}
+
+impl BrokerLink {
+    /// Says Hello (blocking) and starts the reader thread.
+    pub fn connect(
+        sock: UnixStream,
+        observer: Arc<dyn LinkObserver>,
+    ) -> io::Result<Arc<BrokerLink>> {
+        let mut reader = FrameReader::new(sock.try_clone()?);
+        codec::write_frame(
+            &mut &sock,
+            &Request {
+                id: 0,
+                body: RequestBody::Hello {
+                    protocol: PROTOCOL_VERSION,
+                },
+            },
+        )?;
+        let (msg, _) = reader.next()?;
+        let welcome = match msg {
+            BrokerMessage::Reply {
+                id: 0,
+                body: ReplyBody::Welcome(w),
+            } => w,
+            other => {
+                return Err(io::Error::other(format!(
+                    "broker answered Hello with {other:?}"
+                )))
+            }
+        };
+        let link = Arc::new(BrokerLink {
+            writer: Mutex::new(sock),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            connected: AtomicBool::new(true),
+            welcome,
+        });
+        let thread_link = link.clone();
+        std::thread::Builder::new()
+            .name("broker-link".into())
+            .spawn(move || thread_link.read_loop(reader, observer))?;
+        Ok(link)
+    }
+
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    pub async fn request(&self, body: RequestBody) -> Result<Reply, LinkDown> {
+        if !self.connected() {
+            return Err(LinkDown);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending lock").insert(id, tx);
+        let frame = codec::encode(&Request { id, body }).map_err(|_| LinkDown)?;
+        let written = self.writer.lock().expect("writer lock").write_all(&frame);
+        if written.is_err() {
+            self.pending.lock().expect("pending lock").remove(&id);
+            return Err(LinkDown);
+        }
+        rx.await.map_err(|_| LinkDown)
+    }
+
+    fn read_loop(&self, mut reader: FrameReader, observer: Arc<dyn LinkObserver>) {
+        loop {
+            match reader.next() {
+                Ok((BrokerMessage::Reply { id, body }, fds)) => {
+                    observer.reply(&body);
+                    let waiter = self.pending.lock().expect("pending lock").remove(&id);
+                    if let Some(w) = waiter {
+                        let _ = w.send(Reply { body, fds });
+                    }
+                }
+                Ok((BrokerMessage::Event(event), _)) => observer.event(event),
+                Err(e) => {
+                    self.connected.store(false, Ordering::SeqCst);
+                    self.pending.lock().expect("pending lock").clear();
+                    // Without the broker this daemon can do nothing; the broker (if alive)
+                    // starts a fresh one.
+                    error!("broker link lost: {e}; exiting");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+}
+
+/// Frames from a blocking stream, with the fds that arrive alongside them.
+struct FrameReader {
+    sock: UnixStream,
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl FrameReader {
+    fn new(sock: UnixStream) -> FrameReader {
+        FrameReader {
+            sock,
+            buf: Vec::new(),
+            fds: VecDeque::new(),
+        }
+    }
+
+    fn fill(&mut self) -> io::Result<()> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let r = loop {
+            match sys::recv_with_fds(self.sock.as_fd(), &mut chunk, false) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other?,
+            }
+        };
+        if r.truncated {
+            return Err(io::Error::other("fds from the broker were truncated"));
+        }
+        if r.bytes == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.buf.extend_from_slice(&chunk[..r.bytes]);
+        self.fds.extend(r.fds);
+        Ok(())
+    }
+
+    fn next(&mut self) -> io::Result<(BrokerMessage, Vec<OwnedFd>)> {
+        while self.buf.len() < HEADER_LEN {
+            self.fill()?;
+        }
+        let header: [u8; HEADER_LEN] = self.buf[..HEADER_LEN].try_into().expect("header");
+        let len = codec::payload_len(header).map_err(|e| io::Error::other(e.to_string()))?;
+        while self.buf.len() < HEADER_LEN + len {
+            self.fill()?;
+        }
+        let msg: BrokerMessage = codec::decode(&self.buf[HEADER_LEN..HEADER_LEN + len])
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.buf.drain(..HEADER_LEN + len);
+        let wanted = match &msg {
+            BrokerMessage::Reply {
+                body: ReplyBody::Spawned(info) | ReplyBody::Adopted(info),
+                ..
+            } => info.fds.count(),
+            _ => 0,
+        };
+        // The fds of a frame arrive with its first byte, which is already read.
+        if self.fds.len() < wanted {
+            return Err(io::Error::other(format!(
+                "broker announced {wanted} fds, {} arrived",
+                self.fds.len()
+            )));
+        }
+        let fds = self.fds.drain(..wanted).collect();
+        if wanted > 0 {
+            info!(count = wanted, "received fds from the broker");
+        }
+        Ok((msg, fds))
+    }
+}

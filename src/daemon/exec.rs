@@ -1,0 +1,263 @@
+//! `POST /exec`: run a command as a user to completion and return its output.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use stoa_executor::codec;
+use stoa_executor::job::Report;
+
+use super::fdio::{self, Collected, FdReader};
+use super::http::ApiError;
+use super::AppState;
+use crate::wire::{
+    ExitStatus, FdLayout, Handle, Program, ReplyBody, RequestBody, Signal, SpawnRequest, WindowSize,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub unix_user: String,
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tty: Option<WindowSize>,
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Kill the process group after this long (the reply says `timed_out`).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExecResponse {
+    pub handle: u64,
+    pub pid: i32,
+    pub unix_user: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// Output past `exec_output_limit` was dropped, or processes left behind kept the
+    /// output open past the drain timeout.
+    pub truncated: bool,
+    pub timed_out: bool,
+    /// Set when the program could not be started at all.
+    pub error: Option<String>,
+}
+
+/// Kills and releases the handle if the request is abandoned (client gone) before the
+/// end; releases it either way.
+struct HandleGuard {
+    state: Arc<AppState>,
+    handle: Handle,
+    done: bool,
+}
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        let state = self.state.clone();
+        let handle = self.handle;
+        let abandoned = !self.done;
+        tokio::spawn(async move {
+            if abandoned {
+                let _ = state
+                    .link
+                    .request(RequestBody::Kill {
+                        handle,
+                        signal: Signal::Kill,
+                    })
+                    .await;
+            }
+            let _ = state.link.request(RequestBody::Release { handle }).await;
+            state.processes.finish(handle);
+        });
+    }
+}
+
+async fn wait_exit(mut rx: watch::Receiver<Option<ExitStatus>>) -> Option<ExitStatus> {
+    rx.wait_for(|s| s.is_some()).await.ok().and_then(|s| *s)
+}
+
+async fn collect_into(reader: Option<FdReader>, limit: usize, out: &mut Collected) {
+    let Some(reader) = reader else { return };
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = reader.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        let keep = n.min(limit.saturating_sub(out.bytes.len()));
+        out.bytes.extend_from_slice(&buf[..keep]);
+        out.dropped += (n - keep) as u64;
+    }
+}
+
+pub async fn run(
+    state: Arc<AppState>,
+    credential: String,
+    req: ExecRequest,
+) -> Result<ExecResponse, ApiError> {
+    let has_stdin = req.stdin.is_some();
+    let spawn = SpawnRequest {
+        credential,
+        unix_user: req.unix_user.clone(),
+        program: Program::Exec {
+            argv: req.argv.clone(),
+        },
+        cwd: req.cwd.clone(),
+        env: req.env.clone().into_iter().collect(),
+        tty: req.tty,
+        stdin: has_stdin && req.tty.is_none(),
+    };
+    let reply = state
+        .link
+        .request(RequestBody::Spawn(spawn))
+        .await
+        .map_err(ApiError::broker_down)?;
+    let info = match reply.body {
+        ReplyBody::Spawned(info) => info,
+        ReplyBody::Error(e) => return Err(ApiError::from_broker(e)),
+        other => {
+            return Err(ApiError::internal(format!(
+                "unexpected broker reply {other:?}"
+            )))
+        }
+    };
+    let mut guard = HandleGuard {
+        state: state.clone(),
+        handle: info.handle,
+        done: false,
+    };
+    let exit_rx = state
+        .processes
+        .exit_watch(info.handle)
+        .ok_or_else(|| ApiError::internal("spawned handle is not tracked"))?;
+
+    let mut fds = reply.fds.into_iter();
+    let mut next = || {
+        fds.next()
+            .ok_or_else(|| ApiError::internal("broker sent too few fds"))
+    };
+    let control = next()?;
+    let (stdin_fd, stdout_fd, stderr_fd): (Option<OwnedFd>, OwnedFd, Option<OwnedFd>) =
+        match info.fds {
+            FdLayout::Pty => {
+                let master = next()?;
+                let writer = if has_stdin {
+                    Some(
+                        master
+                            .try_clone()
+                            .map_err(|e| ApiError::internal(e.to_string()))?,
+                    )
+                } else {
+                    None
+                };
+                (writer, master, None)
+            }
+            FdLayout::Pipes { stdin } => {
+                let stdin_fd = if stdin { Some(next()?) } else { None };
+                (stdin_fd, next()?, Some(next()?))
+            }
+        };
+    let reader = |fd: OwnedFd| FdReader::new(fd).map_err(|e| ApiError::internal(e.to_string()));
+    let control = reader(control)?;
+    let stdout = reader(stdout_fd)?;
+    let stderr = stderr_fd.map(reader).transpose()?;
+    if let (Some(fd), Some(data)) = (stdin_fd, req.stdin) {
+        // A program that exits without reading its input is not an error.
+        tokio::spawn(async move {
+            let _ = fdio::write_all_and_close(fd, data.as_bytes()).await;
+        });
+    }
+
+    let limit = state.config.exec_output_limit;
+    let (mut out, mut err, mut ctl) = (
+        Collected::default(),
+        Collected::default(),
+        Collected::default(),
+    );
+    let mut timed_out = false;
+    let mut truncated = false;
+    let status = {
+        let collect = async {
+            tokio::join!(
+                collect_into(Some(stdout), limit, &mut out),
+                collect_into(stderr, limit, &mut err),
+                collect_into(Some(control), 64 * 1024, &mut ctl),
+            )
+        };
+        tokio::pin!(collect);
+        let exited = wait_exit(exit_rx);
+        tokio::pin!(exited);
+        let timer = tokio::time::sleep(Duration::from_millis(
+            req.timeout_ms.unwrap_or(u64::MAX / 4),
+        ));
+        tokio::pin!(timer);
+        let mut collected = false;
+        let status = loop {
+            tokio::select! {
+                status = &mut exited => break status,
+                _ = &mut collect, if !collected => collected = true,
+                _ = &mut timer, if !timed_out && req.timeout_ms.is_some() => {
+                    timed_out = true;
+                    let _ = state.link.request(RequestBody::Kill { handle: info.handle, signal: Signal::Kill }).await;
+                }
+            }
+        };
+        if !collected {
+            // Output may still be in flight, or held open by processes left behind.
+            let drain = Duration::from_millis(state.config.exec_drain_timeout_ms);
+            if tokio::time::timeout(drain, &mut collect).await.is_err() {
+                truncated = true;
+                let _ = state
+                    .link
+                    .request(RequestBody::Kill {
+                        handle: info.handle,
+                        signal: Signal::Kill,
+                    })
+                    .await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut collect).await;
+            }
+        }
+        status
+    };
+    guard.done = true;
+    drop(guard);
+
+    let error = if ctl.bytes.len() > codec::HEADER_LEN {
+        match codec::decode::<Report>(&ctl.bytes[codec::HEADER_LEN..]) {
+            Ok(Report::ExecFailed { program, error }) => {
+                Some(format!("cannot run {program}: {error}"))
+            }
+            Err(e) => Some(format!("unreadable report from the executor: {e}")),
+        }
+    } else {
+        None
+    };
+    Ok(ExecResponse {
+        handle: info.handle.0,
+        pid: info.pid,
+        unix_user: info.unix_user,
+        exit_code: match status {
+            Some(ExitStatus::Code(c)) => Some(c),
+            _ => None,
+        },
+        signal: match status {
+            Some(ExitStatus::Signal(s)) => Some(s),
+            _ => None,
+        },
+        truncated: truncated || out.dropped > 0 || err.dropped > 0,
+        stdout: String::from_utf8_lossy(&out.bytes).into_owned(),
+        stderr: String::from_utf8_lossy(&err.bytes).into_owned(),
+        timed_out,
+        error,
+    })
+}

@@ -1,0 +1,188 @@
+//! The HTTP API. Errors are JSON `{"error": "...", "rule": "..."?}`.
+//!
+//! | route             | auth  | what                                                    |
+//! |-------------------|-------|---------------------------------------------------------|
+//! | `GET /health`     | none  | status, isolation on/off, broker connected, version     |
+//! | `POST /exec`      | admin | run a command as a user to completion (see `exec.rs`)   |
+//! | `GET /processes`  | admin | what the broker runs for this daemon, and recent exits  |
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::broker_link::LinkDown;
+use super::exec::{self, ExecRequest};
+use super::AppState;
+use crate::wire::{BrokerError, ErrorKind, Principal, ReplyBody, RequestBody};
+
+/// How long a credential the broker accepted is trusted without asking again.
+const AUTH_CACHE_TTL: Duration = Duration::from_secs(10);
+const AUTH_CACHE_MAX: usize = 1024;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    rule: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            rule: None,
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    pub fn broker_down(_: LinkDown) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is not connected",
+        )
+    }
+
+    pub fn from_broker(e: BrokerError) -> ApiError {
+        let (status, rule) = match e.kind {
+            ErrorKind::Unauthorized => (StatusCode::UNAUTHORIZED, None),
+            ErrorKind::Forbidden => (StatusCode::FORBIDDEN, None),
+            ErrorKind::Refused { rule } => (StatusCode::FORBIDDEN, Some(rule)),
+            ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, None),
+            ErrorKind::Quota => (StatusCode::TOO_MANY_REQUESTS, None),
+            ErrorKind::Failed => (StatusCode::INTERNAL_SERVER_ERROR, None),
+        };
+        ApiError {
+            status,
+            message: e.message,
+            rule,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let Some(rule) = self.rule {
+            body["rule"] = json!(rule);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/exec", post(exec_handler))
+        .route("/processes", get(processes))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .with_state(state)
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let welcome = state.link.welcome();
+    let connected = state.link.connected();
+    let warning = welcome.single_user.as_ref().map(|u| {
+        format!("single-user mode: stoa was not started as root, so there is no isolation; everything runs as '{u}'")
+    });
+    let body = json!({
+        "status": if connected { "ok" } else { "degraded" },
+        "isolation": welcome.isolation,
+        "mode": if welcome.isolation { "multi-user" } else { "single-user" },
+        "broker_connected": connected,
+        "version": env!("CARGO_PKG_VERSION"),
+        "warning": warning,
+    });
+    let status = if connected {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// The bearer token and who the broker says it belongs to.
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(Principal, String), ApiError> {
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <token>",
+        )
+    })?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && t.len() <= crate::wire::limits::MAX_CREDENTIAL_BYTES)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "malformed Authorization header"))?;
+    let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    if let Some((principal, at)) = state.auth_cache.lock().expect("auth cache").get(&key) {
+        if at.elapsed() < AUTH_CACHE_TTL {
+            return Ok((principal.clone(), token.to_string()));
+        }
+    }
+    let reply = state
+        .link
+        .request(RequestBody::Authenticate {
+            credential: token.to_string(),
+        })
+        .await
+        .map_err(ApiError::broker_down)?;
+    match reply.body {
+        ReplyBody::Principal(p) => {
+            let mut cache = state.auth_cache.lock().expect("auth cache");
+            if cache.len() >= AUTH_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(key, (p.clone(), Instant::now()));
+            Ok((p, token.to_string()))
+        }
+        ReplyBody::Error(e) => Err(ApiError::from_broker(e)),
+        other => Err(ApiError::internal(format!(
+            "unexpected broker reply {other:?}"
+        ))),
+    }
+}
+
+fn require_admin(principal: &Principal) -> Result<(), ApiError> {
+    match principal {
+        Principal::Admin => Ok(()),
+    }
+}
+
+async fn exec_handler(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Json<ExecRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (principal, credential) = authenticate(&state, &headers).await?;
+    require_admin(&principal)?;
+    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let result = exec::run(state, credential, req).await?;
+    Ok(Json(result).into_response())
+}
+
+async fn processes(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (principal, _) = authenticate(&state, &headers).await?;
+    require_admin(&principal)?;
+    Ok(Json(state.processes.list()).into_response())
+}

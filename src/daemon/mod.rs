@@ -1,0 +1,157 @@
+//! The daemon: `stoa __daemon`, started by the broker as the service user with no
+//! capabilities and no_new_privs. Everything from the network lands here; it never decides
+//! which Unix user runs anything without the broker's say.
+//!
+//! fd 3 is its end of the broker link, fd 4 the HTTP listener the broker bound (so a
+//! restart loses no connection attempts: they wait in the listen backlog).
+#![forbid(unsafe_code)]
+
+pub mod broker_link;
+pub mod exec;
+pub mod fdio;
+pub mod http;
+pub mod processes;
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use stoa_executor::sys;
+
+use crate::broker::{DAEMON_LINK_FD, DAEMON_LISTENER_FD};
+use crate::config::DaemonConfig;
+use crate::wire::{HandleInfo, Principal, ReplyBody, RequestBody};
+use broker_link::BrokerLink;
+use fdio::FdReader;
+use processes::Processes;
+
+pub struct AppState {
+    pub link: Arc<BrokerLink>,
+    pub processes: Arc<Processes>,
+    pub config: DaemonConfig,
+    pub auth_cache: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+}
+
+pub fn run(config_path: &Path) -> Result<(), String> {
+    let config = DaemonConfig::load(config_path)?;
+    let link_fd = sys::take_inherited_fd(DAEMON_LINK_FD).map_err(|e| {
+        format!(
+            "no broker link on fd {DAEMON_LINK_FD} ({e}): the daemon is started by `stoa serve`"
+        )
+    })?;
+    let listener_fd = sys::take_inherited_fd(DAEMON_LISTENER_FD)
+        .map_err(|e| format!("no listener on fd {DAEMON_LISTENER_FD}: {e}"))?;
+    let processes = Arc::new(Processes::default());
+    let link = BrokerLink::connect(UnixStream::from(link_fd), processes.clone())
+        .map_err(|e| format!("cannot greet the broker: {e}"))?;
+    if link.welcome().isolation && nix::unistd::geteuid().is_root() {
+        return Err("the daemon must not run as root".into());
+    }
+    info!(
+        uid = nix::unistd::geteuid().as_raw(),
+        isolation = link.welcome().isolation,
+        "daemon connected to the broker"
+    );
+    let state = Arc::new(AppState {
+        link,
+        processes,
+        config,
+        auth_cache: Mutex::new(HashMap::new()),
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        adopt_all(&state).await;
+        let std_listener = std::net::TcpListener::from(listener_fd);
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
+        let listener =
+            tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
+        let app = http::router(state.clone());
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                term.recv().await;
+                info!("daemon stopping (SIGTERM)");
+            })
+            .await
+            .map_err(|e| format!("HTTP server failed: {e}"))
+    })
+}
+
+/// Takes back everything an earlier daemon left running: each handle's fds come again
+/// from the broker's duplicates. With nobody waiting on them any more, their output is
+/// drained (so they never block on a full pipe) and their exit recorded, then released.
+async fn adopt_all(state: &Arc<AppState>) {
+    let list = match state.link.request(RequestBody::ListHandles).await {
+        Ok(r) => match r.body {
+            ReplyBody::Handles(list) => list,
+            other => {
+                warn!("unexpected reply to ListHandles: {other:?}");
+                return;
+            }
+        },
+        Err(e) => {
+            warn!("cannot list handles: {e}");
+            return;
+        }
+    };
+    for info in list {
+        let reply = match state
+            .link
+            .request(RequestBody::Adopt {
+                handle: info.handle,
+            })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("cannot adopt handle {}: {e}", info.handle.0);
+                continue;
+            }
+        };
+        match reply.body {
+            ReplyBody::Adopted(info) => {
+                info!(handle = info.handle.0, pid = info.pid, user = %info.unix_user, exited = ?info.exited, "adopted");
+                tokio::spawn(drain_orphan(state.clone(), info, reply.fds));
+            }
+            other => warn!("cannot adopt handle {}: {other:?}", info.handle.0),
+        }
+    }
+}
+
+async fn drain_orphan(state: Arc<AppState>, info: HandleInfo, fds: Vec<std::os::fd::OwnedFd>) {
+    // fds[0] is the control socket; the rest (pty master, or stdout and stderr) carry
+    // output.
+    let mut drains = Vec::new();
+    for fd in fds.into_iter().skip(1) {
+        if let Ok(reader) = FdReader::new(fd) {
+            drains.push(tokio::spawn(async move {
+                let _ = reader.collect(0).await;
+            }));
+        }
+    }
+    if let Some(mut rx) = state.processes.exit_watch(info.handle) {
+        let _ = rx.wait_for(|s| s.is_some()).await;
+    }
+    for d in drains {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d).await;
+    }
+    let _ = state
+        .link
+        .request(RequestBody::Release {
+            handle: info.handle,
+        })
+        .await;
+    state.processes.finish(info.handle);
+}

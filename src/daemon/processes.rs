@@ -1,0 +1,144 @@
+//! The daemon's view of what the broker runs for it: every handle it was given or adopted,
+//! with a watch on its exit, and a short history of finished ones for `GET /processes`.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::broker_link::LinkObserver;
+use crate::wire::{Event, ExitStatus, FdLayout, Handle, HandleInfo, Program, ReplyBody};
+
+const FINISHED_KEPT: usize = 256;
+
+struct Tracked {
+    info: HandleInfo,
+    exit: watch::Sender<Option<ExitStatus>>,
+    adopted: bool,
+}
+
+#[derive(Default)]
+pub struct Processes {
+    live: Mutex<HashMap<Handle, Tracked>>,
+    finished: Mutex<VecDeque<ProcessView>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessView {
+    pub handle: u64,
+    pub pid: i32,
+    pub unix_user: String,
+    pub kind: &'static str,
+    pub argv: Option<Vec<String>>,
+    pub tty: bool,
+    pub running: bool,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Taken over from an earlier daemon after a restart.
+    pub adopted: bool,
+    pub started_at: u64,
+}
+
+fn view(t: &Tracked) -> ProcessView {
+    let status = *t.exit.borrow();
+    let (kind, argv) = match &t.info.program {
+        Program::Exec { argv } => ("exec", Some(argv.clone())),
+        Program::Shell => ("shell", None),
+    };
+    ProcessView {
+        handle: t.info.handle.0,
+        pid: t.info.pid,
+        unix_user: t.info.unix_user.clone(),
+        kind,
+        argv,
+        tty: t.info.fds == FdLayout::Pty,
+        running: status.is_none(),
+        exit_code: match status {
+            Some(ExitStatus::Code(c)) => Some(c),
+            _ => None,
+        },
+        signal: match status {
+            Some(ExitStatus::Signal(s)) => Some(s),
+            _ => None,
+        },
+        adopted: t.adopted,
+        started_at: t.info.started_at,
+    }
+}
+
+impl Processes {
+    fn track(&self, info: &HandleInfo, adopted: bool) {
+        let mut live = self.live.lock().expect("processes lock");
+        let (tx, _) = watch::channel(info.exited);
+        live.insert(
+            info.handle,
+            Tracked {
+                info: info.clone(),
+                exit: tx,
+                adopted,
+            },
+        );
+    }
+
+    /// A receiver that holds the exit status once the broker reports it.
+    pub fn exit_watch(&self, handle: Handle) -> Option<watch::Receiver<Option<ExitStatus>>> {
+        self.live
+            .lock()
+            .expect("processes lock")
+            .get(&handle)
+            .map(|t| t.exit.subscribe())
+    }
+
+    /// The daemon is done with `handle`: keep it in the history.
+    pub fn finish(&self, handle: Handle) {
+        let removed = self.live.lock().expect("processes lock").remove(&handle);
+        if let Some(t) = removed {
+            let mut finished = self.finished.lock().expect("processes lock");
+            if finished.len() == FINISHED_KEPT {
+                finished.pop_front();
+            }
+            finished.push_back(view(&t));
+        }
+    }
+
+    pub fn list(&self) -> Vec<ProcessView> {
+        let mut all: Vec<ProcessView> = self
+            .live
+            .lock()
+            .expect("processes lock")
+            .values()
+            .map(view)
+            .collect();
+        all.extend(
+            self.finished
+                .lock()
+                .expect("processes lock")
+                .iter()
+                .cloned(),
+        );
+        all.sort_by_key(|v| v.handle);
+        all
+    }
+}
+
+impl LinkObserver for Processes {
+    fn reply(&self, body: &ReplyBody) {
+        match body {
+            ReplyBody::Spawned(info) => self.track(info, false),
+            ReplyBody::Adopted(info) => self.track(info, true),
+            _ => {}
+        }
+    }
+
+    fn event(&self, event: Event) {
+        match event {
+            Event::Exited { handle, status } => {
+                if let Some(t) = self.live.lock().expect("processes lock").get(&handle) {
+                    t.exit.send_replace(Some(status));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! stoa: each person's AI-agent sessions and web terminals, run as their own Unix user.
+//!
+//! Three processes (see DESIGN.md):
+//! * [`broker`]: root, single-threaded; the only process that switches users.
+//! * [`daemon`]: the service user; HTTP, and everything else that faces the network.
+//! * the executor (`executor/`): the one program the broker runs as a user.
+//!
+//! [`wire`] is the protocol between the first two. Every `unsafe` call in stoa is in
+//! `stoa_executor::sys`; nothing here may use `unsafe`.
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod wire;

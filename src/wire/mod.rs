@@ -1,0 +1,236 @@
+//! The daemon <-> broker protocol.
+//!
+//! Frames are [`stoa_executor::codec`] frames (u32 big-endian length + bincode 2 payload,
+//! 1 MiB limit, no trailing bytes) on an `AF_UNIX` `SOCK_STREAM` socketpair. File
+//! descriptors travel only broker -> daemon, attached with `SCM_RIGHTS` to the first byte
+//! of the frame that announces them; the daemon never sends any.
+//!
+//! | daemon -> broker (`Request.body`) | broker reply (`ReplyBody`)       | fds with the reply              |
+//! |-----------------------------------|----------------------------------|---------------------------------|
+//! | `Hello { protocol }` (first, once)| `Welcome { .. }`                 | –                               |
+//! | `Authenticate { credential }`     | `Principal(..)` / `Error`        | –                               |
+//! | `Spawn(SpawnRequest)`             | `Spawned(HandleInfo)` / `Error`  | per [`FdLayout`]                |
+//! | `Kill { handle, signal }`         | `Done` / `Error`                 | –                               |
+//! | `Release { handle }`              | `Done`                           | –                               |
+//! | `ListHandles`                     | `Handles(Vec<HandleInfo>)`       | –                               |
+//! | `Adopt { handle }`                | `Adopted(HandleInfo)`            | per [`FdLayout`] (duplicates)   |
+//!
+//! | broker -> daemon event            | when                                                      |
+//! |-----------------------------------|-----------------------------------------------------------|
+//! | `Exited { handle, status }`       | the broker reaped the executor's process                  |
+//!
+//! Requests carry an `id` that the reply echoes; events carry none. The broker owns all
+//! state: the daemon names processes only by the opaque [`Handle`]s it was given, never by
+//! pid or uid. Anything the daemon could not legitimately send (a frame before `Hello`, an
+//! unknown handle, fds, an undecodable payload) is a protocol violation: the broker drops
+//! the link and restarts the daemon. See `broker::permit` for the table of what is allowed
+//! when.
+#![forbid(unsafe_code)]
+
+use bincode::{Decode, Encode};
+
+/// Bumped on every incompatible change; the broker refuses a daemon that speaks another.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Limits on what one request may carry, checked by the broker (the frame limit bounds the
+/// total; these bound each part so no single field can eat it).
+pub mod limits {
+    pub const MAX_ARGS: usize = 256;
+    pub const MAX_ARG_BYTES: usize = 16 * 1024;
+    pub const MAX_ARGV_BYTES: usize = 128 * 1024;
+    pub const MAX_ENV_VARS: usize = 64;
+    pub const MAX_ENV_BYTES: usize = 32 * 1024;
+    pub const MAX_PATH_BYTES: usize = 4096;
+    pub const MAX_NAME_BYTES: usize = 64;
+    pub const MAX_CREDENTIAL_BYTES: usize = 256;
+    pub const MAX_TTY_DIMENSION: u16 = 4096;
+}
+
+/// An opaque name for something the broker spawned.
+#[derive(Encode, Decode, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Handle(pub u64);
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: u64,
+    pub body: RequestBody,
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub enum RequestBody {
+    Hello { protocol: u32 },
+    Authenticate { credential: String },
+    Spawn(SpawnRequest),
+    Kill { handle: Handle, signal: Signal },
+    Release { handle: Handle },
+    ListHandles,
+    Adopt { handle: Handle },
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub struct SpawnRequest {
+    /// The API caller's credential, verified by the broker on every spawn.
+    pub credential: String,
+    pub unix_user: String,
+    pub program: Program,
+    /// Absolute; entered as the user. `None`: the user's home directory.
+    pub cwd: Option<String>,
+    /// Extra environment, checked against the policy's deny-list.
+    pub env: Vec<(String, String)>,
+    /// `Some`: run on a new pseudo-terminal of this size. `None`: pipes.
+    pub tty: Option<WindowSize>,
+    /// With pipes: give the daemon a pipe to the program's stdin (else /dev/null).
+    pub stdin: bool,
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub enum Program {
+    /// `argv[0]` is looked up in the PATH the broker builds.
+    Exec { argv: Vec<String> },
+    /// The user's login shell.
+    Shell,
+}
+
+#[derive(
+    Encode, Decode, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// The signals the daemon may ask for; anything else cannot even be encoded.
+#[derive(Encode, Decode, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Hup,
+    Int,
+    Quit,
+    Kill,
+    Usr1,
+    Usr2,
+    Term,
+    Cont,
+    Stop,
+    Tstp,
+    Winch,
+}
+
+impl Signal {
+    pub fn number(self) -> i32 {
+        match self {
+            Signal::Hup => libc::SIGHUP,
+            Signal::Int => libc::SIGINT,
+            Signal::Quit => libc::SIGQUIT,
+            Signal::Kill => libc::SIGKILL,
+            Signal::Usr1 => libc::SIGUSR1,
+            Signal::Usr2 => libc::SIGUSR2,
+            Signal::Term => libc::SIGTERM,
+            Signal::Cont => libc::SIGCONT,
+            Signal::Stop => libc::SIGSTOP,
+            Signal::Tstp => libc::SIGTSTP,
+            Signal::Winch => libc::SIGWINCH,
+        }
+    }
+}
+
+/// Messages from the broker.
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub enum BrokerMessage {
+    Reply { id: u64, body: ReplyBody },
+    Event(Event),
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub enum ReplyBody {
+    Welcome(Welcome),
+    Principal(Principal),
+    Spawned(HandleInfo),
+    Adopted(HandleInfo),
+    Handles(Vec<HandleInfo>),
+    Done,
+    Error(BrokerError),
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub struct Welcome {
+    pub version: String,
+    /// False in single-user mode: everything runs as the one user who started stoa.
+    pub isolation: bool,
+    /// The user everything runs as in single-user mode.
+    pub single_user: Option<String>,
+}
+
+/// Who a credential belongs to.
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// May act as any user the policy allows.
+    Admin,
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub struct HandleInfo {
+    pub handle: Handle,
+    pub pid: i32,
+    pub unix_user: String,
+    pub uid: u32,
+    pub program: Program,
+    pub fds: FdLayout,
+    /// Set once the broker has reaped the process.
+    pub exited: Option<ExitStatus>,
+    /// Seconds since the Unix epoch.
+    pub started_at: u64,
+}
+
+/// Which fds ride with a `Spawned`/`Adopted` reply, in this order.
+#[derive(Encode, Decode, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdLayout {
+    /// `[control, pty master]`
+    Pty,
+    /// `[control, stdin write end (if `stdin`), stdout read end, stderr read end]`.
+    /// A stdin pipe is handed out once and never kept, so the program sees end-of-file
+    /// when the daemon closes it; an adopting daemon gets no stdin.
+    Pipes { stdin: bool },
+}
+
+impl FdLayout {
+    pub fn count(self) -> usize {
+        match self {
+            FdLayout::Pty => 2,
+            FdLayout::Pipes { stdin } => 3 + usize::from(stdin),
+        }
+    }
+}
+
+#[derive(Encode, Decode, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub enum Event {
+    Exited { handle: Handle, status: ExitStatus },
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq)]
+pub struct BrokerError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The credential is unknown.
+    Unauthorized,
+    /// The credential is valid but may not do this.
+    Forbidden,
+    /// The policy refuses; `rule` names the rule (see `broker::policy`).
+    Refused { rule: String },
+    /// The request is malformed (bad path, bad env name, empty argv…).
+    BadRequest,
+    /// The user or the broker is at a limit.
+    Quota,
+    /// Something failed in the broker or in the child before exec.
+    Failed,
+}
