@@ -29,6 +29,9 @@ use broker_link::BrokerLink;
 use fdio::FdReader;
 use processes::Processes;
 
+/// How long requests in flight get after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct AppState {
     pub link: Arc<BrokerLink>,
     pub processes: Arc<Processes>,
@@ -76,16 +79,27 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         let listener =
             tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
         let app = http::router(state.clone());
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
-                term.recv().await;
-                info!("daemon stopping (SIGTERM)");
-            })
-            .await
-            .map_err(|e| format!("HTTP server failed: {e}"))
+        // On SIGTERM: stop accepting, give requests in flight a moment, then go; keep-alive
+        // connections must not hold a restart or shutdown hostage.
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+        tokio::spawn(async move {
+            term.recv().await;
+            info!("daemon stopping (SIGTERM)");
+            let _ = stop_tx.send(true);
+        });
+        let mut stopped = stop_rx.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        });
+        tokio::select! {
+            result = server => result.map_err(|e| format!("HTTP server failed: {e}")),
+            _ = async {
+                let _ = stopped.wait_for(|s| *s).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => Ok(()),
+        }
     })
 }
 

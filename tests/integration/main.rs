@@ -1,1 +1,39 @@
-fn main() {}
+//! stoa's integration tests: real users, real processes, a real `stoa serve`.
+//!
+//! As root they create the users they need (`stoa-t-*`) and remove them at the end; without
+//! root every test reports itself ignored with the reason, never a silent pass. Tests run
+//! one at a time: several of them kill daemons and count processes.
+#![forbid(unsafe_code)]
+
+mod core;
+mod harness;
+
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+
+type TestFn = fn() -> Result<(), Failed>;
+
+fn main() {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!(
+            "stoa integration tests: SKIPPED, they need root (real users, real privilege drops)"
+        );
+    }
+    let users = root.then(harness::TestUsers::create);
+    let trials = core::TESTS
+        .iter()
+        .map(|&(name, test): &(&str, TestFn)| {
+            Trial::ignorable_test(name, move || {
+                if !root {
+                    return Ok(Completion::ignored_with("needs root"));
+                }
+                test().map(|()| Completion::Completed)
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(users);
+    conclusion.exit();
+}

@@ -1,0 +1,665 @@
+//! Issue 2: the broker, the daemon, spawn-as-user, the wire under attack, restarts.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use libtest_mimic::Failed;
+use serde_json::{json, Value};
+
+use stoa::wire::{Handle, Program, Request, RequestBody, Signal, SpawnRequest};
+use stoa_executor::codec;
+use stoa_executor::sys;
+
+use crate::harness::*;
+
+pub const TESTS: &[(&str, crate::TestFn)] = &[
+    ("probe_identity_through_the_whole_path", probe_identity),
+    ("probe_with_tty_is_session_leader_on_its_own_pty", probe_tty),
+    ("users_cannot_reach_each_other", users_isolated),
+    ("daemon_runs_unprivileged", daemon_unprivileged),
+    ("refusals_are_clear_and_spawn_nothing", refusals),
+    ("bad_requests_get_json_errors", bad_requests),
+    ("exit_codes_signals_stdin_and_output_limit", exit_codes),
+    ("cli_exec_prints_output_and_exits_with_the_code", cli_exec),
+    (
+        "hostile_frames_restart_the_daemon_not_the_executors",
+        hostile_frames,
+    ),
+    ("thousand_spawns_leak_no_fd_and_no_zombie", thousand_spawns),
+    (
+        "killed_daemon_is_replaced_and_adopts_running_work",
+        daemon_kill_adopts,
+    ),
+    ("single_user_mode_without_root", single_user_mode),
+];
+
+fn stdout(v: &Value) -> String {
+    v["stdout"].as_str().unwrap_or_default().to_string()
+}
+
+/// Splits `KEY:value` lines of a probe's output into a lookup.
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")).map(str::trim))
+}
+
+fn expected_groups(user: &str) -> BTreeSet<u32> {
+    run("id", &["-G", user])
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect()
+}
+
+const PROBE: &str = r#"
+grep -E '^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/$$/status
+echo fds-begin; ls -1 /proc/$$/fd; echo fds-end
+echo "cwd: $(pwd)"
+echo "umask: $(umask)"
+echo "env-ld: $(env | grep -c '^LD_')"
+echo "env-stoa: $(env | grep -ci 'stoa_')"
+if setpriv --reuid=0 --regid=0 --clear-groups true 2>/dev/null; then echo "regain-root: yes"; else echo "regain-root: no"; fi
+set -- $(cat /proc/$$/stat | sed 's/.*) //'); echo "session: $4 pid: $$ tty_nr: $5"
+"#;
+
+fn probe_identity() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let cwd = format!("/home/{ALICE}");
+    let (status, reply) =
+        stoa.exec(json!({ "unix_user": ALICE, "argv": ["sh", "-c", PROBE], "cwd": cwd, "env": { "FOO": "bar" } }));
+    assert_eq!(status, 200, "{reply}");
+    let out = stdout(&reply);
+    let uid = uid_of(ALICE);
+    let gid: u32 = run("id", &["-g", ALICE]).trim().parse()?;
+    assert_eq!(
+        field(&out, "Uid"),
+        Some(format!("{uid}\t{uid}\t{uid}\t{uid}").as_str()),
+        "{out}"
+    );
+    assert_eq!(
+        field(&out, "Gid"),
+        Some(format!("{gid}\t{gid}\t{gid}\t{gid}").as_str()),
+        "{out}"
+    );
+    let groups: BTreeSet<u32> = field(&out, "Groups")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect();
+    assert_eq!(groups, expected_groups(ALICE), "{out}");
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(&out, cap), Some("0000000000000000"), "{cap}: {out}");
+    }
+    assert_eq!(field(&out, "NoNewPrivs"), Some("1"), "{out}");
+    // Listed by a child of the shell, so the shell's own fds show as they are.
+    let fds: Vec<&str> = out
+        .lines()
+        .skip_while(|l| *l != "fds-begin")
+        .skip(1)
+        .take_while(|l| *l != "fds-end")
+        .collect();
+    assert_eq!(fds, ["0", "1", "2"], "only stdio may be open: {out}");
+    assert_eq!(field(&out, "cwd"), Some(cwd.as_str()), "{out}");
+    assert_eq!(field(&out, "umask"), Some("0022"), "{out}");
+    assert_eq!(field(&out, "env-ld"), Some("0"), "{out}");
+    assert_eq!(field(&out, "env-stoa"), Some("0"), "{out}");
+    assert_eq!(field(&out, "regain-root"), Some("no"), "{out}");
+    assert!(
+        !out.contains(&stoa.token),
+        "the token leaked into the child"
+    );
+    // Without a tty: its own session, no controlling terminal.
+    let session = field(&out, "session").unwrap_or_default();
+    assert!(session.ends_with("tty_nr: 0"), "{out}");
+
+    // The environment is exactly what the broker built, plus what was asked.
+    let env = stdout(&stoa.sh(ALICE, "env | sort"));
+    let names: Vec<&str> = env
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(n, _)| n))
+        .collect();
+    assert_eq!(
+        names,
+        ["HOME", "LANG", "LOGNAME", "PATH", "PWD", "SHELL", "TERM", "USER"],
+        "{env}"
+    );
+    Ok(())
+}
+
+fn probe_tty() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let script = format!("{PROBE}\ntty; stat -c '%U %G %a' $(tty); stty size");
+    let (status, reply) =
+        stoa.exec(json!({ "unix_user": ALICE, "argv": ["sh", "-c", script], "tty": { "rows": 33, "cols": 101 } }));
+    assert_eq!(status, 200, "{reply}");
+    let out = stdout(&reply);
+    let session = field(&out, "session").unwrap_or_default();
+    let parts: Vec<&str> = session.split_whitespace().collect();
+    assert_eq!(
+        parts[0], parts[2],
+        "the shell must lead its own session: {out}"
+    );
+    assert_ne!(parts[4], "0", "no controlling tty: {out}");
+    assert!(out.contains("/dev/pts/"), "{out}");
+    assert!(
+        out.contains(&format!("{ALICE} tty 620")),
+        "pty must be alice's, group tty, 0620: {out}"
+    );
+    assert!(out.contains("33 101"), "window size: {out}");
+    assert_eq!(field(&out, "CapEff"), Some("0000000000000000"), "{out}");
+    assert_eq!(field(&out, "NoNewPrivs"), Some("1"), "{out}");
+    Ok(())
+}
+
+fn users_isolated() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let secret = format!("/home/{BOB}/secret");
+    stoa.sh(
+        BOB,
+        &format!("echo bob-secret > {secret}; chmod 600 {secret}"),
+    );
+    let reply = stoa.sh(ALICE, &format!("cat {secret}"));
+    assert_ne!(reply["exit_code"], 0, "{reply}");
+    assert!(!stdout(&reply).contains("bob-secret"));
+    assert!(
+        reply["stderr"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Permission denied"),
+        "{reply}"
+    );
+    // Even with the file world-readable, bob's 0700 home keeps alice out.
+    let reply = stoa.sh(ALICE, &format!("ls /home/{BOB}"));
+    assert_ne!(reply["exit_code"], 0, "{reply}");
+
+    // bob runs a sleep; alice may not signal it.
+    let background = {
+        let port = stoa.port;
+        let token = stoa.token.clone();
+        std::thread::spawn(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let _ = agent
+                .post(format!("http://127.0.0.1:{port}/exec"))
+                .header("Authorization", format!("Bearer {token}"))
+                .send_json(json!({ "unix_user": BOB, "argv": ["sleep", "30"] }));
+        })
+    };
+    let mut pids = Vec::new();
+    wait_until("bob's sleep", Duration::from_secs(10), || {
+        pids = find_processes(BOB, &["sleep", "30"]);
+        !pids.is_empty()
+    });
+    let pid = pids[0];
+    let reply = stoa.sh(ALICE, &format!("kill -TERM {pid}"));
+    assert_ne!(reply["exit_code"], 0, "{reply}");
+    assert!(
+        reply["stderr"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not permitted"),
+        "{reply}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(alive(pid), "bob's process died from alice's signal");
+    run("kill", &["-KILL", &pid.to_string()]);
+    background.join().unwrap();
+    Ok(())
+}
+
+fn daemon_unprivileged() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let daemon = stoa.daemon_pid().expect("daemon pid");
+    let svc = uid_of(SERVICE);
+    assert_eq!(
+        status_field(daemon, "Uid"),
+        Some(format!("{svc}\t{svc}\t{svc}\t{svc}"))
+    );
+    assert_eq!(
+        status_field(daemon, "Groups").as_deref(),
+        Some(""),
+        "no supplementary groups"
+    );
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            status_field(daemon, cap).as_deref(),
+            Some("0000000000000000"),
+            "{cap}"
+        );
+    }
+    assert_eq!(status_field(daemon, "NoNewPrivs").as_deref(), Some("1"));
+    // The service account was created as a system account with no login shell.
+    let entry = run("getent", &["passwd", SERVICE]);
+    assert!(entry.trim_end().ends_with("/usr/sbin/nologin"), "{entry}");
+    assert!(
+        svc < 1000,
+        "service account should be a system account: {entry}"
+    );
+    // The broker kept only the capabilities it needs.
+    let eff = status_field(stoa.broker_pid(), "CapEff").expect("broker caps");
+    let eff = u64::from_str_radix(&eff, 16)?;
+    let allowed = [0u32, 5, 6, 7, 8, 24]
+        .iter()
+        .fold(0u64, |m, c| m | (1 << c)); // CHOWN KILL SETGID SETUID SETPCAP SYS_RESOURCE
+    assert_eq!(eff & !allowed, 0, "broker has extra capabilities: {eff:x}");
+    assert!(stoa.log().contains("broker dropped its capabilities"));
+    Ok(())
+}
+
+fn refusals() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let before = stoa.processes().len();
+    let broker = stoa.broker_pid();
+    let children_before = children_of(broker).len();
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({ "unix_user": "root", "argv": ["id"] }), 403, "root"),
+        (
+            json!({ "unix_user": SERVICE, "argv": ["id"] }),
+            403,
+            "service-user",
+        ),
+        (
+            json!({ "unix_user": CAROL, "argv": ["id"] }),
+            403,
+            "allow-group",
+        ),
+        (
+            json!({ "unix_user": "stoa-t-nobody-here", "argv": ["id"] }),
+            403,
+            "unknown-user",
+        ),
+        (
+            json!({ "unix_user": "daemon", "argv": ["id"] }),
+            403,
+            "uid-range",
+        ),
+        (
+            json!({ "unix_user": ALICE, "argv": ["id"], "env": { "LD_PRELOAD": "/tmp/x.so" } }),
+            403,
+            "env-deny",
+        ),
+        (
+            json!({ "unix_user": ALICE, "argv": ["id"], "env": { "HOME": "/root" } }),
+            403,
+            "env-deny",
+        ),
+        (
+            json!({ "unix_user": ALICE, "argv": ["id"], "cwd": format!("/home/{BOB}") }),
+            400,
+            "working directory",
+        ),
+        (
+            json!({ "unix_user": ALICE, "argv": ["id"], "cwd": "relative/dir" }),
+            400,
+            "not absolute",
+        ),
+        (
+            json!({ "unix_user": ALICE, "argv": [] }),
+            400,
+            "argv is empty",
+        ),
+        (
+            json!({ "unix_user": "../etc", "argv": ["id"] }),
+            400,
+            "invalid unix user",
+        ),
+    ];
+    for (body, want_status, want) in cases {
+        let (status, reply) = stoa.exec(body.clone());
+        assert_eq!(status, want_status, "{body} -> {reply}");
+        let error = reply["error"].as_str().unwrap_or_default();
+        let rule = reply["rule"].as_str().unwrap_or_default();
+        assert!(
+            rule == want || error.contains(want),
+            "{body}: expected {want:?} in {reply}"
+        );
+        assert!(!error.is_empty());
+    }
+    assert_eq!(
+        stoa.processes().len(),
+        before,
+        "a refused spawn left a handle"
+    );
+    assert_eq!(
+        children_of(broker).len(),
+        children_before,
+        "a refused spawn left a process"
+    );
+    Ok(())
+}
+
+fn bad_requests() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let (status, v) = stoa.request(
+        "POST",
+        "/exec",
+        None,
+        Some(&json!({ "unix_user": ALICE, "argv": ["id"] })),
+    );
+    assert_eq!(status, 401);
+    assert!(v["error"].is_string(), "{v}");
+    let (status, v) = stoa.request(
+        "POST",
+        "/exec",
+        Some("wrong-token"),
+        Some(&json!({ "unix_user": ALICE, "argv": ["id"] })),
+    );
+    assert_eq!(status, 401, "{v}");
+    let (status, v) = stoa.exec(json!({ "user": ALICE }));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].is_string(), "{v}");
+    let (status, v) = stoa.request("GET", "/nowhere", None, None);
+    assert_eq!(status, 404, "{v}");
+    let health = stoa.health().expect("health");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["isolation"], true);
+    assert_eq!(health["broker_connected"], true);
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
+    Ok(())
+}
+
+fn exit_codes() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let r = stoa.sh(ALICE, "echo out; echo err >&2; exit 7");
+    assert_eq!(
+        (r["exit_code"].clone(), stdout(&r), r["stderr"].clone()),
+        (json!(7), "out\n".into(), json!("err\n"))
+    );
+    let r = stoa.sh(ALICE, "kill -TERM $$");
+    assert_eq!(
+        (r["exit_code"].clone(), r["signal"].clone()),
+        (Value::Null, json!(15)),
+        "{r}"
+    );
+    let (_, r) =
+        stoa.exec(json!({ "unix_user": ALICE, "argv": ["tr", "a-z", "A-Z"], "stdin": "hello" }));
+    assert_eq!(stdout(&r), "HELLO");
+    let (_, r) = stoa.exec(json!({ "unix_user": ALICE, "argv": ["no-such-program-xyz"] }));
+    assert_eq!(r["exit_code"], 127, "{r}");
+    assert!(
+        r["error"].as_str().unwrap_or("").contains("No such file"),
+        "{r}"
+    );
+    // Output past the limit is dropped, and said so; the program still runs to the end.
+    let r = stoa.sh(ALICE, "head -c 3000000 /dev/zero; echo done >&2");
+    assert_eq!(r["truncated"], true);
+    assert_eq!(r["stdout"].as_str().unwrap().len(), 1 << 20);
+    assert_eq!(r["stderr"], "done\n");
+    // A timeout kills the process group.
+    let (_, r) =
+        stoa.exec(json!({ "unix_user": ALICE, "argv": ["sleep", "30"], "timeout_ms": 200 }));
+    assert_eq!(
+        (r["timed_out"].clone(), r["signal"].clone()),
+        (json!(true), json!(9)),
+        "{r}"
+    );
+    // A background child holding the output open is cut off after the drain timeout.
+    let r = stoa.sh(ALICE, "sleep 30 & echo started");
+    assert_eq!(stdout(&r), "started\n");
+    assert_eq!(r["truncated"], true, "{r}");
+    wait_until("orphaned sleep killed", Duration::from_secs(5), || {
+        find_processes(ALICE, &["sleep", "30"]).is_empty()
+    });
+    Ok(())
+}
+
+fn cli_exec() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let out = std::process::Command::new(stoa.dir.join("bin/stoa"))
+        .args([
+            "exec",
+            "--user",
+            ALICE,
+            "--",
+            "sh",
+            "-c",
+            "echo hi; id -un; exit 7",
+        ])
+        .env("STOA_URL", stoa.url(""))
+        .env("STOA_TOKEN", &stoa.token)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hi\n{ALICE}\n")
+    );
+    let out = std::process::Command::new(stoa.dir.join("bin/stoa"))
+        .args(["exec", "-t", "--user", ALICE, "--", "tty"])
+        .env("STOA_URL", stoa.url(""))
+        .env("STOA_TOKEN", &stoa.token)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("/dev/pts/"));
+    let out = std::process::Command::new(stoa.dir.join("bin/stoa"))
+        .args(["exec", "--user", "root", "--", "id"])
+        .env("STOA_URL", stoa.url(""))
+        .env("STOA_TOKEN", &stoa.token)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rule root"));
+    Ok(())
+}
+
+/// Starts `argv` as `user` through `/exec` in the background (the request is expected to
+/// die with its daemon) and returns its pid once it runs.
+fn start_background(stoa: &Instance, user: &'static str, argv: &'static [&'static str]) -> i32 {
+    let port = stoa.port;
+    let token = stoa.token.clone();
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let _ = agent
+            .post(format!("http://127.0.0.1:{port}/exec"))
+            .header("Authorization", format!("Bearer {token}"))
+            .send_json(json!({ "unix_user": user, "argv": argv }));
+    });
+    let mut pids = Vec::new();
+    wait_until("background process", Duration::from_secs(10), || {
+        pids = find_processes(user, argv);
+        !pids.is_empty()
+    });
+    pids[0]
+}
+
+fn frame(request: &Request) -> Vec<u8> {
+    codec::encode(request).unwrap()
+}
+
+fn hostile_frames() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let broker = stoa.broker_pid();
+    let sleeper = start_background(&stoa, BOB, &["sleep", "60"]);
+
+    let spawn = Request {
+        id: 9,
+        body: RequestBody::Spawn(SpawnRequest {
+            credential: stoa.token.clone(),
+            unix_user: "root".into(),
+            program: Program::Exec {
+                argv: vec!["id".into()],
+            },
+            cwd: None,
+            env: vec![],
+            tty: None,
+            stdin: false,
+        }),
+    };
+    let truncated = {
+        let mut f = frame(&spawn);
+        f.truncate(f.len() - 3);
+        let len = (f.len() - 4) as u32;
+        f[..4].copy_from_slice(&len.to_be_bytes());
+        f
+    };
+    let trailing = {
+        let mut f = frame(&Request {
+            id: 9,
+            body: RequestBody::ListHandles,
+        });
+        f.push(0);
+        let len = (f.len() - 4) as u32;
+        f[..4].copy_from_slice(&len.to_be_bytes());
+        f
+    };
+    let unknown_variant = vec![0, 0, 0, 2, 9, 200];
+    let unknown_handle = frame(&Request {
+        id: 9,
+        body: RequestBody::Kill {
+            handle: Handle(987_654),
+            signal: Signal::Kill,
+        },
+    });
+    let second_hello = frame(&Request {
+        id: 9,
+        body: RequestBody::Hello {
+            protocol: stoa::wire::PROTOCOL_VERSION,
+        },
+    });
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        (
+            "oversized length",
+            vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+            false,
+        ),
+        ("truncated payload", truncated, false),
+        ("trailing bytes", trailing, false),
+        ("unknown variant", unknown_variant, false),
+        ("unknown handle", unknown_handle, false),
+        ("second hello", second_hello, false),
+        (
+            "unexpected fds",
+            frame(&Request {
+                id: 9,
+                body: RequestBody::ListHandles,
+            }),
+            true,
+        ),
+    ];
+    for (what, bytes, with_fd) in cases {
+        let daemon = stoa.daemon_pid().expect("daemon");
+        // Play the compromised daemon: take its end of the link and write to it.
+        let link = UnixStream::from(sys::pidfd_getfd(daemon, 3)?);
+        if with_fd {
+            let devnull = std::fs::File::open("/dev/null")?;
+            sys::send_with_fds(link.as_fd(), &bytes, &[devnull.as_fd()], false)?;
+        } else {
+            (&link).write_all(&bytes)?;
+        }
+        let new_daemon = stoa.wait_new_daemon(daemon);
+        assert_ne!(new_daemon, daemon, "{what}");
+        assert!(alive(broker), "the broker died on {what}");
+        assert!(alive(sleeper), "bob's sleep died on {what}");
+        assert!(
+            !alive(daemon) || state_and_ppid(daemon).map(|(_, p)| p) != Some(broker),
+            "old daemon still there after {what}"
+        );
+    }
+    let log = stoa.log();
+    assert_eq!(log.matches("PROTOCOL VIOLATION").count(), 7, "{log}");
+    // The refused root spawn inside the truncated frame never ran.
+    assert!(!log.contains("spawned exec [\\\"id\\\"]"), "{log}");
+    // The new daemon still works and took bob's sleep over.
+    let r = stoa.sh(ALICE, "id -un");
+    assert_eq!(stdout(&r), format!("{ALICE}\n"));
+    let procs = stoa.processes();
+    assert!(
+        procs
+            .iter()
+            .any(|p| p["pid"] == sleeper && p["adopted"] == true && p["running"] == true),
+        "{procs:?}"
+    );
+    run("kill", &["-KILL", &sleeper.to_string()]);
+    Ok(())
+}
+
+fn thousand_spawns() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let broker = stoa.broker_pid();
+    // Warm up (first spawn opens nothing lasting, but be fair to lazy init).
+    stoa.sh(ALICE, "true");
+    let fds_before = fd_count(broker);
+    for i in 0..1000 {
+        let tty = (i % 4 == 0).then(|| json!({ "rows": 24, "cols": 80 }));
+        let (status, r) =
+            stoa.exec(json!({ "unix_user": ALICE, "argv": ["/bin/true"], "tty": tty }));
+        assert_eq!(
+            (status, r["exit_code"].clone()),
+            (200, json!(0)),
+            "spawn {i}: {r}"
+        );
+    }
+    // Releases are sent right after each reply; give the last one a moment.
+    wait_until(
+        "broker fds back to the start",
+        Duration::from_secs(5),
+        || fd_count(broker) <= fds_before,
+    );
+    assert_eq!(fd_count(broker), fds_before);
+    assert_eq!(zombie_children(broker), 0);
+    let daemon = stoa.daemon_pid().expect("daemon");
+    assert_eq!(zombie_children(daemon), 0);
+    Ok(())
+}
+
+fn daemon_kill_adopts() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let sleeper = start_background(&stoa, ALICE, &["sleep", "3"]);
+    let daemon = stoa.daemon_pid().expect("daemon");
+    run("kill", &["-KILL", &daemon.to_string()]);
+    let new_daemon = stoa.wait_new_daemon(daemon);
+    assert_ne!(new_daemon, daemon);
+    assert!(alive(sleeper), "the sleep died with the daemon");
+    let mut procs = Vec::new();
+    wait_until(
+        "the sleep's exit at the new daemon",
+        Duration::from_secs(10),
+        || {
+            procs = stoa.processes();
+            procs.iter().any(|p| {
+                p["pid"] == sleeper
+                    && p["adopted"] == true
+                    && p["running"] == false
+                    && p["exit_code"] == 0
+            })
+        },
+    );
+    assert!(stoa.log().contains("daemon down"), "{}", stoa.log());
+    Ok(())
+}
+
+fn single_user_mode() -> Result<(), Failed> {
+    let stoa = Instance::start_with(Options {
+        as_user: Some(ALICE),
+        ..Options::default()
+    });
+    let health = stoa.health().expect("health");
+    assert_eq!(health["isolation"], false, "{health}");
+    assert_eq!(health["mode"], "single-user");
+    assert!(
+        health["warning"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no isolation"),
+        "{health}"
+    );
+    assert!(stoa.log().contains("SINGLE-USER MODE"));
+    let r = stoa.sh(ALICE, "id -un");
+    assert_eq!(stdout(&r), format!("{ALICE}\n"));
+    let (status, r) = stoa.exec(json!({ "unix_user": BOB, "argv": ["id"] }));
+    assert_eq!(
+        (status, r["rule"].clone()),
+        (403, json!("single-user")),
+        "{r}"
+    );
+    Ok(())
+}
