@@ -212,7 +212,7 @@ impl Resource {
             if v == libc::RLIM_INFINITY {
                 u64::MAX
             } else {
-                v as u64
+                v
             }
         };
         Ok((conv(limit.rlim_cur), conv(limit.rlim_max)))

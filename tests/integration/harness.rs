@@ -124,19 +124,11 @@ pub struct Instance {
     agent: ureq::Agent,
 }
 
+#[derive(Default)]
 pub struct Options {
     pub extra_policy: String,
     /// Run as this user (single-user mode) instead of root.
     pub as_user: Option<&'static str>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            extra_policy: String::new(),
-            as_user: None,
-        }
-    }
 }
 
 fn free_port() -> u16 {
