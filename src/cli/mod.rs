@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod doctor;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -60,6 +61,8 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Check this machine's installation and say how to fix what is wrong.
+    Doctor,
     /// The daemon (started by the broker, not by hand).
     #[command(name = "__daemon", hide = true)]
     Daemon {
