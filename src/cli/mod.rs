@@ -104,6 +104,7 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Doctor => doctor::run(),
         Command::Exec {
             user,
             cwd,
