@@ -12,6 +12,7 @@
 
 pub mod credentials;
 pub mod link;
+pub mod notify;
 pub mod permit;
 pub mod policy;
 pub mod spawn;
@@ -100,6 +101,9 @@ struct Broker {
     next_handle: u64,
     signals: SignalFd,
     shutting_down: bool,
+    notifier: notify::Notifier,
+    /// systemd was told READY=1 (only the first daemon's Ready does that).
+    announced: bool,
 }
 
 /// Runs the broker until SIGTERM/SIGINT.
@@ -128,14 +132,33 @@ fn sanitize_stdio() {
     }
 }
 
+/// Creates `path` (owned by uid:gid, `mode`) or checks the one that is there. An existing
+/// directory of another owner is refused, not taken over: a mistyped `state_dir` must not
+/// chown a system directory.
 fn ensure_dir(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), String> {
-    std::fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let created = match std::fs::symlink_metadata(path) {
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            true
+        }
+        Err(e) => return Err(format!("cannot stat {}: {e}", path.display())),
+    };
     let meta = std::fs::symlink_metadata(path)
         .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
     if !meta.is_dir() {
         return Err(format!("{} is not a directory", path.display()));
     }
     if meta.uid() != uid || meta.gid() != gid {
+        if !created {
+            return Err(format!(
+                "{} belongs to uid {} gid {}, expected {uid}:{gid}; fix its owner or choose another directory",
+                path.display(),
+                meta.uid(),
+                meta.gid()
+            ));
+        }
         std::os::unix::fs::lchown(path, Some(uid), Some(gid))
             .map_err(|e| format!("cannot chown {}: {e}", path.display()))?;
     }
@@ -377,6 +400,8 @@ impl Broker {
             next_handle: 1,
             signals,
             shutting_down: false,
+            notifier: notify::Notifier::from_env(),
+            announced: false,
         })
     }
 
@@ -666,6 +691,16 @@ impl Broker {
                 };
                 (ReplyBody::Welcome(welcome), Vec::new())
             }
+            RequestBody::Ready => {
+                info!(pid = d.pid, "daemon ready");
+                if !self.announced {
+                    self.notifier.notify("READY=1\nSTATUS=serving");
+                    self.announced = true;
+                } else {
+                    self.notifier.notify("STATUS=serving (daemon restarted)");
+                }
+                (ReplyBody::Done, Vec::new())
+            }
             RequestBody::Authenticate { credential } => {
                 match self.credentials.verify(&credential) {
                     Some(p) => (ReplyBody::Principal(p), Vec::new()),
@@ -887,6 +922,7 @@ impl Broker {
     }
 
     fn shutdown(&mut self) {
+        self.notifier.notify("STOPPING=1");
         if let Some(d) = self.daemon.take() {
             let pid = Pid::from_raw(d.pid);
             let _ = kill(pid, NixSignal::SIGTERM);

@@ -4,6 +4,7 @@
 //! | request        | before `Hello`  | after `Hello`                                        |
 //! |----------------|-----------------|------------------------------------------------------|
 //! | `Hello`        | once            | violation                                            |
+//! | `Ready`        | violation       | allowed                                              |
 //! | `Authenticate` | violation       | allowed                                              |
 //! | `Spawn`        | violation       | allowed; credential and policy checked per request   |
 //! | `Kill`         | violation       | handle must exist and not be released                |
@@ -38,6 +39,7 @@ pub fn permit(state: LinkState, body: &RequestBody) -> Result<(), &'static str> 
 pub fn name(body: &RequestBody) -> &'static str {
     match body {
         RequestBody::Hello { .. } => "Hello",
+        RequestBody::Ready => "Ready",
         RequestBody::Authenticate { .. } => "Authenticate",
         RequestBody::Spawn(_) => "Spawn",
         RequestBody::Kill { .. } => "Kill",

@@ -79,6 +79,9 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         let listener =
             tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
         let app = http::router(state.clone());
+        if let Err(e) = state.link.request(RequestBody::Ready).await {
+            return Err(format!("cannot tell the broker we are ready: {e}"));
+        }
         // On SIGTERM: stop accepting, give requests in flight a moment, then go; keep-alive
         // connections must not hold a restart or shutdown hostage.
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);

@@ -8,6 +8,7 @@
 //! | daemon -> broker (`Request.body`) | broker reply (`ReplyBody`)       | fds with the reply              |
 //! |-----------------------------------|----------------------------------|---------------------------------|
 //! | `Hello { protocol }` (first, once)| `Welcome { .. }`                 | –                               |
+//! | `Ready` (serving HTTP)            | `Done`                           | –                               |
 //! | `Authenticate { credential }`     | `Principal(..)` / `Error`        | –                               |
 //! | `Spawn(SpawnRequest)`             | `Spawned(HandleInfo)` / `Error`  | per [`FdLayout`]                |
 //! | `Kill { handle, signal }`         | `Done` / `Error`                 | –                               |
@@ -58,13 +59,26 @@ pub struct Request {
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
 pub enum RequestBody {
-    Hello { protocol: u32 },
-    Authenticate { credential: String },
+    Hello {
+        protocol: u32,
+    },
+    /// The daemon serves HTTP (the broker tells systemd it is ready).
+    Ready,
+    Authenticate {
+        credential: String,
+    },
     Spawn(SpawnRequest),
-    Kill { handle: Handle, signal: Signal },
-    Release { handle: Handle },
+    Kill {
+        handle: Handle,
+        signal: Signal,
+    },
+    Release {
+        handle: Handle,
+    },
     ListHandles,
-    Adopt { handle: Handle },
+    Adopt {
+        handle: Handle,
+    },
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]

@@ -35,6 +35,7 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         daemon_kill_adopts,
     ),
     ("single_user_mode_without_root", single_user_mode),
+    ("systemd_readiness_and_stopping", systemd_notify),
 ];
 
 fn stdout(v: &Value) -> String {
@@ -661,5 +662,27 @@ fn single_user_mode() -> Result<(), Failed> {
         (403, json!("single-user")),
         "{r}"
     );
+    Ok(())
+}
+
+fn systemd_notify() -> Result<(), Failed> {
+    let path = format!("/run/stoa-test-notify-{}.sock", std::process::id());
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
+    sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let stoa = Instance::start_with(Options {
+        env: vec![("NOTIFY_SOCKET".into(), path.clone())],
+        ..Options::default()
+    });
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf)?;
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(first.contains("READY=1"), "{first}");
+    // READY comes once the daemon serves: it must already answer.
+    assert!(stoa.health().is_some());
+    drop(stoa);
+    let n = sock.recv(&mut buf)?;
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    let _ = std::fs::remove_file(&path);
     Ok(())
 }

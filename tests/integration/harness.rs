@@ -129,6 +129,8 @@ pub struct Options {
     pub extra_policy: String,
     /// Run as this user (single-user mode) instead of root.
     pub as_user: Option<&'static str>,
+    /// Extra environment for `stoa serve`.
+    pub env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -202,6 +204,7 @@ impl Instance {
             .env("STOA_LOG", "info")
             .env("NO_COLOR", "1")
             .env("HOME", &conf_dir)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
