@@ -380,33 +380,22 @@ fn machine() -> String {
     )
 }
 
-/// Builds the release `stoa` and `stoa-executor` (`cargo bench` builds only this bench)
-/// and returns the directory they are in: this bench's own profile directory.
+/// Builds the binaries as shipped (`scripts/build-release.sh`: a static `stoa-executor`)
+/// and returns the directory they are in, `target/dist`.
 fn build_binaries() -> Result<PathBuf, String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-    eprintln!("spawn bench: cargo build --release --workspace");
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--workspace", "--manifest-path"])
-        .arg(&manifest)
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    eprintln!("spawn bench: scripts/build-release.sh");
+    let status = Command::new(root.join("scripts/build-release.sh"))
         .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
+        .map_err(|e| format!("cannot run scripts/build-release.sh: {e}"))?;
     if !status.success() {
-        return Err(format!("cargo build --release --workspace: {status}"));
+        return Err(format!("scripts/build-release.sh: {status}"));
     }
-    // This bench is <target>/release/deps/spawn-<hash>.
-    let beside_bench = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()));
-    let candidates = beside_bench
-        .into_iter()
-        .chain([Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release")]);
-    for dir in candidates {
-        if dir.join("stoa").is_file() && dir.join("stoa-executor").is_file() {
-            return Ok(dir);
-        }
+    let dist = root.join("target/dist");
+    if dist.join("stoa").is_file() && dist.join("stoa-executor").is_file() {
+        return Ok(dist);
     }
-    Err("built, but cannot find target/release/stoa and stoa-executor".into())
+    Err("built, but cannot find target/dist/stoa and stoa-executor".into())
 }
 
 /// The test accounts, and a running `stoa serve` as root; all of it undone on drop.

@@ -8,8 +8,7 @@
 
 use std::ffi::{CStr, CString};
 use std::fmt;
-use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -357,14 +356,49 @@ impl fmt::Display for SpawnError {
 
 impl std::error::Error for SpawnError {}
 
-/// Threads in this process, from /proc/self/status.
-fn thread_count() -> io::Result<usize> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
-        .ok_or_else(|| io::Error::other("no Threads line in /proc/self/status"))
+/// Threads in this process: /proc/self/task has one entry per thread (plus . and ..).
+fn thread_count() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/self/task")?
+        .nlink()
+        .saturating_sub(2))
+}
+
+/// Facts about this process the child sequence needs, read once: they only change at
+/// broker start (capabilities can only be dropped from the bounding set, so a cached list
+/// is a superset of the live one, and dropping an absent cap is a no-op).
+struct ProcessFacts {
+    /// Capabilities still in this process's bounding set.
+    bounding: Vec<u32>,
+    /// Signals whose disposition is not the default. Handlers are reset by exec anyway,
+    /// but SIG_IGN survives it (Rust ignores SIGPIPE at startup).
+    non_default_signals: Vec<libc::c_int>,
+}
+
+static PROCESS_FACTS: std::sync::OnceLock<ProcessFacts> = std::sync::OnceLock::new();
+
+fn process_facts() -> io::Result<&'static ProcessFacts> {
+    if let Some(f) = PROCESS_FACTS.get() {
+        return Ok(f);
+    }
+    let last_cap = last_capability()?;
+    // SAFETY: PR_CAPBSET_READ takes a capability number and returns 0, 1 or -1.
+    let bounding = (0..=last_cap)
+        .filter(|c| unsafe { libc::prctl(libc::PR_CAPBSET_READ, *c, 0, 0, 0) } == 1)
+        .collect();
+    let non_default_signals = (1..=LAST_SIGNAL)
+        .filter(|sig| {
+            // SAFETY: zeroed is a valid sigaction; sigaction only writes through `old`.
+            let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: a null new action only queries the current one.
+            let rc = unsafe { libc::sigaction(*sig, ptr::null(), &mut old) };
+            rc == 0 && old.sa_sigaction != libc::SIG_DFL
+        })
+        .collect();
+    Ok(PROCESS_FACTS.get_or_init(|| ProcessFacts {
+        bounding,
+        non_default_signals,
+    }))
 }
 
 /// The highest capability number this kernel knows.
@@ -404,20 +438,23 @@ struct Prepared<'s> {
     groups_scratch: Vec<libc::gid_t>,
     /// The group list as getgroups reports it: the kernel keeps it sorted.
     groups_sorted: Vec<libc::gid_t>,
-    last_cap: u32,
+    facts: &'static ProcessFacts,
     umask: libc::mode_t,
     cwd: Option<&'s CStr>,
     parent_death_signal: Option<i32>,
     parent_pid: libc::pid_t,
 }
 
-/// Forks and runs the spawn sequence in the child, then execs `spec.exe`. Returns the
+/// Starts a child that runs the spawn sequence and then execs `spec.exe`. Returns the
 /// child's pid once it has exec'd; a failure before exec comes back as
 /// [`SpawnError::Child`] with the child already reaped.
 ///
-/// Only a single-threaded process may fork and then run code in the child (another
-/// thread could hold the allocator's lock), so this refuses to run in a process with more
-/// than one thread. The broker is single-threaded by design.
+/// The child is made like `posix_spawn` makes it: `clone(CLONE_VM | CLONE_VFORK)` on a
+/// stack of its own, so there is no page-table copy, and this thread sleeps until the
+/// child has exec'd or exited; the child reports a failure through memory they share.
+/// Only a single-threaded process may run code in such a child (another thread could
+/// hold a lock the child needs), so this refuses a process with more than one thread.
+/// The broker is single-threaded by design.
 pub fn spawn_child(spec: &ChildSpec<'_>) -> Result<i32, SpawnError> {
     let threads = thread_count().map_err(SpawnError::Setup)?;
     if threads != 1 {
@@ -425,54 +462,60 @@ pub fn spawn_child(spec: &ChildSpec<'_>) -> Result<i32, SpawnError> {
             "spawn_child needs a single-threaded process, this one has {threads} threads"
         ))));
     }
-    let mut prepared = prepare(spec).map_err(SpawnError::Setup)?;
-    let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| SpawnError::Setup(e.into()))?;
+    let mut child = ChildArgs {
+        prepared: prepare(spec).map_err(SpawnError::Setup)?,
+        stage: 0,
+        errno: 0,
+    };
+    let mut stack = vec![0u8; CHILD_STACK_BYTES];
+    // The stack grows down: start at its 16-byte-aligned top.
+    let top = (stack.as_mut_ptr() as usize + CHILD_STACK_BYTES) & !0xf;
 
-    // SAFETY: this process has exactly one thread (checked above), so no other thread can
-    // hold a lock the child would need; the child runs only `child_sequence`, which makes
-    // async-signal-safe system calls on `prepared` and then execs or `_exit`s.
-    let pid = unsafe { libc::fork() };
+    // SAFETY: single-threaded (checked above). CLONE_VFORK suspends this thread until the
+    // child execs or exits, so the child has `child` and `stack` to itself meanwhile and
+    // both outlive it; `child_entry` runs only `child_sequence` (async-signal-safe system
+    // calls on prepared data), records a failure in `child` and `_exit`s.
+    let pid = unsafe {
+        libc::clone(
+            child_entry,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&mut child as *mut ChildArgs<'_>).cast(),
+        )
+    };
+    drop(stack);
     if pid < 0 {
         return Err(SpawnError::Setup(io::Error::last_os_error()));
     }
-    if pid == 0 {
-        let (stage, errno) = child_sequence(&mut prepared);
-        let mut report = [0u8; 8];
-        report[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
-        report[4..].copy_from_slice(&errno.to_ne_bytes());
-        // SAFETY: write and _exit are async-signal-safe; `report` is a valid 8-byte buffer
-        // on this stack.
-        unsafe {
-            libc::write(err_write.as_raw_fd(), report.as_ptr().cast(), report.len());
-            libc::_exit(127);
-        }
-    }
-    drop(err_write);
-    let mut report = [0u8; 8];
-    let mut got = 0;
-    let mut pipe = File::from(err_read);
-    while got < report.len() {
-        match pipe.read(&mut report[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                reap(pid);
-                return Err(SpawnError::Setup(e));
-            }
-        }
-    }
-    if got == 0 {
+    if child.stage == 0 {
         return Ok(pid);
     }
     reap(pid);
-    let stage = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
-    let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
     Err(SpawnError::Child {
-        stage: ChildStage::from_raw(stage).unwrap_or(ChildStage::Exec),
-        errno,
+        stage: ChildStage::from_raw(child.stage).unwrap_or(ChildStage::Exec),
+        errno: child.errno,
     })
+}
+
+/// The child's own stack: the sequence needs little, libc's wrappers a little more.
+const CHILD_STACK_BYTES: usize = 128 * 1024;
+
+/// Shared by parent and child (CLONE_VM): the child writes the stage that failed.
+struct ChildArgs<'s> {
+    prepared: Prepared<'s>,
+    stage: u32,
+    errno: i32,
+}
+
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` spawn_child passed to clone, alive and untouched by
+    // the suspended parent until this child execs or exits.
+    let child = unsafe { &mut *arg.cast::<ChildArgs<'_>>() };
+    let (stage, errno) = child_sequence(&mut child.prepared);
+    child.stage = stage as u32;
+    child.errno = errno;
+    // SAFETY: _exit is async-signal-safe and does not run the parent's atexit handlers.
+    unsafe { libc::_exit(127) }
 }
 
 fn reap(pid: i32) {
@@ -555,7 +598,7 @@ fn prepare<'s>(spec: &'s ChildSpec<'_>) -> io::Result<Prepared<'s>> {
             g.dedup();
             g
         },
-        last_cap: last_capability()?,
+        facts: process_facts()?,
         umask: spec.umask as libc::mode_t,
         cwd: spec.cwd.as_deref(),
         parent_death_signal: spec.parent_death_signal,
@@ -589,10 +632,8 @@ fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = libc::SIG_DFL;
         libc::sigemptyset(&mut action.sa_mask);
-        for sig in 1..=LAST_SIGNAL {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::sigaction(sig, &action, ptr::null_mut());
-            }
+        for &sig in &p.facts.non_default_signals {
+            check!(ResetSignals, libc::sigaction(sig, &action, ptr::null_mut()));
         }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -636,13 +677,23 @@ fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
             permitted: 0,
             inheritable: 0,
         }; 2];
+        // Raw system calls, not glibc's wrappers: those may try to coordinate an identity
+        // change across threads (setxid), which has no place in this child.
+        let raw = |r: libc::c_long| r as libc::c_int;
         if let Some(id) = p.identity {
             check!(
                 SetGroups,
-                libc::setgroups(id.groups.len(), id.groups.as_ptr())
+                raw(libc::syscall(
+                    libc::SYS_setgroups,
+                    id.groups.len(),
+                    id.groups.as_ptr()
+                ))
             );
-            check!(SetGid, libc::setresgid(id.gid, id.gid, id.gid));
-            for cap in 0..=p.last_cap {
+            check!(
+                SetGid,
+                raw(libc::syscall(libc::SYS_setresgid, id.gid, id.gid, id.gid))
+            );
+            for &cap in &p.facts.bounding {
                 check!(
                     DropBoundingSet,
                     libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0)
@@ -659,7 +710,10 @@ fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
             {
                 return (ClearAmbient, errno());
             }
-            check!(SetUid, libc::setresuid(id.uid, id.uid, id.uid));
+            check!(
+                SetUid,
+                raw(libc::syscall(libc::SYS_setresuid, id.uid, id.uid, id.uid))
+            );
 
             let (mut r, mut e, mut s) = (0, 0, 0);
             check!(VerifyIds, libc::getresuid(&mut r, &mut e, &mut s));
@@ -678,7 +732,10 @@ fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
                 return (VerifyIds, 0);
             }
             // Regaining root must fail (OpenSSH permanently_set_uid).
-            if id.uid != 0 && (libc::setresuid(0, 0, 0) == 0 || libc::setresgid(0, 0, 0) == 0) {
+            if id.uid != 0
+                && (libc::syscall(libc::SYS_setresuid, 0, 0, 0) == 0
+                    || libc::syscall(libc::SYS_setresgid, 0, 0, 0) == 0)
+            {
                 return (VerifyIds, 0);
             }
         } else if libc::prctl(
@@ -711,12 +768,11 @@ fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
         {
             return (VerifyCapabilities, 0);
         }
+        // The ambient set is a subset of permitted and inheritable, both now empty; the
+        // bounding set never grows, so checking what was in it covers all of it.
         if p.identity.is_some() {
-            for cap in 0..=p.last_cap {
+            for &cap in &p.facts.bounding {
                 if libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) != 0 {
-                    return (VerifyCapabilities, 0);
-                }
-                if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_IS_SET, cap, 0, 0) > 0 {
                     return (VerifyCapabilities, 0);
                 }
             }

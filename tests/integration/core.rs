@@ -586,9 +586,21 @@ fn hostile_frames() -> Result<(), Failed> {
 fn thousand_spawns() -> Result<(), Failed> {
     let stoa = Instance::start();
     let broker = stoa.broker_pid();
-    // Warm up (first spawn opens nothing lasting, but be fair to lazy init).
+    // Warm up, then wait for its Release (sent after the reply) to settle.
     stoa.sh(ALICE, "true");
-    let fds_before = fd_count(broker);
+    let settled = || {
+        let mut last = fd_count(broker);
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = fd_count(broker);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    };
+    let fds_before = settled();
     for i in 0..1000 {
         let tty = (i % 4 == 0).then(|| json!({ "rows": 24, "cols": 80 }));
         let (status, r) =
@@ -605,7 +617,7 @@ fn thousand_spawns() -> Result<(), Failed> {
         Duration::from_secs(5),
         || fd_count(broker) <= fds_before,
     );
-    assert_eq!(fd_count(broker), fds_before);
+    assert_eq!(settled(), fds_before);
     assert_eq!(zombie_children(broker), 0);
     let daemon = stoa.daemon_pid().expect("daemon");
     assert_eq!(zombie_children(daemon), 0);
