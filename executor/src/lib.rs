@@ -8,6 +8,7 @@
 //! which is why the one unsafe module lives here and not in `stoa` itself.
 #![deny(unsafe_code)]
 
+pub mod agents;
 pub mod codec;
 pub mod job;
 pub mod sys;

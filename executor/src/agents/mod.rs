@@ -1,0 +1,282 @@
+//! Agent adapters, shared by the executor path and the daemon's direct path: for each tool
+//! the command line and environment of one run, and a parser from the tool's streaming JSON
+//! to stoa's message events.
+//!
+//! Interface fixed here; each tool's module implements [`Adapter`].
+#![forbid(unsafe_code)]
+
+pub mod claude_code;
+pub mod codex;
+pub mod gemini;
+pub mod opencode;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The agentic tools stoa drives (the seed's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Tool {
+    #[serde(rename = "claude-code")]
+    ClaudeCode,
+    #[serde(rename = "codex")]
+    Codex,
+    #[serde(rename = "gemini")]
+    Gemini,
+    #[serde(rename = "opencode")]
+    OpenCode,
+}
+
+impl Tool {
+    pub const ALL: [Tool; 4] = [Tool::ClaudeCode, Tool::Codex, Tool::Gemini, Tool::OpenCode];
+
+    /// "claude-code", "codex", "gemini", "opencode".
+    pub fn name(self) -> &'static str {
+        match self {
+            Tool::ClaudeCode => "claude-code",
+            Tool::Codex => "codex",
+            Tool::Gemini => "gemini",
+            Tool::OpenCode => "opencode",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Tool> {
+        Tool::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The binary when `agents.<tool>.command` is not configured.
+    pub fn default_command(self) -> &'static str {
+        match self {
+            Tool::ClaudeCode => "claude",
+            Tool::Codex => "codex",
+            Tool::Gemini => "gemini",
+            Tool::OpenCode => "opencode",
+        }
+    }
+
+    /// A fresh adapter (parsers keep per-run state: use one adapter per run).
+    pub fn adapter(self) -> Box<dyn Adapter> {
+        match self {
+            Tool::ClaudeCode => Box::<claude_code::ClaudeCodeAdapter>::default(),
+            Tool::Codex => Box::<codex::CodexAdapter>::default(),
+            Tool::Gemini => Box::<gemini::GeminiAdapter>::default(),
+            Tool::OpenCode => Box::<opencode::OpenCodeAdapter>::default(),
+        }
+    }
+}
+
+/// What one prompt asks of the tool.
+#[derive(Debug, Clone, Default)]
+pub struct RunSpec {
+    pub prompt: String,
+    pub model: Option<String>,
+    pub permission_mode: Option<String>,
+    /// The tool's own session/thread id from an earlier run, to continue that conversation.
+    pub resume: Option<String>,
+    /// `agents.<tool>.command`: the binary or an argv prefix; empty = the tool's default.
+    pub command: Vec<String>,
+}
+
+/// How to start one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    pub argv: Vec<String>,
+    /// Written to the tool's stdin, then closed (`None`: stdin is /dev/null).
+    pub stdin: Option<String>,
+    /// Extra non-secret environment this tool needs for headless runs.
+    pub env: Vec<(String, String)>,
+}
+
+/// One event in a session's message stream, in the order the tool produced them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentEvent {
+    /// The tool started (or resumed) its session; `agent_session_id` continues it later.
+    SessionStarted {
+        agent_session_id: String,
+        model: Option<String>,
+    },
+    /// Text from the assistant (a whole message, or a streamed delta when `delta`).
+    AssistantText { text: String, delta: bool },
+    /// The assistant called a tool.
+    ToolUse {
+        id: Option<String>,
+        name: String,
+        input: serde_json::Value,
+    },
+    /// A tool's result.
+    ToolResult {
+        tool_use_id: Option<String>,
+        content: String,
+        is_error: bool,
+    },
+    /// The run's final result.
+    Result {
+        is_error: bool,
+        text: Option<String>,
+        cost_usd: Option<f64>,
+        num_turns: Option<u64>,
+        usage: Option<serde_json::Value>,
+    },
+    /// A non-fatal error or warning the tool reported in its stream.
+    Notice { message: String },
+    /// A line of valid JSON whose type this adapter does not know: kept as it is.
+    Raw { value: serde_json::Value },
+}
+
+/// A line that is not JSON at all (the run is then a failure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotJson {
+    pub line: String,
+}
+
+pub trait Adapter: Send {
+    fn tool(&self) -> Tool;
+    fn invocation(&self, spec: &RunSpec) -> Invocation;
+    /// Parses one output line (without its newline). Blank lines give no events.
+    fn parse_line(&mut self, line: &str) -> Result<Vec<AgentEvent>, NotJson>;
+}
+
+/// The argv prefix of a run: the configured command, or the tool's default binary.
+fn argv_prefix(tool: Tool, spec: &RunSpec) -> Vec<String> {
+    if spec.command.is_empty() {
+        vec![tool.default_command().to_string()]
+    } else {
+        spec.command.clone()
+    }
+}
+
+/// Parses one line as JSON: blank lines are `None`, anything else must be valid JSON.
+fn parse_json(line: &str) -> Result<Option<Value>, NotJson> {
+    let trimmed = line.trim();
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(trimmed)
+        .map(Some)
+        .map_err(|_| NotJson {
+            line: line.to_string(),
+        })
+}
+
+/// `v[key]` as an owned string, if it is one.
+fn str_at(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+fn raw(value: Value) -> Vec<AgentEvent> {
+    vec![AgentEvent::Raw { value }]
+}
+
+#[cfg(test)]
+mod test_util {
+    use super::*;
+
+    /// Every event of a recorded fixture, parsed line by line (each line must be JSON).
+    pub fn parse_all(adapter: &mut dyn Adapter, text: &str) -> Vec<AgentEvent> {
+        text.lines()
+            .flat_map(|line| adapter.parse_line(line).expect("fixture line is JSON"))
+            .collect()
+    }
+
+    /// A line re-serialized with every object's keys reversed and `type` moved last, so
+    /// the order differs from the tool's whatever order serde_json's map keeps.
+    pub fn reordered_keys(line: &str) -> String {
+        fn write(v: &Value) -> String {
+            match v {
+                Value::Object(map) => {
+                    let mut entries: Vec<(&String, &Value)> = map.iter().rev().collect();
+                    entries.sort_by_key(|(k, _)| *k == "type"); // stable: only moves `type`
+                    let fields: Vec<String> = entries
+                        .into_iter()
+                        .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), write(v)))
+                        .collect();
+                    format!("{{{}}}", fields.join(","))
+                }
+                Value::Array(items) => {
+                    format!(
+                        "[{}]",
+                        items.iter().map(write).collect::<Vec<_>>().join(",")
+                    )
+                }
+                other => other.to_string(),
+            }
+        }
+        write(&serde_json::from_str(line).expect("JSON"))
+    }
+
+    #[test]
+    fn reordering_moves_type_last() {
+        let line = r#"{"type":"x","a":{"type":"y","b":1},"c":[{"type":"z","d":2}]}"#;
+        assert_eq!(
+            reordered_keys(line),
+            r#"{"c":[{"d":2,"type":"z"}],"a":{"b":1,"type":"y"},"type":"x"}"#
+        );
+    }
+
+    pub fn spec(prompt: &str) -> RunSpec {
+        RunSpec {
+            prompt: prompt.to_string(),
+            ..RunSpec::default()
+        }
+    }
+
+    pub fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn adapters_match_their_tool() {
+        for tool in Tool::ALL {
+            assert_eq!(tool.adapter().tool(), tool);
+            assert_eq!(Tool::from_name(tool.name()), Some(tool));
+        }
+    }
+
+    #[test]
+    fn configured_command_replaces_the_binary() {
+        let mut spec = spec("hi");
+        spec.command = strings(&["/opt/bin/node", "/opt/claude/cli.js"]);
+        let argv = Tool::ClaudeCode.adapter().invocation(&spec).argv;
+        assert_eq!(
+            &argv[..3],
+            &strings(&["/opt/bin/node", "/opt/claude/cli.js", "-p"])[..]
+        );
+    }
+
+    #[test]
+    fn blank_and_non_json_lines() {
+        for tool in Tool::ALL {
+            let mut a = tool.adapter();
+            assert_eq!(a.parse_line(""), Ok(vec![]));
+            assert_eq!(a.parse_line("  \t"), Ok(vec![]));
+            let line = "Error: something went wrong";
+            assert_eq!(
+                a.parse_line(line),
+                Err(NotJson {
+                    line: line.to_string()
+                })
+            );
+            assert!(a.parse_line(r#"{"type":"#).is_err(), "{}", tool.name());
+        }
+    }
+
+    #[test]
+    fn unknown_types_are_kept_raw() {
+        for tool in Tool::ALL {
+            let mut a = tool.adapter();
+            let line = r#"{"type":"brand_new_event","payload":{"n":1}}"#;
+            let value: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(
+                a.parse_line(line),
+                Ok(vec![AgentEvent::Raw { value }]),
+                "{}",
+                tool.name()
+            );
+            // JSON that is not an object has no type either.
+            assert_eq!(
+                a.parse_line("42"),
+                Ok(vec![AgentEvent::Raw { value: 42.into() }])
+            );
+        }
+    }
+}
