@@ -1,6 +1,7 @@
 //! Where stoa's files are, and the daemon's configuration (`/etc/stoa/config.toml`).
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -21,6 +22,40 @@ pub struct DaemonConfig {
     /// After a program exits, how long to wait for output still held open by processes it
     /// left behind before their process group is killed.
     pub exec_drain_timeout_ms: u64,
+    pub execution: ExecutionConfig,
+    /// Per tool (`claude-code`, `codex`, `gemini`, `opencode`).
+    pub agents: BTreeMap<String, AgentConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutionConfig {
+    /// Run agents through the broker and `stoa-executor` as the session's Unix user. Off (or
+    /// in single-user mode): the daemon runs them itself, as its own user.
+    pub use_executor: bool,
+    /// A prompt running longer than this fails with reason `timeout`.
+    pub timeout_secs: u64,
+    /// After SIGTERM (stop, timeout), how long before SIGKILL.
+    pub stop_grace_secs: u64,
+}
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        ExecutionConfig {
+            use_executor: true,
+            timeout_secs: 120,
+            stop_grace_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The binary, or an argv prefix (default: the tool's usual binary name).
+    pub command: Vec<String>,
+    /// Non-secret variables every run of the tool gets (e.g. a gateway's base URL).
+    pub env: BTreeMap<String, String>,
 }
 
 impl Default for DaemonConfig {
@@ -34,6 +69,8 @@ impl Default for DaemonConfig {
             },
             exec_output_limit: 1 << 20,
             exec_drain_timeout_ms: 1000,
+            execution: ExecutionConfig::default(),
+            agents: BTreeMap::new(),
         }
     }
 }

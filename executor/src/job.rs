@@ -11,8 +11,13 @@ pub const CONTROL_FD: i32 = 3;
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
 pub enum Job {
-    /// Run `argv` in place of the executor (`argv[0]` is looked up in the broker-built PATH).
-    Exec { argv: Vec<String> },
+    /// Run `argv` in place of the executor (`argv[0]` is looked up in the broker-built PATH),
+    /// with `env` added to the environment (the user's secrets: they travel here so they
+    /// never show in argv or in the broker's environment).
+    Exec {
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+    },
     /// The user's login shell (`$SHELL`, from the passwd entry) as a login shell.
     Shell,
 }

@@ -34,9 +34,9 @@ fn main() -> ExitCode {
         }
     };
     let (program, mut command) = match job {
-        Job::Exec { argv } if !argv.is_empty() => {
+        Job::Exec { argv, env } if !argv.is_empty() => {
             let mut command = Command::new(&argv[0]);
-            command.args(&argv[1..]);
+            command.args(&argv[1..]).envs(env);
             (argv[0].clone(), command)
         }
         Job::Exec { .. } => {

@@ -15,6 +15,7 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 pub struct Credentials {
     admin_sha256: [u8; 32],
+    pub store: super::users::StoreCache,
 }
 
 impl Credentials {
@@ -60,23 +61,36 @@ impl Credentials {
         if token.len() < 32 {
             return Err(format!("{} holds no valid token", path.display()));
         }
-        Ok((
-            Credentials {
-                admin_sha256: sha256(token),
-            },
-            path,
-            created,
-        ))
+        let store = super::users::StoreCache::new(state_dir.to_path_buf(), owner);
+        let credentials = Credentials {
+            admin_sha256: sha256(token),
+            store,
+        };
+        Ok((credentials, path, created))
     }
 
-    pub fn verify(&self, credential: &str) -> Option<Principal> {
+    /// Who `credential` belongs to: the admin token, or an API user of the store.
+    pub fn verify(&mut self, credential: &str) -> Option<Principal> {
         // Compare digests without an early exit.
         let digest = sha256(credential);
         let diff = digest
             .iter()
             .zip(self.admin_sha256.iter())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        (diff == 0).then_some(Principal::Admin)
+        if diff == 0 {
+            return Some(Principal::Admin);
+        }
+        match self.store.get() {
+            Ok(store) => store.find_by_token(credential).map(|u| Principal::User {
+                name: u.name.clone(),
+                unix_user: u.unix_user.clone(),
+                admin: u.admin,
+            }),
+            Err(e) => {
+                tracing::error!("user store unreadable, only the admin token works: {e}");
+                None
+            }
+        }
     }
 }
 

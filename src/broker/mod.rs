@@ -16,6 +16,7 @@ pub mod notify;
 pub mod permit;
 pub mod policy;
 pub mod spawn;
+pub mod users;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
@@ -38,7 +39,8 @@ use stoa_executor::sys::{self, ChildSpec, Identity, Resource, Rlimit};
 use crate::config::DaemonConfig;
 use crate::wire::{
     BrokerError, BrokerMessage, ErrorKind, Event, ExitStatus, FdLayout, Handle, HandleInfo,
-    Program, ReplyBody, Request, RequestBody, Signal, SpawnRequest, Welcome, PROTOCOL_VERSION,
+    Principal, Program, ReplyBody, Request, RequestBody, Signal, SpawnRequest, Welcome,
+    PROTOCOL_VERSION,
 };
 use link::{Link, LinkError};
 use permit::LinkState;
@@ -708,6 +710,20 @@ impl Broker {
                 }
             }
             RequestBody::Spawn(req) => self.spawn(req),
+            RequestBody::CheckDir {
+                credential,
+                unix_user,
+                path,
+            } => self.check_dir(&credential, &unix_user, &path),
+            RequestBody::SetSecret {
+                credential,
+                name,
+                value,
+            } => self.set_secret(&credential, &name, Some(value)),
+            RequestBody::DeleteSecret { credential, name } => {
+                self.set_secret(&credential, &name, None)
+            }
+            RequestBody::ListSecrets { credential } => self.list_secrets(&credential),
             RequestBody::Kill { handle, signal } => {
                 let entry = self.live_entry(handle)?;
                 self.signal_group(entry.info.uid, entry.info.pid, signal)
@@ -803,11 +819,216 @@ impl Broker {
         result
     }
 
-    fn spawn(&mut self, req: SpawnRequest) -> (ReplyBody, Vec<OwnedFd>) {
-        if self.credentials.verify(&req.credential).is_none() {
-            warn!(user = %req.unix_user.escape_debug(), "spawn refused: invalid credential");
-            return error_reply(ErrorKind::Unauthorized, "invalid credential");
+    /// The principal behind `credential`, if it may act as `unix_user`: its own Unix user,
+    /// or any user for admins (the policy still decides which users may run at all).
+    fn authorize(
+        &mut self,
+        credential: &str,
+        unix_user: &str,
+    ) -> Result<Principal, (ReplyBody, Vec<OwnedFd>)> {
+        let Some(principal) = self.credentials.verify(credential) else {
+            warn!(user = %unix_user.escape_debug(), "refused: invalid credential");
+            return Err(error_reply(ErrorKind::Unauthorized, "invalid credential"));
+        };
+        if !principal.is_admin() && principal.unix_user() != Some(unix_user) {
+            warn!(principal = %principal.name(), user = %unix_user.escape_debug(), "refused: credential of another user");
+            return Err(error_reply(
+                ErrorKind::Forbidden,
+                format!(
+                    "'{}' may not act as unix user '{}'",
+                    principal.name(),
+                    unix_user.escape_debug()
+                ),
+            ));
         }
+        Ok(principal)
+    }
+
+    /// The secrets stored for `unix_user`, as environment variables.
+    fn secrets_of(&mut self, unix_user: &str) -> Vec<(String, String)> {
+        match self.credentials.store.get() {
+            Ok(store) => store
+                .secrets
+                .get(unix_user)
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default(),
+            Err(e) => {
+                error!("user store unreadable, spawning without secrets: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The Unix user a credential's secrets belong to.
+    fn secret_owner(&mut self, credential: &str) -> Result<String, (ReplyBody, Vec<OwnedFd>)> {
+        match self.credentials.verify(credential) {
+            None => Err(error_reply(ErrorKind::Unauthorized, "invalid credential")),
+            Some(p) => p.unix_user().map(str::to_string).ok_or_else(|| {
+                error_reply(
+                    ErrorKind::BadRequest,
+                    "the admin token has no unix user, so no secrets; use a user token",
+                )
+            }),
+        }
+    }
+
+    fn set_secret(
+        &mut self,
+        credential: &str,
+        name: &str,
+        value: Option<String>,
+    ) -> (ReplyBody, Vec<OwnedFd>) {
+        let owner = match self.secret_owner(credential) {
+            Ok(o) => o,
+            Err(e) => return e,
+        };
+        if !users::valid_secret_name(name) {
+            return error_reply(
+                ErrorKind::BadRequest,
+                "secret names are environment variable names: A-Z, 0-9, _",
+            );
+        }
+        if self.policy.env_denied(name) {
+            return refused(Refusal::new(
+                "env-deny",
+                format!("{name} may not be set in an environment"),
+            ));
+        }
+        if let Some(v) = &value {
+            if v.len() > users::MAX_SECRET_BYTES || v.contains('\0') {
+                return error_reply(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "a secret is at most {} bytes, without NUL",
+                        users::MAX_SECRET_BYTES
+                    ),
+                );
+            }
+        }
+        let deleting = value.is_none();
+        let result = self.credentials.store.update(|store| {
+            let mine = store.secrets.entry(owner.clone()).or_default();
+            match value {
+                Some(v) => {
+                    if !mine.contains_key(name) && mine.len() >= users::MAX_SECRETS_PER_USER {
+                        return Err(format!(
+                            "at most {} secrets per user",
+                            users::MAX_SECRETS_PER_USER
+                        ));
+                    }
+                    mine.insert(name.to_string(), v);
+                    Ok(true)
+                }
+                None => Ok(mine.remove(name).is_some()),
+            }
+        });
+        match result {
+            Ok(true) => {
+                info!(user = %owner, secret = %name, deleted = deleting, "secret changed");
+                (ReplyBody::Done, Vec::new())
+            }
+            Ok(false) => error_reply(ErrorKind::BadRequest, format!("no secret named {name}")),
+            Err(e) => error_reply(ErrorKind::Failed, e),
+        }
+    }
+
+    fn list_secrets(&mut self, credential: &str) -> (ReplyBody, Vec<OwnedFd>) {
+        let owner = match self.secret_owner(credential) {
+            Ok(o) => o,
+            Err(e) => return e,
+        };
+        let names = self
+            .secrets_of(&owner)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        (ReplyBody::Names(names), Vec::new())
+    }
+
+    /// Whether `unix_user` can enter `path`, asked with that user's own identity.
+    fn check_dir(
+        &mut self,
+        credential: &str,
+        unix_user: &str,
+        path: &str,
+    ) -> (ReplyBody, Vec<OwnedFd>) {
+        if let Err(e) = self.authorize(credential, unix_user) {
+            return e;
+        }
+        if !path.starts_with('/')
+            || path.len() > crate::wire::limits::MAX_PATH_BYTES
+            || path.contains('\0')
+        {
+            return error_reply(
+                ErrorKind::BadRequest,
+                format!("{path:?} is not an absolute path"),
+            );
+        }
+        let account = match Account::lookup(unix_user) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                return refused(Refusal::new(
+                    "unknown-user",
+                    format!("unix user '{unix_user}' does not exist"),
+                ))
+            }
+            Err(e) => return error_reply(ErrorKind::Failed, e),
+        };
+        let result = self.as_account(&account, || {
+            let meta = std::fs::metadata(path)?;
+            if !meta.is_dir() {
+                return Err(std::io::Error::other("not a directory"));
+            }
+            nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).map_err(std::io::Error::from)
+        });
+        match result {
+            Ok(()) => (ReplyBody::Done, Vec::new()),
+            Err(e) => error_reply(
+                ErrorKind::BadRequest,
+                format!("unix user '{}' cannot enter {path}: {e}", account.name),
+            ),
+        }
+    }
+
+    /// Runs `op` with `account`'s groups, gid and uid as the effective identity (real and
+    /// saved stay root, so the broker switches back), so the kernel applies that user's
+    /// permissions to what `op` does.
+    fn as_account<T>(
+        &self,
+        account: &Account,
+        op: impl FnOnce() -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        use nix::unistd::{setgroups, setresgid, setresuid, Gid};
+        if !matches!(self.mode, Mode::Isolated { .. }) {
+            return op();
+        }
+        let root_u = Uid::from_raw(0);
+        let root_g = Gid::from_raw(0);
+        let groups: Vec<Gid> = account.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        let switched = setgroups(&groups)
+            .and_then(|_| setresgid(root_g, Gid::from_raw(account.gid), root_g))
+            .and_then(|_| setresuid(root_u, Uid::from_raw(account.uid), root_u));
+        let result = match switched {
+            Ok(()) => op(),
+            Err(e) => Err(std::io::Error::other(format!(
+                "cannot take the user's identity: {e}"
+            ))),
+        };
+        let restored = setresuid(root_u, root_u, root_u)
+            .and_then(|_| setresgid(root_g, root_g, root_g))
+            .and_then(|_| setgroups(&[]));
+        if let Err(e) = restored {
+            error!("cannot restore the broker's identity: {e}; exiting");
+            std::process::exit(70);
+        }
+        result
+    }
+
+    fn spawn(&mut self, req: SpawnRequest) -> (ReplyBody, Vec<OwnedFd>) {
+        let principal = match self.authorize(&req.credential, &req.unix_user) {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
         if let Err(e) = spawn::validate(&req) {
             return error_reply(ErrorKind::BadRequest, e);
         }
@@ -875,6 +1096,11 @@ impl Broker {
                 .to_string(),
             );
         }
+        let secrets = if req.secrets {
+            self.secrets_of(&account.name)
+        } else {
+            Vec::new()
+        };
         let umask = self.policy.umask_bits().unwrap_or(0o022);
         let launcher = Launcher {
             executor: &self.executor,
@@ -884,7 +1110,7 @@ impl Broker {
             umask,
             path: self.policy.path.clone(),
         };
-        let launched = match launcher.launch(&account, &req) {
+        let launched = match launcher.launch(&account, &req, secrets) {
             Ok(l) => l,
             Err(LaunchError::Cwd(msg)) => return error_reply(ErrorKind::BadRequest, msg),
             Err(LaunchError::Other(msg)) => {
@@ -908,7 +1134,7 @@ impl Broker {
             Program::Exec { argv } => format!("exec {:?}", argv),
             Program::Shell => "shell".into(),
         };
-        info!(handle = handle.0, pid = launched.pid, user = %account.name, tty = req.tty.is_some(), "spawned {}", what.escape_debug());
+        info!(handle = handle.0, pid = launched.pid, user = %account.name, by = %principal.name(), tty = req.tty.is_some(), "spawned {}", what.escape_debug());
         self.by_pid.insert(launched.pid, handle);
         self.entries.insert(
             handle,

@@ -7,6 +7,8 @@
 //! | `Ready`        | violation       | allowed                                              |
 //! | `Authenticate` | violation       | allowed                                              |
 //! | `Spawn`        | violation       | allowed; credential and policy checked per request   |
+//! | `CheckDir`     | violation       | allowed; credential checked                          |
+//! | `*Secret(s)`   | violation       | allowed; credential checked, values never returned   |
 //! | `Kill`         | violation       | handle must exist and not be released                |
 //! | `Release`      | violation       | handle must exist and not be released                |
 //! | `ListHandles`  | violation       | allowed                                              |
@@ -42,6 +44,10 @@ pub fn name(body: &RequestBody) -> &'static str {
         RequestBody::Ready => "Ready",
         RequestBody::Authenticate { .. } => "Authenticate",
         RequestBody::Spawn(_) => "Spawn",
+        RequestBody::CheckDir { .. } => "CheckDir",
+        RequestBody::SetSecret { .. } => "SetSecret",
+        RequestBody::DeleteSecret { .. } => "DeleteSecret",
+        RequestBody::ListSecrets { .. } => "ListSecrets",
         RequestBody::Kill { .. } => "Kill",
         RequestBody::Release { .. } => "Release",
         RequestBody::ListHandles => "ListHandles",

@@ -270,7 +270,13 @@ pub enum LaunchError {
 }
 
 impl Launcher<'_> {
-    pub fn launch(&self, account: &Account, req: &SpawnRequest) -> Result<Launched, LaunchError> {
+    /// `secrets` join the job's environment (only for `Program::Exec`).
+    pub fn launch(
+        &self,
+        account: &Account,
+        req: &SpawnRequest,
+        secrets: Vec<(String, String)>,
+    ) -> Result<Launched, LaunchError> {
         let other =
             |what: &str, e: &dyn std::fmt::Display| LaunchError::Other(format!("{what}: {e}"));
         // The job goes into the control socket before the executor exists, so it reads
@@ -278,7 +284,10 @@ impl Launcher<'_> {
         let (control_daemon, control_executor) =
             UnixStream::pair().map_err(|e| other("cannot create the control socket", &e))?;
         let job = match &req.program {
-            Program::Exec { argv } => Job::Exec { argv: argv.clone() },
+            Program::Exec { argv } => Job::Exec {
+                argv: argv.clone(),
+                env: secrets,
+            },
             Program::Shell => Job::Shell,
         };
         let frame = codec::encode(&job).map_err(|e| other("cannot encode the job", &e))?;

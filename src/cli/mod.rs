@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod doctor;
+pub mod users;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -63,6 +64,9 @@ enum Command {
     },
     /// Check this machine's installation and say how to fix what is wrong.
     Doctor,
+    /// API users and their tokens (as root).
+    #[command(subcommand)]
+    User(users::UserCommand),
     /// The daemon (started by the broker, not by hand).
     #[command(name = "__daemon", hide = true)]
     Daemon {
@@ -105,6 +109,7 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Doctor => doctor::run(),
+        Command::User(cmd) => users::run(cmd),
         Command::Exec {
             user,
             cwd,

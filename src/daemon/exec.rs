@@ -116,6 +116,7 @@ pub async fn run(
         env: req.env.clone().into_iter().collect(),
         tty: req.tty,
         stdin: has_stdin && req.tty.is_none(),
+        secrets: false,
     };
     let reply = state
         .link

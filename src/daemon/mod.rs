@@ -11,6 +11,9 @@ pub mod exec;
 pub mod fdio;
 pub mod http;
 pub mod processes;
+pub mod sessions;
+pub mod store;
+pub mod tasks;
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -37,6 +40,39 @@ pub struct AppState {
     pub processes: Arc<Processes>,
     pub config: DaemonConfig,
     pub auth_cache: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    pub store: store::Store,
+    /// Running tasks, by task id: send a reason to end one.
+    pub running: Mutex<HashMap<String, tokio::sync::watch::Sender<Option<tasks::StopReason>>>>,
+    /// What changed, for live event streams.
+    pub notices: tokio::sync::broadcast::Sender<Notice>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Notice {
+    /// Messages up to `last_seq` are stored for the session.
+    Messages { session_id: String, last_seq: i64 },
+    /// A task changed state.
+    Task {
+        session_id: String,
+        task: store::Task,
+    },
+}
+
+impl AppState {
+    /// Agents run through the broker as the session's user, unless configured off or in
+    /// single-user mode (then the daemon runs them itself: the direct path).
+    pub fn use_executor(&self) -> bool {
+        self.config.execution.use_executor && self.link.welcome().isolation
+    }
+
+    pub async fn notify_task(&self, task_id: &str) {
+        if let Ok(Some(task)) = self.store.task(task_id).await {
+            let _ = self.notices.send(Notice::Task {
+                session_id: task.session_id.clone(),
+                task,
+            });
+        }
+    }
 }
 
 pub fn run(config_path: &Path) -> Result<(), String> {
@@ -59,11 +95,16 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         isolation = link.welcome().isolation,
         "daemon connected to the broker"
     );
+    let store = store::Store::open(&config.state_dir.join("stoa.db"))?;
+    let (notices, _) = tokio::sync::broadcast::channel(1024);
     let state = Arc::new(AppState {
         link,
         processes,
         config,
         auth_cache: Mutex::new(HashMap::new()),
+        store,
+        running: Mutex::new(HashMap::new()),
+        notices,
     });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -71,7 +112,10 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
-        adopt_all(&state).await;
+        let adopted = adopt_all(&state).await;
+        for (info, fds) in tasks::recover(&state, adopted).await {
+            tokio::spawn(drain_orphan(state.clone(), info, fds));
+        }
         let std_listener = std::net::TcpListener::from(listener_fd);
         std_listener
             .set_nonblocking(true)
@@ -107,20 +151,22 @@ pub fn run(config_path: &Path) -> Result<(), String> {
 }
 
 /// Takes back everything an earlier daemon left running: each handle's fds come again
-/// from the broker's duplicates. With nobody waiting on them any more, their output is
-/// drained (so they never block on a full pipe) and their exit recorded, then released.
-async fn adopt_all(state: &Arc<AppState>) {
+/// from the broker's duplicates. Tasks take theirs over (`tasks::recover`); the rest, with
+/// nobody waiting on them any more, are drained (so they never block on a full pipe) and
+/// their exit recorded, then released.
+async fn adopt_all(state: &Arc<AppState>) -> Vec<(HandleInfo, Vec<std::os::fd::OwnedFd>)> {
+    let mut adopted = Vec::new();
     let list = match state.link.request(RequestBody::ListHandles).await {
         Ok(r) => match r.body {
             ReplyBody::Handles(list) => list,
             other => {
                 warn!("unexpected reply to ListHandles: {other:?}");
-                return;
+                return adopted;
             }
         },
         Err(e) => {
             warn!("cannot list handles: {e}");
-            return;
+            return adopted;
         }
     };
     for info in list {
@@ -140,11 +186,12 @@ async fn adopt_all(state: &Arc<AppState>) {
         match reply.body {
             ReplyBody::Adopted(info) => {
                 info!(handle = info.handle.0, pid = info.pid, user = %info.unix_user, exited = ?info.exited, "adopted");
-                tokio::spawn(drain_orphan(state.clone(), info, reply.fds));
+                adopted.push((info, reply.fds));
             }
             other => warn!("cannot adopt handle {}: {other:?}", info.handle.0),
         }
     }
+    adopted
 }
 
 async fn drain_orphan(state: Arc<AppState>, info: HandleInfo, fds: Vec<std::os::fd::OwnedFd>) {

@@ -11,6 +11,10 @@
 //! | `Ready` (serving HTTP)            | `Done`                           | –                               |
 //! | `Authenticate { credential }`     | `Principal(..)` / `Error`        | –                               |
 //! | `Spawn(SpawnRequest)`             | `Spawned(HandleInfo)` / `Error`  | per [`FdLayout`]                |
+//! | `CheckDir { credential, .. }`     | `Done` / `Error`                 | –                               |
+//! | `SetSecret { credential, .. }`    | `Done` / `Error`                 | –                               |
+//! | `DeleteSecret { credential, .. }` | `Done` / `Error`                 | –                               |
+//! | `ListSecrets { credential }`      | `Names(Vec<String>)` / `Error`   | –                               |
 //! | `Kill { handle, signal }`         | `Done` / `Error`                 | –                               |
 //! | `Release { handle }`              | `Done`                           | –                               |
 //! | `ListHandles`                     | `Handles(Vec<HandleInfo>)`       | –                               |
@@ -68,6 +72,25 @@ pub enum RequestBody {
         credential: String,
     },
     Spawn(SpawnRequest),
+    /// Is `path` a directory `unix_user` can enter? Checked with that user's identity.
+    CheckDir {
+        credential: String,
+        unix_user: String,
+        path: String,
+    },
+    /// Secrets belong to the credential's Unix user; values are never sent back.
+    SetSecret {
+        credential: String,
+        name: String,
+        value: String,
+    },
+    DeleteSecret {
+        credential: String,
+        name: String,
+    },
+    ListSecrets {
+        credential: String,
+    },
     Kill {
         handle: Handle,
         signal: Signal,
@@ -95,6 +118,9 @@ pub struct SpawnRequest {
     pub tty: Option<WindowSize>,
     /// With pipes: give the daemon a pipe to the program's stdin (else /dev/null).
     pub stdin: bool,
+    /// Hand the Unix user's stored secrets to the program as environment variables (on
+    /// the control socket, never in argv).
+    pub secrets: bool,
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
@@ -162,6 +188,7 @@ pub enum ReplyBody {
     Spawned(HandleInfo),
     Adopted(HandleInfo),
     Handles(Vec<HandleInfo>),
+    Names(Vec<String>),
     Done,
     Error(BrokerError),
 }
@@ -178,8 +205,40 @@ pub struct Welcome {
 /// Who a credential belongs to.
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    /// May act as any user the policy allows.
+    /// The machine's admin token: may act as any user the policy allows.
     Admin,
+    /// An API user (`stoa user add`): acts as its Unix user, or, with `admin`, as any user
+    /// the policy allows.
+    User {
+        name: String,
+        unix_user: String,
+        admin: bool,
+    },
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Principal::Admin => true,
+            Principal::User { admin, .. } => *admin,
+        }
+    }
+
+    /// The name objects are owned by.
+    pub fn name(&self) -> &str {
+        match self {
+            Principal::Admin => "admin",
+            Principal::User { name, .. } => name,
+        }
+    }
+
+    /// The Unix user this principal acts as by default.
+    pub fn unix_user(&self) -> Option<&str> {
+        match self {
+            Principal::Admin => None,
+            Principal::User { unix_user, .. } => Some(unix_user),
+        }
+    }
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]

@@ -493,6 +493,7 @@ fn hostile_frames() -> Result<(), Failed> {
             env: vec![],
             tty: None,
             stdin: false,
+            secrets: false,
         }),
     };
     let truncated = {

@@ -5,8 +5,10 @@
 //! one at a time: several of them kill daemons and count processes.
 #![forbid(unsafe_code)]
 
+mod agents_e2e;
 mod core;
 mod harness;
+mod sessions;
 
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
@@ -22,9 +24,10 @@ fn main() {
         );
     }
     let users = root.then(harness::TestUsers::create);
-    let trials = core::TESTS
-        .iter()
-        .map(|&(name, test): &(&str, TestFn)| {
+    let trials = [core::TESTS, sessions::TESTS, agents_e2e::TESTS]
+        .concat()
+        .into_iter()
+        .map(|(name, test): (&str, TestFn)| {
             Trial::ignorable_test(name, move || {
                 if !root {
                     return Ok(Completion::ignored_with("needs root"));
