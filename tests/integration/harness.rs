@@ -131,6 +131,8 @@ pub struct Options {
     pub as_user: Option<&'static str>,
     /// Extra environment for `stoa serve`.
     pub env: Vec<(String, String)>,
+    /// Appended verbatim to the daemon's config.toml.
+    pub extra_config: String,
 }
 
 fn free_port() -> u16 {
@@ -176,8 +178,9 @@ impl Instance {
             opts.extra_policy
         );
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n",
-            conf_dir.join("daemon").display()
+            "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n{}\n",
+            conf_dir.join("daemon").display(),
+            opts.extra_config
         );
         fs::write(conf_dir.join("broker.toml"), policy).unwrap();
         fs::write(conf_dir.join("config.toml"), config).unwrap();
