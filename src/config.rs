@@ -79,12 +79,45 @@ impl DaemonConfig {
     /// Reads the config; a missing file gives the defaults.
     pub fn load(path: &Path) -> Result<DaemonConfig, String> {
         match std::fs::read_to_string(path) {
-            Ok(text) => {
-                toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))
-            }
+            Ok(text) => DaemonConfig::parse(&text)
+                .map_err(|e| format!("invalid config {}: {e}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DaemonConfig::default()),
             Err(e) => Err(format!("cannot read config {}: {e}", path.display())),
         }
+    }
+
+    pub fn parse(text: &str) -> Result<DaemonConfig, String> {
+        let config: DaemonConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("listen {:?}: {e}", self.listen))?;
+        if self.execution.timeout_secs == 0 {
+            return Err("execution.timeout_secs must be at least 1".into());
+        }
+        for (tool, agent) in &self.agents {
+            if stoa_executor::agents::Tool::from_name(tool).is_none() {
+                return Err(format!(
+                    "agents.{tool}: unknown tool (claude-code, codex, gemini, opencode)"
+                ));
+            }
+            for name in agent.env.keys() {
+                let upper = name.to_ascii_uppercase();
+                if ["KEY", "TOKEN", "SECRET", "PASSWORD"]
+                    .iter()
+                    .any(|w| upper.contains(w))
+                {
+                    return Err(format!(
+                        "agents.{tool}.env.{name} looks like a secret: store it with `stoa secret set {name}` instead"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

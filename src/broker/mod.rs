@@ -979,7 +979,14 @@ impl Broker {
             if !meta.is_dir() {
                 return Err(std::io::Error::other("not a directory"));
             }
-            nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).map_err(std::io::Error::from)
+            // access(2) would ask about the real uid (root); AT_EACCESS asks about the user.
+            nix::unistd::faccessat(
+                nix::fcntl::AT_FDCWD,
+                path,
+                nix::unistd::AccessFlags::X_OK,
+                nix::fcntl::AtFlags::AT_EACCESS,
+            )
+            .map_err(std::io::Error::from)
         });
         match result {
             Ok(()) => (ReplyBody::Done, Vec::new()),

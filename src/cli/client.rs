@@ -71,6 +71,52 @@ impl Client {
         Self::finish(response)
     }
 
+    pub fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        let response = self
+            .agent
+            .delete(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        Self::finish(response)
+    }
+
+    pub fn put_text(&self, path: &str, body: &str) -> Result<Value, ClientError> {
+        let response = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "text/plain")
+            .send(body);
+        Self::finish(response)
+    }
+
+    /// A Server-Sent Events stream, resumed after `last_event_id`.
+    pub fn stream(
+        &self,
+        path: &str,
+        last_event_id: i64,
+    ) -> Result<impl std::io::Read, ClientError> {
+        let response = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Accept", "text/event-stream")
+            .header("Last-Event-ID", last_event_id.to_string())
+            .call()
+            .map_err(|e| ClientError {
+                message: format!("cannot reach the stoa daemon: {e}"),
+                status: None,
+            })?;
+        let status = response.status().as_u16();
+        if status >= 400 {
+            return Err(Self::finish(Ok(response)).err().unwrap_or(ClientError {
+                message: format!("HTTP {status}"),
+                status: Some(status),
+            }));
+        }
+        Ok(response.into_body().into_reader())
+    }
+
     fn finish(
         response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<Value, ClientError> {
@@ -79,10 +125,21 @@ impl Client {
             status: None,
         })?;
         let status = response.status().as_u16();
-        let body: Value = response.body_mut().read_json().map_err(|e| ClientError {
-            message: format!("unreadable reply (HTTP {status}): {e}"),
-            status: Some(status),
-        })?;
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| ClientError {
+                message: format!("unreadable reply (HTTP {status}): {e}"),
+                status: Some(status),
+            })?;
+        let body: Value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).map_err(|e| ClientError {
+                message: format!("unreadable reply (HTTP {status}): {e}"),
+                status: Some(status),
+            })?
+        };
         if status >= 400 {
             let mut message = body["error"]
                 .as_str()

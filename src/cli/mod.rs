@@ -2,7 +2,9 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod config_cmd;
 pub mod doctor;
+pub mod sessions;
 pub mod users;
 
 use std::io::{IsTerminal, Read, Write};
@@ -67,9 +69,24 @@ enum Command {
     /// API users and their tokens (as root).
     #[command(subcommand)]
     User(users::UserCommand),
+    /// Agent sessions.
+    #[command(subcommand)]
+    Session(sessions::SessionCommand),
+    /// Tasks (one prompt's run).
+    #[command(subcommand)]
+    Task(sessions::TaskCommand),
+    /// Your secrets for agents (API keys), kept by the broker.
+    #[command(subcommand)]
+    Secret(sessions::SecretCommand),
+    /// The daemon's configuration file.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
+    /// The running daemon.
+    #[command(subcommand)]
+    Daemon(sessions::DaemonCommand),
     /// The daemon (started by the broker, not by hand).
     #[command(name = "__daemon", hide = true)]
-    Daemon {
+    InternalDaemon {
         #[arg(long)]
         config: PathBuf,
     },
@@ -101,7 +118,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Daemon { config } => match crate::daemon::run(&config) {
+        Command::InternalDaemon { config } => match crate::daemon::run(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("daemon: {e}");
@@ -110,6 +127,11 @@ pub fn main() -> ExitCode {
         },
         Command::Doctor => doctor::run(),
         Command::User(cmd) => users::run(cmd),
+        Command::Session(cmd) => sessions::session(cmd),
+        Command::Task(cmd) => sessions::task(cmd),
+        Command::Secret(cmd) => sessions::secret(cmd),
+        Command::Config(cmd) => config_cmd::run(cmd),
+        Command::Daemon(cmd) => sessions::daemon(cmd),
         Command::Exec {
             user,
             cwd,

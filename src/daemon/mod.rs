@@ -54,7 +54,7 @@ pub enum Notice {
     /// A task changed state.
     Task {
         session_id: String,
-        task: store::Task,
+        task: Box<store::Task>,
     },
 }
 
@@ -69,7 +69,7 @@ impl AppState {
         if let Ok(Some(task)) = self.store.task(task_id).await {
             let _ = self.notices.send(Notice::Task {
                 session_id: task.session_id.clone(),
-                task,
+                task: Box::new(task),
             });
         }
     }

@@ -505,11 +505,11 @@ async fn drive(
                 ctl_open = false;
             }
         }
-        if seen.garbage.is_some() || seen.too_long.is_some() {
-            if stop.is_none() && exit.is_none() && killed_at.is_none() {
-                process.signal(state, Signal::Term).await;
-                killed_at = Some(tokio::time::Instant::now());
-            }
+        // Output that cannot be parsed means the run is broken: end it.
+        let broken = seen.garbage.is_some() || seen.too_long.is_some();
+        if broken && stop.is_none() && exit.is_none() && killed_at.is_none() {
+            process.signal(state, Signal::Term).await;
+            killed_at = Some(tokio::time::Instant::now());
         }
     }
     // Nothing the run started may outlive it.

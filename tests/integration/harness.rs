@@ -310,6 +310,13 @@ impl Instance {
     ) -> (u16, Value) {
         let auth = token.map(|t| format!("Bearer {t}"));
         let result = match (method, body) {
+            ("DELETE", _) => {
+                let mut req = self.agent.delete(self.url(path));
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call()
+            }
             ("POST", Some(b)) => {
                 let mut req = self.agent.post(self.url(path));
                 if let Some(a) = &auth {
@@ -329,6 +336,21 @@ impl Instance {
         let status = resp.status().as_u16();
         let value = resp.body_mut().read_json().unwrap_or(Value::Null);
         (status, value)
+    }
+
+    /// A request with a plain-text body.
+    pub fn request_text(&self, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
+        let req = match method {
+            "PUT" => self.agent.put(self.url(path)),
+            _ => self.agent.post(self.url(path)),
+        };
+        let mut resp = req
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Content-Type", "text/plain")
+            .send(body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_json().unwrap_or(Value::Null))
     }
 
     /// `POST /exec` with the admin token.

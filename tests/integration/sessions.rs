@@ -1,4 +1,790 @@
 //! Issue 3: sessions, prompts and agents through the executor, broker-verified identity.
+//!
+//! The agent CLIs are played by `fake-agent`, a shell script that replays the recorded
+//! output of the real CLIs (../shared/fixtures/agents) and records who ran it, where, with
+//! which environment; the prompt's keywords pick a misbehaviour (crash, hang, garbage…).
 #![forbid(unsafe_code)]
 
-pub const TESTS: &[(&str, crate::TestFn)] = &[];
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+pub const TESTS: &[(&str, crate::TestFn)] = &[
+    (
+        "claude_prompt_runs_as_the_user_in_the_worktree",
+        claude_as_user,
+    ),
+    ("direct_path_runs_as_the_service_user", direct_path),
+    (
+        "codex_gemini_opencode_adapters_on_their_recordings",
+        other_adapters,
+    ),
+    (
+        "stop_crash_missing_binary_garbage_and_failure_end_right",
+        failures,
+    ),
+    ("timeout_fails_the_task_and_kills_the_group", timeout),
+    (
+        "other_users_cannot_see_prompt_or_stop_a_session",
+        authorization,
+    ),
+    ("secrets_reach_only_their_users_agent", secrets),
+    (
+        "killed_daemon_mid_task_loses_no_message",
+        daemon_killed_mid_task,
+    ),
+    ("cli_prompt_wait_config_and_users", cli),
+];
+
+const FAKE_AGENT: &str = r#"#!/bin/sh
+# A stand-in agent CLI: replays a recorded stream ($1); the adapter's own arguments follow.
+fixture=$1; shift
+if [ -t 0 ]; then input=""; else input=$(cat); fi
+prompt="$input $*"
+id -u > .fake-uid
+pwd > .fake-cwd
+printf '%s' "${ANTHROPIC_API_KEY-}" > .fake-secret
+tr '\0' ' ' < /proc/$$/cmdline > .fake-cmdline
+case "$prompt" in
+  *CRASH*) head -n 1 "$fixture"; kill -SEGV $$ ;;
+  *GARBAGE*) echo "this is not json"; exec sleep 30 ;;
+  *HANG*) sleep 300 & echo $! > .fake-child; head -n 1 "$fixture"; wait ;;
+  *SLOW*) while IFS= read -r line; do printf '%s\n' "$line"; sleep 1; done < "$fixture" ;;
+  *FAIL*) echo "boom: model unavailable" >&2; exit 3 ;;
+  *) cat "$fixture" ;;
+esac
+"#;
+
+const FIXTURES: [(&str, &str); 4] = [
+    ("claude-code", "claude-code-2.1.197-bash-tool.jsonl"),
+    ("codex", "codex-0.169.0-text.jsonl"),
+    ("gemini", "gemini-cli-0.61.0-text.jsonl"),
+    ("opencode", "opencode-1.18.33-text.jsonl"),
+];
+
+static FAKES: AtomicU32 = AtomicU32::new(0);
+
+/// The fake agent and the recordings, in a root-owned directory the users can read.
+struct Fakes {
+    dir: PathBuf,
+}
+
+impl Fakes {
+    fn install() -> Fakes {
+        let n = FAKES.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/run/stoa-test-{}-fakes-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        run("chmod", &["0755", dir.to_str().unwrap()]);
+        std::fs::write(dir.join("fake-agent"), FAKE_AGENT).unwrap();
+        run("chmod", &["0755", dir.join("fake-agent").to_str().unwrap()]);
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/agents");
+        for (_, file) in FIXTURES {
+            std::fs::copy(fixtures.join(file), dir.join(file))
+                .expect("fixture (../shared/fixtures/agents)");
+            run("chmod", &["0644", dir.join(file).to_str().unwrap()]);
+        }
+        Fakes { dir }
+    }
+
+    /// `[agents.*]` config running every tool through the fake, plus `extra`.
+    fn config(&self, extra: &str) -> String {
+        let mut config = String::new();
+        for (tool, file) in FIXTURES {
+            if extra.contains(&format!("[agents.{tool}]")) {
+                continue; // the test configures this one itself
+            }
+            config.push_str(&format!(
+                "[agents.{tool}]\ncommand = [\"{}\", \"{}\"]\n",
+                self.dir.join("fake-agent").display(),
+                self.dir.join(file).display()
+            ));
+        }
+        format!("{extra}\n{config}")
+    }
+}
+
+impl Drop for Fakes {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start(fakes: &Fakes, extra_config: &str) -> Instance {
+    Instance::start_with(Options {
+        extra_config: fakes.config(extra_config),
+        ..Options::default()
+    })
+}
+
+/// Creates an API user and returns its token (through the real `stoa user add`).
+fn api_user(stoa: &Instance, name: &str, unix_user: &str) -> String {
+    let out = std::process::Command::new(stoa.dir.join("bin/stoa"))
+        .args(["user", "add", name, "--unix-user", unix_user])
+        .env("STOA_BROKER_CONFIG", stoa.dir.join("broker.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stoa user add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+static WORKTREES: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory in the user's (0700) home, owned by the user.
+fn worktree(user: &str) -> String {
+    let n = WORKTREES.fetch_add(1, Ordering::SeqCst);
+    let dir = format!("/home/{user}/wt-{n}");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    run("chown", &[&format!("{user}:"), &dir]);
+    dir
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn create_session(stoa: &Instance, token: &str, tool: &str, worktree: &str) -> String {
+    let (status, s) = stoa.request(
+        "POST",
+        "/sessions",
+        Some(token),
+        Some(&json!({ "agentic_tool": tool, "worktree": worktree })),
+    );
+    assert_eq!(status, 201, "{s}");
+    s["session_id"].as_str().unwrap().to_string()
+}
+
+fn prompt(stoa: &Instance, token: &str, session: &str, text: &str) -> String {
+    let (status, t) = stoa.request(
+        "POST",
+        &format!("/sessions/{session}/prompt"),
+        Some(token),
+        Some(&json!({ "prompt": text })),
+    );
+    assert_eq!(status, 202, "{t}");
+    assert_eq!(t["status"], "queued");
+    t["task_id"].as_str().unwrap().to_string()
+}
+
+fn wait_task(stoa: &Instance, token: &str, task: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, t) = stoa.request("GET", &format!("/tasks/{task}"), Some(token), None);
+        assert_eq!(status, 200, "{t}");
+        if ["completed", "failed", "stopped"].contains(&t["status"].as_str().unwrap_or("")) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "task did not end: {t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn messages(stoa: &Instance, token: &str, session: &str) -> Vec<Value> {
+    let (status, m) = stoa.request(
+        "GET",
+        &format!("/sessions/{session}/messages"),
+        Some(token),
+        None,
+    );
+    assert_eq!(status, 200, "{m}");
+    m.as_array().cloned().unwrap_or_default()
+}
+
+fn kinds(msgs: &[Value]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| m["event"]["kind"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Follows a session's Server-Sent Events on a thread: (event, data) pairs.
+fn subscribe(stoa: &Instance, token: &str, session: &str) -> mpsc::Receiver<(String, Value)> {
+    let (tx, rx) = mpsc::channel();
+    let url = stoa.url(&format!("/sessions/{session}/events"));
+    let token = token.to_string();
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let Ok(resp) = agent
+            .get(&url)
+            .header("Authorization", format!("Bearer {token}"))
+            .call()
+        else {
+            return;
+        };
+        let mut event = String::new();
+        for line in BufReader::new(resp.into_body().into_reader()).lines() {
+            let Ok(line) = line else { return };
+            if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                let value = serde_json::from_str(v.trim()).unwrap_or(Value::Null);
+                if tx.send((event.clone(), value)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn claude_as_user() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(&fakes, "");
+    let alice = api_user(&stoa, "alice", ALICE);
+    let wt = worktree(ALICE);
+    let session = create_session(&stoa, &alice, "claude-code", &wt);
+    let live = subscribe(&stoa, &alice, &session);
+    std::thread::sleep(Duration::from_millis(200));
+    let task = prompt(&stoa, &alice, &session, "say hello");
+    let t = wait_task(&stoa, &alice, &task);
+    assert_eq!(
+        (t["status"].as_str(), t["executed_via"].as_str()),
+        (Some("completed"), Some("executor")),
+        "{t}"
+    );
+    assert_eq!(t["unix_user"], ALICE);
+    assert_eq!(t["exit_code"], 0);
+    // It ran as alice, in the worktree.
+    assert_eq!(read(&format!("{wt}/.fake-uid")), uid_of(ALICE).to_string());
+    assert_eq!(read(&format!("{wt}/.fake-cwd")), wt);
+    // Every event, stored in order.
+    let msgs = messages(&stoa, &alice, &session);
+    assert_eq!(
+        kinds(&msgs),
+        [
+            "session_started",
+            "tool_use",
+            "tool_result",
+            "assistant_text",
+            "result"
+        ]
+    );
+    let seqs: Vec<i64> = msgs.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert_eq!(msgs[1]["event"]["name"], "Bash");
+    assert_eq!(msgs[3]["event"]["text"], "Hello from the mock server.");
+    // SSE delivered the same messages live, and the task's states.
+    let mut live_seqs = Vec::new();
+    let mut states = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (live_seqs.len() < 5 || !states.contains(&"completed".to_string()))
+        && Instant::now() < deadline
+    {
+        if let Ok((event, data)) = live.recv_timeout(Duration::from_millis(200)) {
+            match event.as_str() {
+                "message" => live_seqs.push(data["seq"].as_i64().unwrap()),
+                "task" => states.push(data["status"].as_str().unwrap_or("").to_string()),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(live_seqs, seqs, "SSE messages");
+    assert!(
+        states.contains(&"running".to_string()) && states.contains(&"completed".to_string()),
+        "{states:?}"
+    );
+    // The agent's own session id is kept, and the next prompt resumes it.
+    let (_, s) = stoa.request("GET", &format!("/sessions/{session}"), Some(&alice), None);
+    assert_eq!(
+        s["agent_session_id"],
+        "53359e04-ce14-4278-ac4f-40df05806dca"
+    );
+    assert_eq!(s["status"], "idle");
+    let task = prompt(&stoa, &alice, &session, "again");
+    assert_eq!(wait_task(&stoa, &alice, &task)["status"], "completed");
+    assert!(read(&format!("{wt}/.fake-cmdline"))
+        .contains("--resume 53359e04-ce14-4278-ac4f-40df05806dca"));
+    // SSE resumes after Last-Event-ID.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let resp = agent
+        .get(stoa.url(&format!("/sessions/{session}/events")))
+        .header("Authorization", format!("Bearer {alice}"))
+        .header("Last-Event-ID", "8")
+        .call()?;
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut first_id = String::new();
+    while first_id.is_empty() {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if let Some(id) = line.strip_prefix("id:") {
+            first_id = id.trim().to_string();
+        }
+    }
+    assert_eq!(first_id, "9");
+    Ok(())
+}
+
+fn direct_path() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(&fakes, "[execution]\nuse_executor = false\n");
+    let alice = api_user(&stoa, "alice", ALICE);
+    // Both alice (checked by the broker) and the service user (who runs it) must enter it.
+    let wt = format!("{}/shared-wt", stoa.dir.display());
+    std::fs::create_dir_all(&wt)?;
+    run("chmod", &["0777", &wt]);
+    let session = create_session(&stoa, &alice, "claude-code", &wt);
+    let t = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "hello"));
+    assert_eq!(
+        (t["status"].as_str(), t["executed_via"].as_str()),
+        (Some("completed"), Some("direct")),
+        "{t}"
+    );
+    assert_eq!(
+        read(&format!("{wt}/.fake-uid")),
+        uid_of(SERVICE).to_string()
+    );
+    assert_eq!(kinds(&messages(&stoa, &alice, &session)).len(), 5);
+    Ok(())
+}
+
+fn other_adapters() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(&fakes, "");
+    let alice = api_user(&stoa, "alice", ALICE);
+    for tool in ["codex", "gemini", "opencode"] {
+        let wt = worktree(ALICE);
+        let session = create_session(&stoa, &alice, tool, &wt);
+        let t = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "hi"));
+        assert_eq!(t["status"], "completed", "{tool}: {t}");
+        let msgs = messages(&stoa, &alice, &session);
+        let k = kinds(&msgs);
+        assert_eq!(
+            k.first().map(String::as_str),
+            Some("session_started"),
+            "{tool}: {k:?}"
+        );
+        assert_eq!(
+            k.last().map(String::as_str),
+            Some("result"),
+            "{tool}: {k:?}"
+        );
+        let text: String = msgs
+            .iter()
+            .filter(|m| m["event"]["kind"] == "assistant_text")
+            .map(|m| m["event"]["text"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(text, "Hello from the mock server.", "{tool}");
+        let (_, s) = stoa.request("GET", &format!("/sessions/{session}"), Some(&alice), None);
+        assert!(
+            s["agent_session_id"]
+                .as_str()
+                .is_some_and(|id| !id.is_empty()),
+            "{tool}: {s}"
+        );
+        assert_eq!(read(&format!("{wt}/.fake-uid")), uid_of(ALICE).to_string());
+    }
+    Ok(())
+}
+
+/// No process of `user` left (fake agents and their children).
+fn assert_nothing_left(user: &str) {
+    let uid = uid_of(user).to_string();
+    wait_until(
+        "the user's processes to be gone",
+        Duration::from_secs(5),
+        || {
+            all_pids().into_iter().all(|p| {
+                status_field(p, "Uid").and_then(|u| u.split_whitespace().next().map(String::from))
+                    != Some(uid.clone())
+                    || state_and_ppid(p).is_some_and(|(s, _)| s == "Z")
+            })
+        },
+    );
+}
+
+fn failures() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(
+        &fakes,
+        "[execution]\nstop_grace_secs = 1\n[agents.gemini]\ncommand = [\"/nonexistent/gemini\"]\n",
+    );
+    let alice = api_user(&stoa, "alice", ALICE);
+    let wt = worktree(ALICE);
+    let session = create_session(&stoa, &alice, "claude-code", &wt);
+
+    // Stop: SIGTERM to the whole group; the background child goes too.
+    let task = prompt(&stoa, &alice, &session, "HANG");
+    wait_until("the hang to start", Duration::from_secs(10), || {
+        !read(&format!("{wt}/.fake-child")).is_empty()
+    });
+    let child: i32 = read(&format!("{wt}/.fake-child")).parse()?;
+    let (status, _) = stoa.request(
+        "POST",
+        &format!("/sessions/{session}/stop"),
+        Some(&alice),
+        Some(&json!({})),
+    );
+    assert_eq!(status, 202);
+    let t = wait_task(&stoa, &alice, &task);
+    assert_eq!(t["status"], "stopped", "{t}");
+    assert!(!alive(child), "the agent's child outlived the stop");
+    assert_nothing_left(ALICE);
+    let (status, _) = stoa.request(
+        "POST",
+        &format!("/sessions/{session}/stop"),
+        Some(&alice),
+        Some(&json!({})),
+    );
+    assert_eq!(status, 409, "nothing to stop");
+
+    let cases = [
+        ("CRASH", "crashed (signal 11)"),
+        ("GARBAGE", "not JSON"),
+        ("FAIL", "exited with code 3: boom: model unavailable"),
+    ];
+    for (word, error) in cases {
+        let t = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, word));
+        assert_eq!(t["status"], "failed", "{word}: {t}");
+        assert!(
+            t["error"].as_str().unwrap_or("").contains(error),
+            "{word}: {t}"
+        );
+        assert_nothing_left(ALICE);
+        let (_, s) = stoa.request("GET", &format!("/sessions/{session}"), Some(&alice), None);
+        assert_eq!(s["status"], "failed");
+    }
+    // Missing binary.
+    let gemini = create_session(&stoa, &alice, "gemini", &wt);
+    let t = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &gemini, "hi"));
+    assert_eq!(t["status"], "failed");
+    assert!(
+        t["error"].as_str().unwrap_or("").contains("not found"),
+        "{t}"
+    );
+    // A prompt while busy is refused (no queue), and the session is usable after all that.
+    let task = prompt(&stoa, &alice, &session, "SLOW");
+    let (status, busy) = stoa.request(
+        "POST",
+        &format!("/sessions/{session}/prompt"),
+        Some(&alice),
+        Some(&json!({ "prompt": "x" })),
+    );
+    assert_eq!(status, 409, "{busy}");
+    assert_eq!(wait_task(&stoa, &alice, &task)["status"], "completed");
+    let (_, s) = stoa.request("GET", &format!("/sessions/{session}"), Some(&alice), None);
+    assert_eq!(s["status"], "idle");
+    Ok(())
+}
+
+fn timeout() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(
+        &fakes,
+        "[execution]\ntimeout_secs = 1\nstop_grace_secs = 1\n",
+    );
+    let alice = api_user(&stoa, "alice", ALICE);
+    let wt = worktree(ALICE);
+    let session = create_session(&stoa, &alice, "claude-code", &wt);
+    let t = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "HANG"));
+    assert_eq!(
+        (t["status"].as_str(), t["error"].as_str()),
+        (Some("failed"), Some("timeout")),
+        "{t}"
+    );
+    assert_nothing_left(ALICE);
+    Ok(())
+}
+
+fn authorization() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(&fakes, "");
+    let alice = api_user(&stoa, "alice", ALICE);
+    let bob = api_user(&stoa, "bob", BOB);
+    let session = create_session(&stoa, &alice, "claude-code", &worktree(ALICE));
+    let task = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "hi"));
+    for (method, path) in [
+        ("GET", format!("/sessions/{session}")),
+        ("GET", format!("/sessions/{session}/messages")),
+        ("GET", format!("/sessions/{session}/tasks")),
+        ("GET", format!("/sessions/{session}/events")),
+        (
+            "GET",
+            format!("/tasks/{}", task["task_id"].as_str().unwrap()),
+        ),
+        ("POST", format!("/sessions/{session}/prompt")),
+        ("POST", format!("/sessions/{session}/stop")),
+    ] {
+        let (status, v) = stoa.request(method, &path, Some(&bob), Some(&json!({ "prompt": "x" })));
+        assert_eq!(status, 404, "{method} {path}: {v}");
+    }
+    let (_, list) = stoa.request("GET", "/sessions", Some(&bob), None);
+    assert_eq!(list, json!([]));
+    // bob may not create a session as alice, nor make the broker run anything as her.
+    let (status, v) = stoa.request(
+        "POST",
+        "/sessions",
+        Some(&bob),
+        Some(&json!({ "agentic_tool": "claude-code", "worktree": "/tmp", "unix_user": ALICE })),
+    );
+    assert_eq!(status, 403, "{v}");
+    let (status, v) = stoa.request(
+        "POST",
+        "/exec",
+        Some(&bob),
+        Some(&json!({ "unix_user": ALICE, "argv": ["id"] })),
+    );
+    assert_eq!(status, 403, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("may not act as"),
+        "{v}"
+    );
+    // bob's worktree check runs as bob: alice's home is closed to him.
+    let (status, v) = stoa.request(
+        "POST",
+        "/sessions",
+        Some(&bob),
+        Some(&json!({ "agentic_tool": "claude-code", "worktree": format!("/home/{ALICE}") })),
+    );
+    assert_eq!(status, 400, "{v}");
+    // The admin token sees everything.
+    let (_, list) = stoa.request("GET", "/sessions", Some(&stoa.token.clone()), None);
+    assert_eq!(list.as_array().map(|a| a.len()), Some(1));
+    assert!(stoa.log().contains("refused: credential of another user"));
+    Ok(())
+}
+
+fn secrets() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(&fakes, "");
+    let alice = api_user(&stoa, "alice", ALICE);
+    let bob = api_user(&stoa, "bob", BOB);
+    let secret = "sk-ant-test-5ecr3t-value";
+    let (status, v) = stoa.request_text(
+        "PUT",
+        "/users/me/secrets/ANTHROPIC_API_KEY",
+        &alice,
+        &format!("{secret}\n"),
+    );
+    assert_eq!(status, 204, "{v}");
+    let (status, _) = stoa.request_text("PUT", "/users/me/secrets/LD_PRELOAD", &alice, "x");
+    assert_eq!(status, 403);
+    let (status, names) = stoa.request("GET", "/users/me/secrets", Some(&alice), None);
+    assert_eq!(
+        (status, names.clone()),
+        (200, json!({ "names": ["ANTHROPIC_API_KEY"] }))
+    );
+
+    let wt = worktree(ALICE);
+    let session = create_session(&stoa, &alice, "claude-code", &wt);
+    let task = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "hi"));
+    assert_eq!(task["status"], "completed");
+    assert_eq!(
+        read(&format!("{wt}/.fake-secret")),
+        secret,
+        "alice's agent has her key"
+    );
+    assert!(
+        !read(&format!("{wt}/.fake-cmdline")).contains(secret),
+        "the key is in the command line"
+    );
+    let bob_wt = worktree(BOB);
+    let bob_session = create_session(&stoa, &bob, "claude-code", &bob_wt);
+    assert_eq!(
+        wait_task(&stoa, &bob, &prompt(&stoa, &bob, &bob_session, "hi"))["status"],
+        "completed"
+    );
+    assert_eq!(
+        read(&format!("{bob_wt}/.fake-secret")),
+        "",
+        "bob's agent got alice's key"
+    );
+
+    // Nowhere in the API's answers, and in no log line.
+    let mut answers = Vec::new();
+    for path in [
+        format!("/sessions/{session}"),
+        format!("/sessions/{session}/messages"),
+        format!("/sessions/{session}/tasks"),
+        "/users/me".to_string(),
+        "/users/me/secrets".to_string(),
+        "/sessions".to_string(),
+    ] {
+        answers.push(stoa.request("GET", &path, Some(&alice), None).1.to_string());
+    }
+    answers.push(stoa.processes().iter().map(|p| p.to_string()).collect());
+    assert!(
+        answers.iter().all(|a| !a.contains(secret)),
+        "a response holds the secret"
+    );
+    assert!(!stoa.log().contains(secret), "a log line holds the secret");
+    // Stored only in the broker's root-only store.
+    let store = std::fs::read_to_string(stoa.dir.join("broker/users.json"))?;
+    assert!(store.contains(secret));
+    let mode = run(
+        "stat",
+        &[
+            "-c",
+            "%U %a",
+            stoa.dir.join("broker/users.json").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(mode.trim(), "root 600");
+    let db = std::fs::read(stoa.dir.join("daemon/stoa.db"))?;
+    assert!(
+        !String::from_utf8_lossy(&db).contains(secret),
+        "the daemon's store holds the secret"
+    );
+    let (status, _) = stoa.request(
+        "DELETE",
+        "/users/me/secrets/ANTHROPIC_API_KEY",
+        Some(&alice),
+        None,
+    );
+    assert_eq!(status, 204);
+    Ok(())
+}
+
+fn daemon_killed_mid_task() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(&fakes, "");
+    let alice = api_user(&stoa, "alice", ALICE);
+    let wt = worktree(ALICE);
+    let session = create_session(&stoa, &alice, "claude-code", &wt);
+    // Five lines, one a second.
+    let task = prompt(&stoa, &alice, &session, "SLOW");
+    wait_until("two messages", Duration::from_secs(10), || {
+        messages(&stoa, &alice, &session).len() >= 2
+    });
+    let daemon = stoa.daemon_pid().expect("daemon");
+    run("kill", &["-KILL", &daemon.to_string()]);
+    stoa.wait_new_daemon(daemon);
+    let t = wait_task(&stoa, &alice, &task);
+    assert_eq!(t["status"], "completed", "{t}");
+    let msgs = messages(&stoa, &alice, &session);
+    assert_eq!(
+        kinds(&msgs),
+        [
+            "session_started",
+            "tool_use",
+            "tool_result",
+            "assistant_text",
+            "result"
+        ]
+    );
+    assert!(stoa.log().contains("taking over a running task"));
+    Ok(())
+}
+
+fn cli() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(
+        &fakes,
+        "# the daemon's settings\n[execution]\n# seconds\ntimeout_secs = 60\n",
+    );
+    let alice = api_user(&stoa, "alice", ALICE);
+    let wt = worktree(ALICE);
+    let stoa_cli = |args: &[&str]| {
+        std::process::Command::new(stoa.dir.join("bin/stoa"))
+            .args(args)
+            .env("STOA_URL", stoa.url(""))
+            .env("STOA_TOKEN", &alice)
+            .env("STOA_CONFIG", stoa.dir.join("config.toml"))
+            .env("STOA_BROKER_CONFIG", stoa.dir.join("broker.toml"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = stoa_cli(&[
+        "session",
+        "create",
+        "--tool",
+        "claude-code",
+        "--worktree",
+        &wt,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: Value = serde_json::from_slice(&out.stdout)?;
+    let id = created["session_id"].as_str().unwrap();
+    let out = stoa_cli(&["session", "prompt", id, "hello", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("[tool Bash]") && printed.contains("Hello from the mock server."),
+        "{printed}"
+    );
+    let out = stoa_cli(&["session", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(id));
+
+    // config set keeps comments, validates.
+    let out = stoa_cli(&["config", "set", "execution.timeout_secs", "90"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(stoa.dir.join("config.toml"))?;
+    assert!(
+        text.contains("# the daemon's settings")
+            && text.contains("# seconds")
+            && text.contains("timeout_secs = 90"),
+        "{text}"
+    );
+    let out = stoa_cli(&["config", "get", "execution.timeout_secs"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "90");
+    let out = stoa_cli(&["config", "set", "execution.timeout_secs", "\"soon\""]);
+    assert!(!out.status.success(), "an invalid value was accepted");
+    let out = stoa_cli(&[
+        "config",
+        "set",
+        "agents.claude-code.env.ANTHROPIC_API_KEY",
+        "x",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stoa secret set"),
+        "secrets refused in config"
+    );
+    assert_eq!(
+        std::fs::read_to_string(stoa.dir.join("config.toml"))?,
+        text,
+        "a refused change was written"
+    );
+
+    // user list shows no token; daemon restart brings a new daemon.
+    let out = stoa_cli(&["user", "list"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("alice") && !listing.contains(&alice),
+        "{listing}"
+    );
+    let before = stoa.daemon_pid().expect("daemon");
+    let out = std::process::Command::new(stoa.dir.join("bin/stoa"))
+        .args(["daemon", "restart"])
+        .env("STOA_URL", stoa.url(""))
+        .env("STOA_TOKEN", &stoa.token)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(stoa.wait_new_daemon(before), before);
+    Ok(())
+}
