@@ -13,4 +13,5 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod terminal;
 pub mod wire;
