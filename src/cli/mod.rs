@@ -5,6 +5,7 @@ pub mod client;
 pub mod config_cmd;
 pub mod doctor;
 pub mod sessions;
+pub mod terminal;
 pub mod users;
 
 use std::io::{IsTerminal, Read, Write};
@@ -84,6 +85,9 @@ enum Command {
     /// The running daemon.
     #[command(subcommand)]
     Daemon(sessions::DaemonCommand),
+    /// Terminals on the server, as your Unix user.
+    #[command(subcommand)]
+    Terminal(terminal::TerminalCommand),
     /// The daemon (started by the broker, not by hand).
     #[command(name = "__daemon", hide = true)]
     InternalDaemon {
@@ -132,6 +136,7 @@ pub fn main() -> ExitCode {
         Command::Secret(cmd) => sessions::secret(cmd),
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Daemon(cmd) => sessions::daemon(cmd),
+        Command::Terminal(cmd) => terminal::run(cmd),
         Command::Exec {
             user,
             cwd,

@@ -9,6 +9,9 @@ mod agents_e2e;
 mod core;
 mod harness;
 mod sessions;
+mod terminal_browser;
+mod terminal_cli;
+mod terminals;
 
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
@@ -24,18 +27,25 @@ fn main() {
         );
     }
     let users = root.then(harness::TestUsers::create);
-    let trials = [core::TESTS, sessions::TESTS, agents_e2e::TESTS]
-        .concat()
-        .into_iter()
-        .map(|(name, test): (&str, TestFn)| {
-            Trial::ignorable_test(name, move || {
-                if !root {
-                    return Ok(Completion::ignored_with("needs root"));
-                }
-                test().map(|()| Completion::Completed)
-            })
+    let trials = [
+        core::TESTS,
+        sessions::TESTS,
+        agents_e2e::TESTS,
+        terminals::TESTS,
+        terminal_cli::TESTS,
+        terminal_browser::TESTS,
+    ]
+    .concat()
+    .into_iter()
+    .map(|(name, test): (&str, TestFn)| {
+        Trial::ignorable_test(name, move || {
+            if !root {
+                return Ok(Completion::ignored_with("needs root"));
+            }
+            test().map(|()| Completion::Completed)
         })
-        .collect();
+    })
+    .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     drop(users);
     conclusion.exit();
