@@ -127,12 +127,32 @@ fn env_path(var: &str, default: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(default))
 }
 
-/// The fix for a file or directory that must be root's and writable by nobody else.
+/// The fix for a file that must be root's and writable by nobody else, up to `/`: for the
+/// first component [`check_trusted_path`] objects to (the file itself or a directory above).
 fn trust_fix(path: &Path) -> String {
+    let culprit = first_untrusted(path).unwrap_or_else(|| path.to_path_buf());
     format!(
-        "chown root:root {p} && chmod go-w {p} (and the same for the directory named above, if it is another one)",
-        p = path.display()
+        "chown root:root {p} && chmod go-w {p}",
+        p = culprit.display()
     )
+}
+
+/// The first of `path` and its parents that is not root's or is writable by group or
+/// others (a sticky directory protects what it does not own), as [`check_trusted_path`].
+fn first_untrusted(path: &Path) -> Option<PathBuf> {
+    let path = path.canonicalize().ok()?;
+    let mut current = Some(path.as_path());
+    let mut is_leaf = true;
+    while let Some(p) = current {
+        let meta = std::fs::metadata(p).ok()?;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if meta.uid() != 0 || (meta.mode() & 0o022 != 0 && (is_leaf || !sticky)) {
+            return Some(p.to_path_buf());
+        }
+        is_leaf = false;
+        current = p.parent();
+    }
+    None
 }
 
 fn check_policy(report: &mut Report, path: &Path, root: bool) -> Policy {
@@ -147,10 +167,7 @@ fn check_policy(report: &mut Report, path: &Path, root: bool) -> Policy {
         _ => {
             if let Err(e) = check_trusted_path(path, 0) {
                 report.fail(
-                    format!(
-                        "policy {}: {e}; the broker refuses to start",
-                        path.display()
-                    ),
+                    format!("policy: {e}; the broker refuses to start"),
                     trust_fix(path),
                 );
             }
@@ -221,10 +238,7 @@ fn check_daemon_config(report: &mut Report, path: &Path, root: bool) -> DaemonCo
         let trusted = check_trusted_path(path, 0);
         if let Err(e) = &trusted {
             report.fail(
-                format!(
-                    "config {}: {e}; the broker refuses to start",
-                    path.display()
-                ),
+                format!("config: {e}; the broker refuses to start"),
                 trust_fix(path),
             );
         }
@@ -276,7 +290,7 @@ fn check_other_configs(report: &mut Report, broker_config: &Path, daemon_config:
     for p in others {
         match check_trusted_path(&p, 0) {
             Ok(()) => report.ok(format!("{}: owned by root", p.display())),
-            Err(e) => report.fail(format!("{}: {e}", p.display()), trust_fix(&p)),
+            Err(e) => report.fail(e, trust_fix(&p)),
         }
     }
 }
@@ -466,17 +480,15 @@ fn check_executor(report: &mut Report, policy: &Policy) {
         .clone()
         .unwrap_or_else(default_executor_path);
     let fix = format!(
-        "chown root:root {p} && chmod 0755 {p} (and no directory above it writable by anyone but root); reinstall the package if it is missing",
+        "chown root:root {p} && chmod 0755 {p}; reinstall the package if it is missing",
         p = path.display()
     );
     if let Err(e) = check_trusted_path(&path, 0) {
-        report.fail(
-            format!(
-                "executor {}: {e}; the broker refuses to start",
-                path.display()
-            ),
-            fix,
-        );
+        let fix = match first_untrusted(&path) {
+            Some(dir) if dir != path => trust_fix(&path),
+            _ => fix,
+        };
+        report.fail(format!("executor: {e}; the broker refuses to start"), fix);
         return;
     }
     let meta = match std::fs::metadata(&path) {
@@ -519,10 +531,7 @@ fn check_own_binary(report: &mut Report) {
     match check_trusted_path(&exe, 0) {
         Ok(()) => report.ok(format!("{}: owned by root", exe.display())),
         Err(e) => report.fail(
-            format!(
-                "{}: {e}; as root, the broker runs this binary (and re-executes it as the daemon)",
-                exe.display()
-            ),
+            format!("{e}: as root, the broker runs this binary (and re-executes it as the daemon)"),
             trust_fix(&exe),
         ),
     }
@@ -690,6 +699,31 @@ mod tests {
     }
 
     #[test]
+    fn the_fix_names_the_culprit() {
+        let dir = std::env::temp_dir().join(format!("stoa-doctor-test-{}", std::process::id()));
+        let sub = dir.join("sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        let file = sub.join("x.toml");
+        std::fs::write(&file, "").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let found = first_untrusted(&file);
+        if config::is_root() {
+            // Root owns the files; the group/other-writable directory is the culprit
+            // (unless the temp dir above is not root's either).
+            let culprit = found.unwrap();
+            assert!(culprit == sub.canonicalize().unwrap() || !culprit.starts_with(&dir));
+        } else {
+            // Not root: the file itself is not root's.
+            assert_eq!(found, Some(file.canonicalize().unwrap()));
+        }
+        assert!(trust_fix(&file).starts_with("chown root:root /"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn health_answers_are_judged() {
         let good = json!({"status": "ok", "isolation": true, "mode": "multi-user", "broker_connected": true});
         assert!(health_problems(&good).is_empty());
@@ -729,8 +763,10 @@ mod tests {
     fn packaged_policy_shows_the_defaults() {
         let text = include_str!("../../packaging/etc/broker.toml");
         let commented: Policy = toml::from_str(text).unwrap();
-        let mut expected = Policy::default();
-        expected.state_dir = INSTALLED_BROKER_STATE.into();
+        let mut expected = Policy {
+            state_dir: INSTALLED_BROKER_STATE.into(),
+            ..Policy::default()
+        };
         let mut commented_fixed = commented.clone();
         commented_fixed.state_dir = INSTALLED_BROKER_STATE.into();
         assert_eq!(commented_fixed, expected, "as shipped: all defaults");
@@ -743,8 +779,10 @@ mod tests {
     #[test]
     fn packaged_config_shows_the_defaults() {
         let text = include_str!("../../packaging/etc/config.toml");
-        let mut expected = DaemonConfig::default();
-        expected.state_dir = INSTALLED_DAEMON_STATE.into();
+        let expected = DaemonConfig {
+            state_dir: INSTALLED_DAEMON_STATE.into(),
+            ..DaemonConfig::default()
+        };
         let mut commented: DaemonConfig = toml::from_str(text).unwrap();
         commented.state_dir = INSTALLED_DAEMON_STATE.into();
         assert_eq!(commented, expected);
