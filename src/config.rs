@@ -25,6 +25,43 @@ pub struct DaemonConfig {
     pub execution: ExecutionConfig,
     /// Per tool (`claude-code`, `codex`, `gemini`, `opencode`).
     pub agents: BTreeMap<String, AgentConfig>,
+    pub terminal: TerminalConfig,
+    /// The web page's files (index.html, app.js, node_modules with xterm.js). Unset:
+    /// `/usr/share/stoa/web` when it exists, else no page.
+    pub web_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TerminalConfig {
+    /// Output each terminal keeps for viewers that (re)attach, in bytes.
+    pub ring_bytes: usize,
+    /// Most bytes a viewer may have unacknowledged; a writing viewer out of credit pauses
+    /// the program's output. At most `ring_bytes`.
+    pub window_bytes: u32,
+    /// After the program exits, how long output may stay held open by processes it left
+    /// behind before their group is killed.
+    pub drain_timeout_ms: u64,
+    /// A terminal with no viewer for this long is ended (0: never).
+    pub idle_timeout_secs: u64,
+    /// Origins (`scheme://host:port`) a browser may open terminal sockets from, besides the
+    /// daemon's own address.
+    pub allowed_origins: Vec<String>,
+    /// Most live terminals per API user.
+    pub max_per_user: usize,
+}
+
+impl Default for TerminalConfig {
+    fn default() -> Self {
+        TerminalConfig {
+            ring_bytes: 2 << 20,
+            window_bytes: 2 << 20,
+            drain_timeout_ms: 1000,
+            idle_timeout_secs: 0,
+            allowed_origins: Vec::new(),
+            max_per_user: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -71,6 +108,8 @@ impl Default for DaemonConfig {
             exec_drain_timeout_ms: 1000,
             execution: ExecutionConfig::default(),
             agents: BTreeMap::new(),
+            terminal: TerminalConfig::default(),
+            web_dir: None,
         }
     }
 }
@@ -96,6 +135,13 @@ impl DaemonConfig {
         self.listen
             .parse::<std::net::SocketAddr>()
             .map_err(|e| format!("listen {:?}: {e}", self.listen))?;
+        if (self.terminal.window_bytes as usize) > self.terminal.ring_bytes
+            || self.terminal.window_bytes < 4096
+        {
+            return Err(
+                "terminal.window_bytes must be between 4096 and terminal.ring_bytes".into(),
+            );
+        }
         if self.execution.timeout_secs == 0 {
             return Err("execution.timeout_secs must be at least 1".into());
         }

@@ -49,6 +49,19 @@ impl FdReader {
         }
     }
 
+    /// Reads what is there now without waiting: `Ok(None)` if nothing is.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let result = self.fd.try_io(tokio::io::Interest::READABLE, |fd| {
+            nix::unistd::read(fd, buf).map_err(io::Error::from)
+        });
+        match result {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(Some(0)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads to the end, keeping at most `limit` bytes.
     pub async fn collect(&self, limit: usize) -> io::Result<Collected> {
         let mut out = Collected::default();
@@ -82,4 +95,37 @@ pub async fn write_all_and_close(fd: OwnedFd, data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Async writes to an fd (a PTY master's input side).
+pub struct FdWriter {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl FdWriter {
+    pub fn new(fd: OwnedFd) -> io::Result<FdWriter> {
+        Ok(FdWriter {
+            fd: nonblocking(fd)?,
+        })
+    }
+
+    pub async fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        let mut written = 0;
+        while written < data.len() {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| {
+                nix::unistd::write(fd.get_ref(), &data[written..]).map_err(io::Error::from)
+            }) {
+                Ok(Ok(n)) => written += n,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn raw(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
 }

@@ -92,6 +92,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/processes", get(processes))
         .route("/daemon/restart", post(restart))
         .merge(super::sessions::routes())
+        .merge(super::terminals::routes())
+        .merge(web_routes(&state.config))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
 }
@@ -215,4 +217,29 @@ async fn restart(
         Json(json!({ "restarting": true, "pid": std::process::id() })),
     )
         .into_response())
+}
+
+/// The web page: `GET /` is `index.html` of the web directory, `/static/…` its files.
+fn web_routes(config: &crate::config::DaemonConfig) -> Router<Arc<AppState>> {
+    let dir = config.web_dir.clone().or_else(|| {
+        let installed = std::path::PathBuf::from("/usr/share/stoa/web");
+        installed.join("index.html").exists().then_some(installed)
+    });
+    match dir {
+        Some(dir) => Router::new()
+            .route_service(
+                "/",
+                tower_http::services::ServeFile::new(dir.join("index.html")),
+            )
+            .nest_service("/static", tower_http::services::ServeDir::new(dir)),
+        None => Router::new().route(
+            "/",
+            get(|| async {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "no web page is installed (config key web_dir)",
+                )
+            }),
+        ),
+    }
 }

@@ -14,6 +14,7 @@ pub mod processes;
 pub mod sessions;
 pub mod store;
 pub mod tasks;
+pub mod terminals;
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -45,6 +46,7 @@ pub struct AppState {
     pub running: Mutex<HashMap<String, tokio::sync::watch::Sender<Option<tasks::StopReason>>>>,
     /// What changed, for live event streams.
     pub notices: tokio::sync::broadcast::Sender<Notice>,
+    pub terminals: terminals::Terminals,
 }
 
 #[derive(Clone, Debug)]
@@ -105,6 +107,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         store,
         running: Mutex::new(HashMap::new()),
         notices,
+        terminals: terminals::Terminals::default(),
     });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -113,7 +116,8 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let adopted = adopt_all(&state).await;
-        for (info, fds) in tasks::recover(&state, adopted).await {
+        let adopted = tasks::recover(&state, adopted).await;
+        for (info, fds) in terminals::recover(&state, adopted).await {
             tokio::spawn(drain_orphan(state.clone(), info, fds));
         }
         let std_listener = std::net::TcpListener::from(listener_fd);

@@ -10,7 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
 
 /// Each entry brings the schema from version `index` to `index + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sessions (
     session_id       TEXT PRIMARY KEY,
     owner            TEXT NOT NULL,
@@ -49,7 +50,25 @@ CREATE TABLE messages (
     created_at  TEXT NOT NULL,
     PRIMARY KEY (session_id, seq)
 );
-"#];
+"#,
+    r#"
+CREATE TABLE terminals (
+    terminal_id  TEXT PRIMARY KEY,
+    owner        TEXT NOT NULL,
+    unix_user    TEXT NOT NULL,
+    handle       INTEGER NOT NULL,
+    pid          INTEGER NOT NULL,
+    command      TEXT,
+    cwd          TEXT,
+    cols         INTEGER NOT NULL,
+    rows         INTEGER NOT NULL,
+    started_at   TEXT NOT NULL,
+    exit_code    INTEGER,
+    signal       INTEGER,
+    ended_at     TEXT
+);
+"#,
+];
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Session {
@@ -438,6 +457,105 @@ impl Store {
                     task_id: r.get(1)?,
                     created_at: r.get(2)?,
                     event: serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+/// A terminal as stored (what survives a daemon restart).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TerminalRow {
+    pub terminal_id: String,
+    pub owner: String,
+    pub unix_user: String,
+    pub handle: u64,
+    pub pid: i32,
+    pub command: Option<Vec<String>>,
+    pub cwd: Option<String>,
+    pub cols: u16,
+    pub rows: u16,
+    pub started_at: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub ended_at: Option<String>,
+}
+
+impl Store {
+    pub async fn insert_terminal(&self, t: TerminalRow) -> StoreResult<()> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO terminals (terminal_id, owner, unix_user, handle, pid, command, cwd, cols, rows, started_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    t.terminal_id,
+                    t.owner,
+                    t.unix_user,
+                    t.handle as i64,
+                    t.pid,
+                    t.command.map(|c| serde_json::to_string(&c).unwrap_or_default()),
+                    t.cwd,
+                    t.cols,
+                    t.rows,
+                    t.started_at
+                ],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn terminal_ended(
+        &self,
+        id: &str,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+    ) -> StoreResult<()> {
+        let id = id.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE terminals SET exit_code = ?2, signal = ?3, ended_at = ?4 WHERE terminal_id = ?1",
+                params![id, exit_code, signal, now()],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn delete_terminal(&self, id: &str) -> StoreResult<()> {
+        let id = id.to_string();
+        self.with(move |c| {
+            c.execute("DELETE FROM terminals WHERE terminal_id = ?1", [id])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Terminals not yet recorded as ended.
+    pub async fn live_terminals(&self) -> StoreResult<Vec<TerminalRow>> {
+        self.with(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT terminal_id, owner, unix_user, handle, pid, command, cwd, cols, rows, started_at, exit_code, signal, ended_at
+                 FROM terminals WHERE ended_at IS NULL",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let command: Option<String> = r.get(5)?;
+                Ok(TerminalRow {
+                    terminal_id: r.get(0)?,
+                    owner: r.get(1)?,
+                    unix_user: r.get(2)?,
+                    handle: r.get::<_, i64>(3)? as u64,
+                    pid: r.get(4)?,
+                    command: command.and_then(|c| serde_json::from_str(&c).ok()),
+                    cwd: r.get(6)?,
+                    cols: r.get(7)?,
+                    rows: r.get(8)?,
+                    started_at: r.get(9)?,
+                    exit_code: r.get(10)?,
+                    signal: r.get(11)?,
+                    ended_at: r.get(12)?,
                 })
             })?;
             rows.collect()

@@ -317,6 +317,13 @@ impl Instance {
                 }
                 req.call()
             }
+            ("POST", None) => {
+                let mut req = self.agent.post(self.url(path));
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.send_empty()
+            }
             ("POST", Some(b)) => {
                 let mut req = self.agent.post(self.url(path));
                 if let Some(a) = &auth {

@@ -1,0 +1,1038 @@
+//! Terminals: a PTY as the user (spawned by the broker), its master held here, its output
+//! streamed over WebSockets in `stoa.term.v1` (see `crate::terminal::protocol`).
+//!
+//! Each terminal has one reader: it reads the master (coalescing what is ready, up to 64
+//! KiB) into a bounded ring with byte offsets. Viewers send from the ring and acknowledge
+//! what they processed; a *writing* viewer may be at most one window ahead of its acks, and
+//! while one is out of credit the reader stops reading, so a flood blocks in the kernel
+//! (and ^C, on the separate input path, still works at once). Read-only viewers never hold
+//! the program up: one that falls behind the ring gets a SNAPSHOT (a reset) and continues
+//! from what is kept. Memory per terminal is the ring plus one window per viewer.
+//!
+//! Exit is reported only once the master read end-of-file (EIO), so no output is lost;
+//! processes that keep the PTY open past the drain timeout get their group killed. The
+//! broker keeps a duplicate of the master: a restarted daemon takes the terminal back,
+//! with the output since the restart.
+//!
+//! | route                            | what                                                    |
+//! |----------------------------------|---------------------------------------------------------|
+//! | `POST /terminals`                | `{session_id? | cwd?, unix_user?, command?, cols, rows, env?}` → 201 |
+//! | `GET /terminals`, `GET /terminals/:id` | yours (admins: all); others' are 404               |
+//! | `DELETE /terminals/:id`          | SIGHUP → SIGTERM → SIGKILL of its process group; 204    |
+//! | `POST /terminals/:id/ticket`     | a one-time ticket (30 s) for a browser's WebSocket      |
+//! | `GET /terminals/:id/ws`          | the WebSocket (`?mode=view`: read-only; `?ticket=`)     |
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+
+use stoa_executor::sys;
+
+use super::fdio::{FdReader, FdWriter};
+use super::http::{authenticate, ApiError};
+use super::store::{new_id, now, TerminalRow};
+use super::AppState;
+use crate::terminal::protocol::{error, ClientFrame, Exit, ServerFrame, FROM_NOW, SUBPROTOCOL};
+use crate::wire::{
+    ExitStatus, FdLayout, Handle, HandleInfo, Principal, Program, ReplyBody, RequestBody, Signal,
+    SpawnRequest, WindowSize,
+};
+
+/// Most bytes one OUTPUT frame carries.
+const MAX_FRAME_BYTES: usize = 64 * 1024;
+/// A viewer that falls behind while streaming is resent at most this much after its reset.
+const CATCH_UP_BYTES: u64 = 64 * 1024;
+const TICKET_TTL: Duration = Duration::from_secs(30);
+/// A viewer must say HELLO within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// After EXIT and the server's close, how long to wait for the client's close.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+struct Viewer {
+    acked: u64,
+    can_write: bool,
+}
+
+struct Inner {
+    ring: VecDeque<u8>,
+    /// Offset of `ring[0]`.
+    ring_start: u64,
+    cols: u16,
+    rows: u16,
+    viewers: HashMap<u64, Viewer>,
+    exit: Option<Exit>,
+    /// The master reported end-of-file: every byte the program wrote is in the ring.
+    drained: bool,
+    last_viewer_left: Option<Instant>,
+}
+
+impl Inner {
+    fn end(&self) -> u64 {
+        self.ring_start + self.ring.len() as u64
+    }
+}
+
+pub struct Terminal {
+    pub id: String,
+    pub owner: String,
+    pub unix_user: String,
+    pub handle: Handle,
+    pub pid: i32,
+    pub command: Option<Vec<String>>,
+    pub cwd: Option<String>,
+    pub started_at: String,
+    inner: Mutex<Inner>,
+    /// Bumped whenever there is something new for viewers (output, size, exit).
+    progress: watch::Sender<u64>,
+    /// Wakes the reader when a viewer acknowledges or leaves.
+    credit: Notify,
+    input: FdWriter,
+    ring_bytes: usize,
+    window: u32,
+    next_viewer: AtomicU64,
+}
+
+#[derive(Serialize)]
+struct TerminalView {
+    terminal_id: String,
+    owner: String,
+    unix_user: String,
+    pid: i32,
+    cols: u16,
+    rows: u16,
+    command: Option<Vec<String>>,
+    cwd: Option<String>,
+    started_at: String,
+    running: bool,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    viewers: usize,
+}
+
+impl Terminal {
+    fn view(&self) -> TerminalView {
+        let inner = self.inner.lock().expect("terminal lock");
+        let (exit_code, signal) = match inner.exit {
+            Some(Exit::Code(c)) if inner.drained => (Some(c), None),
+            Some(Exit::Signal(s)) if inner.drained => (None, Some(s)),
+            _ => (None, None),
+        };
+        TerminalView {
+            terminal_id: self.id.clone(),
+            owner: self.owner.clone(),
+            unix_user: self.unix_user.clone(),
+            pid: self.pid,
+            cols: inner.cols,
+            rows: inner.rows,
+            command: self.command.clone(),
+            cwd: self.cwd.clone(),
+            started_at: self.started_at.clone(),
+            running: !(inner.drained && inner.exit.is_some()),
+            exit_code,
+            signal,
+            viewers: inner.viewers.len(),
+        }
+    }
+
+    fn bump(&self) {
+        self.progress.send_modify(|n| *n += 1);
+    }
+
+    fn finished(&self) -> bool {
+        let inner = self.inner.lock().expect("terminal lock");
+        inner.drained && inner.exit.is_some()
+    }
+
+    /// True while a writing viewer has a full window unacknowledged.
+    fn out_of_credit(&self) -> bool {
+        let inner = self.inner.lock().expect("terminal lock");
+        let end = inner.end();
+        inner
+            .viewers
+            .values()
+            .any(|v| v.can_write && end.saturating_sub(v.acked) >= self.window as u64)
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let mut inner = self.inner.lock().expect("terminal lock");
+        inner.ring.extend(bytes);
+        let over = inner.ring.len().saturating_sub(self.ring_bytes);
+        if over > 0 {
+            inner.ring.drain(..over);
+            inner.ring_start += over as u64;
+        }
+        drop(inner);
+        self.bump();
+    }
+}
+
+/// The terminals this daemon serves, and browser tickets.
+#[derive(Default)]
+pub struct Terminals {
+    live: Mutex<HashMap<String, Arc<Terminal>>>,
+    tickets: Mutex<HashMap<String, Ticket>>,
+}
+
+struct Ticket {
+    terminal_id: String,
+    principal: Principal,
+    expires: Instant,
+}
+
+impl Terminals {
+    fn get(&self, id: &str) -> Option<Arc<Terminal>> {
+        self.live.lock().expect("terminals lock").get(id).cloned()
+    }
+
+    fn visible(&self, principal: &Principal, id: &str) -> Result<Arc<Terminal>, ApiError> {
+        match self.get(id) {
+            Some(t) if principal.is_admin() || t.owner == principal.name() => Ok(t),
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no terminal {id}"),
+            )),
+        }
+    }
+}
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/terminals", post(create).get(list))
+        .route("/terminals/{id}", get(show).delete(delete))
+        .route("/terminals/{id}/ticket", post(ticket))
+        .route("/terminals/{id}/ws", get(websocket))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTerminal {
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    unix_user: Option<String>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    cols: u16,
+    rows: u16,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+}
+
+async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Json<CreateTerminal>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (principal, credential) = authenticate(&state, &headers).await?;
+    let req = body
+        .map(|Json(b)| b)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let (mut unix_user, mut cwd) = (req.unix_user.clone(), req.cwd.clone());
+    if let Some(session_id) = &req.session_id {
+        let session = state
+            .store
+            .session(session_id)
+            .await
+            .map_err(ApiError::internal)?;
+        let session = session
+            .filter(|s| principal.is_admin() || s.owner == principal.name())
+            .ok_or_else(|| {
+                ApiError::new(StatusCode::NOT_FOUND, format!("no session {session_id}"))
+            })?;
+        unix_user = Some(session.unix_user);
+        cwd = Some(session.worktree);
+    }
+    let unix_user = match (unix_user, principal.unix_user()) {
+        (Some(u), _) => u,
+        (None, Some(own)) => own.to_string(),
+        (None, None) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unix_user is required with the admin token",
+            ))
+        }
+    };
+    let mine = state
+        .terminals
+        .live
+        .lock()
+        .expect("terminals lock")
+        .values()
+        .filter(|t| t.owner == principal.name() && !t.finished())
+        .count();
+    if mine >= state.config.terminal.max_per_user {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "at most {} live terminals per user",
+                state.config.terminal.max_per_user
+            ),
+        ));
+    }
+    let program = match &req.command {
+        Some(argv) if !argv.is_empty() => Program::Exec { argv: argv.clone() },
+        Some(_) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "command is empty")),
+        None => Program::Shell,
+    };
+    let spawn = SpawnRequest {
+        credential,
+        unix_user,
+        program,
+        cwd: cwd.clone(),
+        env: req.env.into_iter().collect(),
+        tty: Some(WindowSize {
+            rows: req.rows,
+            cols: req.cols,
+        }),
+        stdin: false,
+        secrets: false,
+    };
+    let reply = state
+        .link
+        .request(RequestBody::Spawn(spawn))
+        .await
+        .map_err(ApiError::broker_down)?;
+    let info = match reply.body {
+        ReplyBody::Spawned(info) => info,
+        ReplyBody::Error(e) => return Err(ApiError::from_broker(e)),
+        other => {
+            return Err(ApiError::internal(format!(
+                "unexpected broker reply {other:?}"
+            )))
+        }
+    };
+    let row = TerminalRow {
+        terminal_id: new_id(),
+        owner: principal.name().to_string(),
+        unix_user: info.unix_user.clone(),
+        handle: info.handle.0,
+        pid: info.pid,
+        command: req.command,
+        cwd,
+        cols: req.cols,
+        rows: req.rows,
+        started_at: now(),
+        exit_code: None,
+        signal: None,
+        ended_at: None,
+    };
+    if let Err(e) = state.store.insert_terminal(row.clone()).await {
+        let _ = state
+            .link
+            .request(RequestBody::Kill {
+                handle: info.handle,
+                signal: Signal::Kill,
+            })
+            .await;
+        let _ = state
+            .link
+            .request(RequestBody::Release {
+                handle: info.handle,
+            })
+            .await;
+        return Err(ApiError::internal(e));
+    }
+    let terminal = start(&state, row, &info, reply.fds).map_err(ApiError::internal)?;
+    info!(terminal = %terminal.id, user = %terminal.unix_user, pid = terminal.pid, "terminal started");
+    Ok((StatusCode::CREATED, Json(terminal.view())).into_response())
+}
+
+/// Sets a terminal up from its handle's fds (`[control, pty master]`) and starts its
+/// reader and its lifecycle.
+fn start(
+    state: &Arc<AppState>,
+    row: TerminalRow,
+    info: &HandleInfo,
+    fds: Vec<OwnedFd>,
+) -> Result<Arc<Terminal>, String> {
+    if info.fds != FdLayout::Pty || fds.len() != 2 {
+        return Err("a terminal needs a pty".into());
+    }
+    let mut fds = fds.into_iter();
+    let _control = fds.next();
+    let master = fds.next().expect("two fds");
+    let input =
+        FdWriter::new(master.try_clone().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let reader = FdReader::new(master).map_err(|e| e.to_string())?;
+    let (cols, rows) = match sys::window_size(input.raw()) {
+        Ok((r, c)) if r > 0 && c > 0 => (c, r),
+        _ => (row.cols, row.rows),
+    };
+    let terminal = Arc::new(Terminal {
+        id: row.terminal_id.clone(),
+        owner: row.owner,
+        unix_user: row.unix_user,
+        handle: info.handle,
+        pid: info.pid,
+        command: row.command,
+        cwd: row.cwd,
+        started_at: row.started_at,
+        inner: Mutex::new(Inner {
+            ring: VecDeque::new(),
+            ring_start: 0,
+            cols,
+            rows,
+            viewers: HashMap::new(),
+            exit: None,
+            drained: false,
+            last_viewer_left: Some(Instant::now()),
+        }),
+        progress: watch::channel(0).0,
+        credit: Notify::new(),
+        input,
+        ring_bytes: state.config.terminal.ring_bytes,
+        window: state.config.terminal.window_bytes,
+        next_viewer: AtomicU64::new(1),
+    });
+    state
+        .terminals
+        .live
+        .lock()
+        .expect("terminals lock")
+        .insert(terminal.id.clone(), terminal.clone());
+    tokio::spawn(read_loop(terminal.clone(), reader));
+    tokio::spawn(lifecycle(state.clone(), terminal.clone()));
+    Ok(terminal)
+}
+
+/// PTY master → ring, pausing while a writing viewer is out of credit.
+async fn read_loop(terminal: Arc<Terminal>, reader: FdReader) {
+    let mut buf = vec![0u8; MAX_FRAME_BYTES];
+    loop {
+        loop {
+            let notified = terminal.credit.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !terminal.out_of_credit() {
+                break;
+            }
+            notified.await;
+        }
+        let mut filled = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Take whatever else is ready now, up to one frame: fewer, larger frames.
+        let mut ended = false;
+        while filled < buf.len() {
+            match reader.try_read(&mut buf[filled..]) {
+                Ok(Some(0)) => {
+                    ended = true;
+                    break;
+                }
+                Ok(Some(n)) => filled += n,
+                Ok(None) => break,
+                Err(_) => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        terminal.append(&buf[..filled]);
+        if ended {
+            break;
+        }
+    }
+    terminal.inner.lock().expect("terminal lock").drained = true;
+    terminal.bump();
+}
+
+/// Waits for the program's exit, makes sure the output is drained (killing what holds the
+/// PTY open past the timeout), records the end and releases the broker's handle. Also
+/// ends a terminal idle for too long.
+async fn lifecycle(state: Arc<AppState>, terminal: Arc<Terminal>) {
+    let Some(mut exit_rx) = state.processes.exit_watch(terminal.handle) else {
+        warn!(terminal = %terminal.id, "terminal handle not tracked");
+        return;
+    };
+    let idle = state.config.terminal.idle_timeout_secs;
+    let status = loop {
+        let check = tokio::time::sleep(Duration::from_secs(if idle > 0 {
+            idle.min(5)
+        } else {
+            3600
+        }));
+        let exited = tokio::select! {
+            r = exit_rx.wait_for(|s| s.is_some()) => Some(r.ok().and_then(|s| *s)),
+            _ = check => None,
+        };
+        if let Some(status) = exited {
+            break status;
+        }
+        let idle_since = terminal
+            .inner
+            .lock()
+            .expect("terminal lock")
+            .last_viewer_left;
+        if idle > 0 && idle_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(idle)) {
+            info!(terminal = %terminal.id, "idle timeout: ending the terminal");
+            hang_up(&state, &terminal).await;
+        }
+    };
+    let exit = match status {
+        Some(ExitStatus::Code(c)) => Exit::Code(c),
+        Some(ExitStatus::Signal(s)) => Exit::Signal(s),
+        None => Exit::Signal(0),
+    };
+    terminal.inner.lock().expect("terminal lock").exit = Some(exit);
+    let mut progress = terminal.progress.subscribe();
+    let drained = |t: &Terminal| t.inner.lock().expect("terminal lock").drained;
+    let drain = Duration::from_millis(state.config.terminal.drain_timeout_ms);
+    let waited = tokio::time::timeout(drain, async {
+        while !drained(&terminal) {
+            let _ = progress.changed().await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        // Processes it left behind keep the PTY open: end them.
+        let _ = state
+            .link
+            .request(RequestBody::Kill {
+                handle: terminal.handle,
+                signal: Signal::Kill,
+            })
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while !drained(&terminal) {
+                let _ = progress.changed().await;
+            }
+        })
+        .await;
+        terminal.inner.lock().expect("terminal lock").drained = true;
+    }
+    terminal.bump();
+    let (code, signal) = match exit {
+        Exit::Code(c) => (Some(c), None),
+        Exit::Signal(s) => (None, Some(s)),
+    };
+    if let Err(e) = state.store.terminal_ended(&terminal.id, code, signal).await {
+        warn!(terminal = %terminal.id, "cannot record the end: {e}");
+    }
+    let _ = state
+        .link
+        .request(RequestBody::Release {
+            handle: terminal.handle,
+        })
+        .await;
+    state.processes.finish(terminal.handle);
+    info!(terminal = %terminal.id, ?exit, "terminal ended");
+}
+
+/// SIGHUP, then SIGTERM, then SIGKILL to the terminal's process group, a second apart,
+/// until it has exited.
+async fn hang_up(state: &AppState, terminal: &Terminal) {
+    let Some(mut exit_rx) = state.processes.exit_watch(terminal.handle) else {
+        return;
+    };
+    for signal in [Signal::Hup, Signal::Term, Signal::Kill] {
+        if exit_rx.borrow().is_some() {
+            return;
+        }
+        let _ = state
+            .link
+            .request(RequestBody::Kill {
+                handle: terminal.handle,
+                signal,
+            })
+            .await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), exit_rx.wait_for(|s| s.is_some())).await;
+    }
+}
+
+async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (principal, _) = authenticate(&state, &headers).await?;
+    let all: Vec<Arc<Terminal>> = state
+        .terminals
+        .live
+        .lock()
+        .expect("terminals lock")
+        .values()
+        .cloned()
+        .collect();
+    let mut views: Vec<TerminalView> = all
+        .iter()
+        .filter(|t| principal.is_admin() || t.owner == principal.name())
+        .map(|t| t.view())
+        .collect();
+    views.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+    Ok(Json(views).into_response())
+}
+
+async fn show(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (principal, _) = authenticate(&state, &headers).await?;
+    Ok(Json(state.terminals.visible(&principal, &id)?.view()).into_response())
+}
+
+async fn delete(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (principal, _) = authenticate(&state, &headers).await?;
+    let terminal = state.terminals.visible(&principal, &id)?;
+    hang_up(&state, &terminal).await;
+    // Let the lifecycle record the end and release the handle.
+    let mut progress = terminal.progress.subscribe();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while !terminal.finished() {
+            let _ = progress.changed().await;
+        }
+    })
+    .await;
+    state
+        .terminals
+        .live
+        .lock()
+        .expect("terminals lock")
+        .remove(&id);
+    let _ = state.store.delete_terminal(&id).await;
+    info!(terminal = %id, by = %principal.name(), "terminal deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn ticket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (principal, _) = authenticate(&state, &headers).await?;
+    state.terminals.visible(&principal, &id)?;
+    let ticket = new_id();
+    let mut tickets = state.terminals.tickets.lock().expect("tickets lock");
+    tickets.retain(|_, t| t.expires > Instant::now());
+    tickets.insert(
+        ticket.clone(),
+        Ticket {
+            terminal_id: id,
+            principal,
+            expires: Instant::now() + TICKET_TTL,
+        },
+    );
+    Ok(Json(json!({ "ticket": ticket, "expires_in_secs": TICKET_TTL.as_secs() })).into_response())
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    ticket: Option<String>,
+}
+
+/// Whether a browser on `origin` may open a socket here: the daemon's own address (the
+/// request's Host) or a configured origin. Cross-site pages are refused (a WebSocket
+/// upgrade is a GET, and browsers attach credentials to it).
+fn origin_allowed(state: &AppState, headers: &HeaderMap, origin: &str) -> bool {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let same = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        == Some(host);
+    same || state
+        .config
+        .terminal
+        .allowed_origins
+        .iter()
+        .any(|o| o == origin)
+}
+
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<WsQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    if let Some(origin) = origin {
+        if !origin_allowed(&state, &headers, origin) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("origin {origin} may not open terminals"),
+            ));
+        }
+    }
+    // Authenticate before the upgrade: a bearer header, or a browser's one-time ticket.
+    let principal = match &query.ticket {
+        Some(t) => {
+            let ticket = state
+                .terminals
+                .tickets
+                .lock()
+                .expect("tickets lock")
+                .remove(t);
+            match ticket {
+                Some(t) if t.terminal_id == id && t.expires > Instant::now() => t.principal,
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "invalid or expired ticket",
+                    ))
+                }
+            }
+        }
+        None => authenticate(&state, &headers).await?.0,
+    };
+    let terminal = state.terminals.visible(&principal, &id)?;
+    let view_only = query.mode.as_deref() == Some("view");
+    let wants_protocol = headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == SUBPROTOCOL));
+    let upgrade = if wants_protocol {
+        upgrade.protocols([SUBPROTOCOL])
+    } else {
+        upgrade
+    };
+    Ok(upgrade
+        .max_message_size(1 << 20)
+        .on_upgrade(move |socket| viewer(socket, terminal, view_only, state)))
+}
+
+async fn send(socket: &mut WebSocket, frame: ServerFrame) -> bool {
+    socket
+        .send(Message::Binary(frame.encode().into()))
+        .await
+        .is_ok()
+}
+
+/// One viewer: HELLO, then output as credit allows, input and control from the client.
+async fn viewer(
+    mut socket: WebSocket,
+    terminal: Arc<Terminal>,
+    view_only: bool,
+    state: Arc<AppState>,
+) {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.next()).await {
+        Ok(Some(Ok(Message::Binary(b)))) => ClientFrame::decode(&b),
+        _ => Err("no HELLO".to_string()),
+    };
+    let (resume, want_write) = match hello {
+        Ok(ClientFrame::Hello {
+            resume, want_write, ..
+        }) => (resume, want_write),
+        Ok(_) | Err(_) => {
+            let _ = send(
+                &mut socket,
+                ServerFrame::Error {
+                    code: error::BAD_FRAME,
+                    message: "HELLO must come first".into(),
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    let can_write = want_write && !view_only;
+    let id = terminal.next_viewer.fetch_add(1, Ordering::SeqCst);
+    let (mut sent, welcome) = {
+        let mut inner = terminal.inner.lock().expect("terminal lock");
+        let end = inner.end();
+        let start = if resume == FROM_NOW || resume > end {
+            end
+        } else {
+            resume
+        };
+        let acked = start.max(inner.ring_start).min(end);
+        inner.viewers.insert(id, Viewer { acked, can_write });
+        inner.last_viewer_left = None;
+        let exit = if inner.drained { inner.exit } else { None };
+        let welcome = ServerFrame::Welcome {
+            can_write,
+            window: terminal.window,
+            oldest: inner.ring_start,
+            current: end,
+            cols: inner.cols,
+            rows: inner.rows,
+            exit,
+        };
+        (start, welcome)
+    };
+    let mut progress = terminal.progress.subscribe();
+    let mut size_sent = (0u16, 0u16);
+    let mut ok = send(&mut socket, welcome).await;
+    let mut read_only_warned = false;
+    // Has this viewer been sent output yet (a viewer that falls behind while streaming
+    // gets only the recent tail after its reset; one that attaches late gets all kept).
+    let mut streaming = false;
+    while ok {
+        // Send what credit allows.
+        let (frames, size, done) = {
+            let mut inner = terminal.inner.lock().expect("terminal lock");
+            let mut frames = Vec::new();
+            if sent < inner.ring_start {
+                // What it missed is gone: a reset, then what is kept (all of it on a
+                // (re)attach, the recent tail for a viewer that fell behind).
+                let from = if streaming {
+                    inner
+                        .end()
+                        .saturating_sub(CATCH_UP_BYTES)
+                        .max(inner.ring_start)
+                } else {
+                    inner.ring_start
+                };
+                frames.push(ServerFrame::Snapshot {
+                    offset: from,
+                    cols: inner.cols,
+                    rows: inner.rows,
+                    bytes: b"\x1bc".to_vec(),
+                });
+                sent = from;
+                if let Some(v) = inner.viewers.get_mut(&id) {
+                    v.acked = v.acked.max(from);
+                }
+            }
+            let acked = inner.viewers.get(&id).map_or(sent, |v| v.acked);
+            let end = inner.end();
+            while sent < end && sent - acked < terminal.window as u64 {
+                let room = (terminal.window as u64 - (sent - acked)).min(MAX_FRAME_BYTES as u64);
+                let len = (end - sent).min(room) as usize;
+                let at = (sent - inner.ring_start) as usize;
+                let bytes: Vec<u8> = inner.ring.range(at..at + len).copied().collect();
+                frames.push(ServerFrame::Output {
+                    offset: sent,
+                    bytes,
+                });
+                sent += len as u64;
+                streaming = true;
+            }
+            let done = inner.drained && inner.exit.is_some() && sent == inner.end();
+            (
+                frames,
+                (inner.cols, inner.rows),
+                done.then_some(inner.exit).flatten(),
+            )
+        };
+        for f in frames {
+            if !send(&mut socket, f).await {
+                ok = false;
+                break;
+            }
+        }
+        if !ok {
+            break;
+        }
+        if size != size_sent {
+            size_sent = size;
+            ok = send(
+                &mut socket,
+                ServerFrame::Size {
+                    cols: size.0,
+                    rows: size.1,
+                },
+            )
+            .await;
+        }
+        if let Some(exit) = done {
+            // All output is out: EXIT, our close, then the client's close (closing early
+            // makes browsers drop the tail).
+            let _ = send(&mut socket, ServerFrame::Exit(exit)).await;
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: 1000,
+                    reason: "exited".into(),
+                })))
+                .await;
+            let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                while let Some(Ok(m)) = socket.next().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+            break;
+        }
+        tokio::select! {
+            msg = socket.next() => match msg {
+                Some(Ok(Message::Binary(b))) => match ClientFrame::decode(&b) {
+                    Ok(frame) => {
+                        if let Err(e) = handle(&state, &terminal, id, can_write, frame, &mut socket, &mut read_only_warned).await {
+                            warn!(terminal = %terminal.id, "viewer: {e}");
+                            ok = false;
+                        }
+                    }
+                    Err(e) => {
+                        ok = send(&mut socket, ServerFrame::Error { code: error::BAD_FRAME, message: e }).await;
+                    }
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Text(_))) => {
+                    ok = send(&mut socket, ServerFrame::Error { code: error::BAD_FRAME, message: "binary frames only".into() }).await;
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => ok = false,
+            },
+            _ = progress.changed() => {}
+        }
+    }
+    let mut inner = terminal.inner.lock().expect("terminal lock");
+    inner.viewers.remove(&id);
+    if inner.viewers.is_empty() {
+        inner.last_viewer_left = Some(Instant::now());
+    }
+    drop(inner);
+    terminal.credit.notify_one();
+}
+
+async fn handle(
+    state: &AppState,
+    terminal: &Terminal,
+    id: u64,
+    can_write: bool,
+    frame: ClientFrame,
+    socket: &mut WebSocket,
+    read_only_warned: &mut bool,
+) -> Result<(), String> {
+    let refuse_read_only = |warned: &mut bool| {
+        let first = !*warned;
+        *warned = true;
+        first.then(|| ServerFrame::Error {
+            code: error::READ_ONLY,
+            message: "this viewer is read-only".into(),
+        })
+    };
+    match frame {
+        ClientFrame::Hello { .. } => {}
+        ClientFrame::Ack { consumed } => {
+            let mut inner = terminal.inner.lock().expect("terminal lock");
+            let end = inner.end();
+            if let Some(v) = inner.viewers.get_mut(&id) {
+                v.acked = v.acked.max(consumed.min(end));
+            }
+            drop(inner);
+            terminal.credit.notify_one();
+        }
+        ClientFrame::Input(bytes) if can_write => {
+            terminal
+                .input
+                .write_all(&bytes)
+                .await
+                .map_err(|e| format!("input: {e}"))?;
+        }
+        ClientFrame::Resize { cols, rows } if can_write => {
+            let (cols, rows) = (cols.clamp(1, 4096), rows.clamp(1, 4096));
+            sys::set_window_size(terminal.input.raw().as_fd(), rows, cols)
+                .map_err(|e| format!("resize: {e}"))?;
+            let mut inner = terminal.inner.lock().expect("terminal lock");
+            (inner.cols, inner.rows) = (cols, rows);
+            drop(inner);
+            terminal.bump();
+        }
+        ClientFrame::Signal(sig) if can_write => {
+            // Keyboard signals go through the line discipline, to the foreground job,
+            // as a real keyboard would; the others to the terminal's process group.
+            let key = match sig as i32 {
+                libc::SIGINT => Some(0x03),
+                libc::SIGQUIT => Some(0x1c),
+                libc::SIGTSTP => Some(0x1a),
+                _ => None,
+            };
+            let signal = match sig as i32 {
+                libc::SIGHUP => Some(Signal::Hup),
+                libc::SIGTERM => Some(Signal::Term),
+                libc::SIGKILL => Some(Signal::Kill),
+                libc::SIGCONT => Some(Signal::Cont),
+                libc::SIGWINCH => Some(Signal::Winch),
+                _ => None,
+            };
+            if let Some(k) = key {
+                terminal
+                    .input
+                    .write_all(&[k])
+                    .await
+                    .map_err(|e| format!("input: {e}"))?;
+            } else if let Some(s) = signal {
+                let _ = state
+                    .link
+                    .request(RequestBody::Kill {
+                        handle: terminal.handle,
+                        signal: s,
+                    })
+                    .await;
+            } else {
+                send(
+                    socket,
+                    ServerFrame::Error {
+                        code: error::SIGNAL_REFUSED,
+                        message: format!("signal {sig} is not allowed"),
+                    },
+                )
+                .await;
+            }
+        }
+        ClientFrame::Input(_) | ClientFrame::Resize { .. } | ClientFrame::Signal(_) => {
+            if let Some(f) = refuse_read_only(read_only_warned) {
+                send(socket, f).await;
+            }
+        }
+        ClientFrame::Ping(t) => {
+            send(socket, ServerFrame::Pong(t)).await;
+        }
+    }
+    Ok(())
+}
+
+/// After a restart: terminals the previous daemon served whose PTYs the broker still holds
+/// are served again; the others are recorded as ended. Returns the adopted handles that
+/// belong to no terminal.
+pub async fn recover(
+    state: &Arc<AppState>,
+    mut adopted: Vec<(HandleInfo, Vec<OwnedFd>)>,
+) -> Vec<(HandleInfo, Vec<OwnedFd>)> {
+    let rows = match state.store.live_terminals().await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("cannot read terminals: {e}");
+            return adopted;
+        }
+    };
+    for row in rows {
+        let Some(position) = adopted
+            .iter()
+            .position(|(info, _)| info.handle.0 == row.handle)
+        else {
+            let _ = state
+                .store
+                .terminal_ended(&row.terminal_id, None, None)
+                .await;
+            continue;
+        };
+        let (info, fds) = adopted.swap_remove(position);
+        let id = row.terminal_id.clone();
+        match start(state, row, &info, fds) {
+            Ok(_) => info!(terminal = %id, handle = info.handle.0, "took a terminal back"),
+            Err(e) => warn!(terminal = %id, "cannot take the terminal back: {e}"),
+        }
+    }
+    adopted
+}
