@@ -135,17 +135,15 @@ impl Viewer {
             rows: 24,
             want_write,
         });
-        loop {
-            match self.next(Duration::from_secs(10)) {
-                Some(w @ ServerFrame::Welcome { .. }) => {
-                    if let ServerFrame::Welcome { current, .. } = w {
-                        self.offset = if resume == FROM_NOW { current } else { resume };
-                    }
-                    return w;
+        match self.next(Duration::from_secs(10)) {
+            Some(w @ ServerFrame::Welcome { .. }) => {
+                if let ServerFrame::Welcome { current, .. } = w {
+                    self.offset = if resume == FROM_NOW { current } else { resume };
                 }
-                Some(other) => panic!("expected WELCOME, got {other:?}"),
-                None => panic!("no WELCOME"),
+                w
             }
+            Some(other) => panic!("expected WELCOME, got {other:?}"),
+            None => panic!("no WELCOME"),
         }
     }
 
