@@ -171,6 +171,20 @@ fn ensure_dir(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), String> 
     Ok(())
 }
 
+/// The broker keeps two or three fds per live handle (for a daemon that restarts), so it
+/// takes all the open files its hard limit allows. Its children get their own limits.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => info!(from = soft, to = hard, "raised the broker's open-file limit"),
+                Err(e) => warn!("cannot raise the open-file limit from {soft}: {e}"),
+            }
+        }
+    }
+}
+
 /// Opens a program to run later with `execveat`, so what was checked is what runs.
 fn open_program(path: &Path) -> Result<OwnedFd, String> {
     let file = OpenOptions::new()
@@ -366,6 +380,7 @@ impl Broker {
             .map(|g| g.gid.as_raw());
         let allowed_gids = resolve_gids(&policy.allow_groups);
 
+        raise_fd_limit();
         if euid == 0 {
             drop_capabilities()?;
         }
