@@ -9,7 +9,7 @@
 # service user `stoa` and the group `stoa-users` removed again if this run created them,
 # the broker it started stopped. Tools it installs stay (cargo-deb and cargo-generate-rpm in
 # ~/.cargo/bin; lintian, rpm, rpmlint from apt) so a later run finds them.
-# packaging/test-in-systemd.sh is the same story under a real systemd (not run here).
+# Then it runs packaging/test-in-systemd.sh: the same story under a real systemd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -138,8 +138,9 @@ cargo generate-rpm --version
 # ---------------------------------------------------------------------------------------
 phase "build (packaging/build.sh)"
 packaging/build.sh
-DEB=$(ls target/packaging/debian/stoa_*.deb)
-RPM=$(ls target/packaging/generate-rpm/stoa-*.rpm)
+cp target/packaging/debian/stoa_*.deb target/packaging/generate-rpm/stoa-*.rpm "$WORK/"
+DEB=$(ls "$WORK"/stoa_*.deb)
+RPM=$(ls "$WORK"/stoa-*.rpm)
 phase "built $DEB and $RPM"
 
 # ---------------------------------------------------------------------------------------
@@ -333,3 +334,13 @@ if [ "$created_service_user" = yes ]; then
 fi
 if [ "$created_group" = yes ]; then groupdel stoa-users; created_group=no; fi
 check "test user gone" sh -c "! getent passwd $TEST_USER >/dev/null && ! test -e /home/$TEST_USER"
+
+# ---------------------------------------------------------------------------------------
+# The same package under a real systemd, in a container (about 50 s, most of it debootstrap
+# from the Debian mirror). STOA_CI_SKIP_NSPAWN=1 skips it.
+if [ "${STOA_CI_SKIP_NSPAWN:-0}" = 1 ]; then
+	phase "test-in-systemd.sh skipped (STOA_CI_SKIP_NSPAWN=1)"
+else
+	phase "packaging/test-in-systemd.sh"
+	packaging/test-in-systemd.sh "$DEB"
+fi
