@@ -783,10 +783,14 @@ mod tests {
             state_dir: INSTALLED_DAEMON_STATE.into(),
             ..DaemonConfig::default()
         };
-        let mut commented: DaemonConfig = toml::from_str(text).unwrap();
+        let mut commented = DaemonConfig::parse(text).unwrap();
         commented.state_dir = INSTALLED_DAEMON_STATE.into();
         assert_eq!(commented, expected);
-        let all: DaemonConfig = toml::from_str(&uncommented(text)).unwrap();
+        let all = DaemonConfig::parse(&uncommented(text)).unwrap();
+        let expected = DaemonConfig {
+            web_dir: Some("/usr/share/stoa/web".into()),
+            ..expected
+        };
         assert_eq!(all, expected, "every commented value is the default");
     }
 }
