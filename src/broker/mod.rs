@@ -10,6 +10,7 @@
 //! and only the invoking user may be run.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod credentials;
 pub mod link;
 pub mod notify;
@@ -106,6 +107,7 @@ struct Broker {
     notifier: notify::Notifier,
     /// systemd was told READY=1 (only the first daemon's Ready does that).
     announced: bool,
+    audit: audit::Audit,
 }
 
 /// Runs the broker until SIGTERM/SIGINT.
@@ -178,7 +180,11 @@ fn raise_fd_limit() {
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard {
             match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                Ok(()) => info!(from = soft, to = hard, "raised the broker's open-file limit"),
+                Ok(()) => info!(
+                    from = soft,
+                    to = hard,
+                    "raised the broker's open-file limit"
+                ),
                 Err(e) => warn!("cannot raise the open-file limit from {soft}: {e}"),
             }
         }
@@ -342,6 +348,15 @@ impl Broker {
         policy::check_trusted_path(&policy.state_dir, euid)?;
         let (credentials, token_path, created) =
             credentials::Credentials::load_or_create(&policy.state_dir, euid)?;
+        let audit_path = policy
+            .audit_log
+            .clone()
+            .unwrap_or_else(|| policy.state_dir.join("audit.jsonl"));
+        let mut audit = audit::Audit::open(&audit_path, euid)?;
+        audit.record(
+            "broker_start",
+            serde_json::json!({ "pid": std::process::id(), "isolation": euid == 0 }),
+        );
         if created {
             info!(path = %token_path.display(), "created the admin token");
             eprintln!("stoa: admin token written to {}", token_path.display());
@@ -419,6 +434,7 @@ impl Broker {
             shutting_down: false,
             notifier: notify::Notifier::from_env(),
             announced: false,
+            audit,
         })
     }
 
@@ -548,8 +564,18 @@ impl Broker {
             return;
         };
         entry.info.exited = Some(status);
-        info!(handle = handle.0, pid, user = %entry.info.unix_user, ?status, "executor exited");
-        if entry.released {
+        let user = entry.info.unix_user.clone();
+        let released = entry.released;
+        info!(handle = handle.0, pid, user = %user, ?status, "executor exited");
+        let (code, signal) = match status {
+            ExitStatus::Code(c) => (Some(c), None),
+            ExitStatus::Signal(s) => (None, Some(s)),
+        };
+        self.audit.record(
+            "exit",
+            serde_json::json!({ "handle": handle.0, "pid": pid, "unix_user": user, "code": code, "signal": signal }),
+        );
+        if released {
             self.entries.remove(&handle);
             return;
         }
@@ -619,6 +645,8 @@ impl Broker {
         match result {
             Ok(d) => {
                 info!(pid = d.pid, "daemon started");
+                self.audit
+                    .record("daemon_start", serde_json::json!({ "pid": d.pid }));
                 self.daemon = Some(d);
             }
             Err(e) => {
@@ -641,6 +669,10 @@ impl Broker {
     fn daemon_gone(&mut self, reason: &str, reaped: bool) {
         let Some(d) = self.daemon.take() else { return };
         warn!(pid = d.pid, "daemon down: {reason}");
+        self.audit.record(
+            "daemon_down",
+            serde_json::json!({ "pid": d.pid, "reason": reason }),
+        );
         if !reaped {
             let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGKILL);
             let _ = waitpid(Pid::from_raw(d.pid), None);
@@ -657,6 +689,11 @@ impl Broker {
             LinkError::Io(e) => self.daemon_gone(&format!("link error: {e}"), false),
             LinkError::Violation(what) => {
                 error!(violation = %what, "PROTOCOL VIOLATION by the daemon; dropping the link and restarting it");
+                let pid = self.daemon.as_ref().map(|d| d.pid);
+                self.audit.record(
+                    "violation",
+                    serde_json::json!({ "what": what, "daemon_pid": pid }),
+                );
                 self.daemon_gone("protocol violation", false);
             }
         }
@@ -724,7 +761,39 @@ impl Broker {
                     None => error_reply(ErrorKind::Unauthorized, "invalid credential"),
                 }
             }
-            RequestBody::Spawn(req) => self.spawn(req),
+            RequestBody::Spawn(req) => {
+                let mut record = serde_json::json!({
+                    "unix_user": req.unix_user,
+                    "program": match &req.program {
+                        Program::Exec { argv } => serde_json::json!({ "exec": argv }),
+                        Program::Shell => serde_json::json!("shell"),
+                    },
+                    "cwd": req.cwd,
+                    "tty": req.tty.is_some(),
+                    "secrets": req.secrets,
+                });
+                record["api_user"] = serde_json::json!(self
+                    .credentials
+                    .verify(&req.credential)
+                    .map(|p| p.name().to_string()));
+                let reply = self.spawn(req);
+                match &reply.0 {
+                    ReplyBody::Spawned(info) => {
+                        record["handle"] = serde_json::json!(info.handle.0);
+                        record["pid"] = serde_json::json!(info.pid);
+                        self.audit.record("spawn", record);
+                    }
+                    ReplyBody::Error(e) => {
+                        record["error"] = serde_json::json!(e.message);
+                        if let ErrorKind::Refused { rule } = &e.kind {
+                            record["rule"] = serde_json::json!(rule);
+                        }
+                        self.audit.record("refused", record);
+                    }
+                    _ => {}
+                }
+                reply
+            }
             RequestBody::CheckDir {
                 credential,
                 unix_user,
@@ -741,7 +810,14 @@ impl Broker {
             RequestBody::ListSecrets { credential } => self.list_secrets(&credential),
             RequestBody::Kill { handle, signal } => {
                 let entry = self.live_entry(handle)?;
-                self.signal_group(entry.info.uid, entry.info.pid, signal)
+                let (uid, pid, user) =
+                    (entry.info.uid, entry.info.pid, entry.info.unix_user.clone());
+                let reply = self.signal_group(uid, pid, signal);
+                self.audit.record(
+                    "signal",
+                    serde_json::json!({ "handle": handle.0, "pid": pid, "unix_user": user, "signal": format!("{signal:?}") }),
+                );
+                reply
             }
             RequestBody::Release { handle } => {
                 let entry = self.entries.get_mut(&handle).filter(|e| !e.released);
@@ -940,6 +1016,15 @@ impl Broker {
         match result {
             Ok(true) => {
                 info!(user = %owner, secret = %name, deleted = deleting, "secret changed");
+                let event = if deleting {
+                    "secret_deleted"
+                } else {
+                    "secret_set"
+                };
+                self.audit.record(
+                    event,
+                    serde_json::json!({ "unix_user": owner, "name": name }),
+                );
                 (ReplyBody::Done, Vec::new())
             }
             Ok(false) => error_reply(ErrorKind::BadRequest, format!("no secret named {name}")),

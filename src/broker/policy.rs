@@ -62,8 +62,10 @@ pub struct Policy {
     /// not exist, `stoa-executor` beside the `stoa` binary. Either way it must be owned by
     /// root and writable by nobody else, up to `/`.
     pub executor_path: Option<PathBuf>,
-    /// The broker's own root-only directory (admin token).
+    /// The broker's own root-only directory (admin token, users, audit log).
     pub state_dir: PathBuf,
+    /// The audit log (JSON lines, root-only). Unset: `audit.jsonl` in `state_dir`.
+    pub audit_log: Option<PathBuf>,
     pub allow_groups: Vec<String>,
     pub min_uid: u32,
     pub max_uid: u32,
@@ -88,6 +90,7 @@ impl Default for Policy {
             service_user: "stoa".into(),
             executor_path: None,
             state_dir: crate::config::default_broker_state_dir(),
+            audit_log: None,
             allow_groups: vec!["stoa-users".into()],
             min_uid: 1000,
             max_uid: 4_294_967_293,

@@ -36,6 +36,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
     ),
     ("single_user_mode_without_root", single_user_mode),
     ("systemd_readiness_and_stopping", systemd_notify),
+    (
+        "audit_log_records_spawns_refusals_exits_violations",
+        audit_log,
+    ),
 ];
 
 fn stdout(v: &Value) -> String {
@@ -697,5 +701,60 @@ fn systemd_notify() -> Result<(), Failed> {
     let n = sock.recv(&mut buf)?;
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+fn audit_log() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    stoa.sh(ALICE, "true");
+    stoa.sh(BOB, "exit 3");
+    let (status, _) = stoa.exec(json!({ "unix_user": "root", "argv": ["id"] }));
+    assert_eq!(status, 403);
+    let daemon = stoa.daemon_pid().expect("daemon");
+    let link = UnixStream::from(sys::pidfd_getfd(daemon, 3)?);
+    (&link).write_all(&[0, 0, 0, 2, 9, 200])?;
+    stoa.wait_new_daemon(daemon);
+    let path = stoa.dir.join("broker/audit.jsonl");
+    assert_eq!(
+        run("stat", &["-c", "%U %a", path.to_str().unwrap()]).trim(),
+        "root 600"
+    );
+    let records: Vec<Value> = std::fs::read_to_string(&path)?
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every audit line is JSON"))
+        .collect();
+    let of = |event: &str| {
+        records
+            .iter()
+            .filter(|r| r["event"] == event)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let spawns = of("spawn");
+    assert_eq!(spawns.len(), 2, "{records:?}");
+    assert_eq!(spawns[0]["unix_user"], ALICE);
+    assert_eq!(spawns[0]["api_user"], "admin");
+    assert_eq!(spawns[0]["program"]["exec"], json!(["sh", "-c", "true"]));
+    assert!(spawns[0]["pid"].as_i64().is_some() && spawns[0]["handle"].as_i64().is_some());
+    let exits = of("exit");
+    assert_eq!(exits.len(), 2, "{records:?}");
+    assert!(exits
+        .iter()
+        .any(|e| e["unix_user"] == BOB && e["code"] == 3));
+    let refused = of("refused");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(
+        (refused[0]["unix_user"].clone(), refused[0]["rule"].clone()),
+        (json!("root"), json!("root"))
+    );
+    assert_eq!(of("violation").len(), 1);
+    assert!(
+        of("violation")[0]["what"]
+            .as_str()
+            .unwrap_or("")
+            .contains("variant"),
+        "{records:?}"
+    );
+    assert_eq!(of("daemon_start").len(), 2);
     Ok(())
 }
