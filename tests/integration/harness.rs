@@ -43,13 +43,32 @@ pub fn uid_of(user: &str) -> u32 {
     run("id", &["-u", user]).trim().parse().expect("uid")
 }
 
-/// The users every test shares; removed (with their processes and homes) on drop.
+/// The users every test shares; removed (with their processes and homes) on drop. A run
+/// holds a machine-wide lock meanwhile: two runs sharing these users would kill each
+/// other's processes.
 pub struct TestUsers {
     created_group: bool,
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 impl TestUsers {
     pub fn create() -> TestUsers {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/run/stoa-integration-tests.lock")
+            .expect("lock file");
+        let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            Ok(l) => l,
+            Err((file, _)) => {
+                eprintln!("stoa integration tests: another run holds /run/stoa-integration-tests.lock; waiting");
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                    .map_err(|(_, e)| e)
+                    .expect("lock")
+            }
+        };
         let created_group = Command::new("getent")
             .args(["group", GROUP])
             .output()
@@ -74,7 +93,10 @@ impl TestUsers {
             run("useradd", &args);
             run("chmod", &["0700", &format!("/home/{user}")]);
         }
-        TestUsers { created_group }
+        TestUsers {
+            created_group,
+            _lock: lock,
+        }
     }
 }
 
