@@ -33,10 +33,20 @@ pub const FROM_NOW: u64 = u64::MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
-    Hello { resume: u64, cols: u16, rows: u16, want_write: bool },
+    Hello {
+        resume: u64,
+        cols: u16,
+        rows: u16,
+        want_write: bool,
+    },
     Input(Vec<u8>),
-    Resize { cols: u16, rows: u16 },
-    Ack { consumed: u64 },
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    Ack {
+        consumed: u64,
+    },
     Signal(u8),
     Ping(u64),
 }
@@ -49,13 +59,35 @@ pub enum Exit {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerFrame {
-    Welcome { can_write: bool, window: u32, oldest: u64, current: u64, cols: u16, rows: u16, exit: Option<Exit> },
-    Output { offset: u64, bytes: Vec<u8> },
-    Snapshot { offset: u64, cols: u16, rows: u16, bytes: Vec<u8> },
-    Size { cols: u16, rows: u16 },
+    Welcome {
+        can_write: bool,
+        window: u32,
+        oldest: u64,
+        current: u64,
+        cols: u16,
+        rows: u16,
+        exit: Option<Exit>,
+    },
+    Output {
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    Snapshot {
+        offset: u64,
+        cols: u16,
+        rows: u16,
+        bytes: Vec<u8>,
+    },
+    Size {
+        cols: u16,
+        rows: u16,
+    },
     Exit(Exit),
     Pong(u64),
-    Error { code: u16, message: String },
+    Error {
+        code: u16,
+        message: String,
+    },
 }
 
 /// Error codes in ERROR frames.
@@ -82,16 +114,24 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, String> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn i32(&mut self) -> Result<i32, String> {
-        Ok(i32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(i32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn rest(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.bytes).to_vec()
@@ -110,9 +150,17 @@ impl ClientFrame {
         let (&kind, body) = frame.split_first().ok_or("empty frame")?;
         let mut r = Reader { bytes: body };
         let f = match kind {
-            0x01 => ClientFrame::Hello { resume: r.u64()?, cols: r.u16()?, rows: r.u16()?, want_write: r.u8()? != 0 },
+            0x01 => ClientFrame::Hello {
+                resume: r.u64()?,
+                cols: r.u16()?,
+                rows: r.u16()?,
+                want_write: r.u8()? != 0,
+            },
             0x02 => return Ok(ClientFrame::Input(r.rest())),
-            0x03 => ClientFrame::Resize { cols: r.u16()?, rows: r.u16()? },
+            0x03 => ClientFrame::Resize {
+                cols: r.u16()?,
+                rows: r.u16()?,
+            },
             0x04 => ClientFrame::Ack { consumed: r.u64()? },
             0x05 => ClientFrame::Signal(r.u8()?),
             0x06 => ClientFrame::Ping(r.u64()?),
@@ -125,7 +173,12 @@ impl ClientFrame {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
-            ClientFrame::Hello { resume, cols, rows, want_write } => {
+            ClientFrame::Hello {
+                resume,
+                cols,
+                rows,
+                want_write,
+            } => {
                 out.push(0x01);
                 out.extend(resume.to_le_bytes());
                 out.extend(cols.to_le_bytes());
@@ -176,7 +229,15 @@ impl ServerFrame {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
-            ServerFrame::Welcome { can_write, window, oldest, current, cols, rows, exit } => {
+            ServerFrame::Welcome {
+                can_write,
+                window,
+                oldest,
+                current,
+                cols,
+                rows,
+                exit,
+            } => {
                 out.push(0x81);
                 out.push(u8::from(*can_write));
                 out.extend(window.to_le_bytes());
@@ -194,7 +255,12 @@ impl ServerFrame {
                 out.extend(offset.to_le_bytes());
                 out.extend(bytes);
             }
-            ServerFrame::Snapshot { offset, cols, rows, bytes } => {
+            ServerFrame::Snapshot {
+                offset,
+                cols,
+                rows,
+                bytes,
+            } => {
                 out.push(0x83);
                 out.extend(offset.to_le_bytes());
                 out.extend(cols.to_le_bytes());
@@ -228,22 +294,56 @@ impl ServerFrame {
         let mut r = Reader { bytes: body };
         let f = match kind {
             0x81 => {
-                let (can_write, window, oldest, current, cols, rows) =
-                    (r.u8()? != 0, r.u32()?, r.u64()?, r.u64()?, r.u16()?, r.u16()?);
-                let exit = if r.bytes.is_empty() { None } else { Some(decode_exit(&mut r)?) };
-                ServerFrame::Welcome { can_write, window, oldest, current, cols, rows, exit }
+                let (can_write, window, oldest, current, cols, rows) = (
+                    r.u8()? != 0,
+                    r.u32()?,
+                    r.u64()?,
+                    r.u64()?,
+                    r.u16()?,
+                    r.u16()?,
+                );
+                let exit = if r.bytes.is_empty() {
+                    None
+                } else {
+                    Some(decode_exit(&mut r)?)
+                };
+                ServerFrame::Welcome {
+                    can_write,
+                    window,
+                    oldest,
+                    current,
+                    cols,
+                    rows,
+                    exit,
+                }
             }
-            0x82 => return Ok(ServerFrame::Output { offset: r.u64()?, bytes: r.rest() }),
+            0x82 => {
+                return Ok(ServerFrame::Output {
+                    offset: r.u64()?,
+                    bytes: r.rest(),
+                })
+            }
             0x83 => {
                 let (offset, cols, rows) = (r.u64()?, r.u16()?, r.u16()?);
-                return Ok(ServerFrame::Snapshot { offset, cols, rows, bytes: r.rest() });
+                return Ok(ServerFrame::Snapshot {
+                    offset,
+                    cols,
+                    rows,
+                    bytes: r.rest(),
+                });
             }
-            0x84 => ServerFrame::Size { cols: r.u16()?, rows: r.u16()? },
+            0x84 => ServerFrame::Size {
+                cols: r.u16()?,
+                rows: r.u16()?,
+            },
             0x85 => ServerFrame::Exit(decode_exit(&mut r)?),
             0x86 => ServerFrame::Pong(r.u64()?),
             0x87 => {
                 let code = r.u16()?;
-                return Ok(ServerFrame::Error { code, message: String::from_utf8_lossy(&r.rest()).into_owned() });
+                return Ok(ServerFrame::Error {
+                    code,
+                    message: String::from_utf8_lossy(&r.rest()).into_owned(),
+                });
             }
             other => return Err(format!("unknown frame type 0x{other:02x}")),
         };
@@ -259,10 +359,18 @@ mod tests {
     #[test]
     fn client_frames_round_trip() {
         for f in [
-            ClientFrame::Hello { resume: FROM_NOW, cols: 80, rows: 24, want_write: true },
+            ClientFrame::Hello {
+                resume: FROM_NOW,
+                cols: 80,
+                rows: 24,
+                want_write: true,
+            },
             ClientFrame::Input(b"ls\r".to_vec()),
             ClientFrame::Input(vec![]),
-            ClientFrame::Resize { cols: 120, rows: 40 },
+            ClientFrame::Resize {
+                cols: 120,
+                rows: 40,
+            },
             ClientFrame::Ack { consumed: 1 << 40 },
             ClientFrame::Signal(2),
             ClientFrame::Ping(7),
@@ -274,7 +382,15 @@ mod tests {
     #[test]
     fn server_frames_round_trip() {
         for f in [
-            ServerFrame::Welcome { can_write: true, window: 2 << 20, oldest: 3, current: 9, cols: 80, rows: 24, exit: None },
+            ServerFrame::Welcome {
+                can_write: true,
+                window: 2 << 20,
+                oldest: 3,
+                current: 9,
+                cols: 80,
+                rows: 24,
+                exit: None,
+            },
             ServerFrame::Welcome {
                 can_write: false,
                 window: 1,
@@ -284,12 +400,23 @@ mod tests {
                 rows: 1,
                 exit: Some(Exit::Signal(9)),
             },
-            ServerFrame::Output { offset: 5, bytes: vec![0xe2, 0x82] },
-            ServerFrame::Snapshot { offset: 5, cols: 80, rows: 24, bytes: b"\x1b[H".to_vec() },
+            ServerFrame::Output {
+                offset: 5,
+                bytes: vec![0xe2, 0x82],
+            },
+            ServerFrame::Snapshot {
+                offset: 5,
+                cols: 80,
+                rows: 24,
+                bytes: b"\x1b[H".to_vec(),
+            },
             ServerFrame::Size { cols: 1, rows: 2 },
             ServerFrame::Exit(Exit::Code(3)),
             ServerFrame::Pong(1),
-            ServerFrame::Error { code: error::READ_ONLY, message: "read-only".into() },
+            ServerFrame::Error {
+                code: error::READ_ONLY,
+                message: "read-only".into(),
+            },
         ] {
             assert_eq!(ServerFrame::decode(&f.encode()), Ok(f));
         }
