@@ -108,6 +108,8 @@ struct Broker {
     /// systemd was told READY=1 (only the first daemon's Ready does that).
     announced: bool,
     audit: audit::Audit,
+    /// Per uid: spawn tokens left and when they were counted.
+    spawn_tokens: HashMap<u32, (f64, Instant)>,
 }
 
 /// Runs the broker until SIGTERM/SIGINT.
@@ -435,6 +437,7 @@ impl Broker {
             notifier: notify::Notifier::from_env(),
             announced: false,
             audit,
+            spawn_tokens: HashMap::new(),
         })
     }
 
@@ -1193,6 +1196,19 @@ impl Broker {
                 .to_string(),
             );
         }
+        if !self.take_spawn_token(account.uid) {
+            return error_reply(
+                ErrorKind::Quota,
+                Refusal::new(
+                    "spawn-rate",
+                    format!(
+                        "'{}' is spawning faster than {}/s (burst {})",
+                        account.name, self.policy.spawn_rate_per_sec, self.policy.spawn_burst
+                    ),
+                )
+                .to_string(),
+            );
+        }
         if self.entries.len() >= self.policy.max_executors_total {
             return error_reply(
                 ErrorKind::Quota,
@@ -1252,6 +1268,24 @@ impl Broker {
             },
         );
         (ReplyBody::Spawned(info), launched.for_daemon)
+    }
+
+    /// A token bucket per user: `spawn_burst` at once, refilled at `spawn_rate_per_sec`.
+    fn take_spawn_token(&mut self, uid: u32) -> bool {
+        let (rate, burst) = (
+            self.policy.spawn_rate_per_sec,
+            self.policy.spawn_burst as f64,
+        );
+        let now = Instant::now();
+        let (tokens, at) = self.spawn_tokens.entry(uid).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     fn shutdown(&mut self) {

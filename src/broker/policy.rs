@@ -11,6 +11,7 @@
 //! | `single-user`        | in single-user mode, anyone but the user running stoa                |
 //! | `executors-per-user` | a spawn past `max_executors_per_user` live executors of that user    |
 //! | `executors-total`    | a spawn past `max_executors_total` handles in the broker             |
+//! | `spawn-rate`         | a user's spawns beyond `spawn_burst` at once, refilled at `spawn_rate_per_sec` |
 //!
 //! `root`, `root-group` and `service-user` always apply. `uid-range` and `allow-group`
 //! combine by `require`: `"all"` (the default: both must pass) or `"any"` (either may).
@@ -53,7 +54,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
     /// The unprivileged account the daemon runs as (created if missing).
@@ -72,6 +73,9 @@ pub struct Policy {
     pub require: Require,
     pub max_executors_per_user: usize,
     pub max_executors_total: usize,
+    /// Spawns per second each user regains, up to `spawn_burst` at once.
+    pub spawn_rate_per_sec: f64,
+    pub spawn_burst: u32,
     /// Octal, e.g. "022".
     pub umask: String,
     /// PATH for every executor.
@@ -97,6 +101,8 @@ impl Default for Policy {
             require: Require::All,
             max_executors_per_user: 64,
             max_executors_total: 1024,
+            spawn_rate_per_sec: 20.0,
+            spawn_burst: 100,
             umask: "022".into(),
             path: "/usr/local/bin:/usr/bin:/bin".into(),
             env_deny: [
@@ -168,6 +174,11 @@ impl Policy {
             return Err("min_uid is above max_uid".into());
         }
         self.umask_bits()?;
+        if !(self.spawn_rate_per_sec > 0.0 && self.spawn_rate_per_sec.is_finite())
+            || self.spawn_burst == 0
+        {
+            return Err("spawn_rate_per_sec and spawn_burst must be positive".into());
+        }
         if self.max_executors_per_user == 0 || self.max_executors_total == 0 {
             return Err("executor limits must be at least 1".into());
         }

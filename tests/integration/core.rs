@@ -40,6 +40,7 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "audit_log_records_spawns_refusals_exits_violations",
         audit_log,
     ),
+    ("quotas_answer_429_and_leak_nothing", quotas),
 ];
 
 fn stdout(v: &Value) -> String {
@@ -756,5 +757,95 @@ fn audit_log() -> Result<(), Failed> {
         "{records:?}"
     );
     assert_eq!(of("daemon_start").len(), 2);
+    Ok(())
+}
+
+fn quotas() -> Result<(), Failed> {
+    // Live executors per user: 200 concurrent spawns against a limit of 20.
+    let stoa = Instance::start_with(Options {
+        extra_policy: "max_executors_per_user = 20\nspawn_burst = 1000\n".into(),
+        ..Options::default()
+    });
+    let broker = stoa.broker_pid();
+    stoa.sh(ALICE, "true");
+    std::thread::sleep(Duration::from_millis(300));
+    let fds_before = fd_count(broker);
+    let threads: Vec<_> = (0..200)
+        .map(|_| {
+            let (port, token) = (stoa.port, stoa.token.clone());
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
+                let mut resp = agent
+                    .post(format!("http://127.0.0.1:{port}/exec"))
+                    .header("Authorization", format!("Bearer {token}"))
+                    .send_json(json!({ "unix_user": ALICE, "argv": ["sleep", "1"] }))
+                    .expect("request");
+                let status = resp.status().as_u16();
+                (
+                    status,
+                    resp.body_mut().read_json::<Value>().unwrap_or(Value::Null),
+                )
+            })
+        })
+        .collect();
+    let replies: Vec<(u16, Value)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok = replies.iter().filter(|(s, _)| *s == 200).count();
+    let limited: Vec<&Value> = replies
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        ok + limited.len(),
+        200,
+        "other answers: {:?}",
+        replies
+            .iter()
+            .filter(|(s, _)| *s != 200 && *s != 429)
+            .collect::<Vec<_>>()
+    );
+    assert!((20..=40).contains(&ok), "{ok} ran (limit 20 at a time)");
+    assert!(
+        limited.iter().all(|v| v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("executors-per-user")),
+        "{limited:?}"
+    );
+    assert_eq!(stoa.health().expect("healthy")["status"], "ok");
+    wait_until("broker fds back", Duration::from_secs(5), || {
+        fd_count(broker) <= fds_before
+    });
+    assert_eq!(zombie_children(broker), 0);
+    assert!(find_processes(ALICE, &["sleep", "1"]).is_empty());
+    drop(stoa);
+
+    // Spawn rate: a burst of 5, then 0.5 per second.
+    let stoa = Instance::start_with(Options {
+        extra_policy: "spawn_burst = 5\nspawn_rate_per_sec = 0.5\n".into(),
+        ..Options::default()
+    });
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| {
+            stoa.exec(json!({ "unix_user": ALICE, "argv": ["/bin/true"] }))
+                .0
+        })
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    let (_, v) = stoa.exec(json!({ "unix_user": ALICE, "argv": ["/bin/true"] }));
+    assert_eq!(
+        v["error"].as_str().map(|e| e.contains("spawn-rate")),
+        Some(true),
+        "{v}"
+    );
+    // bob has his own bucket.
+    assert_eq!(
+        stoa.exec(json!({ "unix_user": BOB, "argv": ["/bin/true"] }))
+            .0,
+        200
+    );
     Ok(())
 }
