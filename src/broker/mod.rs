@@ -110,6 +110,7 @@ struct Broker {
     audit: audit::Audit,
     /// Per uid: spawn tokens left and when they were counted.
     spawn_tokens: HashMap<u32, (f64, Instant)>,
+    stats: crate::wire::BrokerStats,
 }
 
 /// Runs the broker until SIGTERM/SIGINT.
@@ -438,6 +439,7 @@ impl Broker {
             announced: false,
             audit,
             spawn_tokens: HashMap::new(),
+            stats: crate::wire::BrokerStats::default(),
         })
     }
 
@@ -647,6 +649,7 @@ impl Broker {
         })();
         match result {
             Ok(d) => {
+                self.stats.daemon_starts += 1;
                 info!(pid = d.pid, "daemon started");
                 self.audit
                     .record("daemon_start", serde_json::json!({ "pid": d.pid }));
@@ -691,6 +694,7 @@ impl Broker {
             LinkError::Closed => self.daemon_gone("it closed the link", false),
             LinkError::Io(e) => self.daemon_gone(&format!("link error: {e}"), false),
             LinkError::Violation(what) => {
+                self.stats.protocol_violations += 1;
                 error!(violation = %what, "PROTOCOL VIOLATION by the daemon; dropping the link and restarting it");
                 let pid = self.daemon.as_ref().map(|d| d.pid);
                 self.audit.record(
@@ -709,6 +713,7 @@ impl Broker {
             Err(e) => return self.link_failed(e),
         };
         for payload in payloads {
+            self.stats.frames_received += 1;
             let request: Request = match codec::decode(&payload) {
                 Ok(r) => r,
                 Err(e) => return self.link_failed(LinkError::Violation(e.to_string())),
@@ -833,6 +838,13 @@ impl Broker {
                     entry.kept.clear();
                 }
                 (ReplyBody::Done, Vec::new())
+            }
+            RequestBody::Stats => {
+                let stats = crate::wire::BrokerStats {
+                    handles: self.entries.len() as u64,
+                    ..self.stats.clone()
+                };
+                (ReplyBody::Stats(stats), Vec::new())
             }
             RequestBody::ListHandles => {
                 let list = self

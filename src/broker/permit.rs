@@ -13,6 +13,7 @@
 //! | `Release`      | violation       | handle must exist and not be released                |
 //! | `ListHandles`  | violation       | allowed                                              |
 //! | `Adopt`        | violation       | handle must exist and not be released                |
+//! | `Stats`        | violation       | allowed                                              |
 //!
 //! A violation ends the link: the broker logs it, kills and restarts the daemon, and keeps
 //! every executor running. Handle checks happen in the handlers, against broker state.
@@ -52,6 +53,7 @@ pub fn name(body: &RequestBody) -> &'static str {
         RequestBody::Release { .. } => "Release",
         RequestBody::ListHandles => "ListHandles",
         RequestBody::Adopt { .. } => "Adopt",
+        RequestBody::Stats => "Stats",
     }
 }
 

@@ -53,6 +53,16 @@ impl Client {
         })
     }
 
+    /// The daemon's base URL (`http://host:port`, no trailing slash).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The bearer token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         let response = self
             .agent

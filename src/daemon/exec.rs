@@ -119,8 +119,7 @@ pub async fn run(
         secrets: false,
     };
     let reply = state
-        .link
-        .request(RequestBody::Spawn(spawn))
+        .spawn("exec", spawn)
         .await
         .map_err(ApiError::broker_down)?;
     let info = match reply.body {

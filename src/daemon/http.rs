@@ -91,6 +91,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/exec", post(exec_handler))
         .route("/processes", get(processes))
         .route("/daemon/restart", post(restart))
+        .route("/metrics", get(metrics))
         .merge(super::sessions::routes())
         .merge(super::terminals::routes())
         .merge(web_routes(&state.config))
@@ -242,4 +243,68 @@ fn web_routes(config: &crate::config::DaemonConfig) -> Router<Arc<AppState>> {
             }),
         ),
     }
+}
+
+/// Prometheus text format (admin: the labels name users).
+async fn metrics(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (principal, _) = authenticate(&state, &headers).await?;
+    require_admin(&principal)?;
+    let m = &state.metrics;
+    m.live_executors.clear();
+    for p in state.processes.list().into_iter().filter(|p| p.running) {
+        m.live_executors
+            .get_or_create(&super::metrics::UserLabels {
+                unix_user: p.unix_user,
+            })
+            .inc();
+    }
+    m.live_terminals.clear();
+    for (user, running) in state.terminals.users() {
+        if running {
+            m.live_terminals
+                .get_or_create(&super::metrics::UserLabels { unix_user: user })
+                .inc();
+        }
+    }
+    m.tasks.clear();
+    for (task_state, n) in state
+        .store
+        .task_counts()
+        .await
+        .map_err(ApiError::internal)?
+    {
+        m.tasks
+            .get_or_create(&super::metrics::StateLabels { state: task_state })
+            .set(n);
+    }
+    if let Ok(reply) = state.link.request(RequestBody::Stats).await {
+        if let ReplyBody::Stats(stats) = reply.body {
+            // Mirror the broker's counters (they only grow while it runs).
+            let mirror = |c: &prometheus_client::metrics::counter::Counter<
+                u64,
+                std::sync::atomic::AtomicU64,
+            >,
+                          v: u64| {
+                let now = c.get();
+                if v > now {
+                    c.inc_by(v - now);
+                }
+            };
+            mirror(&m.broker_frames, stats.frames_received);
+            mirror(&m.broker_violations, stats.protocol_violations);
+            mirror(&m.daemon_starts, stats.daemon_starts);
+        }
+    }
+    let text = m.encode().map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }

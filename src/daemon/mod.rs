@@ -10,6 +10,7 @@ pub mod broker_link;
 pub mod exec;
 pub mod fdio;
 pub mod http;
+pub mod metrics;
 pub mod processes;
 pub mod sessions;
 pub mod store;
@@ -47,6 +48,7 @@ pub struct AppState {
     /// What changed, for live event streams.
     pub notices: tokio::sync::broadcast::Sender<Notice>,
     pub terminals: terminals::Terminals,
+    pub metrics: metrics::Metrics,
 }
 
 #[derive(Clone, Debug)]
@@ -61,6 +63,21 @@ pub enum Notice {
 }
 
 impl AppState {
+    /// Sends a spawn request to the broker, counting and timing it for the metrics.
+    pub async fn spawn(
+        &self,
+        kind: &str,
+        request: crate::wire::SpawnRequest,
+    ) -> Result<broker_link::Reply, broker_link::LinkDown> {
+        let started = std::time::Instant::now();
+        let reply = self.link.request(RequestBody::Spawn(request)).await;
+        let result = reply
+            .as_ref()
+            .map_or("error", |r| metrics::result_of(&r.body));
+        self.metrics.spawned(kind, result, started.elapsed());
+        reply
+    }
+
     /// Agents run through the broker as the session's user, unless configured off or in
     /// single-user mode (then the daemon runs them itself: the direct path).
     pub fn use_executor(&self) -> bool {
@@ -108,6 +125,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         running: Mutex::new(HashMap::new()),
         notices,
         terminals: terminals::Terminals::default(),
+        metrics: metrics::Metrics::default(),
     });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -363,6 +363,16 @@ impl Store {
         .await
     }
 
+    /// How many tasks are in each state.
+    pub async fn task_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        self.with(move |c| {
+            let mut stmt = c.prepare("SELECT status, COUNT(*) FROM tasks GROUP BY status")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
     /// Tasks a daemon left unfinished (queued or running).
     pub async fn unfinished_tasks(&self) -> StoreResult<Vec<Task>> {
         self.with(move |c| {

@@ -289,8 +289,7 @@ async fn spawn_through_broker(
         secrets: true,
     };
     let reply = state
-        .link
-        .request(RequestBody::Spawn(request))
+        .spawn("agent", request)
         .await
         .map_err(|e| e.to_string())?;
     let info = match reply.body {

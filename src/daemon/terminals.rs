@@ -196,6 +196,16 @@ struct Ticket {
 }
 
 impl Terminals {
+    /// (unix user, running) of every terminal, for metrics.
+    pub fn users(&self) -> Vec<(String, bool)> {
+        self.live
+            .lock()
+            .expect("terminals lock")
+            .values()
+            .map(|t| (t.unix_user.clone(), !t.finished()))
+            .collect()
+    }
+
     fn get(&self, id: &str) -> Option<Arc<Terminal>> {
         self.live.lock().expect("terminals lock").get(id).cloned()
     }
@@ -306,8 +316,7 @@ async fn create(
         secrets: false,
     };
     let reply = state
-        .link
-        .request(RequestBody::Spawn(spawn))
+        .spawn("terminal", spawn)
         .await
         .map_err(ApiError::broker_down)?;
     let info = match reply.body {
@@ -819,6 +828,7 @@ async fn viewer(
                 let len = (end - sent).min(room) as usize;
                 let at = (sent - inner.ring_start) as usize;
                 let bytes: Vec<u8> = inner.ring.range(at..at + len).copied().collect();
+                state.metrics.terminal_bytes.inc_by(bytes.len() as u64);
                 frames.push(ServerFrame::Output {
                     offset: sent,
                     bytes,

@@ -19,6 +19,7 @@
 //! | `Release { handle }`              | `Done`                           | –                               |
 //! | `ListHandles`                     | `Handles(Vec<HandleInfo>)`       | –                               |
 //! | `Adopt { handle }`                | `Adopted(HandleInfo)`            | per [`FdLayout`] (duplicates)   |
+//! | `Stats`                           | `Stats(BrokerStats)`             | –                               |
 //!
 //! | broker -> daemon event            | when                                                      |
 //! |-----------------------------------|-----------------------------------------------------------|
@@ -102,6 +103,8 @@ pub enum RequestBody {
     Adopt {
         handle: Handle,
     },
+    /// The broker's counters, for metrics.
+    Stats,
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
@@ -189,6 +192,7 @@ pub enum ReplyBody {
     Adopted(HandleInfo),
     Handles(Vec<HandleInfo>),
     Names(Vec<String>),
+    Stats(BrokerStats),
     Done,
     Error(BrokerError),
 }
@@ -200,6 +204,15 @@ pub struct Welcome {
     pub isolation: bool,
     /// The user everything runs as in single-user mode.
     pub single_user: Option<String>,
+}
+
+/// Counters the broker keeps across daemon restarts.
+#[derive(Encode, Decode, Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    pub frames_received: u64,
+    pub protocol_violations: u64,
+    pub daemon_starts: u64,
+    pub handles: u64,
 }
 
 /// Who a credential belongs to.

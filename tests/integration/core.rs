@@ -41,6 +41,7 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         audit_log,
     ),
     ("quotas_answer_429_and_leak_nothing", quotas),
+    ("metrics_parse_and_move", metrics),
 ];
 
 fn stdout(v: &Value) -> String {
@@ -847,5 +848,109 @@ fn quotas() -> Result<(), Failed> {
             .0,
         200
     );
+    Ok(())
+}
+
+/// Scrapes `/metrics` and returns (name, labels, value) of every sample.
+fn scrape(stoa: &Instance) -> Vec<(String, std::collections::HashMap<String, String>, f64)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(stoa.url("/metrics"))
+        .header("Authorization", format!("Bearer {}", stoa.token))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.body_mut().read_to_string().unwrap();
+    let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text format");
+    parsed
+        .samples
+        .into_iter()
+        .filter_map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            Some((
+                s.metric,
+                s.labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                value,
+            ))
+        })
+        .collect()
+}
+
+fn sample(
+    samples: &[(String, std::collections::HashMap<String, String>, f64)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, v)| *v)
+        .sum()
+}
+
+fn metrics() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    assert_eq!(stoa.request("GET", "/metrics", None, None).0, 401);
+    let before = scrape(&stoa);
+    let ok = |s: &[_]| {
+        sample(
+            s,
+            "stoa_spawns_total",
+            &[("kind", "exec"), ("result", "ok")],
+        )
+    };
+    let refused = |s: &[_]| {
+        sample(
+            s,
+            "stoa_spawns_total",
+            &[("kind", "exec"), ("result", "refused")],
+        )
+    };
+    for _ in 0..3 {
+        stoa.sh(ALICE, "true");
+    }
+    stoa.exec(json!({ "unix_user": "root", "argv": ["id"] }));
+    let sleeper = start_background(&stoa, BOB, &["sleep", "30"]);
+    let during = scrape(&stoa);
+    assert_eq!(ok(&during) - ok(&before), 4.0, "3 execs and the sleep");
+    assert_eq!(refused(&during) - refused(&before), 1.0);
+    assert_eq!(
+        sample(&during, "stoa_live_executors", &[("unix_user", BOB)]),
+        1.0
+    );
+    assert!(sample(&during, "stoa_spawn_seconds_count", &[]) >= 5.0);
+    assert!(
+        sample(&during, "stoa_broker_frames_received_total", &[])
+            > sample(&before, "stoa_broker_frames_received_total", &[])
+    );
+    // A protocol violation and the restart it causes are counted by the broker.
+    let daemon = stoa.daemon_pid().expect("daemon");
+    let link = UnixStream::from(sys::pidfd_getfd(daemon, 3)?);
+    (&link).write_all(&[0xff, 0xff, 0xff, 0xff])?;
+    stoa.wait_new_daemon(daemon);
+    let after = scrape(&stoa);
+    assert_eq!(
+        sample(&after, "stoa_broker_protocol_violations_total", &[]),
+        1.0
+    );
+    assert_eq!(sample(&after, "stoa_daemon_starts_total", &[]), 2.0);
+    run("kill", &["-KILL", &sleeper.to_string()]);
     Ok(())
 }
