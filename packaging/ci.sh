@@ -92,7 +92,7 @@ http_status() {
 	local port=$1 path=$2 line
 	exec 9<>"/dev/tcp/127.0.0.1/$port" || return 1
 	printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$path" >&9
-	IFS= read -r -t 5 line <&9 || line=
+	IFS= read -r -t 2 line <&9 || line=
 	exec 9>&-
 	echo "$line" | awk '{print $2}'
 }
@@ -219,12 +219,13 @@ export STOA_URL="http://127.0.0.1:$PORT"
 setsid /usr/bin/stoa serve >"$WORK/broker.log" 2>&1 </dev/null &
 BROKER_PID=$!
 ready=no
-for _ in $(seq 1 100); do
+deadline=$((SECONDS + 30))
+while [ $SECONDS -lt $deadline ]; do
 	if [ "$(http_status "$PORT" /health 2>/dev/null)" = 200 ]; then ready=yes; break; fi
 	kill -0 "$BROKER_PID" 2>/dev/null || break
 	sleep 0.2
 done
-[ $ready = yes ] || fail "the broker did not answer /health on port $PORT"
+[ $ready = yes ] || fail "the broker did not answer /health on port $PORT within 30 s"
 echo "   ok: /health answers on 127.0.0.1:$PORT (broker pid $BROKER_PID)"
 check "admin token root:root 0600" mode_is /var/lib/stoa-broker/admin.token root:root 600
 check "the daemon runs as stoa" sh -c "ps -o user=,args= --ppid $BROKER_PID | grep -q '^stoa .*__daemon'"

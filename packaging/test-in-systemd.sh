@@ -149,7 +149,7 @@ health() {
 	# shellcheck disable=SC2016 # expanded by the container's bash
 	ct bash -c 'exec 9<>/dev/tcp/127.0.0.1/7433 || exit 1
 		printf "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" >&9
-		IFS= read -r -t 5 line <&9; echo "$line" | cut -d" " -f2'
+		IFS= read -r -t 2 line <&9; echo "$line" | cut -d" " -f2'
 }
 
 # ---------------------------------------------------------------------------------------
@@ -197,7 +197,8 @@ sleep 0.5
 check "reload (SIGHUP) reloaded the policy" sh -c "nsenter -t $INIT_PID -a -- journalctl -u stoa.service --no-pager -o cat | grep -q 'policy reloaded'"
 main=$(ct systemctl show -p MainPID --value stoa.service)
 ct kill -KILL "$main"
-for _ in $(seq 1 50); do
+deadline=$((SECONDS + 20))
+while [ $SECONDS -lt $deadline ]; do
 	new=$(ct systemctl show -p MainPID --value stoa.service)
 	[ "$new" != "$main" ] && [ "$new" != 0 ] && [ "$(health 2>/dev/null)" = 200 ] && break
 	sleep 0.2
