@@ -101,8 +101,10 @@ impl Default for Policy {
             require: Require::All,
             max_executors_per_user: 64,
             max_executors_total: 1024,
-            spawn_rate_per_sec: 20.0,
-            spawn_burst: 100,
+            // A safety valve against runaway loops, not a throttle on normal work: the
+            // broker itself spawns a few thousand a second.
+            spawn_rate_per_sec: 500.0,
+            spawn_burst: 1000,
             umask: "022".into(),
             path: "/usr/local/bin:/usr/bin:/bin".into(),
             env_deny: [

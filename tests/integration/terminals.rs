@@ -285,13 +285,13 @@ fn resize_interrupt_exit() -> Result<(), Failed> {
     v.type_text("sleep 100; echo after-sleep-1\n");
     std::thread::sleep(Duration::from_millis(300));
     v.type_text("\x03");
-    v.type_text("echo interrupted-1\n");
-    v.wait_for("\r\ninterrupted-1", Duration::from_secs(5));
+    v.type_text("echo $((40 + 1))-interrupted\n");
+    v.wait_for("41-interrupted", Duration::from_secs(5));
     v.type_text("sleep 100; echo after-sleep-2\n");
     std::thread::sleep(Duration::from_millis(300));
     v.send(ClientFrame::Signal(libc::SIGINT as u8));
-    v.type_text("echo interrupted-2\n");
-    v.wait_for("\r\ninterrupted-2", Duration::from_secs(5));
+    v.type_text("echo $((40 + 2))-interrupted\n");
+    v.wait_for("42-interrupted", Duration::from_secs(5));
     assert!(started.elapsed() < Duration::from_secs(20));
     assert!(
         !v.text().contains("after-sleep-1\r\n") || v.text().matches("after-sleep").count() <= 2
