@@ -121,7 +121,7 @@ fn measure(release: &Path, work: &Path, iters: usize) -> Result<(), String> {
         "[agents.claude-code]\ncommand = [\"{}\"]\n",
         work.join("agent").display()
     );
-    let fixture = Fixture::start(release, &config)?;
+    let fixture = Fixture::start(release, &config, "")?;
     let stoa = fixture.dir.join("bin/stoa");
     let out = Command::new(&stoa)
         .args(["user", "add", "bench", "--unix-user", USER])

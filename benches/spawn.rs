@@ -53,7 +53,7 @@ fn run() -> Result<(), String> {
     let release = build_binaries()?;
 
     // Dropping the fixture stops stoa and removes the users, also on error paths.
-    let fixture = Fixture::start(&release, "")?;
+    let fixture = Fixture::start(&release, "", "")?;
 
     let mut methods = vec![Method::new(
         "raw fork+exec (root)",

@@ -95,8 +95,13 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// `extra_config` is appended to the daemon's config.toml.
-    pub fn start(release: &Path, extra_config: &str) -> Result<Fixture, String> {
+    /// `extra_config` is appended to the daemon's config.toml, `extra_policy` to the
+    /// broker's broker.toml.
+    pub fn start(
+        release: &Path,
+        extra_config: &str,
+        extra_policy: &str,
+    ) -> Result<Fixture, String> {
         let dir = PathBuf::from(format!("/run/stoa-bench-{}", std::process::id()));
         // A run killed before its cleanup leaves these behind.
         remove_accounts();
@@ -107,7 +112,7 @@ impl Fixture {
             token: String::new(),
         };
         fixture.create_accounts()?;
-        fixture.start_stoa(release, extra_config)?;
+        fixture.start_stoa(release, extra_config, extra_policy)?;
         Ok(fixture)
     }
 
@@ -128,7 +133,12 @@ impl Fixture {
         Ok(())
     }
 
-    fn start_stoa(&mut self, release: &Path, extra_config: &str) -> Result<(), String> {
+    fn start_stoa(
+        &mut self,
+        release: &Path,
+        extra_config: &str,
+        extra_policy: &str,
+    ) -> Result<(), String> {
         let dir = &self.dir;
         let bin = dir.join("bin");
         fs::create_dir_all(&bin).map_err(|e| format!("cannot create {}: {e}", bin.display()))?;
@@ -161,7 +171,7 @@ impl Fixture {
             &broker_config,
             format!(
                 "executor_path = {:?}\nstate_dir = {:?}\nservice_user = {SERVICE_USER:?}\n\
-                 allow_groups = [{GROUP:?}]\nmin_uid = 1000\n",
+                 allow_groups = [{GROUP:?}]\nmin_uid = 1000\n{extra_policy}\n",
                 bin.join("stoa-executor"),
                 broker_state,
             ),
