@@ -111,6 +111,8 @@ struct Broker {
     /// Per uid: spawn tokens left and when they were counted.
     spawn_tokens: HashMap<u32, (f64, Instant)>,
     stats: crate::wire::BrokerStats,
+    /// The daemon was asked to go (SIGHUP): no backoff, no violence.
+    planned_restart: bool,
 }
 
 /// Runs the broker until SIGTERM/SIGINT.
@@ -440,6 +442,7 @@ impl Broker {
             audit,
             spawn_tokens: HashMap::new(),
             stats: crate::wire::BrokerStats::default(),
+            planned_restart: false,
         })
     }
 
@@ -527,6 +530,8 @@ impl Broker {
         self.reap();
     }
 
+    /// SIGHUP: reread the policy, and apply the daemon's config by replacing the daemon
+    /// (gracefully; running work survives, as on any daemon restart).
     fn reload(&mut self) {
         let euid = nix::unistd::geteuid().as_raw();
         match Policy::load(&self.opts.broker_config, euid) {
@@ -534,8 +539,19 @@ impl Broker {
                 self.allowed_gids = resolve_gids(&policy.allow_groups);
                 self.policy = policy;
                 info!(path = %self.opts.broker_config.display(), "policy reloaded");
+                self.audit.record("policy_reloaded", serde_json::json!({}));
             }
             Err(e) => error!("policy not reloaded, keeping the old one: {e}"),
+        }
+        match DaemonConfig::load(&self.opts.config) {
+            Ok(_) => {
+                if let Some(d) = &self.daemon {
+                    info!(pid = d.pid, "replacing the daemon to apply its config");
+                    self.planned_restart = true;
+                    let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGTERM);
+                }
+            }
+            Err(e) => error!("config not applied, the daemon keeps the old one: {e}"),
         }
     }
 
@@ -559,7 +575,7 @@ impl Broker {
 
     fn on_exit(&mut self, pid: i32, status: ExitStatus) {
         if self.daemon.as_ref().is_some_and(|d| d.pid == pid) {
-            self.daemon_gone(&format!("daemon exited ({status:?})"), true);
+            self.daemon_gone(&format!("daemon exited ({status:?})"), Some(status));
             return;
         }
         let Some(handle) = self.by_pid.remove(&pid) else {
@@ -672,27 +688,51 @@ impl Broker {
     }
 
     /// The daemon is finished: kill it if it is still there, reap it, schedule a new one.
-    fn daemon_gone(&mut self, reason: &str, reaped: bool) {
+    /// The daemon is finished: reap it (killing it unless it is leaving on request), then
+    /// start a new one: at once after a clean exit, else with backoff.
+    fn daemon_gone(&mut self, reason: &str, reaped: Option<ExitStatus>) {
         let Some(d) = self.daemon.take() else { return };
         warn!(pid = d.pid, "daemon down: {reason}");
         self.audit.record(
             "daemon_down",
             serde_json::json!({ "pid": d.pid, "reason": reason }),
         );
-        if !reaped {
-            let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGKILL);
-            let _ = waitpid(Pid::from_raw(d.pid), None);
-        }
-        if d.started.elapsed() >= HEALTHY_RUN {
+        let pid = Pid::from_raw(d.pid);
+        let status = reaped.or_else(|| {
+            if self.planned_restart {
+                // It was asked to go: give it the moment it takes to finish its requests.
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while Instant::now() < deadline {
+                    if let Ok(ws) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                        if let Some((_, s)) = exit_status(ws) {
+                            return Some(s);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            let _ = kill(pid, NixSignal::SIGKILL);
+            waitpid(pid, None)
+                .ok()
+                .and_then(exit_status)
+                .map(|(_, s)| s)
+        });
+        let clean =
+            std::mem::take(&mut self.planned_restart) || status == Some(ExitStatus::Code(0));
+        if clean || d.started.elapsed() >= HEALTHY_RUN {
             self.restart_failures = 0;
         }
-        self.schedule_restart();
+        if clean {
+            self.restart_at = Some(Instant::now());
+        } else {
+            self.schedule_restart();
+        }
     }
 
     fn link_failed(&mut self, e: LinkError) {
         match e {
-            LinkError::Closed => self.daemon_gone("it closed the link", false),
-            LinkError::Io(e) => self.daemon_gone(&format!("link error: {e}"), false),
+            LinkError::Closed => self.daemon_gone("it closed the link", None),
+            LinkError::Io(e) => self.daemon_gone(&format!("link error: {e}"), None),
             LinkError::Violation(what) => {
                 self.stats.protocol_violations += 1;
                 error!(violation = %what, "PROTOCOL VIOLATION by the daemon; dropping the link and restarting it");
@@ -701,7 +741,7 @@ impl Broker {
                     "violation",
                     serde_json::json!({ "what": what, "daemon_pid": pid }),
                 );
-                self.daemon_gone("protocol violation", false);
+                self.daemon_gone("protocol violation", None);
             }
         }
     }

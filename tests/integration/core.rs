@@ -42,6 +42,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
     ),
     ("quotas_answer_429_and_leak_nothing", quotas),
     ("metrics_parse_and_move", metrics),
+    (
+        "sighup_applies_policy_and_config_without_dropping_work",
+        sighup,
+    ),
 ];
 
 fn stdout(v: &Value) -> String {
@@ -959,5 +963,46 @@ fn metrics() -> Result<(), Failed> {
     );
     assert_eq!(sample(&after, "stoa_daemon_starts_total", &[]), 2.0);
     run("kill", &["-KILL", &sleeper.to_string()]);
+    Ok(())
+}
+
+fn sighup() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    assert_eq!(stdout(&stoa.sh(BOB, "echo hello world")), "hello world\n");
+    let sleeper = start_background(&stoa, ALICE, &["sleep", "5"]);
+    // bob's uid is above alice's: cap the range at alice; cut output to 5 bytes.
+    let mut policy = std::fs::read_to_string(stoa.dir.join("broker.toml"))?;
+    policy.push_str(&format!("max_uid = {}\n", uid_of(ALICE)));
+    std::fs::write(stoa.dir.join("broker.toml"), policy)?;
+    let mut config = std::fs::read_to_string(stoa.dir.join("config.toml"))?;
+    config.insert_str(0, "exec_output_limit = 5\n");
+    std::fs::write(stoa.dir.join("config.toml"), config)?;
+    let daemon = stoa.daemon_pid().expect("daemon");
+    run("kill", &["-HUP", &stoa.broker_pid().to_string()]);
+    stoa.wait_new_daemon(daemon);
+    let (status, v) = stoa.exec(json!({ "unix_user": BOB, "argv": ["true"] }));
+    assert_eq!(
+        (status, v["rule"].clone()),
+        (403, json!("uid-range")),
+        "{v}"
+    );
+    let r = stoa.sh(ALICE, "echo hello world");
+    assert_eq!(
+        (stdout(&r), r["truncated"].clone()),
+        ("hello".to_string(), json!(true))
+    );
+    // What ran meanwhile ran on, and its end reached the new daemon.
+    assert!(alive(sleeper));
+    wait_until("the sleep's exit", Duration::from_secs(10), || {
+        stoa.processes()
+            .iter()
+            .any(|p| p["pid"] == sleeper && p["exit_code"] == 0)
+    });
+    // A planned replacement is not a crash: no backoff, and said so.
+    let log = stoa.log();
+    assert!(
+        log.contains("policy reloaded") && log.contains("replacing the daemon to apply its config"),
+        "{log}"
+    );
     Ok(())
 }
