@@ -13,8 +13,10 @@
 //! detaches, as in ssh (`~~` sends one `~`); the terminal keeps running. A viewer
 //! (`attach --view`) detaches with `q` or Ctrl-C too.
 //!
-//! Without a terminal on stdin (pipes, tests) stdin is forwarded as it is until its end;
-//! that end does not end the remote program.
+//! Without a terminal on stdin (pipes, scripts) stdin is forwarded as it is until its end,
+//! which does not end the remote program; SIGINT, SIGTERM, SIGHUP or SIGQUIT is passed on
+//! to it once (a second one detaches). With a terminal, they detach (the terminal keeps
+//! running: `stoa terminal attach` it again).
 //!
 //! Exit codes: the remote program's; 0 after a detach; 125 for stoa's own errors (as
 //! `stoa exec`), a lost connection included: 1 could be the program's own.
@@ -52,6 +54,8 @@ const RECONNECT_QUIET: Duration = Duration::from_secs(1);
 /// A PING this often; a connection silent for `DEAD_AFTER` is lost.
 const PING_EVERY: Duration = Duration::from_secs(15);
 const DEAD_AFTER: Duration = Duration::from_secs(45);
+/// Most time for a connection and its handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After EXIT, how long to wait for the server's close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -137,9 +141,10 @@ fn open(
     env: Vec<(String, String)>,
     command: Vec<String>,
 ) -> ExitCode {
-    let (cols, rows) = local_size(size_fd().as_ref()).unwrap_or((80, 24));
+    let local = size_fd();
+    let (cols, rows) = local_size(local.as_ref()).unwrap_or((80, 24));
     let mut vars = Map::new();
-    if std::io::stdin().is_terminal() {
+    if local.is_some() {
         // As ssh does: the remote programs should know what they are drawing on.
         for name in ["TERM", "COLORTERM"] {
             if let Ok(v) = std::env::var(name) {
@@ -365,17 +370,14 @@ impl Escape {
 /// Whether the remote program left the alternate screen on (vim, less, htop…), from the
 /// last switch in `bytes`, if any.
 fn alt_screen_switch(bytes: &[u8]) -> Option<bool> {
-    let mut last = None;
-    for (i, w) in bytes.windows(7).enumerate() {
-        if w.starts_with(b"\x1b[?1049") || w.starts_with(b"\x1b[?1047") {
-            match w[6] {
-                b'h' => last = Some((i, true)),
-                b'l' => last = Some((i, false)),
-                _ => {}
-            }
+    bytes.windows(8).rev().find_map(|w| {
+        let mode = w.starts_with(b"\x1b[?1049") || w.starts_with(b"\x1b[?1047");
+        match (mode, w[7]) {
+            (true, b'h') => Some(true),
+            (true, b'l') => Some(false),
+            _ => None,
         }
-    }
-    last.map(|(_, on)| on)
+    })
 }
 
 // ---- the connection ---------------------------------------------------------------------
@@ -390,6 +392,13 @@ enum ConnectError {
 
 /// The WebSocket of a terminal, with the token and the subprotocol.
 async fn connect(url: &str, token: &str) -> Result<Ws, ConnectError> {
+    // A daemon that is gone while its listening socket is not answers nothing.
+    tokio::time::timeout(CONNECT_TIMEOUT, connect_now(url, token))
+        .await
+        .unwrap_or_else(|_| Err(ConnectError::Retry("the daemon does not answer".into())))
+}
+
+async fn connect_now(url: &str, token: &str) -> Result<Ws, ConnectError> {
     let fatal = |e: String| ConnectError::Fatal(e);
     let mut request = url
         .into_client_request()
@@ -516,6 +525,8 @@ struct Session {
     welcomed: bool,
     /// "reconnecting…" was said.
     announced: bool,
+    /// Signals passed on to the program (without a terminal).
+    passed_on: Vec<i32>,
     alt_screen: bool,
     out: std::sync::mpsc::Sender<Chunk>,
     written: mpsc::UnboundedReceiver<Written>,
@@ -748,6 +759,13 @@ impl Session {
                     None => return Step::End(End::Failed("the output writer stopped".into())),
                 },
                 n = self.signals.recv() => {
+                    // Without a terminal (a script's `stoa terminal open`), a signal is
+                    // passed on once, as `docker run` does; then it detaches.
+                    if !self.interactive && can_write && exit.is_none() && !self.passed_on.contains(&n) {
+                        self.passed_on.push(n);
+                        outbox.send(ClientFrame::Signal(n as u8));
+                        continue;
+                    }
                     outbox.close().await;
                     return Step::End(End::Signal(n));
                 }
@@ -893,6 +911,7 @@ fn attach(client: &Client, id: &str, view: bool, created: bool) -> ExitCode {
         attached: false,
         welcomed: false,
         announced: false,
+        passed_on: Vec::new(),
         alt_screen: false,
         out: out_tx,
         written: written_rx,
@@ -943,5 +962,46 @@ fn attach(client: &Client, id: &str, view: bool, created: bool) -> ExitCode {
             }
             fail(why)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(e: &mut Escape, input: &[u8]) -> (Vec<u8>, bool) {
+        e.feed(input)
+    }
+
+    #[test]
+    fn enter_tilde_dot_detaches() {
+        let mut e = Escape::new();
+        assert_eq!(feed(&mut e, b"~."), (vec![], true));
+        let mut e = Escape::new();
+        assert_eq!(feed(&mut e, b"ls\r~."), (b"ls\r".to_vec(), true));
+        // Split across reads.
+        let mut e = Escape::new();
+        assert_eq!(feed(&mut e, b"ls\r~"), (b"ls\r".to_vec(), false));
+        assert_eq!(feed(&mut e, b"."), (vec![], true));
+    }
+
+    #[test]
+    fn other_tildes_go_through() {
+        let mut e = Escape::new();
+        assert_eq!(feed(&mut e, b"a~.b"), (b"a~.b".to_vec(), false));
+        let mut e = Escape::new();
+        assert_eq!(feed(&mut e, b"~~."), (b"~.".to_vec(), false));
+        let mut e = Escape::new();
+        assert_eq!(feed(&mut e, b"~/x\r"), (b"~/x\r".to_vec(), false));
+        assert_eq!(feed(&mut e, b"~"), (vec![], false));
+        assert_eq!(feed(&mut e, b"x"), (b"~x".to_vec(), false));
+    }
+
+    #[test]
+    fn alternate_screen_is_tracked() {
+        assert_eq!(alt_screen_switch(b"plain"), None);
+        assert_eq!(alt_screen_switch(b"\x1b[?1049h\x1b[H"), Some(true));
+        assert_eq!(alt_screen_switch(b"\x1b[?1049hvim\x1b[?1049l"), Some(false));
+        assert_eq!(alt_screen_switch(b"x\x1b[?1047h"), Some(true));
     }
 }
