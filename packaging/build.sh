@@ -3,9 +3,10 @@
 #
 # Release binaries go to target/packaging/release (its own target dir, stripped, so a
 # packaging build never invalidates anyone's target/release); man pages, completions and
-# the Debian changelog to target/packaging/docs. Packages: target/packaging/debian/*.deb
-# and target/packaging/generate-rpm/*.rpm. Needs cargo-deb / cargo-generate-rpm
-# (cargo install --locked cargo-deb cargo-generate-rpm).
+# the Debian changelog to target/packaging/docs, the web page's xterm.js to
+# target/packaging/web. Packages: target/packaging/debian/*.deb and
+# target/packaging/generate-rpm/*.rpm. Needs cargo-deb / cargo-generate-rpm
+# (cargo install --locked cargo-deb cargo-generate-rpm) and npm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -16,6 +17,14 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/n
 docs=target/packaging/docs
 
 cargo build --release --locked --workspace --bins --example gen-docs
+
+# The web page's xterm.js, pinned by web/package-lock.json (npm ci in a copy, so web/ and
+# its node_modules are left alone).
+web=target/packaging/web
+rm -rf "$web"
+mkdir -p "$web"
+cp web/package.json web/package-lock.json "$web/"
+(cd "$web" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
 
 rm -rf "$docs"
 "$CARGO_TARGET_DIR/release/examples/gen-docs" "$docs"

@@ -114,8 +114,9 @@ echo "   service user stoa existed before: $([ $created_service_user = yes ] && 
 	"group stoa-users existed before: $([ $created_group = yes ] && echo no || echo yes)"
 leftover_scan() {
 	find /etc /usr /var /run /opt -xdev \( -path /var/cache -o -path /var/tmp -o -path /var/log \
-		-o -path "$REPO" -o -path /var/lib/apt -o -path '/run/stoa-test-*' \) -prune -o -name '*stoa*' -print 2>/dev/null | sort
-	# (/run/stoa-test-*: the integration tests' own scratch dirs, if they run meanwhile.)
+		-o -path "$REPO" -o -path /var/lib/apt -o -path '/run/stoa-?*' \) -prune -o -name '*stoa*' -print 2>/dev/null | sort
+	# (/run/stoa-*: scratch dirs of tests and benchmarks that may run meanwhile; the
+	# package's own is /run/stoa, which is still scanned.)
 }
 leftover_scan >"$WORK/before.txt"
 
@@ -128,6 +129,7 @@ command -v lintian >/dev/null || apt_missing+=(lintian)
 command -v rpm >/dev/null || apt_missing+=(rpm)
 command -v rpmlint >/dev/null || apt_missing+=(rpmlint)
 command -v systemd-analyze >/dev/null || apt_missing+=(systemd)
+command -v npm >/dev/null || apt_missing+=(npm)
 if [ ${#apt_missing[@]} -gt 0 ]; then
 	apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${apt_missing[@]}"
@@ -203,6 +205,8 @@ check "unit, sysusers.d, tmpfiles.d installed" test -f /usr/lib/systemd/system/s
 check "man pages and completions installed" test -f /usr/share/man/man1/stoa.1.gz \
 	-a -f /usr/share/man/man1/stoa-doctor.1.gz -a -f /usr/share/bash-completion/completions/stoa \
 	-a -f /usr/share/zsh/vendor-completions/_stoa -a -f /usr/share/fish/vendor_completions.d/stoa.fish
+check "the web page installed" test -f /usr/share/stoa/web/index.html \
+	-a -f /usr/share/stoa/web/node_modules/@xterm/xterm/lib/xterm.js
 check "man page renders" sh -c 'man -l /usr/share/man/man1/stoa.1.gz 2>/dev/null | grep -q doctor'
 # shellcheck disable=SC2016 # expanded by that sh
 check "stoa.service is enabled" sh -c '[ "$(systemctl is-enabled stoa.service 2>/dev/null)" = enabled ]'
@@ -227,6 +231,8 @@ while [ $SECONDS -lt $deadline ]; do
 done
 [ $ready = yes ] || fail "the broker did not answer /health on port $PORT within 30 s"
 echo "   ok: /health answers on 127.0.0.1:$PORT (broker pid $BROKER_PID)"
+check "GET / serves the web page" test "$(http_status "$PORT" /)" = 200
+check "GET /static/ serves xterm.js" test "$(http_status "$PORT" /static/node_modules/@xterm/xterm/lib/xterm.js)" = 200
 check "admin token root:root 0600" mode_is /var/lib/stoa-broker/admin.token root:root 600
 check "the daemon runs as stoa" sh -c "ps -o user=,args= --ppid $BROKER_PID | grep -q '^stoa .*__daemon'"
 
