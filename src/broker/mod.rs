@@ -113,6 +113,8 @@ struct Broker {
     stats: crate::wire::BrokerStats,
     /// The daemon was asked to go (SIGHUP): no backoff, no violence.
     planned_restart: bool,
+    /// The daemon's state directory, as resolved and created here.
+    daemon_state_dir: PathBuf,
 }
 
 /// Runs the broker until SIGTERM/SIGINT.
@@ -443,6 +445,7 @@ impl Broker {
             spawn_tokens: HashMap::new(),
             stats: crate::wire::BrokerStats::default(),
             planned_restart: false,
+            daemon_state_dir: daemon_config.state_dir.clone(),
         })
     }
 
@@ -620,7 +623,7 @@ impl Broker {
         self.restart_at = None;
         let result = (|| -> Result<Daemon, String> {
             let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-            let (argv, env) = spawn::daemon_command(&self.opts.config);
+            let (argv, env) = spawn::daemon_command(&self.opts.config, &self.daemon_state_dir);
             let identity = match &self.mode {
                 // No supplementary groups at all for the service user.
                 Mode::Isolated { service } => Some(Identity {

@@ -423,12 +423,22 @@ fn spawn_error(e: SpawnError, cwd: &std::path::Path, account: &Account) -> Launc
 }
 
 /// The argv and environment of the daemon, which the broker re-execs from its own binary.
-pub fn daemon_command(config: &std::path::Path) -> (Vec<CString>, Vec<CString>) {
+/// `state_dir` is the daemon's state directory as the broker resolved (and created) it:
+/// the daemon, not being root, would resolve the defaults differently.
+pub fn daemon_command(
+    config: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> (Vec<CString>, Vec<CString>) {
+    let path_arg = |p: &std::path::Path| {
+        CString::new(p.as_os_str().as_bytes()).unwrap_or_else(|_| CString::from(c"/dev/null"))
+    };
     let argv = vec![
         CString::from(c"stoa"),
         CString::from(c"__daemon"),
         CString::from(c"--config"),
-        CString::new(config.as_os_str().as_bytes()).unwrap_or_else(|_| CString::from(c"/dev/null")),
+        path_arg(config),
+        CString::from(c"--state-dir"),
+        path_arg(state_dir),
     ];
     let mut env = vec![
         CString::from(c"PATH=/usr/bin:/bin"),

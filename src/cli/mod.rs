@@ -93,6 +93,9 @@ enum Command {
     InternalDaemon {
         #[arg(long)]
         config: PathBuf,
+        /// The state directory the broker resolved and created.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -122,13 +125,15 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::InternalDaemon { config } => match crate::daemon::run(&config) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("daemon: {e}");
-                ExitCode::FAILURE
+        Command::InternalDaemon { config, state_dir } => {
+            match crate::daemon::run(&config, state_dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("daemon: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Doctor => doctor::run(),
         Command::User(cmd) => users::run(cmd),
         Command::Session(cmd) => sessions::session(cmd),

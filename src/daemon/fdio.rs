@@ -125,6 +125,18 @@ impl FdWriter {
         Ok(())
     }
 
+    /// One write without waiting: `Ok(None)` if the fd takes nothing now.
+    pub fn try_write(&self, data: &[u8]) -> io::Result<Option<usize>> {
+        let result = self.fd.try_io(tokio::io::Interest::WRITABLE, |fd| {
+            nix::unistd::write(fd, data).map_err(io::Error::from)
+        });
+        match result {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn raw(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
     }

@@ -94,8 +94,11 @@ impl AppState {
     }
 }
 
-pub fn run(config_path: &Path) -> Result<(), String> {
-    let config = DaemonConfig::load(config_path)?;
+pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<(), String> {
+    let mut config = DaemonConfig::load(config_path)?;
+    if let Some(dir) = state_dir {
+        config.state_dir = dir;
+    }
     let link_fd = sys::take_inherited_fd(DAEMON_LINK_FD).map_err(|e| {
         format!(
             "no broker link on fd {DAEMON_LINK_FD} ({e}): the daemon is started by `stoa serve`"

@@ -68,6 +68,10 @@ CREATE TABLE terminals (
     ended_at     TEXT
 );
 "#,
+    r#"
+ALTER TABLE terminals ADD COLUMN offset_base INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE terminals ADD COLUMN last_offset INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -491,6 +495,11 @@ pub struct TerminalRow {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub ended_at: Option<String>,
+    /// The output offset this daemon's stream of the terminal starts at (see
+    /// `daemon::terminals::recover`).
+    pub offset_base: u64,
+    /// The end of the output, as last recorded (at most a second old).
+    pub last_offset: u64,
 }
 
 impl Store {
@@ -534,6 +543,30 @@ impl Store {
         .await
     }
 
+    pub async fn set_terminal_offset_base(&self, id: &str, base: u64) -> StoreResult<()> {
+        let id = id.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE terminals SET offset_base = ?2 WHERE terminal_id = ?1",
+                params![id, base as i64],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn set_terminal_last_offset(&self, id: &str, offset: u64) -> StoreResult<()> {
+        let id = id.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE terminals SET last_offset = ?2 WHERE terminal_id = ?1",
+                params![id, offset as i64],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     pub async fn delete_terminal(&self, id: &str) -> StoreResult<()> {
         let id = id.to_string();
         self.with(move |c| {
@@ -547,7 +580,7 @@ impl Store {
     pub async fn live_terminals(&self) -> StoreResult<Vec<TerminalRow>> {
         self.with(move |c| {
             let mut stmt = c.prepare(
-                "SELECT terminal_id, owner, unix_user, handle, pid, command, cwd, cols, rows, started_at, exit_code, signal, ended_at
+                "SELECT terminal_id, owner, unix_user, handle, pid, command, cwd, cols, rows, started_at, exit_code, signal, ended_at, offset_base, last_offset
                  FROM terminals WHERE ended_at IS NULL",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -566,6 +599,8 @@ impl Store {
                     exit_code: r.get(10)?,
                     signal: r.get(11)?,
                     ended_at: r.get(12)?,
+                    offset_base: r.get::<_, i64>(13)? as u64,
+                    last_offset: r.get::<_, i64>(14)? as u64,
                 })
             })?;
             rows.collect()

@@ -59,6 +59,9 @@ const MAX_FRAME_BYTES: usize = 64 * 1024;
 /// A viewer that falls behind while streaming is resent at most this much after its reset.
 const CATCH_UP_BYTES: u64 = 64 * 1024;
 const TICKET_TTL: Duration = Duration::from_secs(30);
+/// Input chunks queued for a terminal before more is refused (each is at most one
+/// WebSocket message, 1 MiB).
+const INPUT_QUEUE: usize = 64;
 /// A viewer must say HELLO within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// After EXIT and the server's close, how long to wait for the client's close.
@@ -102,7 +105,12 @@ pub struct Terminal {
     progress: watch::Sender<u64>,
     /// Wakes the reader when a viewer acknowledges or leaves.
     credit: Notify,
-    input: FdWriter,
+    /// Input for the PTY, written by its own task: a program that does not read its input
+    /// must not stop a viewer from acknowledging output (that would deadlock a paste into
+    /// a program waiting on its output).
+    input: tokio::sync::mpsc::Sender<Vec<u8>>,
+    /// The master, for window-size changes and urgent keys.
+    master: FdWriter,
     ring_bytes: usize,
     window: u32,
     next_viewer: AtomicU64,
@@ -342,6 +350,8 @@ async fn create(
         exit_code: None,
         signal: None,
         ended_at: None,
+        offset_base: 0,
+        last_offset: 0,
     };
     if let Err(e) = state.store.insert_terminal(row.clone()).await {
         let _ = state
@@ -378,10 +388,20 @@ fn start(
     let mut fds = fds.into_iter();
     let _control = fds.next();
     let master = fds.next().expect("two fds");
-    let input =
+    let writer =
+        FdWriter::new(master.try_clone().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let control =
         FdWriter::new(master.try_clone().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     let reader = FdReader::new(master).map_err(|e| e.to_string())?;
-    let (cols, rows) = match sys::window_size(input.raw()) {
+    let (input, mut queued) = tokio::sync::mpsc::channel::<Vec<u8>>(INPUT_QUEUE);
+    tokio::spawn(async move {
+        while let Some(bytes) = queued.recv().await {
+            if writer.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (cols, rows) = match sys::window_size(control.raw()) {
         Ok((r, c)) if r > 0 && c > 0 => (c, r),
         _ => (row.cols, row.rows),
     };
@@ -396,7 +416,7 @@ fn start(
         started_at: row.started_at,
         inner: Mutex::new(Inner {
             ring: VecDeque::new(),
-            ring_start: 0,
+            ring_start: row.offset_base,
             cols,
             rows,
             viewers: HashMap::new(),
@@ -407,6 +427,7 @@ fn start(
         progress: watch::channel(0).0,
         credit: Notify::new(),
         input,
+        master: control,
         ring_bytes: state.config.terminal.ring_bytes,
         window: state.config.terminal.window_bytes,
         next_viewer: AtomicU64::new(1),
@@ -418,8 +439,28 @@ fn start(
         .expect("terminals lock")
         .insert(terminal.id.clone(), terminal.clone());
     tokio::spawn(read_loop(terminal.clone(), reader));
+    tokio::spawn(record_offsets(state.clone(), terminal.clone()));
     tokio::spawn(lifecycle(state.clone(), terminal.clone()));
     Ok(terminal)
+}
+
+/// Records the terminal's end offset once a second while it changes (see `recover`).
+async fn record_offsets(state: Arc<AppState>, terminal: Arc<Terminal>) {
+    let mut recorded = None;
+    while !terminal.finished() && state.terminals.get(&terminal.id).is_some() {
+        let end = terminal.inner.lock().expect("terminal lock").end();
+        if recorded != Some(end) {
+            if let Err(e) = state
+                .store
+                .set_terminal_last_offset(&terminal.id, end)
+                .await
+            {
+                warn!(terminal = %terminal.id, "cannot record the output offset: {e}");
+            }
+            recorded = Some(end);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// PTY master → ring, pausing while a writing viewer is out of credit.
@@ -718,12 +759,14 @@ async fn websocket(
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|p| p.trim() == SUBPROTOCOL));
-    let upgrade = if wants_protocol {
-        upgrade.protocols([SUBPROTOCOL])
-    } else {
-        upgrade
-    };
+    if !wants_protocol {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the WebSocket must offer the subprotocol {SUBPROTOCOL}"),
+        ));
+    }
     Ok(upgrade
+        .protocols([SUBPROTOCOL])
         .max_message_size(1 << 20)
         .on_upgrade(move |socket| viewer(socket, terminal, view_only, state)))
 }
@@ -748,8 +791,17 @@ async fn viewer(
     };
     let (resume, want_write) = match hello {
         Ok(ClientFrame::Hello {
-            resume, want_write, ..
-        }) => (resume, want_write),
+            resume,
+            want_write,
+            cols,
+            rows,
+        }) => {
+            if want_write && !view_only {
+                // The writer's window is the size that counts.
+                let _ = resize(&terminal, cols, rows);
+            }
+            (resume, want_write)
+        }
         Ok(_) | Err(_) => {
             let _ = send(
                 &mut socket,
@@ -914,6 +966,21 @@ async fn viewer(
     terminal.credit.notify_one();
 }
 
+/// Sets the terminal's window size (the program gets SIGWINCH) and tells the viewers.
+fn resize(terminal: &Terminal, cols: u16, rows: u16) -> Result<(), String> {
+    let (cols, rows) = (cols.clamp(1, 4096), rows.clamp(1, 4096));
+    let mut inner = terminal.inner.lock().expect("terminal lock");
+    if (inner.cols, inner.rows) == (cols, rows) {
+        return Ok(());
+    }
+    sys::set_window_size(terminal.master.raw().as_fd(), rows, cols)
+        .map_err(|e| format!("resize: {e}"))?;
+    (inner.cols, inner.rows) = (cols, rows);
+    drop(inner);
+    terminal.bump();
+    Ok(())
+}
+
 async fn handle(
     state: &AppState,
     terminal: &Terminal,
@@ -942,22 +1009,27 @@ async fn handle(
             drop(inner);
             terminal.credit.notify_one();
         }
-        ClientFrame::Input(bytes) if can_write => {
-            terminal
-                .input
-                .write_all(&bytes)
-                .await
-                .map_err(|e| format!("input: {e}"))?;
-        }
-        ClientFrame::Resize { cols, rows } if can_write => {
-            let (cols, rows) = (cols.clamp(1, 4096), rows.clamp(1, 4096));
-            sys::set_window_size(terminal.input.raw().as_fd(), rows, cols)
-                .map_err(|e| format!("resize: {e}"))?;
-            let mut inner = terminal.inner.lock().expect("terminal lock");
-            (inner.cols, inner.rows) = (cols, rows);
-            drop(inner);
-            terminal.bump();
-        }
+        ClientFrame::Input(bytes) if can_write => match terminal.input.try_send(bytes) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(lost)) => {
+                let message = format!(
+                    "the program is not reading its input: {} bytes dropped",
+                    lost.len()
+                );
+                send(
+                    socket,
+                    ServerFrame::Error {
+                        code: error::INPUT_DROPPED,
+                        message,
+                    },
+                )
+                .await;
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                return Err("input closed".into())
+            }
+        },
+        ClientFrame::Resize { cols, rows } if can_write => resize(terminal, cols, rows)?,
         ClientFrame::Signal(sig) if can_write => {
             // Keyboard signals go through the line discipline, to the foreground job,
             // as a real keyboard would; the others to the terminal's process group.
@@ -976,11 +1048,22 @@ async fn handle(
                 _ => None,
             };
             if let Some(k) = key {
-                terminal
-                    .input
-                    .write_all(&[k])
-                    .await
-                    .map_err(|e| format!("input: {e}"))?;
+                // Straight to the terminal, ahead of queued input; if its input buffer is
+                // full, the signal itself to the terminal's process group.
+                if !matches!(terminal.master.try_write(&[k]), Ok(Some(1))) {
+                    let signal = match k {
+                        0x03 => Signal::Int,
+                        0x1c => Signal::Quit,
+                        _ => Signal::Tstp,
+                    };
+                    let _ = state
+                        .link
+                        .request(RequestBody::Kill {
+                            handle: terminal.handle,
+                            signal,
+                        })
+                        .await;
+                }
             } else if let Some(s) = signal {
                 let _ = state
                     .link
@@ -1038,6 +1121,19 @@ pub async fn recover(
             continue;
         };
         let (info, fds) = adopted.swap_remove(position);
+        // This daemon's offsets for the terminal continue past any the previous one gave
+        // out: its end is recorded every second, and a PTY cannot write 4 GiB in one. So a
+        // viewer resuming from an old offset gets a SNAPSHOT, never silently skipped
+        // output. (Offsets stay far below 2^53, exact in a browser's numbers.)
+        let mut row = row;
+        row.offset_base = row.offset_base.max(row.last_offset) + (1 << 32);
+        if let Err(e) = state
+            .store
+            .set_terminal_offset_base(&row.terminal_id, row.offset_base)
+            .await
+        {
+            warn!(terminal = %row.terminal_id, "cannot store the offset base: {e}");
+        }
         let id = row.terminal_id.clone();
         match start(state, row, &info, fds) {
             Ok(_) => info!(terminal = %id, handle = info.handle.0, "took a terminal back"),

@@ -16,14 +16,19 @@
 //! | 0x84 | s → c     | SIZE     | cols: u16, rows: u16                                                    |
 //! | 0x85 | s → c     | EXIT     | kind: u8 (0 exited, 1 killed by a signal), code: i32                    |
 //! | 0x86 | s → c     | PONG     | t: u64                                                                  |
-//! | 0x87 | s → c     | ERROR    | code: u16, UTF-8 message                                                |
+//! | 0x87 | s → c     | ERROR    | code: u16 (1 read-only, 2 bad frame, 3 signal refused, 4 input dropped), UTF-8 message |
 //!
-//! HELLO comes first. A viewer may have at most `window` bytes sent and not acknowledged;
-//! while a writing viewer is out of credit the server stops reading the terminal (a flood
-//! blocks, and input still goes through). A read-only viewer never holds the program up:
-//! when it falls behind what the server keeps, it gets a SNAPSHOT and continues from there.
-//! EXIT comes only after all output was read; the server then closes (1000) and waits for
-//! the client's close.
+//! HELLO comes first; a writing viewer's HELLO size is applied like a RESIZE. A viewer may
+//! have at most `window` bytes sent and not acknowledged; while a writing viewer is out of
+//! credit the server stops reading the terminal (a flood blocks, and input still goes
+//! through). A read-only viewer never holds the program up: when it falls behind what the
+//! server keeps, it gets a SNAPSHOT and continues from there. EXIT comes only after all
+//! output was read; the server then closes (1000) and waits for the client's close.
+//!
+//! Offsets only grow, also across a daemon restart (a restarted daemon continues 4 GiB past
+//! the last offset it recorded, at most a second before), and stay below 2^53 (exact in a
+//! browser's numbers). So a client resuming from an offset the server no longer holds always
+//! gets a SNAPSHOT (a terminal reset, then the output still kept), never skipped output.
 #![forbid(unsafe_code)]
 
 pub const SUBPROTOCOL: &str = "stoa.term.v1";
@@ -95,6 +100,8 @@ pub mod error {
     pub const READ_ONLY: u16 = 1;
     pub const BAD_FRAME: u16 = 2;
     pub const SIGNAL_REFUSED: u16 = 3;
+    /// Input arrived faster than the program reads it, past the server's queue.
+    pub const INPUT_DROPPED: u16 = 4;
 }
 
 struct Reader<'a> {

@@ -162,8 +162,11 @@ try {
       }, 30000);
       await typeLine(page, 'echo back-$((40+2))');
       await until('"back-42" after the restart', async () => (await linesEqual(page, 'back-42')) >= 1);
+      // The new daemon cannot know what the old one sent last, so a resume across a
+      // restart gets a SNAPSHOT (reset, then what is kept): the old screen may go, but
+      // nothing may show twice.
       const repeats = await linesEqual(page, args.user);
-      if (repeats !== 1) throw new Error(`"${args.user}" shows ${repeats} times after resuming`);
+      if (repeats > 1) throw new Error(`"${args.user}" shows ${repeats} times after resuming`);
     });
     // The restart's failed requests are expected.
     problems.length = 0;

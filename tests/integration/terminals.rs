@@ -38,6 +38,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "terminal_browser_tickets_and_origin_checks",
         tickets_and_origin,
     ),
+    (
+        "terminal_big_paste_echoed_back_does_not_deadlock",
+        big_paste,
+    ),
 ];
 
 fn api_user(stoa: &Instance, name: &str, unix_user: &str) -> String {
@@ -72,6 +76,8 @@ struct Viewer {
     closed: bool,
     /// Send ACKs as output arrives.
     acking: bool,
+    /// The window size HELLO announces (a writer's is applied).
+    size: (u16, u16),
 }
 
 /// Connects; `Err(status)` if the upgrade is refused.
@@ -114,6 +120,7 @@ fn connect(
                 snapshots: 0,
                 closed: false,
                 acking: true,
+                size: (80, 24),
             })
         }
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
@@ -131,8 +138,8 @@ impl Viewer {
     fn hello(&mut self, resume: u64, want_write: bool) -> ServerFrame {
         self.send(ClientFrame::Hello {
             resume,
-            cols: 80,
-            rows: 24,
+            cols: self.size.0,
+            rows: self.size.1,
             want_write,
         });
         match self.next(Duration::from_secs(10)) {
@@ -233,6 +240,7 @@ fn as_user() -> Result<(), Failed> {
     assert_eq!(t["running"], true);
     let id = t["terminal_id"].as_str().unwrap();
     let mut v = connect(&stoa, id, Some(&alice), "", None).unwrap();
+    v.size = (120, 40);
     match v.hello(FROM_NOW, true) {
         ServerFrame::Welcome {
             can_write,
@@ -273,7 +281,11 @@ fn resize_interrupt_exit() -> Result<(), Failed> {
     );
     let id = t["terminal_id"].as_str().unwrap();
     let mut v = connect(&stoa, id, Some(&alice), "", None).unwrap();
+    // A writer's HELLO size is applied at once (the terminal was opened 80x24).
+    v.size = (90, 30);
     v.hello(FROM_NOW, true);
+    v.type_text("stty size\n");
+    v.wait_for("30 90\r\n", Duration::from_secs(10));
     v.send(ClientFrame::Resize {
         cols: 100,
         rows: 33,
@@ -592,10 +604,22 @@ fn survives_restart() -> Result<(), Failed> {
         (200, json!(true)),
         "{info}"
     );
+    let old_offset = v.offset;
     let mut again = connect(&stoa, &id, Some(&alice), "", None).unwrap();
     again.hello(FROM_NOW, true);
     again.type_text("echo $MARK\n");
     again.wait_for("kept-across", Duration::from_secs(5));
+    // A viewer resuming from before the restart is told its place is gone (a SNAPSHOT),
+    // then gets what the new daemon kept: nothing is skipped silently.
+    let mut resumed = connect(&stoa, &id, Some(&alice), "", None).unwrap();
+    match resumed.hello(old_offset, true) {
+        ServerFrame::Welcome { oldest, .. } => {
+            assert!(oldest > old_offset, "offsets went back after a restart")
+        }
+        _ => unreachable!(),
+    }
+    resumed.wait_for("kept-across", Duration::from_secs(5));
+    assert_eq!(resumed.snapshots, 1);
     assert!(stoa.log().contains("took a terminal back"));
     Ok(())
 }
@@ -609,6 +633,19 @@ fn tickets_and_origin() -> Result<(), Failed> {
         json!({ "cols": 80, "rows": 24, "command": ["sh"] }),
     );
     let id = t["terminal_id"].as_str().unwrap();
+    // Without the subprotocol.
+    let url = format!("ws://127.0.0.1:{}/terminals/{id}/ws", stoa.port);
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", format!("Bearer {alice}").parse().unwrap());
+    let stream = TcpStream::connect(("127.0.0.1", stoa.port)).unwrap();
+    match tungstenite::client::client(request, stream) {
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            assert_eq!(r.status().as_u16(), 400)
+        }
+        other => panic!("expected 400, got {:?}", other.map(|_| ())),
+    }
     // No credential at all.
     assert_eq!(connect(&stoa, id, None, "", None).err(), Some(401));
     // A cross-site page may not open it, even with a token.
@@ -635,5 +672,48 @@ fn tickets_and_origin() -> Result<(), Failed> {
         connect(&stoa, id, None, &format!("?ticket={ticket}"), Some(&origin)).err(),
         Some(401)
     );
+    Ok(())
+}
+
+fn big_paste() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let alice = api_user(&stoa, "alice", ALICE);
+    let t = open(
+        &stoa,
+        &alice,
+        json!({ "cols": 80, "rows": 24, "command": ["sh", "-c", "stty raw -echo; exec cat"] }),
+    );
+    let mut v = connect(
+        &stoa,
+        t["terminal_id"].as_str().unwrap(),
+        Some(&alice),
+        "",
+        None,
+    )
+    .unwrap();
+    v.hello(0, true);
+    std::thread::sleep(Duration::from_millis(300));
+    // More than a window, all at once: cat echoes it back while the paste is still being
+    // written, so output must keep flowing (and ACKs be read) while input waits.
+    let total = 3_000_000usize;
+    let chunk: Vec<u8> = (0..65536).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut sent = 0;
+    while sent < total {
+        let n = chunk.len().min(total - sent);
+        v.send(ClientFrame::Input(chunk[..n].to_vec()));
+        sent += n;
+        v.next(Duration::from_millis(1));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while v.output.len() < total {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {total} bytes came back",
+            v.output.len()
+        );
+        v.next(Duration::from_millis(200));
+    }
+    assert_eq!(v.output.len(), total);
+    assert!(v.errors.is_empty(), "{:?}", v.errors);
     Ok(())
 }
