@@ -22,6 +22,7 @@
 //! `stoa exec`), a lost connection included: 1 could be the program's own.
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
@@ -41,7 +42,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::client::Client;
-use crate::terminal::protocol::{ClientFrame, Exit, ServerFrame, FROM_NOW, SUBPROTOCOL};
+use crate::terminal::protocol::{error, ClientFrame, Exit, ServerFrame, FROM_NOW, SUBPROTOCOL};
 
 /// Exit code for stoa's own errors (as `stoa exec`).
 const STOA_ERROR: u8 = 125;
@@ -56,6 +57,15 @@ const PING_EVERY: Duration = Duration::from_secs(15);
 const DEAD_AFTER: Duration = Duration::from_secs(45);
 /// Most time for a connection and its handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most input in one frame.
+const MAX_INPUT_FRAME: usize = 64 * 1024;
+/// Waits before sending dropped input again.
+const INPUT_RETRY_MIN: Duration = Duration::from_millis(10);
+const INPUT_RETRY_MAX: Duration = Duration::from_millis(200);
+/// Keep-alive PINGs have this bit set (input PINGs count from 1).
+const KEEPALIVE: u64 = 1 << 63;
+/// The same ERROR is shown at most this often.
+const SAY_AGAIN_AFTER: Duration = Duration::from_secs(5);
 /// After EXIT, how long to wait for the server's close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -274,13 +284,12 @@ impl Drop for RawMode {
 
 /// A piece of output for stdout; `end` is the offset after it.
 struct Chunk {
-    epoch: u32,
     end: u64,
     bytes: Vec<u8>,
 }
 
 enum Written {
-    Upto { epoch: u32, end: u64 },
+    Upto(u64),
     Failed(String),
 }
 
@@ -297,10 +306,7 @@ fn spawn_writer(
                 let _ = written.send(Written::Failed(e.to_string()));
                 return;
             }
-            let _ = written.send(Written::Upto {
-                epoch: chunk.epoch,
-                end: chunk.end,
-            });
+            let _ = written.send(Written::Upto(chunk.end));
         }
     })
 }
@@ -462,10 +468,9 @@ enum End {
 /// How one connection ended.
 enum Step {
     End(End),
-    /// Closed without EXIT: reconnect, resuming.
+    /// Closed without EXIT: reconnect, resuming (offsets only grow, also across daemon
+    /// restarts).
     Lost(String),
-    /// A restarted daemon counts offsets from its start: begin again from its oldest.
-    Renumbered,
 }
 
 /// The signals that end an attachment (the terminal keeps running).
@@ -512,9 +517,6 @@ struct Session {
     interactive: bool,
     size_fd: Option<OwnedFd>,
     size: (u16, u16),
-    /// Offsets are counted anew by a restarted daemon; output of an older count is not
-    /// acknowledged.
-    epoch: u32,
     /// Offset after the output handed to the writer.
     received: u64,
     /// HELLO's resume for the next connection.
@@ -527,6 +529,8 @@ struct Session {
     announced: bool,
     /// Signals passed on to the program (without a terminal).
     passed_on: Vec<i32>,
+    /// When an ERROR of each code was last shown.
+    said: HashMap<u16, Instant>,
     alt_screen: bool,
     out: std::sync::mpsc::Sender<Chunk>,
     written: mpsc::UnboundedReceiver<Written>,
@@ -551,12 +555,6 @@ impl Session {
                             backoff = Duration::from_millis(100);
                         }
                         why
-                    }
-                    Step::Renumbered => {
-                        self.epoch += 1;
-                        self.resume = 0;
-                        self.received = 0;
-                        continue;
                     }
                 },
                 Err(ConnectError::Fatal(why)) => {
@@ -592,11 +590,7 @@ impl Session {
         }
         self.received = end;
         self.out
-            .send(Chunk {
-                epoch: self.epoch,
-                end,
-                bytes,
-            })
+            .send(Chunk { end, bytes })
             .map_err(|_| Step::End(End::Failed("the output writer stopped".into())))
     }
 
@@ -604,7 +598,6 @@ impl Session {
     async fn serve(&mut self, ws: Ws) -> Step {
         let (sink, mut ws) = ws.split();
         let mut outbox = Outbox::start(sink);
-        let input_tx = outbox.input.clone();
         outbox.send(ClientFrame::Hello {
             resume: self.resume,
             cols: self.size.0,
@@ -621,6 +614,9 @@ impl Session {
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
         let mut pings = 0u64;
+        let mut inflight: Option<Inflight> = None;
+        let mut input_seq = 0u64;
+        let mut retry_backoff = INPUT_RETRY_MIN;
         loop {
             tokio::select! {
                 msg = ws.next() => {
@@ -650,11 +646,6 @@ impl Session {
                     };
                     match frame {
                         ServerFrame::Welcome { can_write: w, window, oldest, current, cols, rows, .. } => {
-                            if self.resume != FROM_NOW && self.resume > current && self.attached {
-                                // Offsets from an earlier daemon: this one counts from its start.
-                                outbox.close().await;
-                                return Step::Renumbered;
-                            }
                             welcomed = true;
                             self.welcomed = true;
                             self.attached = true;
@@ -669,7 +660,8 @@ impl Session {
                                 self.received = self.resume.max(oldest).min(current);
                             }
                             acked = self.received;
-                            // HELLO's size is not applied: a writer sets its own.
+                            // HELLO's size is applied (a writer's), but ours may have changed
+                            // since.
                             if can_write && self.size_fd.is_some() && self.size != (cols, rows) {
                                 let (cols, rows) = self.size;
                                 outbox.send(ClientFrame::Resize { cols, rows });
@@ -692,34 +684,57 @@ impl Session {
                                 return step;
                             }
                         }
-                        ServerFrame::Size { .. } | ServerFrame::Pong(_) => {}
+                        ServerFrame::Size { .. } => {}
+                        ServerFrame::Pong(t) => {
+                            if let Some(f) = inflight.as_mut().filter(|f| f.seq == t) {
+                                if f.dropped {
+                                    f.retry = Some(tokio::time::Instant::now() + retry_backoff);
+                                    retry_backoff = (retry_backoff * 2).min(INPUT_RETRY_MAX);
+                                } else {
+                                    inflight = None;
+                                    retry_backoff = INPUT_RETRY_MIN;
+                                }
+                            }
+                        }
                         ServerFrame::Exit(e) => {
                             exit = Some(e);
                             exit_deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+                        }
+                        ServerFrame::Error { code, .. } if code == error::INPUT_DROPPED && inflight.as_ref().is_some_and(|f| !f.dropped && f.retry.is_none()) => {
+                            // About the frame in flight (its PONG comes next): sent again.
+                            if let Some(f) = inflight.as_mut() {
+                                f.dropped = true;
+                            }
                         }
                         ServerFrame::Error { code, message } => {
                             if !welcomed {
                                 return Step::End(End::Failed(format!("the daemon refused: {message} (error {code})")));
                             }
-                            eprint!("\r\nstoa: {message}\r\n");
+                            // Once in a while: a paste into a busy program may be refused
+                            // chunk by chunk.
+                            let now = Instant::now();
+                            if self.said.get(&code).is_none_or(|t| now.duration_since(*t) >= SAY_AGAIN_AFTER) {
+                                self.said.insert(code, now);
+                                eprint!("\r\nstoa: {message}\r\n");
+                            }
                         }
                     }
                     // The next connection resumes after what we have.
                     self.resume = self.received;
                 }
-                // Input only as the outbox takes it: a paste larger than the program reads
-                // waits here, and output keeps being read meanwhile.
-                got = async {
-                    let Ok(permit) = input_tx.reserve().await else {
-                        return std::future::pending().await;
-                    };
-                    (permit, recv_opt(&mut self.input).await)
-                }, if welcomed && exit.is_none() && self.input.is_some() => {
-                    let (permit, input) = got;
-                    let Some(bytes) = input else {
+                // Input one frame at a time (see `Inflight`): what is typed meanwhile
+                // goes in the next one, a pipe waits.
+                input = recv_opt(&mut self.input), if welcomed && exit.is_none() && inflight.is_none() => {
+                    let Some(mut bytes) = input else {
                         self.input = None; // stdin ended: the program goes on
                         continue;
                     };
+                    while bytes.len() < MAX_INPUT_FRAME {
+                        match self.input.as_mut().map(|rx| rx.try_recv()) {
+                            Some(Ok(more)) => bytes.extend(more),
+                            _ => break,
+                        }
+                    }
                     let (bytes, detach) = if self.interactive {
                         self.escape.feed(&bytes)
                     } else {
@@ -728,11 +743,28 @@ impl Session {
                     let detach = detach
                         || (self.interactive && !self.want_write && bytes.iter().any(|b| matches!(b, b'q' | 0x03)));
                     if can_write && !bytes.is_empty() {
-                        permit.send(bytes);
+                        input_seq += 1;
+                        outbox.input(bytes.clone(), input_seq);
+                        inflight = Some(Inflight { bytes, seq: input_seq, dropped: false, retry: None });
                     }
                     if detach {
                         outbox.close().await;
                         return Step::End(End::Detached);
+                    }
+                }
+                _ = async {
+                    match inflight.as_ref().and_then(|f| f.retry) {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // The daemon's input queue was full: the same bytes again.
+                    if let Some(f) = inflight.as_mut() {
+                        input_seq += 1;
+                        f.seq = input_seq;
+                        f.dropped = false;
+                        f.retry = None;
+                        outbox.input(f.bytes.clone(), f.seq);
                     }
                 }
                 _ = async { self.winch.as_mut()?.recv().await }, if self.winch.is_some() => {
@@ -747,8 +779,8 @@ impl Session {
                     }
                 }
                 w = self.written.recv() => match w {
-                    Some(Written::Upto { epoch, end }) => {
-                        if epoch == self.epoch && welcomed && exit.is_none() && end > acked
+                    Some(Written::Upto(end)) => {
+                        if welcomed && exit.is_none() && end > acked
                             && (end >= self.received || end - acked >= ack_every)
                         {
                             acked = end;
@@ -774,7 +806,7 @@ impl Session {
                         return Step::Lost(format!("no answer from the daemon in {} s", DEAD_AFTER.as_secs()));
                     }
                     pings += 1;
-                    outbox.send(ClientFrame::Ping(pings));
+                    outbox.send(ClientFrame::Ping(KEEPALIVE | pings));
                 }
                 _ = tokio::time::sleep_until(exit_deadline), if exit.is_some() => {
                     return Step::End(End::Exit(exit.expect("exit")));
@@ -784,35 +816,55 @@ impl Session {
     }
 }
 
+/// The input frame the daemon has not yet taken. The daemon queues input for the program
+/// and drops a frame, with an ERROR (INPUT_DROPPED), when its queue is full; it handles
+/// frames in order, so the ERROR for an INPUT comes before the PONG of the PING sent
+/// right after it. So each INPUT is followed by a PING, the next INPUT waits for its PONG,
+/// and a dropped one is sent again a little later: piped input arrives whole and in order
+/// however slowly the program reads (what was in flight when a connection is lost may
+/// be lost with it).
+struct Inflight {
+    bytes: Vec<u8>,
+    seq: u64,
+    dropped: bool,
+    /// When to send it again.
+    retry: Option<tokio::time::Instant>,
+}
+
 /// The sending half of a connection, on a task of its own so that sending never stops
 /// the reading (both sides blocked on full buffers would be a deadlock). Control frames
 /// (ACK, RESIZE, PING, close) go before input.
 struct Outbox {
     control: mpsc::UnboundedSender<Message>,
-    input: mpsc::Sender<Vec<u8>>,
+    input: mpsc::UnboundedSender<(Vec<u8>, u64)>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Outbox {
     fn start(mut sink: futures_util::stream::SplitSink<Ws, Message>) -> Outbox {
         let (control, mut control_rx) = mpsc::unbounded_channel::<Message>();
-        let (input, mut input_rx) = mpsc::channel::<Vec<u8>>(4);
+        let (input, mut input_rx) = mpsc::unbounded_channel::<(Vec<u8>, u64)>();
         let task = tokio::spawn(async move {
             loop {
-                let msg = tokio::select! {
+                let msgs = tokio::select! {
                     biased;
                     m = control_rx.recv() => match m {
-                        Some(m) => m,
+                        Some(m) => vec![m],
                         None => return,
                     },
                     b = input_rx.recv() => match b {
-                        Some(b) => Message::Binary(ClientFrame::Input(b).encode().into()),
+                        Some((bytes, seq)) => vec![
+                            Message::Binary(ClientFrame::Input(bytes).encode().into()),
+                            Message::Binary(ClientFrame::Ping(seq).encode().into()),
+                        ],
                         None => return,
                     },
                 };
-                let close = matches!(msg, Message::Close(_));
-                if sink.send(msg).await.is_err() || close {
-                    return;
+                for msg in msgs {
+                    let close = matches!(msg, Message::Close(_));
+                    if sink.send(msg).await.is_err() || close {
+                        return;
+                    }
                 }
             }
         });
@@ -821,6 +873,11 @@ impl Outbox {
             input,
             task,
         }
+    }
+
+    /// Queues input, then a PING of `seq` that tells when the daemon took it (or not).
+    fn input(&self, bytes: Vec<u8>, seq: u64) {
+        let _ = self.input.send((bytes, seq));
     }
 
     /// Queues a frame (a broken connection shows on the reading side).
@@ -903,7 +960,6 @@ fn attach(client: &Client, id: &str, view: bool, created: bool) -> ExitCode {
         interactive,
         size: local_size(size_fd.as_ref()).unwrap_or((80, 24)),
         size_fd,
-        epoch: 0,
         received: 0,
         // From the start: what a new terminal printed before we got here, or the screen
         // of a running one (as much of it as the daemon keeps).
@@ -912,6 +968,7 @@ fn attach(client: &Client, id: &str, view: bool, created: bool) -> ExitCode {
         welcomed: false,
         announced: false,
         passed_on: Vec::new(),
+        said: HashMap::new(),
         alt_screen: false,
         out: out_tx,
         written: written_rx,
@@ -956,11 +1013,16 @@ fn attach(client: &Client, id: &str, view: bool, created: bool) -> ExitCode {
             ExitCode::from(STOA_ERROR)
         }
         End::Failed(why) => {
-            if created && !attached {
-                // Nobody could ever have used it.
-                let _ = client.delete(&format!("/terminals/{id}"));
+            if !attached {
+                if created {
+                    // Nobody could ever have used it.
+                    let _ = client.delete(&format!("/terminals/{id}"));
+                }
+                return fail(why);
             }
-            fail(why)
+            fail(format!(
+                "{why}\nterminal {id} keeps running (`stoa terminal kill {id}` ends it)"
+            ))
         }
     }
 }

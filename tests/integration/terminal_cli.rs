@@ -441,6 +441,47 @@ fn pipes() -> Result<(), Failed> {
             .all(|(i, n)| *n == (i + 1).to_string()),
         "output out of order"
     );
+    // Piped input much larger than the daemon queues (it drops what does not fit: the CLI
+    // sends that again), to a program that reads it late: all of it, in order.
+    let mut input = Vec::new();
+    for i in 0..700_000 {
+        input.extend(format!("line {i}\n").as_bytes());
+    }
+    let local = Command::new("sh")
+        .args(["-c", "sha256sum"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("stdin").write_all(&input)?;
+            c.wait_with_output()
+        })?;
+    let sum = String::from_utf8_lossy(&local.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    input.push(4); // ^D: the end of the input
+    let (code, out, err) = run_piped(
+        &stoa,
+        &[
+            "terminal",
+            "open",
+            "--user",
+            ALICE,
+            "--",
+            "sh",
+            "-c",
+            "stty -echo; sleep 1; sha256sum; exit 8",
+        ],
+        &input,
+    )?;
+    assert_eq!(code, Some(8), "stderr:\n{err}");
+    assert!(
+        out.contains(&sum),
+        "input lost or reordered: {sum} not in {:?}",
+        &out[out.len().saturating_sub(200)..]
+    );
     // Without a terminal, a signal to the CLI is passed on to the program.
     let mut child = cli(&stoa)
         .args([
