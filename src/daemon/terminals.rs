@@ -109,7 +109,10 @@ pub struct Terminal {
     /// must not stop a viewer from acknowledging output (that would deadlock a paste into
     /// a program waiting on its output).
     input: tokio::sync::mpsc::Sender<Vec<u8>>,
-    /// The master, for window-size changes and urgent keys.
+    /// Input chunks queued or being written; while 0, input may go straight to the master
+    /// (a keystroke's fastest path) without overtaking anything.
+    input_pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// The master, for window-size changes, urgent keys and unqueued input.
     master: FdWriter,
     ring_bytes: usize,
     window: u32,
@@ -158,6 +161,35 @@ impl Terminal {
         }
     }
 
+    /// Input for the program: straight to the master when nothing is queued and it takes
+    /// it all now, else queued for the writer task. A full queue drops it (the caller says
+    /// so to the viewer): the program is not reading.
+    fn send_input(&self, mut bytes: Vec<u8>) -> Result<(), String> {
+        if self.input_pending.load(Ordering::SeqCst) == 0 {
+            if let Ok(Some(n)) = self.master.try_write(&bytes) {
+                if n == bytes.len() {
+                    return Ok(());
+                }
+                bytes.drain(..n);
+            }
+        }
+        self.input_pending.fetch_add(1, Ordering::SeqCst);
+        self.input.try_send(bytes).map_err(|e| {
+            self.input_pending.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                tokio::sync::mpsc::error::TrySendError::Full(lost) => {
+                    format!(
+                        "the program is not reading its input: {} bytes dropped",
+                        lost.len()
+                    )
+                }
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                    "the terminal's input is closed".into()
+                }
+            }
+        })
+    }
+
     fn bump(&self) {
         self.progress.send_modify(|n| *n += 1);
     }
@@ -168,13 +200,18 @@ impl Terminal {
     }
 
     /// True while a writing viewer has a full window unacknowledged.
-    fn out_of_credit(&self) -> bool {
+    /// How much the reader may read now: the least credit any writing viewer has left
+    /// (the whole buffer when there is none). Never reading past it keeps every byte a
+    /// writer has not acknowledged in the ring (which is at least one window).
+    fn read_budget(&self, buffer: usize) -> usize {
         let inner = self.inner.lock().expect("terminal lock");
         let end = inner.end();
         inner
             .viewers
             .values()
-            .any(|v| v.can_write && end.saturating_sub(v.acked) >= self.window as u64)
+            .filter(|v| v.can_write)
+            .map(|v| (self.window as u64).saturating_sub(end.saturating_sub(v.acked)) as usize)
+            .fold(buffer, usize::min)
     }
 
     fn append(&self, bytes: &[u8]) {
@@ -394,9 +431,13 @@ fn start(
         FdWriter::new(master.try_clone().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     let reader = FdReader::new(master).map_err(|e| e.to_string())?;
     let (input, mut queued) = tokio::sync::mpsc::channel::<Vec<u8>>(INPUT_QUEUE);
+    let input_pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pending = input_pending.clone();
     tokio::spawn(async move {
         while let Some(bytes) = queued.recv().await {
-            if writer.write_all(&bytes).await.is_err() {
+            let written = writer.write_all(&bytes).await;
+            pending.fetch_sub(1, Ordering::SeqCst);
+            if written.is_err() {
                 break;
             }
         }
@@ -427,6 +468,7 @@ fn start(
         progress: watch::channel(0).0,
         credit: Notify::new(),
         input,
+        input_pending,
         master: control,
         ring_bytes: state.config.terminal.ring_bytes,
         window: state.config.terminal.window_bytes,
@@ -446,6 +488,8 @@ fn start(
 
 /// Records the terminal's end offset once a second while it changes (see `recover`).
 async fn record_offsets(state: Arc<AppState>, terminal: Arc<Terminal>) {
+    // Woken by output only: an idle terminal costs nothing here.
+    let mut progress = terminal.progress.subscribe();
     let mut recorded = None;
     while !terminal.finished() && state.terminals.get(&terminal.id).is_some() {
         let end = terminal.inner.lock().expect("terminal lock").end();
@@ -459,6 +503,9 @@ async fn record_offsets(state: Arc<AppState>, terminal: Arc<Terminal>) {
             }
             recorded = Some(end);
         }
+        if progress.changed().await.is_err() {
+            return;
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -471,12 +518,15 @@ async fn read_loop(terminal: Arc<Terminal>, reader: FdReader) {
             let notified = terminal.credit.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !terminal.out_of_credit() {
+            if terminal.read_budget(buf.len()) > 0 {
                 break;
             }
             notified.await;
         }
-        let mut filled = match reader.read(&mut buf).await {
+        // Credit only grows while we read (acks), so this budget still holds after it.
+        let budget = terminal.read_budget(buf.len());
+        let buf = &mut buf[..budget];
+        let mut filled = match reader.read(buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
@@ -1009,13 +1059,8 @@ async fn handle(
             drop(inner);
             terminal.credit.notify_one();
         }
-        ClientFrame::Input(bytes) if can_write => match terminal.input.try_send(bytes) {
-            Ok(()) => {}
-            Err(tokio::sync::mpsc::error::TrySendError::Full(lost)) => {
-                let message = format!(
-                    "the program is not reading its input: {} bytes dropped",
-                    lost.len()
-                );
+        ClientFrame::Input(bytes) if can_write => {
+            if let Err(message) = terminal.send_input(bytes) {
                 send(
                     socket,
                     ServerFrame::Error {
@@ -1025,10 +1070,7 @@ async fn handle(
                 )
                 .await;
             }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                return Err("input closed".into())
-            }
-        },
+        }
         ClientFrame::Resize { cols, rows } if can_write => resize(terminal, cols, rows)?,
         ClientFrame::Signal(sig) if can_write => {
             // Keyboard signals go through the line discipline, to the foreground job,

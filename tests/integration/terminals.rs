@@ -448,6 +448,24 @@ fn exact_output() -> Result<(), Failed> {
     let expected: String = (1..=100000).map(|i| format!("{i}\r\n")).collect();
     assert_eq!(v.output.len(), expected.len());
     assert!(v.text() == expected, "output differs");
+    // Much more than the ring through a writing viewer: every byte, no SNAPSHOT (the reader
+    // never reads past a writer's credit, so nothing it has not acknowledged is trimmed).
+    let t = open(
+        &stoa,
+        &alice,
+        json!({ "cols": 80, "rows": 24, "command": ["sh", "-c", "head -c 24000000 /dev/zero | tr '\\0' x | fold -w 100"] }),
+    );
+    let mut v = connect(
+        &stoa,
+        t["terminal_id"].as_str().unwrap(),
+        Some(&alice),
+        "",
+        None,
+    )
+    .unwrap();
+    v.hello(0, true);
+    assert_eq!(v.wait_exit(Duration::from_secs(120)), Exit::Code(0));
+    assert_eq!((v.output.len(), v.snapshots), (24_479_998, 0));
     // Binary and split UTF-8 pass unchanged (raw mode: no newline translation).
     let script = "stty raw -echo; printf '\\000\\001\\377\\376'; i=0; while [ $i -lt 3000 ]; do printf '\\342\\202\\254'; i=$((i+1)); done";
     let t = open(
