@@ -18,6 +18,14 @@ docs=target/packaging/docs
 
 cargo build --release --locked --workspace --bins --example gen-docs
 
+# stoa-executor starts on every spawn: ship it statically linked (no dynamic loader, ~0.28
+# ms a spawn: BENCHMARKS.md). stoa itself stays dynamic: the broker resolves users through
+# NSS. An explicit --target keeps RUSTFLAGS off build scripts (as scripts/build-release.sh).
+host=$(rustc -vV | sed -n 's/^host: //p')
+RUSTFLAGS="-C target-feature=+crt-static" \
+	cargo build --release --locked -p stoa-executor --target "$host"
+install -m 0755 "$CARGO_TARGET_DIR/$host/release/stoa-executor" "$CARGO_TARGET_DIR/release/stoa-executor"
+
 # The web page's xterm.js, pinned by web/package-lock.json (npm ci in a copy, so web/ and
 # its node_modules are left alone).
 web=target/packaging/web
