@@ -59,9 +59,8 @@ const MAX_FRAME_BYTES: usize = 64 * 1024;
 /// A viewer that falls behind while streaming is resent at most this much after its reset.
 const CATCH_UP_BYTES: u64 = 64 * 1024;
 const TICKET_TTL: Duration = Duration::from_secs(30);
-/// Input chunks queued for a terminal before more is refused (each is at most one
-/// WebSocket message, 1 MiB).
-const INPUT_QUEUE: usize = 64;
+/// Input bytes a terminal holds for a program that is not reading before it refuses more.
+const INPUT_QUEUE_BYTES: usize = 4 << 20;
 /// A viewer must say HELLO within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// After EXIT and the server's close, how long to wait for the client's close.
@@ -108,8 +107,8 @@ pub struct Terminal {
     /// Input for the PTY, written by its own task: a program that does not read its input
     /// must not stop a viewer from acknowledging output (that would deadlock a paste into
     /// a program waiting on its output).
-    input: tokio::sync::mpsc::Sender<Vec<u8>>,
-    /// Input chunks queued or being written; while 0, input may go straight to the master
+    input: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    /// Input bytes queued or being written; while 0, input may go straight to the master
     /// (a keystroke's fastest path) without overtaking anything.
     input_pending: Arc<std::sync::atomic::AtomicUsize>,
     /// The master, for window-size changes, urgent keys and unqueued input.
@@ -173,20 +172,17 @@ impl Terminal {
                 bytes.drain(..n);
             }
         }
-        self.input_pending.fetch_add(1, Ordering::SeqCst);
-        self.input.try_send(bytes).map_err(|e| {
-            self.input_pending.fetch_sub(1, Ordering::SeqCst);
-            match e {
-                tokio::sync::mpsc::error::TrySendError::Full(lost) => {
-                    format!(
-                        "the program is not reading its input: {} bytes dropped",
-                        lost.len()
-                    )
-                }
-                tokio::sync::mpsc::error::TrySendError::Closed(_) => {
-                    "the terminal's input is closed".into()
-                }
-            }
+        let len = bytes.len();
+        let queued = self.input_pending.fetch_add(len, Ordering::SeqCst);
+        if queued + len > INPUT_QUEUE_BYTES {
+            self.input_pending.fetch_sub(len, Ordering::SeqCst);
+            return Err(format!(
+                "the program is not reading its input ({queued} bytes waiting): {len} bytes dropped"
+            ));
+        }
+        self.input.send(bytes).map_err(|_| {
+            self.input_pending.fetch_sub(len, Ordering::SeqCst);
+            "the terminal's input is closed".to_string()
         })
     }
 
@@ -430,13 +426,14 @@ fn start(
     let control =
         FdWriter::new(master.try_clone().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     let reader = FdReader::new(master).map_err(|e| e.to_string())?;
-    let (input, mut queued) = tokio::sync::mpsc::channel::<Vec<u8>>(INPUT_QUEUE);
+    // Unbounded as a channel, bounded in bytes by `send_input`.
+    let (input, mut queued) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let input_pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let pending = input_pending.clone();
     tokio::spawn(async move {
         while let Some(bytes) = queued.recv().await {
             let written = writer.write_all(&bytes).await;
-            pending.fetch_sub(1, Ordering::SeqCst);
+            pending.fetch_sub(bytes.len(), Ordering::SeqCst);
             if written.is_err() {
                 break;
             }

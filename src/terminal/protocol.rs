@@ -25,6 +25,12 @@
 //! server keeps, it gets a SNAPSHOT and continues from there. EXIT comes only after all
 //! output was read; the server then closes (1000) and waits for the client's close.
 //!
+//! Frames from a client are handled in order, and answered in order: so a PING sent after an
+//! INPUT gets its PONG after any ERROR for that INPUT. Input a program does not read is held
+//! up to 4 MiB per terminal; beyond that an INPUT is dropped with ERROR 4 (input dropped),
+//! and a client that must not lose input sends it again (PING after INPUT tells it when to
+//! look).
+//!
 //! Offsets only grow, also across a daemon restart (a restarted daemon continues 4 GiB past
 //! the last offset it recorded, at most a second before), and stay below 2^53 (exact in a
 //! browser's numbers). So a client resuming from an offset the server no longer holds always
