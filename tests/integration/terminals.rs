@@ -42,6 +42,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "terminal_big_paste_echoed_back_does_not_deadlock",
         big_paste,
     ),
+    (
+        "terminal_idle_timeout_ends_an_unwatched_terminal",
+        idle_timeout,
+    ),
 ];
 
 fn api_user(stoa: &Instance, name: &str, unix_user: &str) -> String {
@@ -733,5 +737,37 @@ fn big_paste() -> Result<(), Failed> {
     }
     assert_eq!(v.output.len(), total);
     assert!(v.errors.is_empty(), "{:?}", v.errors);
+    Ok(())
+}
+
+fn idle_timeout() -> Result<(), Failed> {
+    let stoa = Instance::start_with(Options {
+        extra_config: "[terminal]\nidle_timeout_secs = 1\n".into(),
+        ..Options::default()
+    });
+    let alice = api_user(&stoa, "alice", ALICE);
+    let t = open(
+        &stoa,
+        &alice,
+        json!({ "cols": 80, "rows": 24, "command": ["sleep", "300"] }),
+    );
+    let id = t["terminal_id"].as_str().unwrap().to_string();
+    let pid = t["pid"].as_i64().unwrap() as i32;
+    // Watched: it lives on past the timeout.
+    let mut v = connect(&stoa, &id, Some(&alice), "", None).unwrap();
+    v.hello(0, true);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(alive(pid), "a watched terminal was ended");
+    // Unwatched: ended (SIGHUP first) within a few seconds.
+    drop(v);
+    wait_until("the idle terminal to end", Duration::from_secs(15), || {
+        !alive(pid)
+    });
+    let (_, info) = stoa.request("GET", &format!("/terminals/{id}"), Some(&alice), None);
+    assert_eq!(
+        (info["running"].clone(), info["signal"].clone()),
+        (json!(false), json!(libc::SIGHUP)),
+        "{info}"
+    );
     Ok(())
 }
