@@ -382,6 +382,22 @@ impl Instance {
         (status, resp.body_mut().read_json().unwrap_or(Value::Null))
     }
 
+    /// Creates an API user acting as `unix_user` (through the real `stoa user add`) and
+    /// returns its token.
+    pub fn api_user(&self, name: &str, unix_user: &str) -> String {
+        let out = Command::new(self.dir.join("bin/stoa"))
+            .args(["user", "add", name, "--unix-user", unix_user])
+            .env("STOA_BROKER_CONFIG", self.dir.join("broker.toml"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stoa user add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// `POST /exec` with the admin token.
     pub fn exec(&self, body: Value) -> (u16, Value) {
         self.request("POST", "/exec", Some(&self.token.clone()), Some(&body))

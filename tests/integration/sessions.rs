@@ -124,21 +124,6 @@ fn start(fakes: &Fakes, extra_config: &str) -> Instance {
     })
 }
 
-/// Creates an API user and returns its token (through the real `stoa user add`).
-fn api_user(stoa: &Instance, name: &str, unix_user: &str) -> String {
-    let out = std::process::Command::new(stoa.dir.join("bin/stoa"))
-        .args(["user", "add", name, "--unix-user", unix_user])
-        .env("STOA_BROKER_CONFIG", stoa.dir.join("broker.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stoa user add: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 static WORKTREES: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh directory in the user's (0700) home, owned by the user.
@@ -247,7 +232,7 @@ fn subscribe(stoa: &Instance, token: &str, session: &str) -> mpsc::Receiver<(Str
 fn claude_as_user() -> Result<(), Failed> {
     let fakes = Fakes::install();
     let stoa = start(&fakes, "");
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let wt = worktree(ALICE);
     let session = create_session(&stoa, &alice, "claude-code", &wt);
     let live = subscribe(&stoa, &alice, &session);
@@ -337,7 +322,7 @@ fn claude_as_user() -> Result<(), Failed> {
 fn direct_path() -> Result<(), Failed> {
     let fakes = Fakes::install();
     let stoa = start(&fakes, "[execution]\nuse_executor = false\n");
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     // Both alice (checked by the broker) and the service user (who runs it) must enter it.
     let wt = format!("{}/shared-wt", stoa.dir.display());
     std::fs::create_dir_all(&wt)?;
@@ -360,7 +345,7 @@ fn direct_path() -> Result<(), Failed> {
 fn other_adapters() -> Result<(), Failed> {
     let fakes = Fakes::install();
     let stoa = start(&fakes, "");
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     for tool in ["codex", "gemini", "opencode"] {
         let wt = worktree(ALICE);
         let session = create_session(&stoa, &alice, tool, &wt);
@@ -418,7 +403,7 @@ fn failures() -> Result<(), Failed> {
         &fakes,
         "[execution]\nstop_grace_secs = 1\n[agents.gemini]\ncommand = [\"/nonexistent/gemini\"]\n",
     );
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let wt = worktree(ALICE);
     let session = create_session(&stoa, &alice, "claude-code", &wt);
 
@@ -492,7 +477,7 @@ fn timeout() -> Result<(), Failed> {
         &fakes,
         "[execution]\ntimeout_secs = 1\nstop_grace_secs = 1\n",
     );
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let wt = worktree(ALICE);
     let session = create_session(&stoa, &alice, "claude-code", &wt);
     let t = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "HANG"));
@@ -508,8 +493,8 @@ fn timeout() -> Result<(), Failed> {
 fn authorization() -> Result<(), Failed> {
     let fakes = Fakes::install();
     let stoa = start(&fakes, "");
-    let alice = api_user(&stoa, "alice", ALICE);
-    let bob = api_user(&stoa, "bob", BOB);
+    let alice = stoa.api_user("alice", ALICE);
+    let bob = stoa.api_user("bob", BOB);
     let session = create_session(&stoa, &alice, "claude-code", &worktree(ALICE));
     let task = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "hi"));
     for (method, path) in [
@@ -566,8 +551,8 @@ fn authorization() -> Result<(), Failed> {
 fn secrets() -> Result<(), Failed> {
     let fakes = Fakes::install();
     let stoa = start(&fakes, "");
-    let alice = api_user(&stoa, "alice", ALICE);
-    let bob = api_user(&stoa, "bob", BOB);
+    let alice = stoa.api_user("alice", ALICE);
+    let bob = stoa.api_user("bob", BOB);
     let secret = "sk-ant-test-5ecr3t-value";
     let (status, v) = stoa.request_text(
         "PUT",
@@ -657,7 +642,7 @@ fn secrets() -> Result<(), Failed> {
 fn daemon_killed_mid_task() -> Result<(), Failed> {
     let fakes = Fakes::install();
     let stoa = start(&fakes, "");
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let wt = worktree(ALICE);
     let session = create_session(&stoa, &alice, "claude-code", &wt);
     // Five lines, one a second.
@@ -691,7 +676,7 @@ fn cli() -> Result<(), Failed> {
         &fakes,
         "# the daemon's settings\n[execution]\n# seconds\ntimeout_secs = 60\n",
     );
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let wt = worktree(ALICE);
     let stoa_cli = |args: &[&str]| {
         std::process::Command::new(stoa.dir.join("bin/stoa"))

@@ -143,21 +143,6 @@ fn web_dir() -> (PathBuf, Option<PathBuf>) {
     (copy.clone(), Some(copy))
 }
 
-/// Creates an API user and returns its token (through the real `stoa user add`).
-fn api_user(stoa: &Instance, name: &str, unix_user: &str) -> String {
-    let out = Command::new(stoa.dir.join("bin/stoa"))
-        .args(["user", "add", name, "--unix-user", unix_user])
-        .env("STOA_BROKER_CONFIG", stoa.dir.join("broker.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stoa user add: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn page_opens_a_terminal() -> Result<(), Failed> {
     if let Err(why) = prepare() {
         return skipped(&why);
@@ -167,7 +152,7 @@ fn page_opens_a_terminal() -> Result<(), Failed> {
         extra_config: format!("web_dir = \"{}\"", web.display()),
         ..Default::default()
     });
-    let token = api_user(&stoa, "browser-alice", ALICE);
+    let token = stoa.api_user("browser-alice", ALICE);
 
     let artifacts = Path::new(REPO).join("target/test-artifacts");
     fs::create_dir_all(&artifacts).unwrap();

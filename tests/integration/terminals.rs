@@ -48,20 +48,6 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
     ),
 ];
 
-fn api_user(stoa: &Instance, name: &str, unix_user: &str) -> String {
-    let out = std::process::Command::new(stoa.dir.join("bin/stoa"))
-        .args(["user", "add", name, "--unix-user", unix_user])
-        .env("STOA_BROKER_CONFIG", stoa.dir.join("broker.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn open(stoa: &Instance, token: &str, body: Value) -> Value {
     let (status, t) = stoa.request("POST", "/terminals", Some(token), Some(&body));
     assert_eq!(status, 201, "{t}");
@@ -238,7 +224,7 @@ impl Viewer {
 
 fn as_user() -> Result<(), Failed> {
     let stoa = Instance::start();
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let t = open(&stoa, &alice, json!({ "cols": 120, "rows": 40 }));
     assert_eq!(t["unix_user"], ALICE);
     assert_eq!(t["running"], true);
@@ -277,7 +263,7 @@ fn as_user() -> Result<(), Failed> {
 
 fn resize_interrupt_exit() -> Result<(), Failed> {
     let stoa = Instance::start();
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let t = open(
         &stoa,
         &alice,
@@ -327,8 +313,8 @@ fn resize_interrupt_exit() -> Result<(), Failed> {
 
 fn owner_and_read_only() -> Result<(), Failed> {
     let stoa = Instance::start();
-    let alice = api_user(&stoa, "alice", ALICE);
-    let bob = api_user(&stoa, "bob", BOB);
+    let alice = stoa.api_user("alice", ALICE);
+    let bob = stoa.api_user("bob", BOB);
     let t = open(
         &stoa,
         &alice,
@@ -409,7 +395,7 @@ fn owner_and_read_only() -> Result<(), Failed> {
 
 fn replay() -> Result<(), Failed> {
     let stoa = Instance::start();
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let t = open(
         &stoa,
         &alice,
@@ -432,7 +418,7 @@ fn replay() -> Result<(), Failed> {
 
 fn exact_output() -> Result<(), Failed> {
     let stoa = Instance::start();
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     // Lots of output, then an exit: every byte arrives before EXIT.
     let t = open(
         &stoa,
@@ -527,7 +513,7 @@ fn vm_rss_kib(pid: i32) -> u64 {
 
 fn flood() -> Result<(), Failed> {
     let stoa = Instance::start();
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let daemon = stoa.daemon_pid().expect("daemon");
     let flood = open(
         &stoa,
@@ -604,7 +590,7 @@ impl Viewer {
 
 fn survives_restart() -> Result<(), Failed> {
     let stoa = Instance::start();
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let t = open(
         &stoa,
         &alice,
@@ -648,7 +634,7 @@ fn survives_restart() -> Result<(), Failed> {
 
 fn tickets_and_origin() -> Result<(), Failed> {
     let stoa = Instance::start();
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let t = open(
         &stoa,
         &alice,
@@ -699,7 +685,7 @@ fn tickets_and_origin() -> Result<(), Failed> {
 
 fn big_paste() -> Result<(), Failed> {
     let stoa = Instance::start();
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let t = open(
         &stoa,
         &alice,
@@ -745,7 +731,7 @@ fn idle_timeout() -> Result<(), Failed> {
         extra_config: "[terminal]\nidle_timeout_secs = 1\n".into(),
         ..Options::default()
     });
-    let alice = api_user(&stoa, "alice", ALICE);
+    let alice = stoa.api_user("alice", ALICE);
     let t = open(
         &stoa,
         &alice,
