@@ -485,10 +485,14 @@ fn start(
 
 /// Records the terminal's end offset once a second while it changes (see `recover`).
 async fn record_offsets(state: Arc<AppState>, terminal: Arc<Terminal>) {
-    // Woken by output only: an idle terminal costs nothing here.
+    // Woken by output only: an idle terminal costs nothing here. Returns as soon as the
+    // terminal has ended, so it never keeps an ended terminal (and its fds) alive.
     let mut progress = terminal.progress.subscribe();
     let mut recorded = None;
-    while !terminal.finished() && state.terminals.get(&terminal.id).is_some() {
+    loop {
+        if terminal.finished() || state.terminals.get(&terminal.id).is_none() {
+            return;
+        }
         let end = terminal.inner.lock().expect("terminal lock").end();
         if recorded != Some(end) {
             if let Err(e) = state
@@ -500,10 +504,23 @@ async fn record_offsets(state: Arc<AppState>, terminal: Arc<Terminal>) {
             }
             recorded = Some(end);
         }
-        if progress.changed().await.is_err() {
+        if progress.changed().await.is_err() || terminal.finished() {
             return;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // At most one record a second, but no waiting once it has ended.
+        let ended = async {
+            while !terminal.finished() {
+                if progress.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(1), ended)
+            .await
+            .is_ok()
+        {
+            return;
+        }
     }
 }
 
