@@ -883,8 +883,26 @@ impl Broker {
                 (ReplyBody::Done, Vec::new())
             }
             RequestBody::Stats => {
+                let p = &self.policy;
+                let limits = [
+                    (
+                        "max_executors_per_user",
+                        p.max_executors_per_user.to_string(),
+                    ),
+                    ("max_executors_total", p.max_executors_total.to_string()),
+                    ("spawn_rate_per_sec", p.spawn_rate_per_sec.to_string()),
+                    ("spawn_burst", p.spawn_burst.to_string()),
+                    ("rlimit_nofile", p.rlimits.nofile.to_string()),
+                    ("rlimit_nproc", p.rlimits.nproc.to_string()),
+                    ("rlimit_core", p.rlimits.core.to_string()),
+                    // Said plainly until per-user cgroups exist.
+                    ("cgroups", "not enforced".to_string()),
+                ]
+                .map(|(k, v)| (k.to_string(), v))
+                .to_vec();
                 let stats = crate::wire::BrokerStats {
                     handles: self.entries.len() as u64,
+                    limits,
                     ..self.stats.clone()
                 };
                 (ReplyBody::Stats(stats), Vec::new())

@@ -99,21 +99,66 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Least free space in the state directory before `/health` says degraded.
+const MIN_FREE_BYTES: u64 = 256 << 20;
+
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     let welcome = state.link.welcome();
     let connected = state.link.connected();
     let warning = welcome.single_user.as_ref().map(|u| {
         format!("single-user mode: stoa was not started as root, so there is no isolation; everything runs as '{u}'")
     });
+    let mut problems = Vec::new();
+    if !connected {
+        problems.push("the broker is not connected".to_string());
+    }
+    // The store must take a write lock (not just be readable).
+    let writable = state
+        .store
+        .with(|c| c.execute_batch("BEGIN IMMEDIATE; ROLLBACK;"))
+        .await;
+    if let Err(e) = &writable {
+        problems.push(format!("the store is not writable: {e}"));
+    }
+    let free = nix::sys::statvfs::statvfs(&state.config.state_dir)
+        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64);
+    match free {
+        Ok(b) if b < MIN_FREE_BYTES => problems.push(format!(
+            "only {} MiB free in {}",
+            b >> 20,
+            state.config.state_dir.display()
+        )),
+        Err(e) => problems.push(format!(
+            "cannot check free space in {}: {e}",
+            state.config.state_dir.display()
+        )),
+        Ok(_) => {}
+    }
+    let limits: serde_json::Map<String, serde_json::Value> =
+        match state.link.request(RequestBody::Stats).await {
+            Ok(r) => match r.body {
+                ReplyBody::Stats(stats) => stats
+                    .limits
+                    .into_iter()
+                    .map(|(k, v)| (k, json!(v)))
+                    .collect(),
+                _ => Default::default(),
+            },
+            Err(_) => Default::default(),
+        };
     let body = json!({
-        "status": if connected { "ok" } else { "degraded" },
+        "status": if problems.is_empty() { "ok" } else { "degraded" },
+        "problems": problems,
         "isolation": welcome.isolation,
         "mode": if welcome.isolation { "multi-user" } else { "single-user" },
         "broker_connected": connected,
+        "store_writable": writable.is_ok(),
+        "state_dir_free_bytes": free.ok(),
+        "limits": limits,
         "version": env!("CARGO_PKG_VERSION"),
         "warning": warning,
     });
-    let status = if connected {
+    let status = if problems.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -213,6 +213,8 @@ pub struct BrokerStats {
     pub protocol_violations: u64,
     pub daemon_starts: u64,
     pub handles: u64,
+    /// The limits the broker enforces now, as (name, value) for `/health`.
+    pub limits: Vec<(String, String)>,
 }
 
 /// Who a credential belongs to.

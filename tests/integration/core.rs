@@ -46,6 +46,7 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "sighup_applies_policy_and_config_without_dropping_work",
         sighup,
     ),
+    ("health_reports_degradation_with_reasons", health_degraded),
 ];
 
 fn stdout(v: &Value) -> String {
@@ -1004,5 +1005,47 @@ fn sighup() -> Result<(), Failed> {
         log.contains("policy reloaded") && log.contains("replacing the daemon to apply its config"),
         "{log}"
     );
+    Ok(())
+}
+
+fn health_degraded() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let h = stoa.health().expect("healthy");
+    assert_eq!(
+        (h["status"].clone(), h["store_writable"].clone()),
+        (json!("ok"), json!(true)),
+        "{h}"
+    );
+    assert!(h["state_dir_free_bytes"].as_u64().unwrap_or(0) > 0, "{h}");
+    assert_eq!(h["limits"]["max_executors_per_user"], "64", "{h}");
+    assert_eq!(h["limits"]["cgroups"], "not enforced", "{h}");
+    // Another writer holds the store: the daemon cannot write, and says so.
+    let db = rusqlite::Connection::open(stoa.dir.join("daemon/stoa.db"))?;
+    db.execute_batch("BEGIN EXCLUSIVE;")?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent.get(stoa.url("/health")).call()?;
+    let status = resp.status().as_u16();
+    let body: Value = resp.body_mut().read_json()?;
+    assert_eq!(
+        (
+            status,
+            body["status"].clone(),
+            body["store_writable"].clone()
+        ),
+        (503, json!("degraded"), json!(false)),
+        "{body}"
+    );
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("store is not writable"),
+        "{body}"
+    );
+    db.execute_batch("ROLLBACK;")?;
+    assert_eq!(stoa.health().expect("healthy again")["status"], "ok");
     Ok(())
 }
