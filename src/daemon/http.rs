@@ -121,7 +121,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         problems.push(format!("the store is not writable: {e}"));
     }
     let free = nix::sys::statvfs::statvfs(&state.config.state_dir)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64);
+        .map(|s| s.blocks_available() * s.fragment_size());
     match free {
         Ok(b) if b < MIN_FREE_BYTES => problems.push(format!(
             "only {} MiB free in {}",
