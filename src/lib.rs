@@ -5,8 +5,8 @@
 //! * [`daemon`]: the service user; HTTP, and everything else that faces the network.
 //! * the executor (`executor/`): the one program the broker runs as a user.
 //!
-//! [`wire`] is the protocol between the first two. Every `unsafe` call in stoa is in
-//! `stoa_executor::sys`; nothing here may use `unsafe`.
+//! [`wire`] is the protocol between the first two. Every system call that Rust cannot
+//! check for memory safety is in `stoa_executor::sys`; this crate forbids such code.
 #![forbid(unsafe_code)]
 
 pub mod broker;

@@ -2,10 +2,10 @@
 //!
 //! * [`codec`]: the length-prefixed bincode frame used on every stoa channel.
 //! * [`job`]: the job the broker hands an executor on its control socket (fd 3).
-//! * [`sys`]: every `unsafe` system call in stoa, each behind a safe function.
+//! * [`sys`]: every system call in stoa that Rust cannot check, each behind a safe function.
 //!
 //! The broker (in the `stoa` crate) and the `stoa-executor` binary both link this crate,
-//! which is why the one unsafe module lives here and not in `stoa` itself.
+//! which is why that one module lives here and not in `stoa` itself.
 #![deny(unsafe_code)]
 
 pub mod agents;
