@@ -15,9 +15,7 @@ use stoa_executor::job::Report;
 use super::fdio::{self, Collected, FdReader};
 use super::http::ApiError;
 use super::AppState;
-use crate::wire::{
-    ExitStatus, FdLayout, Handle, Program, ReplyBody, RequestBody, Signal, SpawnRequest, WindowSize,
-};
+use crate::wire::{ExitStatus, FdLayout, Program, RequestBody, Signal, SpawnRequest, WindowSize};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,35 +50,6 @@ pub struct ExecResponse {
     pub timed_out: bool,
     /// Set when the program could not be started at all.
     pub error: Option<String>,
-}
-
-/// Kills and releases the handle if the request is abandoned (client gone) before the
-/// end; releases it either way.
-struct HandleGuard {
-    state: Arc<AppState>,
-    handle: Handle,
-    done: bool,
-}
-
-impl Drop for HandleGuard {
-    fn drop(&mut self) {
-        let state = self.state.clone();
-        let handle = self.handle;
-        let abandoned = !self.done;
-        tokio::spawn(async move {
-            if abandoned {
-                let _ = state
-                    .link
-                    .request(RequestBody::Kill {
-                        handle,
-                        signal: Signal::Kill,
-                    })
-                    .await;
-            }
-            let _ = state.link.request(RequestBody::Release { handle }).await;
-            state.processes.finish(handle);
-        });
-    }
 }
 
 async fn wait_exit(mut rx: watch::Receiver<Option<ExitStatus>>) -> Option<ExitStatus> {
@@ -118,30 +87,19 @@ pub async fn run(
         stdin: has_stdin && req.tty.is_none(),
         secrets: false,
     };
-    let reply = state
-        .spawn("exec", spawn)
-        .await
-        .map_err(ApiError::broker_down)?;
-    let info = match reply.body {
-        ReplyBody::Spawned(info) => info,
-        ReplyBody::Error(e) => return Err(ApiError::from_broker(e)),
-        other => {
-            return Err(ApiError::internal(format!(
-                "unexpected broker reply {other:?}"
-            )))
-        }
-    };
-    let mut guard = HandleGuard {
-        state: state.clone(),
-        handle: info.handle,
-        done: false,
-    };
+    // Dropped before the end (the client went away, an error): the guard kills and
+    // releases what was spawned.
+    let super::Spawned {
+        info,
+        fds,
+        mut guard,
+    } = state.spawn("exec", spawn).await?;
     let exit_rx = state
         .processes
         .exit_watch(info.handle)
         .ok_or_else(|| ApiError::internal("spawned handle is not tracked"))?;
 
-    let mut fds = reply.fds.into_iter();
+    let mut fds = fds.into_iter();
     let mut next = || {
         fds.next()
             .ok_or_else(|| ApiError::internal("broker sent too few fds"))
@@ -229,7 +187,7 @@ pub async fn run(
         }
         status
     };
-    guard.done = true;
+    guard.set(super::OnDrop::Release);
     drop(guard);
 
     let error = if ctl.bytes.len() > codec::HEADER_LEN {

@@ -51,6 +51,79 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
 }
 
+/// A spawn that failed: the broker is gone, or it said no (with its reason).
+#[derive(Debug)]
+pub enum SpawnError {
+    LinkDown,
+    Refused(crate::wire::BrokerError),
+    Unexpected(String),
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpawnError::LinkDown => write!(f, "the broker is not connected"),
+            SpawnError::Refused(e) => write!(f, "{}", e.message),
+            SpawnError::Unexpected(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl From<SpawnError> for http::ApiError {
+    fn from(e: SpawnError) -> Self {
+        match e {
+            SpawnError::LinkDown => http::ApiError::broker_down(broker_link::LinkDown),
+            SpawnError::Refused(e) => http::ApiError::from_broker(e),
+            SpawnError::Unexpected(m) => http::ApiError::internal(m),
+        }
+    }
+}
+
+/// What the broker spawned: its handle's description, its fds, and the guard that cleans
+/// up after it.
+pub struct Spawned {
+    pub info: HandleInfo,
+    pub fds: Vec<std::os::fd::OwnedFd>,
+    pub guard: HandleGuard,
+}
+
+/// What to do with a handle when its guard is dropped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum OnDrop {
+    /// Nobody finished with it (an error, a client gone): kill its group, release it.
+    KillAndRelease,
+    /// It ended normally: release it.
+    Release,
+    /// Someone else took it over (a terminal's lifecycle, a task's run).
+    Nothing,
+}
+
+pub struct HandleGuard {
+    state: Arc<AppState>,
+    handle: crate::wire::Handle,
+    on_drop: OnDrop,
+}
+
+impl HandleGuard {
+    pub fn set(&mut self, on_drop: OnDrop) {
+        self.on_drop = on_drop;
+    }
+}
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        if self.on_drop == OnDrop::Nothing {
+            return;
+        }
+        let (state, handle, kill) = (
+            self.state.clone(),
+            self.handle,
+            self.on_drop == OnDrop::KillAndRelease,
+        );
+        tokio::spawn(async move { state.end_handle(handle, kill).await });
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum Notice {
     /// Messages up to `last_seq` are stored for the session.
@@ -63,19 +136,50 @@ pub enum Notice {
 }
 
 impl AppState {
-    /// Sends a spawn request to the broker, counting and timing it for the metrics.
+    /// Asks the broker to spawn, counting and timing it for the metrics. What comes back
+    /// owns the handle: dropped, it kills what was spawned and releases the handle, so no
+    /// error path after a spawn leaves a process behind (see [`Spawned`]).
     pub async fn spawn(
-        &self,
+        self: &Arc<Self>,
         kind: &str,
         request: crate::wire::SpawnRequest,
-    ) -> Result<broker_link::Reply, broker_link::LinkDown> {
+    ) -> Result<Spawned, SpawnError> {
         let started = std::time::Instant::now();
         let reply = self.link.request(RequestBody::Spawn(request)).await;
         let result = reply
             .as_ref()
             .map_or("error", |r| metrics::result_of(&r.body));
         self.metrics.spawned(kind, result, started.elapsed());
-        reply
+        let reply = reply.map_err(|_| SpawnError::LinkDown)?;
+        match reply.body {
+            ReplyBody::Spawned(info) => Ok(Spawned {
+                guard: HandleGuard {
+                    state: self.clone(),
+                    handle: info.handle,
+                    on_drop: OnDrop::KillAndRelease,
+                },
+                info,
+                fds: reply.fds,
+            }),
+            ReplyBody::Error(e) => Err(SpawnError::Refused(e)),
+            other => Err(SpawnError::Unexpected(format!(
+                "unexpected broker reply {other:?}"
+            ))),
+        }
+    }
+
+    /// Done with a handle: kill its process group first if `kill`, then release it in the
+    /// broker and keep it in the daemon's history.
+    pub async fn end_handle(&self, handle: crate::wire::Handle, kill: bool) {
+        if kill {
+            let signal = crate::wire::Signal::Kill;
+            let _ = self
+                .link
+                .request(RequestBody::Kill { handle, signal })
+                .await;
+        }
+        let _ = self.link.request(RequestBody::Release { handle }).await;
+        self.processes.finish(handle);
     }
 
     /// Agents run through the broker as the session's user, unless configured off or in
@@ -236,11 +340,5 @@ async fn drain_orphan(state: Arc<AppState>, info: HandleInfo, fds: Vec<std::os::
     for d in drains {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d).await;
     }
-    let _ = state
-        .link
-        .request(RequestBody::Release {
-            handle: info.handle,
-        })
-        .await;
-    state.processes.finish(info.handle);
+    state.end_handle(info.handle, false).await;
 }

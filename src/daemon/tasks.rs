@@ -25,7 +25,7 @@ use super::fdio::FdReader;
 use super::store::{Outcome, Session, Task};
 use super::{AppState, Notice};
 use crate::wire::{
-    ExitStatus, FdLayout, Handle, HandleInfo, Program, ReplyBody, RequestBody, Signal, SpawnRequest,
+    ExitStatus, FdLayout, Handle, HandleInfo, Program, RequestBody, Signal, SpawnRequest,
 };
 
 /// The most of a line (one JSON event) the daemon holds while it waits for its end.
@@ -288,18 +288,19 @@ async fn spawn_through_broker(
         stdin: stdin.is_some(),
         secrets: true,
     };
-    let reply = state
+    let super::Spawned {
+        info,
+        fds,
+        mut guard,
+    } = state
         .spawn("agent", request)
         .await
         .map_err(|e| e.to_string())?;
-    let info = match reply.body {
-        ReplyBody::Spawned(info) => info,
-        ReplyBody::Error(e) => return Err(e.message),
-        other => return Err(format!("unexpected broker reply {other:?}")),
-    };
-    let handle = info.handle;
-    let run = run_from_fds(state, &info, reply.fds, stdin)?;
-    Ok((run, handle))
+    // If the run cannot be set up, the guard kills and releases what was spawned; once it
+    // is, `drive` ends it and releases it.
+    let run = run_from_fds(state, &info, fds, stdin)?;
+    guard.set(super::OnDrop::Nothing);
+    Ok((run, info.handle))
 }
 
 /// A run from a handle's fds (fresh from a spawn, or adopted after a restart).
@@ -514,11 +515,7 @@ async fn drive(
     // Nothing the run started may outlive it.
     process.signal(state, Signal::Kill).await;
     if let Process::Broker { handle, .. } = &process {
-        let _ = state
-            .link
-            .request(RequestBody::Release { handle: *handle })
-            .await;
-        state.processes.finish(*handle);
+        state.end_handle(*handle, false).await;
     }
 
     let exit = exit.flatten();
@@ -725,7 +722,11 @@ pub async fn recover(
                     )
                     .await
                 }
-                (Err(e), _) | (_, Err(e)) => Ending::failed(e),
+                (Err(e), _) | (_, Err(e)) => {
+                    // It cannot be followed: end it rather than leave it running unwatched.
+                    state.end_handle(info.handle, true).await;
+                    Ending::failed(e)
+                }
             };
             finish(&state, &session, &task.task_id, ending).await;
         });

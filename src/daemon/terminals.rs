@@ -50,7 +50,7 @@ use super::store::{new_id, now, TerminalRow};
 use super::AppState;
 use crate::terminal::protocol::{error, ClientFrame, Exit, ServerFrame, FROM_NOW, SUBPROTOCOL};
 use crate::wire::{
-    ExitStatus, FdLayout, Handle, HandleInfo, Principal, Program, ReplyBody, RequestBody, Signal,
+    ExitStatus, FdLayout, Handle, HandleInfo, Principal, Program, RequestBody, Signal,
     SpawnRequest, WindowSize,
 };
 
@@ -356,21 +356,15 @@ async fn create(
         stdin: false,
         secrets: false,
     };
-    let reply = state
-        .spawn("terminal", spawn)
-        .await
-        .map_err(ApiError::broker_down)?;
-    let info = match reply.body {
-        ReplyBody::Spawned(info) => info,
-        ReplyBody::Error(e) => return Err(ApiError::from_broker(e)),
-        other => {
-            return Err(ApiError::internal(format!(
-                "unexpected broker reply {other:?}"
-            )))
-        }
-    };
+    // Until the terminal runs, an error drops the guard, which kills and releases it.
+    let super::Spawned {
+        info,
+        fds,
+        mut guard,
+    } = state.spawn("terminal", spawn).await?;
+    let terminal_id = new_id();
     let row = TerminalRow {
-        terminal_id: new_id(),
+        terminal_id: terminal_id.clone(),
         owner: principal.name().to_string(),
         unix_user: info.unix_user.clone(),
         handle: info.handle.0,
@@ -386,23 +380,20 @@ async fn create(
         offset_base: 0,
         last_offset: 0,
     };
-    if let Err(e) = state.store.insert_terminal(row.clone()).await {
-        let _ = state
-            .link
-            .request(RequestBody::Kill {
-                handle: info.handle,
-                signal: Signal::Kill,
-            })
-            .await;
-        let _ = state
-            .link
-            .request(RequestBody::Release {
-                handle: info.handle,
-            })
-            .await;
-        return Err(ApiError::internal(e));
-    }
-    let terminal = start(&state, row, &info, reply.fds).map_err(ApiError::internal)?;
+    state
+        .store
+        .insert_terminal(row.clone())
+        .await
+        .map_err(ApiError::internal)?;
+    let terminal = match start(&state, row, &info, fds) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = state.store.delete_terminal(&terminal_id).await;
+            return Err(ApiError::internal(e));
+        }
+    };
+    // From here its lifecycle ends and releases it.
+    guard.set(super::OnDrop::Nothing);
     info!(terminal = %terminal.id, user = %terminal.unix_user, pid = terminal.pid, "terminal started");
     Ok((StatusCode::CREATED, Json(terminal.view())).into_response())
 }
@@ -641,13 +632,7 @@ async fn lifecycle(state: Arc<AppState>, terminal: Arc<Terminal>) {
     if let Err(e) = state.store.terminal_ended(&terminal.id, code, signal).await {
         warn!(terminal = %terminal.id, "cannot record the end: {e}");
     }
-    let _ = state
-        .link
-        .request(RequestBody::Release {
-            handle: terminal.handle,
-        })
-        .await;
-    state.processes.finish(terminal.handle);
+    state.end_handle(terminal.handle, false).await;
     info!(terminal = %terminal.id, ?exit, "terminal ended");
 }
 
@@ -1193,7 +1178,12 @@ pub async fn recover(
         let id = row.terminal_id.clone();
         match start(state, row, &info, fds) {
             Ok(_) => info!(terminal = %id, handle = info.handle.0, "took a terminal back"),
-            Err(e) => warn!(terminal = %id, "cannot take the terminal back: {e}"),
+            Err(e) => {
+                // Nobody could reach it again: end it rather than leave it unwatched.
+                warn!(terminal = %id, "cannot take the terminal back, ending it: {e}");
+                state.end_handle(info.handle, true).await;
+                let _ = state.store.terminal_ended(&id, None, None).await;
+            }
         }
     }
     adopted

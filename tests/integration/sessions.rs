@@ -249,6 +249,10 @@ fn claude_as_user() -> Result<(), Failed> {
     // It ran as alice, in the worktree.
     assert_eq!(read(&format!("{wt}/.fake-uid")), uid_of(ALICE).to_string());
     assert_eq!(read(&format!("{wt}/.fake-cwd")), wt);
+    assert!(
+        !read(&format!("{wt}/.fake-cmdline")).contains("say hello"),
+        "the prompt is in argv"
+    );
     // Every event, stored in order.
     let msgs = messages(&stoa, &alice, &session);
     assert_eq!(
@@ -349,8 +353,21 @@ fn other_adapters() -> Result<(), Failed> {
     for tool in ["codex", "gemini", "opencode"] {
         let wt = worktree(ALICE);
         let session = create_session(&stoa, &alice, tool, &wt);
-        let t = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "hi"));
+        let t = wait_task(
+            &stoa,
+            &alice,
+            &prompt(&stoa, &alice, &session, "hi private-plan"),
+        );
         assert_eq!(t["status"], "completed", "{tool}: {t}");
+        // The prompt reaches the agent on stdin, out of the process table that every local
+        // user can read; gemini's CLI only takes it as an argument (see the note there).
+        if tool != "gemini" {
+            let cmdline = read(&format!("{wt}/.fake-cmdline"));
+            assert!(
+                !cmdline.contains("private-plan"),
+                "{tool}: the prompt is in argv: {cmdline}"
+            );
+        }
         let msgs = messages(&stoa, &alice, &session);
         let k = kinds(&msgs);
         assert_eq!(

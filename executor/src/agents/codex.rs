@@ -52,16 +52,15 @@ impl Adapter for CodexAdapter {
             argv.push("--".into());
             argv.push(id.clone());
         } else {
-            // `--` makes the prompt positional even if it starts with `-`, and stops a
-            // prompt of just "resume" or "review" being taken for the subcommand.
+            // `--` keeps the `-` below positional, and the subcommands apart.
             argv.push("--".into());
         }
-        argv.push(spec.prompt.clone());
+        // A prompt of "-" tells codex to read the prompt from stdin: the prompt never
+        // shows in the process table, where every local user could read it.
+        argv.push("-".into());
         Invocation {
             argv,
-            // A prompt of exactly "-" means "read the prompt from stdin" to codex: give it
-            // the "-" there too, so the prompt stays what the user wrote.
-            stdin: (spec.prompt == "-").then(|| spec.prompt.clone()),
+            stdin: Some(spec.prompt.clone()),
             env: vec![],
         }
     }
@@ -377,10 +376,10 @@ mod tests {
                 "--json",
                 "--skip-git-repo-check",
                 "--",
-                "hi"
+                "-"
             ])
         );
-        assert_eq!(inv.stdin, None);
+        assert_eq!(inv.stdin.as_deref(), Some("hi"));
         assert!(inv.env.is_empty());
     }
 
@@ -404,8 +403,12 @@ mod tests {
                 "resume",
                 "--",
                 "01a20b5b-c785-73a2-853d-24af3a821581",
-                "-rf everything",
+                "-",
             ])
+        );
+        assert_eq!(
+            CodexAdapter::default().invocation(&s).stdin.as_deref(),
+            Some("-rf everything")
         );
     }
 

@@ -24,6 +24,9 @@ impl Adapter for GeminiAdapter {
         Tool::Gemini
     }
 
+    // The prompt goes in argv (`-p`), so it shows in the process table, readable by every
+    // local user unless /proc is mounted with hidepid. The other adapters give it on stdin;
+    // moving gemini there needs its stdin handling checked against the real CLI first.
     fn invocation(&self, spec: &RunSpec) -> Invocation {
         let mut argv = argv_prefix(Tool::Gemini, spec);
         // Gemini parses options with yargs, which takes `-p -x` as two flags. The
