@@ -823,11 +823,11 @@ impl Broker {
                     "tty": req.tty.is_some(),
                     "secrets": req.secrets,
                 });
-                record["api_user"] = serde_json::json!(self
-                    .credentials
-                    .verify(&req.credential)
-                    .map(|p| p.name().to_string()));
-                let reply = self.spawn(req);
+                // One verification serves the audit record and the spawn's own check.
+                let principal = self.credentials.verify(&req.credential);
+                record["api_user"] =
+                    serde_json::json!(principal.as_ref().map(|p| p.name().to_string()));
+                let reply = self.spawn(req, principal);
                 match &reply.0 {
                     ReplyBody::Spawned(info) => {
                         record["handle"] = serde_json::json!(info.handle.0);
@@ -993,7 +993,16 @@ impl Broker {
         credential: &str,
         unix_user: &str,
     ) -> Result<Principal, (ReplyBody, Vec<OwnedFd>)> {
-        let Some(principal) = self.credentials.verify(credential) else {
+        let principal = self.credentials.verify(credential);
+        Self::may_act_as(principal, unix_user)
+    }
+
+    /// `principal` (a verified credential, if any) may act as `unix_user`.
+    fn may_act_as(
+        principal: Option<Principal>,
+        unix_user: &str,
+    ) -> Result<Principal, (ReplyBody, Vec<OwnedFd>)> {
+        let Some(principal) = principal else {
             warn!(user = %unix_user.escape_debug(), "refused: invalid credential");
             return Err(error_reply(ErrorKind::Unauthorized, "invalid credential"));
         };
@@ -1207,8 +1216,12 @@ impl Broker {
         result
     }
 
-    fn spawn(&mut self, req: SpawnRequest) -> (ReplyBody, Vec<OwnedFd>) {
-        let principal = match self.authorize(&req.credential, &req.unix_user) {
+    fn spawn(
+        &mut self,
+        req: SpawnRequest,
+        principal: Option<Principal>,
+    ) -> (ReplyBody, Vec<OwnedFd>) {
+        let principal = match Self::may_act_as(principal, &req.unix_user) {
             Ok(p) => p,
             Err(e) => return e,
         };
