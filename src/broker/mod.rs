@@ -1340,7 +1340,11 @@ impl Broker {
             started_at: now_secs(),
         };
         let what = match &req.program {
-            Program::Exec { argv } => format!("exec {:?}", argv),
+            // The program only: its arguments (a user's command line, a prompt) go to the
+            // root-only audit log, not to the journal.
+            Program::Exec { argv } => {
+                format!("exec {:?} with {} arguments", argv[0], argv.len() - 1)
+            }
             Program::Shell => "shell".into(),
         };
         info!(handle = handle.0, pid = launched.pid, user = %account.name, by = %principal.name(), tty = req.tty.is_some(), "spawned {}", what.escape_debug());
