@@ -249,6 +249,9 @@ pub struct ChildSpec<'a> {
     pub cwd: Option<CString>,
     /// `PR_SET_PDEATHSIG`, set after the identity change (which clears it).
     pub parent_death_signal: Option<i32>,
+    /// `cgroup.procs` files (opened for writing) the child writes itself into first, while
+    /// still root, so everything it will ever start is inside these cgroups.
+    pub cgroup_procs: Vec<BorrowedFd<'a>>,
 }
 
 /// The step of the child's sequence that failed.
@@ -256,6 +259,7 @@ pub struct ChildSpec<'a> {
 #[repr(u32)]
 pub enum ChildStage {
     ResetSignals = 1,
+    JoinCgroups,
     NewSession,
     ArrangeFds,
     ControllingTty,
@@ -278,8 +282,9 @@ pub enum ChildStage {
 impl ChildStage {
     fn from_raw(raw: u32) -> Option<ChildStage> {
         use ChildStage::*;
-        const ALL: [ChildStage; 18] = [
+        const ALL: [ChildStage; 19] = [
             ResetSignals,
+            JoinCgroups,
             NewSession,
             ArrangeFds,
             ControllingTty,
@@ -305,6 +310,7 @@ impl ChildStage {
         use ChildStage::*;
         match self {
             ResetSignals => "resetting signals",
+            JoinCgroups => "joining the user's cgroup",
             NewSession => "starting a new session",
             ArrangeFds => "arranging file descriptors",
             ControllingTty => "acquiring the controlling terminal",
@@ -432,6 +438,7 @@ struct Prepared<'s> {
     fd_count: usize,
     first_unkept_fd: RawFd,
     exe: RawFd,
+    cgroup_procs: Vec<RawFd>,
     controlling_tty: bool,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     identity: Option<&'s Identity>,
@@ -584,6 +591,7 @@ fn prepare<'s>(spec: &'s ChildSpec<'_>) -> io::Result<Prepared<'s>> {
         fd_count,
         first_unkept_fd: 3 + spec.extra_fds.len() as RawFd,
         exe: spec.exe.as_raw_fd(),
+        cgroup_procs: spec.cgroup_procs.iter().map(|fd| fd.as_raw_fd()).collect(),
         controlling_tty: spec.controlling_tty,
         rlimits,
         identity: spec.identity.as_ref(),
@@ -641,6 +649,13 @@ fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
             ResetSignals,
             libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut())
         );
+
+        // Into the cgroups before anything else: "0" is the writer itself. Root writes
+        // here; the user could not.
+        for &fd in &p.cgroup_procs {
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            check!(JoinCgroups, written as libc::c_int);
+        }
 
         // B2/B3: a new session, which is also a new process group.
         check!(NewSession, libc::setsid());

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod cgroup;
 pub mod credentials;
 pub mod link;
 pub mod notify;
@@ -56,8 +57,36 @@ const RESTART_MIN: Duration = Duration::from_millis(100);
 const RESTART_MAX: Duration = Duration::from_secs(10);
 /// A daemon that ran this long resets the restart backoff.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
-/// How long the daemon and then executors get between SIGTERM and SIGKILL at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// At shutdown, after the policy's grace: how long SIGTERM gets before SIGKILL, and how
+/// long the daemon gets to record the ends and to exit.
+const SHUTDOWN_TERM_WAIT: Duration = Duration::from_secs(5);
+const SHUTDOWN_RECORD_WAIT: Duration = Duration::from_secs(10);
+const SHUTDOWN_DAEMON_WAIT: Duration = Duration::from_secs(10);
+
+/// Where a shutdown (SIGTERM) is. Each phase ends when its condition holds or its time
+/// is up, whichever comes first.
+///
+/// | phase            | on entry                                       | ends when                    |
+/// |------------------|------------------------------------------------|------------------------------|
+/// | `Grace`          | daemon told (`ShuttingDown`), spawns refused, terminals hung up | no executor left, or `shutdown_grace_secs` |
+/// | `Terminated`     | SIGTERM to every executor's process group      | no executor left, or 5 s     |
+/// | `Killed`         | SIGKILL to every group and cgroup              | no executor left, or 5 s     |
+/// | `Recording`      | –                                              | the daemon released every handle (so it stored every end), or 10 s |
+/// | `Daemon` | SIGTERM to the daemon                          | it exited (else SIGKILL after 10 s); the broker exits 0 |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopping {
+    Grace,
+    Terminated,
+    Killed,
+    Recording,
+    Daemon,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Shutdown {
+    phase: Stopping,
+    until: Instant,
+}
 
 pub struct ServeOptions {
     pub broker_config: PathBuf,
@@ -77,6 +106,8 @@ struct Entry {
     kept: Vec<OwnedFd>,
     /// The daemon is done with it; dropped once the process is also reaped.
     released: bool,
+    /// Its cgroup, until the process is reaped.
+    cgroup: Option<cgroup::SpawnCgroup>,
 }
 
 struct Daemon {
@@ -103,7 +134,7 @@ struct Broker {
     by_pid: HashMap<i32, Handle>,
     next_handle: u64,
     signals: SignalFd,
-    shutting_down: bool,
+    shutdown: Option<Shutdown>,
     notifier: notify::Notifier,
     /// systemd was told READY=1 (only the first daemon's Ready does that).
     announced: bool,
@@ -115,6 +146,7 @@ struct Broker {
     planned_restart: bool,
     /// The daemon's state directory, as resolved and created here.
     daemon_state_dir: PathBuf,
+    cgroups: cgroup::Cgroups,
 }
 
 /// Runs the broker until SIGTERM/SIGINT.
@@ -279,6 +311,31 @@ fn fit_rlimits(limits: Vec<Rlimit>) -> Vec<Rlimit> {
         .collect()
 }
 
+/// Runs `op` with `uid` as the effective uid (when isolated), so the kernel refuses a
+/// signal to anything not that user's (OpenSSH `temporarily_use_uid`).
+fn as_user<T>(isolated: bool, uid: u32, op: impl FnOnce() -> T) -> T {
+    if !isolated {
+        return op();
+    }
+    let root = Uid::from_raw(0);
+    if let Err(e) = nix::unistd::setresuid(root, Uid::from_raw(uid), root) {
+        error!("cannot switch effective uid to {uid}: {e}");
+    }
+    let result = op();
+    if let Err(e) = nix::unistd::setresuid(root, root, root) {
+        // Carrying on with the wrong effective uid would break every later spawn.
+        error!("cannot restore effective uid 0: {e}; exiting");
+        std::process::exit(70);
+    }
+    result
+}
+
+/// Signals one process of `uid`'s as that user (a pid read from a cgroup may have been
+/// reused since; as the user, no one else's process can be hit).
+fn kill_as(isolated: bool, uid: u32, pid: i32, signal: NixSignal) {
+    let _ = as_user(isolated, uid, || kill(Pid::from_raw(pid), signal));
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -402,6 +459,23 @@ impl Broker {
             .map(|g| g.gid.as_raw());
         let allowed_gids = resolve_gids(&policy.allow_groups);
 
+        // What an executor's processes leave orphaned comes to the broker, which reaps it:
+        // killed leftovers never linger as zombies, whatever the machine's init does.
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            warn!("cannot become a child subreaper: {e}");
+        }
+        let cgroups = cgroup::Cgroups::setup(&policy.cgroup, euid == 0);
+        let missing = cgroups.missing();
+        if !missing.is_empty() {
+            let list = missing.join("; ");
+            if policy.cgroup.required {
+                return Err(format!(
+                    "cgroup limits cannot be enforced (policy cgroup.required): {list}"
+                ));
+            }
+            warn!("cgroup limits NOT enforced: {list}");
+        }
+
         raise_fd_limit();
         if euid == 0 {
             drop_capabilities()?;
@@ -438,7 +512,7 @@ impl Broker {
             by_pid: HashMap::new(),
             next_handle: 1,
             signals,
-            shutting_down: false,
+            shutdown: None,
             notifier: notify::Notifier::from_env(),
             announced: false,
             audit,
@@ -446,18 +520,29 @@ impl Broker {
             stats: crate::wire::BrokerStats::default(),
             planned_restart: false,
             daemon_state_dir: daemon_config.state_dir.clone(),
+            cgroups,
         })
     }
 
     fn run(&mut self) {
-        while !self.shutting_down {
+        loop {
+            self.advance_shutdown();
+            let stopping_daemon = self.shutdown.map(|s| s.phase) == Some(Stopping::Daemon);
+            if stopping_daemon && self.daemon.is_none() {
+                break;
+            }
             let now = Instant::now();
-            if self.daemon.is_none() && self.restart_at.is_none_or(|t| t <= now) {
+            if self.daemon.is_none() && !stopping_daemon && self.restart_at.is_none_or(|t| t <= now)
+            {
                 self.start_daemon();
             }
             let deadline = match &self.daemon {
                 Some(d) => d.link.deadline(),
                 None => self.restart_at,
+            };
+            let deadline = match (deadline, self.shutdown.map(|s| s.until)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             let timeout = match deadline {
                 Some(t) => {
@@ -514,17 +599,14 @@ impl Broker {
                 }
             }
         }
-        self.shutdown();
+        self.finish_shutdown();
     }
 
     fn handle_signals(&mut self) {
         while let Ok(Some(info)) = self.signals.read_signal() {
             match NixSignal::try_from(info.ssi_signo as i32) {
                 Ok(NixSignal::SIGCHLD) => self.reap(),
-                Ok(NixSignal::SIGTERM) | Ok(NixSignal::SIGINT) => {
-                    info!("shutdown requested");
-                    self.shutting_down = true;
-                }
+                Ok(NixSignal::SIGTERM) | Ok(NixSignal::SIGINT) => self.begin_shutdown(),
                 Ok(NixSignal::SIGHUP) => self.reload(),
                 _ => {}
             }
@@ -540,6 +622,7 @@ impl Broker {
         match Policy::load(&self.opts.broker_config, euid) {
             Ok((policy, _)) => {
                 self.allowed_gids = resolve_gids(&policy.allow_groups);
+                self.cgroups.set_limits(&policy.cgroup);
                 self.policy = policy;
                 info!(path = %self.opts.broker_config.display(), "policy reloaded");
                 self.audit.record("policy_reloaded", serde_json::json!({}));
@@ -589,21 +672,38 @@ impl Broker {
         };
         entry.info.exited = Some(status);
         let user = entry.info.unix_user.clone();
+        let uid = entry.info.uid;
         let released = entry.released;
-        info!(handle = handle.0, pid, user = %user, ?status, "executor exited");
+        let spawn_cgroup = entry.cgroup.take();
+        let mut limit_hit = None;
+        if let Some(cg) = spawn_cgroup {
+            // Read what it ran into before ending what it left behind.
+            limit_hit = self.cgroups.limit_hit(&cg);
+            let isolated = self.isolated();
+            self.cgroups
+                .remove(cg, &mut |p| kill_as(isolated, uid, p, NixSignal::SIGKILL));
+        }
+        if let Some(entry) = self.entries.get_mut(&handle) {
+            entry.info.limit_hit = limit_hit;
+        }
+        info!(handle = handle.0, pid, user = %user, ?status, ?limit_hit, "executor exited");
         let (code, signal) = match status {
             ExitStatus::Code(c) => (Some(c), None),
             ExitStatus::Signal(s) => (None, Some(s)),
         };
         self.audit.record(
             "exit",
-            serde_json::json!({ "handle": handle.0, "pid": pid, "unix_user": user, "code": code, "signal": signal }),
+            serde_json::json!({ "handle": handle.0, "pid": pid, "unix_user": user, "code": code, "signal": signal, "limit_hit": limit_hit.map(|l| l.to_string()) }),
         );
         if released {
             self.entries.remove(&handle);
             return;
         }
-        self.send_event(Event::Exited { handle, status });
+        self.send_event(Event::Exited {
+            handle,
+            status,
+            limit_hit,
+        });
     }
 
     fn send_event(&mut self, event: Event) {
@@ -656,6 +756,7 @@ impl Broker {
                 umask: 0o077,
                 cwd: Some(c"/".into()),
                 parent_death_signal: Some(libc::SIGTERM),
+                cgroup_procs: Vec::new(),
             };
             let pid = sys::spawn_child(&spec).map_err(|e| e.to_string())?;
             let link = Link::new(ours).map_err(|e| e.to_string())?;
@@ -777,6 +878,14 @@ impl Broker {
         };
         permit::permit(d.state, &request.body)
             .map_err(|why| format!("{} not permitted: {why}", permit::name(&request.body)))?;
+        if let Some(id) = &request.request_id {
+            if !crate::wire::valid_request_id(id) {
+                return Err(format!("invalid request id ({} bytes)", id.len()));
+            }
+        }
+        // Every log line while answering names the HTTP request it serves.
+        let request_id = request.request_id.clone();
+        let _span = tracing::info_span!("request", request_id = request_id.as_deref()).entered();
         let (body, fds) = match request.body {
             RequestBody::Hello { protocol } => {
                 if protocol != PROTOCOL_VERSION {
@@ -812,6 +921,10 @@ impl Broker {
                     None => error_reply(ErrorKind::Unauthorized, "invalid credential"),
                 }
             }
+            RequestBody::Spawn(_) if self.shutdown.is_some() => error_reply(
+                ErrorKind::Unavailable,
+                "stoa is shutting down: no new processes are started",
+            ),
             RequestBody::Spawn(req) => {
                 let mut record = serde_json::json!({
                     "unix_user": req.unix_user,
@@ -822,6 +935,7 @@ impl Broker {
                     "cwd": req.cwd,
                     "tty": req.tty.is_some(),
                     "secrets": req.secrets,
+                    "request_id": request_id,
                 });
                 // One verification serves the audit record and the spawn's own check.
                 let principal = self.credentials.verify(&req.credential);
@@ -864,9 +978,17 @@ impl Broker {
                 let (uid, pid, user) =
                     (entry.info.uid, entry.info.pid, entry.info.unix_user.clone());
                 let reply = self.signal_group(uid, pid, signal);
+                if signal == Signal::Kill {
+                    // Not just the process group: everything the spawn started.
+                    if let Some(cg) = self.entries.get(&handle).and_then(|e| e.cgroup.as_ref()) {
+                        let isolated = self.isolated();
+                        self.cgroups
+                            .kill(cg, &mut |p| kill_as(isolated, uid, p, NixSignal::SIGKILL));
+                    }
+                }
                 self.audit.record(
                     "signal",
-                    serde_json::json!({ "handle": handle.0, "pid": pid, "unix_user": user, "signal": format!("{signal:?}") }),
+                    serde_json::json!({ "handle": handle.0, "pid": pid, "unix_user": user, "signal": format!("{signal:?}"), "request_id": request_id }),
                 );
                 reply
             }
@@ -895,11 +1017,11 @@ impl Broker {
                     ("rlimit_nofile", p.rlimits.nofile.to_string()),
                     ("rlimit_nproc", p.rlimits.nproc.to_string()),
                     ("rlimit_core", p.rlimits.core.to_string()),
-                    // Said plainly until per-user cgroups exist.
-                    ("cgroups", "not enforced".to_string()),
                 ]
                 .map(|(k, v)| (k.to_string(), v))
-                .to_vec();
+                .into_iter()
+                .chain(self.cgroups.report())
+                .collect();
                 let stats = crate::wire::BrokerStats {
                     handles: self.entries.len() as u64,
                     limits,
@@ -926,12 +1048,13 @@ impl Broker {
                         if let FdLayout::Pipes { .. } = info.fds {
                             info.fds = FdLayout::Pipes { stdin: false };
                         }
-                        (ReplyBody::Adopted(info), fds)
+                        (ReplyBody::Adopted(Box::new(info)), fds)
                     }
                     Err(e) => error_reply(ErrorKind::Failed, format!("cannot duplicate fds: {e}")),
                 }
             }
         };
+        let welcomed = matches!(body, ReplyBody::Welcome(_));
         let frame = codec::encode(&BrokerMessage::Reply {
             id: request.id,
             body,
@@ -940,7 +1063,14 @@ impl Broker {
         if let Some(d) = &mut self.daemon {
             if let Err(e) = d.link.send(frame, fds) {
                 self.link_failed(e);
+                return Ok(());
             }
+        }
+        if welcomed && self.shutdown.is_some() {
+            // A daemon that starts during a shutdown must know it too.
+            self.send_event(Event::ShuttingDown {
+                grace_secs: self.policy.shutdown_grace_secs,
+            });
         }
         Ok(())
     }
@@ -970,20 +1100,11 @@ impl Broker {
     }
 
     fn as_user<T>(&self, uid: u32, op: impl FnOnce() -> T) -> T {
-        if !matches!(self.mode, Mode::Isolated { .. }) {
-            return op();
-        }
-        let root = Uid::from_raw(0);
-        if let Err(e) = nix::unistd::setresuid(root, Uid::from_raw(uid), root) {
-            error!("cannot switch effective uid to {uid}: {e}");
-        }
-        let result = op();
-        if let Err(e) = nix::unistd::setresuid(root, root, root) {
-            // Carrying on with the wrong effective uid would break every later spawn.
-            error!("cannot restore effective uid 0: {e}; exiting");
-            std::process::exit(70);
-        }
-        result
+        as_user(self.isolated(), uid, op)
+    }
+
+    fn isolated(&self) -> bool {
+        matches!(self.mode, Mode::Isolated { .. })
     }
 
     /// The principal behind `credential`, if it may act as `unix_user`: its own Unix user,
@@ -1310,6 +1431,16 @@ impl Broker {
         } else {
             Vec::new()
         };
+        let handle = Handle(self.next_handle);
+        self.next_handle += 1;
+        let (spawn_cgroup, cgroup_procs) = match self.cgroups.prepare(account.uid, handle.0) {
+            Ok(Some((cg, fds))) => (Some(cg), fds),
+            Ok(None) => (None, Vec::new()),
+            Err(e) => {
+                error!(user = %account.name, "spawn failed: {e}");
+                return error_reply(ErrorKind::Failed, e);
+            }
+        };
         let umask = self.policy.umask_bits().unwrap_or(0o022);
         let launcher = Launcher {
             executor: &self.executor,
@@ -1319,16 +1450,26 @@ impl Broker {
             umask,
             path: self.policy.path.clone(),
         };
-        let launched = match launcher.launch(&account, &req, secrets) {
+        let launched = launcher.launch(&account, &req, secrets, &cgroup_procs);
+        drop(cgroup_procs);
+        let launched = match launched {
             Ok(l) => l,
-            Err(LaunchError::Cwd(msg)) => return error_reply(ErrorKind::BadRequest, msg),
-            Err(LaunchError::Other(msg)) => {
-                error!(user = %account.name, "spawn failed: {msg}");
-                return error_reply(ErrorKind::Failed, msg);
+            Err(e) => {
+                if let Some(cg) = spawn_cgroup {
+                    let isolated = self.isolated();
+                    let uid = account.uid;
+                    self.cgroups
+                        .remove(cg, &mut |p| kill_as(isolated, uid, p, NixSignal::SIGKILL));
+                }
+                return match e {
+                    LaunchError::Cwd(msg) => error_reply(ErrorKind::BadRequest, msg),
+                    LaunchError::Other(msg) => {
+                        error!(user = %account.name, "spawn failed: {msg}");
+                        error_reply(ErrorKind::Failed, msg)
+                    }
+                };
             }
         };
-        let handle = Handle(self.next_handle);
-        self.next_handle += 1;
         let info = HandleInfo {
             handle,
             pid: launched.pid,
@@ -1337,6 +1478,7 @@ impl Broker {
             program: req.program.clone(),
             fds: launched.layout,
             exited: None,
+            limit_hit: None,
             started_at: now_secs(),
         };
         let what = match &req.program {
@@ -1355,9 +1497,10 @@ impl Broker {
                 info: info.clone(),
                 kept: launched.kept,
                 released: false,
+                cgroup: spawn_cgroup,
             },
         );
-        (ReplyBody::Spawned(info), launched.for_daemon)
+        (ReplyBody::Spawned(Box::new(info)), launched.for_daemon)
     }
 
     /// A token bucket per user: `spawn_burst` at once, refilled at `spawn_rate_per_sec`.
@@ -1378,46 +1521,153 @@ impl Broker {
         }
     }
 
-    fn shutdown(&mut self) {
-        self.notifier.notify("STOPPING=1");
-        if let Some(d) = self.daemon.take() {
-            let pid = Pid::from_raw(d.pid);
-            let _ = kill(pid, NixSignal::SIGTERM);
-            let deadline = Instant::now() + SHUTDOWN_GRACE;
-            while Instant::now() < deadline {
-                if !matches!(
-                    waitpid(pid, Some(WaitPidFlag::WNOHANG)),
-                    Ok(WaitStatus::StillAlive)
-                ) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+    /// SIGTERM/SIGINT: the first starts the shutdown; another cuts the grace short.
+    fn begin_shutdown(&mut self) {
+        if let Some(s) = &mut self.shutdown {
+            if s.phase == Stopping::Grace {
+                info!("second shutdown request: not waiting for running work any longer");
+                s.until = Instant::now();
             }
-            let _ = kill(pid, NixSignal::SIGKILL);
-            let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+            return;
         }
-        let live: Vec<(u32, i32)> = self
+        let grace = Duration::from_secs(self.policy.shutdown_grace_secs);
+        let live = self.live_executors();
+        info!(
+            executors = live.len(),
+            ?grace,
+            "shutting down: no new processes; running work may finish"
+        );
+        self.notifier
+            .notify("STOPPING=1\nSTATUS=shutting down: waiting for running work");
+        self.audit.record(
+            "shutdown",
+            serde_json::json!({ "executors": live.len(), "grace_secs": grace.as_secs() }),
+        );
+        self.shutdown = Some(Shutdown {
+            phase: Stopping::Grace,
+            until: Instant::now() + grace,
+        });
+        self.send_event(Event::ShuttingDown {
+            grace_secs: grace.as_secs(),
+        });
+        // Terminals do not finish by themselves: hang them up now.
+        let terminals: Vec<(u32, i32)> = self
             .entries
             .values()
-            .filter(|e| e.info.exited.is_none())
+            .filter(|e| e.info.exited.is_none() && e.info.fds == FdLayout::Pty)
             .map(|e| (e.info.uid, e.info.pid))
             .collect();
-        info!(executors = live.len(), "stopping executors");
-        for &(uid, pgid) in &live {
+        for (uid, pgid) in terminals {
             self.signal_group(uid, pgid, Signal::Hup);
-            self.signal_group(uid, pgid, Signal::Term);
         }
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
+    }
+
+    /// (uid, pgid, handle) of every executor not yet reaped.
+    fn live_executors(&self) -> Vec<(u32, i32, Handle)> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.info.exited.is_none())
+            .map(|(h, e)| (e.info.uid, e.info.pid, *h))
+            .collect()
+    }
+
+    /// Moves the shutdown on as far as it can go now (see [`Stopping`]).
+    fn advance_shutdown(&mut self) {
+        loop {
+            let Some(s) = self.shutdown else { return };
+            let now = Instant::now();
+            let live = self.live_executors();
+            let due = now >= s.until;
+            let next = match s.phase {
+                Stopping::Grace if live.is_empty() || due => {
+                    info!(
+                        executors = live.len(),
+                        "shutdown: SIGTERM to what still runs"
+                    );
+                    for &(uid, pgid, _) in &live {
+                        self.signal_group(uid, pgid, Signal::Term);
+                    }
+                    (Stopping::Terminated, SHUTDOWN_TERM_WAIT)
+                }
+                Stopping::Terminated if live.is_empty() || due => {
+                    info!(
+                        executors = live.len(),
+                        "shutdown: SIGKILL to what still runs"
+                    );
+                    for &(uid, pgid, handle) in &live {
+                        self.signal_group(uid, pgid, Signal::Kill);
+                        if let Some(cg) = self.entries.get(&handle).and_then(|e| e.cgroup.as_ref())
+                        {
+                            let isolated = self.isolated();
+                            self.cgroups
+                                .kill(cg, &mut |p| kill_as(isolated, uid, p, NixSignal::SIGKILL));
+                        }
+                    }
+                    (Stopping::Killed, SHUTDOWN_TERM_WAIT)
+                }
+                Stopping::Killed if live.is_empty() || due => {
+                    if !live.is_empty() {
+                        error!(
+                            executors = live.len(),
+                            "shutdown: executors survived SIGKILL"
+                        );
+                    }
+                    (Stopping::Recording, SHUTDOWN_RECORD_WAIT)
+                }
+                Stopping::Recording if self.entries.is_empty() || due => {
+                    if !self.entries.is_empty() {
+                        warn!(
+                            handles = self.entries.len(),
+                            "shutdown: the daemon did not release every handle in time"
+                        );
+                    }
+                    if let Some(d) = &self.daemon {
+                        info!(pid = d.pid, "shutdown: stopping the daemon");
+                        let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGTERM);
+                        // It is asked to go: let it finish (see daemon_gone).
+                        self.planned_restart = true;
+                    }
+                    (Stopping::Daemon, SHUTDOWN_DAEMON_WAIT)
+                }
+                Stopping::Daemon if due => {
+                    if let Some(d) = self.daemon.take() {
+                        warn!(
+                            pid = d.pid,
+                            "shutdown: the daemon did not exit in time; SIGKILL"
+                        );
+                        let pid = Pid::from_raw(d.pid);
+                        let _ = kill(pid, NixSignal::SIGKILL);
+                        let _ = waitpid(pid, None);
+                    }
+                    return;
+                }
+                _ => return,
+            };
+            self.shutdown = Some(Shutdown {
+                phase: next.0,
+                until: now + next.1,
+            });
+        }
+    }
+
+    /// After the loop: whatever is still there is killed, the cgroups removed.
+    fn finish_shutdown(&mut self) {
+        for (uid, pgid, _) in self.live_executors() {
+            self.signal_group(uid, pgid, Signal::Kill);
+        }
+        // Only what stoa's executors started is in these cgroups.
+        self.cgroups.teardown(&mut |p| {
+            let _ = kill(Pid::from_raw(p), NixSignal::SIGKILL);
+        });
+        let deadline = Instant::now() + SHUTDOWN_TERM_WAIT;
         while !self.by_pid.is_empty() && Instant::now() < deadline {
             self.reap();
             std::thread::sleep(Duration::from_millis(20));
         }
-        for &(uid, pgid) in &live {
-            self.signal_group(uid, pgid, Signal::Kill);
-        }
-        for pid in self.by_pid.keys().copied().collect::<Vec<_>>() {
-            let _ = waitpid(Pid::from_raw(pid), None);
-        }
+        self.audit.record(
+            "broker_stop",
+            serde_json::json!({ "pid": std::process::id() }),
+        );
         info!("broker stopped");
     }
 }

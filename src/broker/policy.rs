@@ -54,6 +54,108 @@ impl Default for Limits {
     }
 }
 
+/// Per-user cgroup limits (see `broker::cgroup`): all of a Unix user's processes started
+/// through stoa together, whatever the number of sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupLimits {
+    /// Each user's processes in a cgroup of their own, each spawn in one below it (so
+    /// stopping it ends everything it started). `false`: no cgroups at all.
+    pub enabled: bool,
+    /// Memory: bytes, with a K/M/G/T suffix, or a percentage of the machine's RAM;
+    /// `"max"`: no limit.
+    pub memory_max: String,
+    /// Processes and threads; 0: no limit.
+    pub pids_max: u64,
+    /// CPU share against other users (cgroup v2 `cpu.weight`, 1–10000; 100 is the
+    /// default every user gets; v1 `cpu.shares` = weight × 1024 / 100).
+    pub cpu_weight: u64,
+    /// CPU time at most, in percent of one CPU (200: two CPUs); 0: no quota.
+    pub cpu_max_percent: u64,
+    /// Refuse to start when a limit set here cannot be enforced on this machine (else the
+    /// broker starts and `/health` and `stoa doctor` say what is not enforced).
+    pub required: bool,
+}
+
+impl Default for CgroupLimits {
+    fn default() -> Self {
+        CgroupLimits {
+            enabled: true,
+            memory_max: "50%".into(),
+            pids_max: 4096,
+            cpu_weight: 100,
+            cpu_max_percent: 0,
+            required: false,
+        }
+    }
+}
+
+impl CgroupLimits {
+    /// `memory_max` in bytes; `None`: no limit.
+    pub fn memory_max_bytes(&self) -> Result<Option<u64>, String> {
+        parse_memory(&self.memory_max, physical_memory)
+    }
+}
+
+/// The machine's RAM in bytes (`MemTotal` of /proc/meminfo).
+fn physical_memory() -> Result<u64, String> {
+    let text =
+        std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| "no MemTotal in /proc/meminfo".to_string())
+}
+
+fn parse_memory(
+    value: &str,
+    total: impl FnOnce() -> Result<u64, String>,
+) -> Result<Option<u64>, String> {
+    let v = value.trim();
+    if v == "max" {
+        return Ok(None);
+    }
+    let bad =
+        || format!("memory_max {value:?}: expected bytes (e.g. 512M, 8G), a percentage or \"max\"");
+    if let Some(pct) = v.strip_suffix('%') {
+        let pct: f64 = pct.trim().parse().map_err(|_| bad())?;
+        if !(pct > 0.0 && pct <= 100.0) {
+            return Err(format!(
+                "memory_max {value:?}: a percentage must be in (0, 100]"
+            ));
+        }
+        return Ok(Some((total()? as f64 * pct / 100.0) as u64));
+    }
+    let (digits, unit) = match v.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&v[..i], v[i..].trim()),
+        None => (v, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .ok_or_else(bad)?;
+    // Below this, a shell cannot even start: surely a typo.
+    if bytes < 16 << 20 {
+        return Err(format!("memory_max {value:?} is below 16M"));
+    }
+    Ok(Some(bytes))
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
@@ -83,6 +185,10 @@ pub struct Policy {
     /// Environment names a request may not set; a trailing `*` matches a prefix.
     pub env_deny: Vec<String>,
     pub rlimits: Limits,
+    pub cgroup: CgroupLimits,
+    /// SIGTERM: how long running work may go on to finish before it is sent SIGTERM (and,
+    /// 5 s later, SIGKILL). Terminals are hung up at once.
+    pub shutdown_grace_secs: u64,
 }
 
 /// Identity variables the broker sets from the passwd entry; a request never overrides them.
@@ -142,6 +248,8 @@ impl Default for Policy {
             .map(String::from)
             .to_vec(),
             rlimits: Limits::default(),
+            cgroup: CgroupLimits::default(),
+            shutdown_grace_secs: 30,
         }
     }
 }
@@ -183,6 +291,13 @@ impl Policy {
         }
         if self.max_executors_per_user == 0 || self.max_executors_total == 0 {
             return Err("executor limits must be at least 1".into());
+        }
+        self.cgroup.memory_max_bytes()?;
+        if !(1..=10_000).contains(&self.cgroup.cpu_weight) {
+            return Err("cgroup.cpu_weight must be within 1..=10000".into());
+        }
+        if self.shutdown_grace_secs > 3600 {
+            return Err("shutdown_grace_secs is at most 3600".into());
         }
         if !self.path.split(':').all(|p| p.starts_with('/')) {
             return Err("every PATH entry must be absolute".into());
@@ -452,5 +567,28 @@ mod tests {
         .validate()
         .is_err());
         assert!(toml::from_str::<Policy>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn memory_sizes() {
+        let total = || Ok(8u64 << 30);
+        assert_eq!(parse_memory("max", total), Ok(None));
+        assert_eq!(parse_memory("512M", total), Ok(Some(512 << 20)));
+        assert_eq!(parse_memory("8G", total), Ok(Some(8 << 30)));
+        assert_eq!(parse_memory("2GiB", total), Ok(Some(2 << 30)));
+        assert_eq!(parse_memory("50%", total), Ok(Some(4 << 30)));
+        assert_eq!(parse_memory("134217728", total), Ok(Some(128 << 20)));
+        for bad in [
+            "",
+            "G",
+            "12Q",
+            "-5M",
+            "0%",
+            "150%",
+            "1K",
+            "99999999999999999999T",
+        ] {
+            assert!(parse_memory(bad, total).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -270,12 +270,14 @@ pub enum LaunchError {
 }
 
 impl Launcher<'_> {
-    /// `secrets` join the job's environment (only for `Program::Exec`).
+    /// `secrets` join the job's environment (only for `Program::Exec`); the child joins
+    /// the cgroups whose `cgroup.procs` files are `cgroup_procs`.
     pub fn launch(
         &self,
         account: &Account,
         req: &SpawnRequest,
         secrets: Vec<(String, String)>,
+        cgroup_procs: &[OwnedFd],
     ) -> Result<Launched, LaunchError> {
         let other =
             |what: &str, e: &dyn std::fmt::Display| LaunchError::Other(format!("{what}: {e}"));
@@ -322,6 +324,7 @@ impl Launcher<'_> {
             umask: self.umask,
             cwd: Some(cwd_c.clone()),
             parent_death_signal: None,
+            cgroup_procs: cgroup_procs.iter().map(|fd| fd.as_fd()).collect(),
         };
         let control_kept: OwnedFd = control_daemon.into();
         let control_copy = control_kept.try_clone().map_err(|e| other("dup", &e))?;

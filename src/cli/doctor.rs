@@ -591,6 +591,7 @@ fn check_health(report: &mut Report, listen: &str) {
             body["version"].as_str().unwrap_or("?")
         ));
     }
+    report_limits(report, &body["limits"]);
     let mine = env!("CARGO_PKG_VERSION");
     if let Some(running) = body["version"].as_str() {
         if running != mine {
@@ -599,6 +600,27 @@ fn check_health(report: &mut Report, listen: &str) {
                 "systemctl restart stoa when convenient (a restart ends every user's running processes)",
             );
         }
+    }
+}
+
+/// What the running broker enforces, from `/health`'s `limits`: cgroups on or why not,
+/// and each per-user limit, marked when this machine cannot enforce it.
+fn report_limits(report: &mut Report, limits: &Value) {
+    let Some(cgroups) = limits["cgroups"].as_str() else {
+        return;
+    };
+    let fix = "run stoa as the systemd unit (Delegate=yes) on a machine whose cgroups offer the memory, pids and cpu controllers; or set cgroup.enabled = false in the policy to run without them";
+    if cgroups.starts_with("not enforced") {
+        report.warn(format!("per-user resource limits: cgroups {cgroups}"), fix);
+        return;
+    }
+    let each: Vec<String> = ["cgroup_memory_max", "cgroup_pids_max", "cgroup_cpu"]
+        .iter()
+        .filter_map(|k| limits[*k].as_str().map(|v| format!("{}: {v}", k.trim_start_matches("cgroup_"))))
+        .collect();
+    report.ok(format!("per-user resource limits: cgroups {cgroups}; {}", each.join("; ")));
+    for line in each.iter().filter(|l| l.contains("(not enforced)")) {
+        report.warn(format!("per-user resource limit not enforced here: {line}"), fix);
     }
 }
 
@@ -645,7 +667,7 @@ fn check_unit(report: &mut Report) {
     }
 }
 
-/// One line on what cgroups offer here (stoa does not use them yet).
+/// One line on what cgroups this machine offers (what stoa enforces: the broker's line above).
 fn cgroup_support() -> String {
     let root = Path::new("/sys/fs/cgroup");
     let read = |p: PathBuf| {
@@ -656,7 +678,7 @@ fn cgroup_support() -> String {
     if let Some(controllers) = read(root.join("cgroup.controllers")) {
         let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
         return format!(
-            "cgroups: v2 (unified); controllers: {}; memory {}, pids {} (informational: stoa does not use cgroups yet)",
+            "cgroups: v2 (unified); controllers: {}; memory {}, pids {} (what the machine offers)",
             if controllers.is_empty() { "none" } else { &controllers },
             yes_no(has("memory")),
             yes_no(has("pids"))
@@ -665,7 +687,7 @@ fn cgroup_support() -> String {
     let v1 = |c: &str| root.join(c).join("tasks").exists();
     let unified = read(root.join("unified/cgroup.controllers"));
     format!(
-        "cgroups: v1{}; v1 memory {}, v1 pids {}{} (informational: stoa does not use cgroups yet)",
+        "cgroups: v1{}; v1 memory {}, v1 pids {}{} (what the machine offers)",
         if unified.is_some() { " (hybrid)" } else { "" },
         yes_no(v1("memory")),
         yes_no(v1("pids")),

@@ -37,6 +37,12 @@ impl std::fmt::Display for LinkDown {
 
 type Waiter = oneshot::Sender<Reply>;
 
+tokio::task_local! {
+    /// The HTTP request being served (set by the HTTP layer, and by a task's run for the
+    /// request that started it); every broker request made meanwhile carries it.
+    pub static REQUEST_ID: String;
+}
+
 pub struct BrokerLink {
     writer: Mutex<UnixStream>,
     pending: Mutex<HashMap<u64, Waiter>>,
@@ -63,6 +69,7 @@ impl BrokerLink {
             &mut &sock,
             &Request {
                 id: 0,
+                request_id: None,
                 body: RequestBody::Hello {
                     protocol: PROTOCOL_VERSION,
                 },
@@ -109,7 +116,13 @@ impl BrokerLink {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(id, tx);
-        let frame = codec::encode(&Request { id, body }).map_err(|_| LinkDown)?;
+        let request_id = REQUEST_ID.try_with(|r| r.clone()).ok();
+        let frame = codec::encode(&Request {
+            id,
+            request_id,
+            body,
+        })
+        .map_err(|_| LinkDown)?;
         let written = self.writer.lock().expect("writer lock").write_all(&frame);
         if written.is_err() {
             self.pending.lock().expect("pending lock").remove(&id);
@@ -208,5 +221,18 @@ impl FrameReader {
             info!(count = wanted, "received fds from the broker");
         }
         Ok((msg, fds))
+    }
+}
+
+/// `tokio::spawn`, keeping the current [`REQUEST_ID`] (if any) for the spawned work: a
+/// task's run or a terminal's lifetime still belongs to the request that started it.
+pub fn spawn_traced<F>(work: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match REQUEST_ID.try_with(|r| r.clone()) {
+        Ok(id) => tokio::spawn(REQUEST_ID.scope(id, work)),
+        Err(_) => tokio::spawn(work),
     }
 }

@@ -50,6 +50,8 @@ pub struct ExecResponse {
     pub timed_out: bool,
     /// Set when the program could not be started at all.
     pub error: Option<String>,
+    /// A cgroup limit its processes ran into (out of memory, process limit).
+    pub limit_hit: Option<String>,
 }
 
 async fn wait_exit(mut rx: watch::Receiver<Option<ExitStatus>>) -> Option<ExitStatus> {
@@ -131,7 +133,7 @@ pub async fn run(
     let stderr = stderr_fd.map(reader).transpose()?;
     if let (Some(fd), Some(data)) = (stdin_fd, req.stdin) {
         // A program that exits without reading its input is not an error.
-        tokio::spawn(async move {
+        super::broker_link::spawn_traced(async move {
             let _ = fdio::write_all_and_close(fd, data.as_bytes()).await;
         });
     }
@@ -187,6 +189,7 @@ pub async fn run(
         }
         status
     };
+    let limit_hit = state.processes.limit_hit(info.handle);
     guard.set(super::OnDrop::Release);
     drop(guard);
 
@@ -217,5 +220,6 @@ pub async fn run(
         stderr: String::from_utf8_lossy(&err.bytes).into_owned(),
         timed_out,
         error,
+        limit_hit: limit_hit.map(|l| l.to_string()),
     })
 }

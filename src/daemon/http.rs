@@ -66,6 +66,7 @@ impl ApiError {
             ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, None),
             ErrorKind::Quota => (StatusCode::TOO_MANY_REQUESTS, None),
             ErrorKind::Failed => (StatusCode::INTERNAL_SERVER_ERROR, None),
+            ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, None),
         };
         ApiError {
             status,
@@ -96,7 +97,49 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(super::terminals::routes())
         .merge(web_routes(&state.config))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(axum::middleware::from_fn(with_request_id))
         .with_state(state)
+}
+
+/// Gives every request an id: the client's `X-Request-Id` when it is a valid one, else a
+/// fresh one. It is echoed in the response, set on the request's log lines, and carried
+/// in every broker request made while serving it (so it reaches the broker's log and
+/// audit lines).
+async fn with_request_id(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::wire::valid_request_id(v))
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id);
+    let span = tracing::info_span!("http", request_id = %id);
+    let mut response = super::broker_link::REQUEST_ID
+        .scope(
+            id.clone(),
+            tracing::Instrument::instrument(next.run(request), span),
+        )
+        .await;
+    if let Ok(value) = header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// 16 random hex digits.
+pub fn new_request_id() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        bytes = t.to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Least free space in the state directory before `/health` says degraded.
@@ -111,6 +154,9 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     let mut problems = Vec::new();
     if !connected {
         problems.push("the broker is not connected".to_string());
+    }
+    if state.processes.shutting_down() {
+        problems.push("stoa is shutting down".to_string());
     }
     // The store must take a write lock (not just be readable).
     let writable = state
@@ -231,6 +277,7 @@ async fn exec_handler(
 ) -> Result<Response, ApiError> {
     // Any principal: the broker decides which Unix users its credential may act as.
     let (_principal, credential) = authenticate(&state, &headers).await?;
+    state.accepting_work()?;
     let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let result = exec::run(state, credential, req).await?;
     Ok(Json(result).into_response())

@@ -120,7 +120,7 @@ impl Drop for HandleGuard {
             self.handle,
             self.on_drop == OnDrop::KillAndRelease,
         );
-        tokio::spawn(async move { state.end_handle(handle, kill).await });
+        broker_link::spawn_traced(async move { state.end_handle(handle, kill).await });
     }
 }
 
@@ -158,7 +158,7 @@ impl AppState {
                     handle: info.handle,
                     on_drop: OnDrop::KillAndRelease,
                 },
-                info,
+                info: *info,
                 fds: reply.fds,
             }),
             ReplyBody::Error(e) => Err(SpawnError::Refused(e)),
@@ -186,6 +186,17 @@ impl AppState {
     /// single-user mode (then the daemon runs them itself: the direct path).
     pub fn use_executor(&self) -> bool {
         self.config.execution.use_executor && self.link.welcome().isolation
+    }
+
+    /// New work (a run, a prompt, a terminal) is refused once the broker is shutting down.
+    pub fn accepting_work(&self) -> Result<(), http::ApiError> {
+        if self.processes.shutting_down() {
+            return Err(http::ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "stoa is shutting down: no new work is started",
+            ));
+        }
+        Ok(())
     }
 
     pub async fn notify_task(&self, task_id: &str) {
@@ -266,6 +277,7 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
             let _ = stop_tx.send(true);
         });
         let mut stopped = stop_rx.clone();
+        let finishing = state.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         });
@@ -275,7 +287,15 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
                 let _ = stopped.wait_for(|s| *s).await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
             } => Ok(()),
+        }?;
+        // Runs still being recorded get to finish writing how they ended.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while !finishing.running.lock().expect("running lock").is_empty()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        Ok(())
     })
 }
 
@@ -315,7 +335,7 @@ async fn adopt_all(state: &Arc<AppState>) -> Vec<(HandleInfo, Vec<std::os::fd::O
         match reply.body {
             ReplyBody::Adopted(info) => {
                 info!(handle = info.handle.0, pid = info.pid, user = %info.unix_user, exited = ?info.exited, "adopted");
-                adopted.push((info, reply.fds));
+                adopted.push((*info, reply.fds));
             }
             other => warn!("cannot adopt handle {}: {other:?}", info.handle.0),
         }

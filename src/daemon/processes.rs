@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::broker_link::LinkObserver;
-use crate::wire::{Event, ExitStatus, FdLayout, Handle, HandleInfo, Program, ReplyBody};
+use crate::wire::{Event, ExitStatus, FdLayout, Handle, HandleInfo, LimitHit, Program, ReplyBody};
 
 const FINISHED_KEPT: usize = 256;
 
@@ -19,10 +19,21 @@ struct Tracked {
     adopted: bool,
 }
 
-#[derive(Default)]
 pub struct Processes {
     live: Mutex<HashMap<Handle, Tracked>>,
     finished: Mutex<VecDeque<ProcessView>>,
+    /// `Some(grace)` once the broker said it is shutting down.
+    shutdown: watch::Sender<Option<u64>>,
+}
+
+impl Default for Processes {
+    fn default() -> Self {
+        Processes {
+            live: Mutex::new(HashMap::new()),
+            finished: Mutex::new(VecDeque::new()),
+            shutdown: watch::channel(None).0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +47,8 @@ pub struct ProcessView {
     pub running: bool,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
+    /// A cgroup limit it ran into (out of memory, process limit).
+    pub limit_hit: Option<String>,
     /// Taken over from an earlier daemon after a restart.
     pub adopted: bool,
     pub started_at: u64,
@@ -63,6 +76,7 @@ fn view(t: &Tracked) -> ProcessView {
             Some(ExitStatus::Signal(s)) => Some(s),
             _ => None,
         },
+        limit_hit: t.info.limit_hit.map(|l| l.to_string()),
         adopted: t.adopted,
         started_at: t.info.started_at,
     }
@@ -89,6 +103,24 @@ impl Processes {
             .expect("processes lock")
             .get(&handle)
             .map(|t| t.exit.subscribe())
+    }
+
+    /// The cgroup limit `handle`'s processes ran into, known once it has exited.
+    pub fn limit_hit(&self, handle: Handle) -> Option<LimitHit> {
+        self.live
+            .lock()
+            .expect("processes lock")
+            .get(&handle)
+            .and_then(|t| t.info.limit_hit)
+    }
+
+    /// Becomes `Some(grace_secs)` when the broker starts shutting down.
+    pub fn shutdown_watch(&self) -> watch::Receiver<Option<u64>> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.borrow().is_some()
     }
 
     /// The daemon is done with `handle`: keep it in the history.
@@ -134,10 +166,19 @@ impl LinkObserver for Processes {
 
     fn event(&self, event: Event) {
         match event {
-            Event::Exited { handle, status } => {
-                if let Some(t) = self.live.lock().expect("processes lock").get(&handle) {
+            Event::Exited {
+                handle,
+                status,
+                limit_hit,
+            } => {
+                if let Some(t) = self.live.lock().expect("processes lock").get_mut(&handle) {
+                    // Before the exit is seen, so whoever sees it can ask for the limit.
+                    t.info.limit_hit = limit_hit;
                     t.exit.send_replace(Some(status));
                 }
+            }
+            Event::ShuttingDown { grace_secs } => {
+                self.shutdown.send_replace(Some(grace_secs));
             }
         }
     }

@@ -237,6 +237,7 @@ async fn prompt(
     body: Result<Json<PromptRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let (principal, credential) = authenticate(&state, &headers).await?;
+    state.accepting_work()?;
     let mut session = visible_session(&state, &principal, &id).await?;
     let req = json_body(body)?;
     if req.prompt.trim().is_empty() || req.prompt.len() > MAX_PROMPT_BYTES {

@@ -153,7 +153,7 @@ struct Seen {
 /// Starts `task` of `session` in the background. `credential` is the prompting caller's,
 /// which the broker checks against the session's Unix user.
 pub fn start(state: Arc<AppState>, session: Session, task: Task, credential: String) {
-    tokio::spawn(async move {
+    super::broker_link::spawn_traced(async move {
         let task_id = task.task_id.clone();
         let outcome = run(&state, &session, &task, &credential).await;
         finish(&state, &session, &task_id, outcome).await;
@@ -328,7 +328,7 @@ fn run_from_fds(
     let stdout = reader(next()?)?;
     let stderr = reader(next()?)?;
     if let (Some(fd), Some(prompt)) = (stdin_fd, stdin) {
-        tokio::spawn(async move {
+        super::broker_link::spawn_traced(async move {
             let _ = super::fdio::write_all_and_close(fd, prompt.as_bytes()).await;
         });
     }
@@ -388,7 +388,7 @@ fn spawn_direct(
         .map(|p| p as i32)
         .ok_or("the agent exited at once")?;
     if let (Some(mut pipe), Some(prompt)) = (child.stdin.take(), stdin) {
-        tokio::spawn(async move {
+        super::broker_link::spawn_traced(async move {
             use tokio::io::AsyncWriteExt;
             let _ = pipe.write_all(prompt.as_bytes()).await;
         });
@@ -514,7 +514,9 @@ async fn drive(
     }
     // Nothing the run started may outlive it.
     process.signal(state, Signal::Kill).await;
+    let mut limit_hit = None;
     if let Process::Broker { handle, .. } = &process {
+        limit_hit = state.processes.limit_hit(*handle);
         state.end_handle(*handle, false).await;
     }
 
@@ -536,6 +538,16 @@ async fn drive(
     };
     if let Some(report) = exec_report(&control_bytes) {
         return ending("failed", Some(report));
+    }
+    // The cgroup's verdict explains a SIGKILL or a failed fork better than the exit does.
+    if let Some(limit) = limit_hit {
+        return ending("failed", Some(with_stderr(limit.to_string())));
+    }
+    if state.processes.shutting_down() && matches!(exit, Some(ExitStatus::Signal(_))) {
+        return ending(
+            "stopped",
+            Some("stoa was shut down before the task finished".into()),
+        );
     }
     match stop {
         Some(StopReason::Requested) => return ending("stopped", None),
@@ -705,7 +717,7 @@ pub async fn recover(
         let (info, fds) = adopted.swap_remove(position);
         info!(task = %task.task_id, handle = info.handle.0, "taking over a running task");
         let state = state.clone();
-        tokio::spawn(async move {
+        super::broker_link::spawn_traced(async move {
             let ending = match (
                 adapter_for(&session),
                 run_from_fds(&state, &info, fds, None),

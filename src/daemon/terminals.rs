@@ -293,6 +293,7 @@ async fn create(
     body: Result<Json<CreateTerminal>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let (principal, credential) = authenticate(&state, &headers).await?;
+    state.accepting_work()?;
     let req = body
         .map(|Json(b)| b)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
@@ -421,7 +422,7 @@ fn start(
     let (input, mut queued) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let input_pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let pending = input_pending.clone();
-    tokio::spawn(async move {
+    super::broker_link::spawn_traced(async move {
         while let Some(bytes) = queued.recv().await {
             let written = writer.write_all(&bytes).await;
             pending.fetch_sub(bytes.len(), Ordering::SeqCst);
@@ -468,9 +469,9 @@ fn start(
         .lock()
         .expect("terminals lock")
         .insert(terminal.id.clone(), terminal.clone());
-    tokio::spawn(read_loop(terminal.clone(), reader));
-    tokio::spawn(record_offsets(state.clone(), terminal.clone()));
-    tokio::spawn(lifecycle(state.clone(), terminal.clone()));
+    super::broker_link::spawn_traced(read_loop(terminal.clone(), reader));
+    super::broker_link::spawn_traced(record_offsets(state.clone(), terminal.clone()));
+    super::broker_link::spawn_traced(lifecycle(state.clone(), terminal.clone()));
     Ok(terminal)
 }
 

@@ -23,9 +23,11 @@
 //!
 //! | broker -> daemon event            | when                                                      |
 //! |-----------------------------------|-----------------------------------------------------------|
-//! | `Exited { handle, status }`       | the broker reaped the executor's process                  |
+//! | `Exited { handle, status, limit_hit }` | the broker reaped the executor's process (and ended what it left in its cgroup) |
+//! | `ShuttingDown { grace_secs }`     | SIGTERM: no new spawns; work gets `grace_secs`, then TERM, then KILL |
 //!
-//! Requests carry an `id` that the reply echoes; events carry none. The broker owns all
+//! Requests carry an `id` that the reply echoes, and the HTTP request id they serve, if
+//! any (it appears in the broker's log and audit lines); events carry none. The broker owns all
 //! state: the daemon names processes only by the opaque [`Handle`]s it was given, never by
 //! pid or uid. Anything the daemon could not legitimately send (a frame before `Hello`, an
 //! unknown handle, fds, an undecodable payload) is a protocol violation: the broker drops
@@ -36,7 +38,7 @@
 use bincode::{Decode, Encode};
 
 /// Bumped on every incompatible change; the broker refuses a daemon that speaks another.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Limits on what one request may carry, checked by the broker (the frame limit bounds the
 /// total; these bound each part so no single field can eat it).
@@ -50,6 +52,7 @@ pub mod limits {
     pub const MAX_NAME_BYTES: usize = 64;
     pub const MAX_CREDENTIAL_BYTES: usize = 256;
     pub const MAX_TTY_DIMENSION: u16 = 4096;
+    pub const MAX_REQUEST_ID_BYTES: usize = 64;
 }
 
 /// An opaque name for something the broker spawned.
@@ -59,7 +62,19 @@ pub struct Handle(pub u64);
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
 pub struct Request {
     pub id: u64,
+    /// The HTTP request this serves (`X-Request-Id`), for the broker's log and audit
+    /// lines: at most [`limits::MAX_REQUEST_ID_BYTES`] of `[A-Za-z0-9._-]`.
+    pub request_id: Option<String>,
     pub body: RequestBody,
+}
+
+/// Whether `id` is a request id the broker accepts (anything else is a violation).
+pub fn valid_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= limits::MAX_REQUEST_ID_BYTES
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
@@ -188,8 +203,9 @@ pub enum BrokerMessage {
 pub enum ReplyBody {
     Welcome(Welcome),
     Principal(Principal),
-    Spawned(HandleInfo),
-    Adopted(HandleInfo),
+    // Boxed: by far the largest reply, and replies travel in `Result`s.
+    Spawned(Box<HandleInfo>),
+    Adopted(Box<HandleInfo>),
     Handles(Vec<HandleInfo>),
     Names(Vec<String>),
     Stats(BrokerStats),
@@ -266,6 +282,8 @@ pub struct HandleInfo {
     pub fds: FdLayout,
     /// Set once the broker has reaped the process.
     pub exited: Option<ExitStatus>,
+    /// A resource limit the process's cgroup ran into, as read when it was reaped.
+    pub limit_hit: Option<LimitHit>,
     /// Seconds since the Unix epoch.
     pub started_at: u64,
 }
@@ -296,9 +314,41 @@ pub enum ExitStatus {
     Signal(i32),
 }
 
+/// A limit of the user's cgroup that a process ran into (see `broker::cgroup`).
+#[derive(Encode, Decode, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    /// The kernel's OOM killer ended a process of this spawn at the user's memory limit.
+    Memory { max_bytes: u64 },
+    /// A fork failed at the user's process limit.
+    Pids { max: u64 },
+}
+
+impl std::fmt::Display for LimitHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitHit::Memory { max_bytes } => write!(
+                f,
+                "out of memory: a process was killed at the user's memory limit ({} MiB)",
+                max_bytes / (1024 * 1024)
+            ),
+            LimitHit::Pids { max } => write!(
+                f,
+                "process limit: a fork failed at the user's limit of {max} processes"
+            ),
+        }
+    }
+}
+
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
 pub enum Event {
-    Exited { handle: Handle, status: ExitStatus },
+    Exited {
+        handle: Handle,
+        status: ExitStatus,
+        limit_hit: Option<LimitHit>,
+    },
+    /// The broker is shutting down: no new spawns; running work has `grace_secs` to
+    /// finish before it is signalled. Sent once, and again to a daemon that starts later.
+    ShuttingDown { grace_secs: u64 },
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
@@ -321,4 +371,6 @@ pub enum ErrorKind {
     Quota,
     /// Something failed in the broker or in the child before exec.
     Failed,
+    /// The broker is shutting down and starts nothing new.
+    Unavailable,
 }

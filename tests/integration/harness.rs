@@ -193,8 +193,14 @@ impl Instance {
                 d
             }
         };
+        // Tests stop stoa often: a short shutdown grace, unless the test sets its own.
+        let grace = if opts.extra_policy.contains("shutdown_grace_secs") {
+            ""
+        } else {
+            "shutdown_grace_secs = 2\n"
+        };
         let policy = format!(
-            "executor_path = \"{}\"\nstate_dir = \"{}\"\nservice_user = \"{SERVICE}\"\nallow_groups = [\"{GROUP}\"]\nmin_uid = 1000\n{}\n",
+            "executor_path = \"{}\"\nstate_dir = \"{}\"\nservice_user = \"{SERVICE}\"\nallow_groups = [\"{GROUP}\"]\nmin_uid = 1000\n{grace}{}\n",
             dir.join("bin/stoa-executor").display(),
             conf_dir.join("broker").display(),
             opts.extra_policy
@@ -414,6 +420,20 @@ impl Instance {
         let (status, v) = self.request("GET", "/processes", Some(&self.token.clone()), None);
         assert_eq!(status, 200, "{v}");
         v.as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Instance {
+    /// Waits for `stoa serve` to exit; `None` if it did not within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 }
 

@@ -8,6 +8,7 @@
 mod agents_e2e;
 mod core;
 mod harness;
+mod limits;
 mod sessions;
 mod terminal_browser;
 mod terminal_cli;
@@ -29,6 +30,7 @@ fn main() {
     let users = root.then(harness::TestUsers::create);
     let trials = [
         core::TESTS,
+        limits::TESTS,
         sessions::TESTS,
         agents_e2e::TESTS,
         terminals::TESTS,

@@ -41,6 +41,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         daemon_killed_mid_task,
     ),
     ("cli_prompt_wait_config_and_users", cli),
+    (
+        "sigterm_lets_tasks_finish_records_every_end_and_exits_0",
+        graceful_shutdown,
+    ),
 ];
 
 const FAKE_AGENT: &str = r#"#!/bin/sh
@@ -684,6 +688,109 @@ fn daemon_killed_mid_task() -> Result<(), Failed> {
         ]
     );
     assert!(stoa.log().contains("taking over a running task"));
+    Ok(())
+}
+
+fn graceful_shutdown() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let mut stoa = Instance::start_with(Options {
+        extra_policy: "shutdown_grace_secs = 8\n".into(),
+        extra_config: fakes.config(""),
+        ..Options::default()
+    });
+    let alice = stoa.api_user("alice", ALICE);
+    let bob = stoa.api_user("bob", BOB);
+    // One that finishes within the grace (five lines, one a second), one that never does,
+    // and a terminal (hung up at once).
+    let slow_session = create_session(&stoa, &alice, "claude-code", &worktree(ALICE));
+    let slow = prompt(&stoa, &alice, &slow_session, "SLOW");
+    let hang_session = create_session(&stoa, &bob, "claude-code", &worktree(BOB));
+    let hang = prompt(&stoa, &bob, &hang_session, "HANG");
+    let (status, terminal) = stoa.request(
+        "POST",
+        "/terminals",
+        Some(&bob),
+        Some(&json!({ "unix_user": BOB, "cols": 80, "rows": 24, "command": ["sleep", "600"] })),
+    );
+    assert_eq!(status, 201, "{terminal}");
+    wait_until("both tasks running", Duration::from_secs(10), || {
+        [(&slow, &alice), (&hang, &bob)].iter().all(|(t, token)| {
+            let (_, v) = stoa.request("GET", &format!("/tasks/{t}"), Some(token), None);
+            v["status"] == "running"
+        })
+    });
+
+    let broker = stoa.broker_pid();
+    run("kill", &["-TERM", &broker.to_string()]);
+    // New work is refused while the old finishes; /health says why.
+    wait_until("new work refused", Duration::from_secs(5), || {
+        let (status, _) = stoa.request(
+            "POST",
+            &format!("/sessions/{slow_session}/prompt"),
+            Some(&alice),
+            Some(&json!({ "prompt": "hello" })),
+        );
+        status == 503
+    });
+    let (status, _) = stoa.exec(json!({ "unix_user": ALICE, "argv": ["true"] }));
+    assert_eq!(status, 503);
+    assert!(
+        stoa.health().is_none(),
+        "/health should answer 503 while stopping"
+    );
+
+    // (One SIGTERM only: a second one cuts the grace short.)
+    let status = stoa
+        .wait_exit(Duration::from_secs(40))
+        .expect("stoa serve did not exit");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status:?}; log:\n{}",
+        stoa.log()
+    );
+
+    // Every end is in the store: the slow task completed, the hung one was stopped, the
+    // terminal ended; nothing is left queued or running.
+    let db = rusqlite::Connection::open(stoa.dir.join("daemon/stoa.db"))?;
+    let row = |id: &str| -> (String, Option<String>) {
+        db.query_row(
+            "SELECT status, error FROM tasks WHERE task_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("task row")
+    };
+    assert_eq!(
+        row(&slow).0,
+        "completed",
+        "{:?}; log:\n{}",
+        row(&slow),
+        stoa.log()
+    );
+    let (hang_status, hang_error) = row(&hang);
+    assert_eq!(hang_status, "stopped", "{hang_error:?}");
+    assert!(hang_error.unwrap_or_default().contains("shut down"));
+    let unfinished: i64 = db.query_row(
+        "SELECT count(*) FROM tasks WHERE status NOT IN ('completed', 'failed', 'stopped')",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(unfinished, 0);
+    let ended: Option<String> = db.query_row(
+        "SELECT ended_at FROM terminals WHERE terminal_id = ?1",
+        [terminal["terminal_id"].as_str().unwrap_or_default()],
+        |r| r.get(0),
+    )?;
+    assert!(ended.is_some(), "the terminal's end was not recorded");
+    // No process of any user is left.
+    for user in [ALICE, BOB] {
+        assert_nothing_left(user);
+    }
+    let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
+    for event in ["\"shutdown\"", "\"broker_stop\""] {
+        assert!(audit.contains(event), "audit lacks {event}");
+    }
     Ok(())
 }
 

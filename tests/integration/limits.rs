@@ -1,0 +1,409 @@
+//! Issue 6: per-user cgroups (fork bomb, memory hog, nothing escapes a stop) and the
+//! request id from HTTP into the broker's log.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+pub const TESTS: &[(&str, crate::TestFn)] = &[
+    ("fork_bomb_is_contained_by_the_users_cgroup", fork_bomb),
+    ("memory_hog_is_contained_by_the_users_cgroup", memory_hog),
+    ("nothing_a_spawn_started_outlives_it", nothing_escapes),
+    ("request_id_reaches_the_broker_log_and_audit", request_id),
+    (
+        "sighup_rewrites_every_users_cgroup_limits",
+        sighup_rewrites_limits,
+    ),
+];
+
+/// The broker's cgroup roots (`stoa.<pid>`), one per hierarchy (v1) or one (v2).
+fn cgroup_roots(broker_pid: i32) -> Vec<PathBuf> {
+    fn walk(dir: &Path, name: &str, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name() == name {
+                out.push(e.path());
+            } else if depth > 0 {
+                walk(&e.path(), name, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        Path::new("/sys/fs/cgroup"),
+        &format!("stoa.{broker_pid}"),
+        6,
+        &mut out,
+    );
+    out
+}
+
+/// Limits as reported by `/health`; `None` when this machine offers no cgroups to stoa
+/// (the test then says so and checks that `/health` says it too).
+fn cgroups_in_force(stoa: &Instance) -> Option<Value> {
+    let health = stoa.wait_healthy(Duration::from_secs(10));
+    let limits = health["limits"].clone();
+    let described = limits["cgroups"].as_str().unwrap_or_default().to_string();
+    assert!(
+        !described.is_empty(),
+        "/health names no cgroup state: {health}"
+    );
+    if described.starts_with("not enforced") {
+        eprintln!("SKIPPED: cgroups are not available here ({described})");
+        return None;
+    }
+    Some(limits)
+}
+
+fn uid_processes(uid: u32) -> Vec<i32> {
+    all_pids()
+        .into_iter()
+        .filter(|p| {
+            status_field(*p, "Uid")
+                .and_then(|u| u.split_whitespace().next().map(str::to_string))
+                .is_some_and(|u| u == uid.to_string())
+        })
+        .collect()
+}
+
+/// Bob and the machine work while alice misbehaves.
+fn others_unaffected(stoa: &Instance) {
+    let reply = stoa.sh(
+        BOB,
+        "for i in 1 2 3 4 5 6 7 8; do /bin/true || exit 1; done; echo bob-ok",
+    );
+    assert_eq!(reply["exit_code"], 0, "bob was affected: {reply}");
+    assert!(
+        reply["stdout"].as_str().unwrap_or("").contains("bob-ok"),
+        "{reply}"
+    );
+    for _ in 0..20 {
+        let out = Command::new("/bin/true")
+            .status()
+            .expect("the machine cannot fork");
+        assert!(out.success());
+    }
+}
+
+fn fork_bomb() -> Result<(), Failed> {
+    let stoa = Instance::start_with(Options {
+        extra_policy: "[cgroup]\npids_max = 64\nmemory_max = \"512M\"\n".into(),
+        ..Options::default()
+    });
+    let Some(limits) = cgroups_in_force(&stoa) else {
+        return Ok(());
+    };
+    if limits["cgroup_pids_max"]
+        .as_str()
+        .unwrap_or("")
+        .contains("not enforced")
+    {
+        eprintln!("SKIPPED: no pids controller here: {limits}");
+        return Ok(());
+    }
+    assert_eq!(limits["cgroup_pids_max"], "64 per user", "{limits}");
+    let alice = uid_of(ALICE);
+    let started = Instant::now();
+    // The classic bomb, with the leader kept alive a while so the run has an end to report.
+    let token = stoa.token.clone();
+    let port = stoa.port;
+    let bomb = std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        let mut resp = agent
+            .post(format!("http://127.0.0.1:{port}/exec"))
+            .header("Authorization", format!("Bearer {token}"))
+            .send_json(json!({
+                "unix_user": ALICE,
+                "argv": ["sh", "-c", "b() { b | b & }; b; sleep 4; echo leader-done"],
+                "timeout_ms": 60000,
+            }))
+            .expect("exec");
+        let status = resp.status().as_u16();
+        (
+            status,
+            resp.body_mut().read_json::<Value>().unwrap_or(Value::Null),
+        )
+    });
+    // While it rages: alice's stoa processes stay at the limit, bob and the machine work.
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        peak = peak.max(uid_processes(alice).len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    others_unaffected(&stoa);
+    let (status, reply) = bomb.join().expect("bomb thread");
+    assert_eq!(status, 200, "{reply}");
+    let limit = reply["limit_hit"].as_str().unwrap_or_default();
+    assert!(
+        limit.contains("process limit") && limit.contains("64"),
+        "no reason given: {reply}"
+    );
+    assert!(
+        peak <= 64 + 2,
+        "alice had {peak} processes against a limit of 64"
+    );
+    assert!(peak > 1, "the bomb never went off ({peak} processes)");
+    // Ended with its cgroup: nothing of alice's is left, and the spawn's cgroup is gone.
+    wait_until(
+        "alice's processes to be gone",
+        Duration::from_secs(10),
+        || uid_processes(alice).is_empty(),
+    );
+    let roots = cgroup_roots(stoa.broker_pid());
+    assert!(!roots.is_empty(), "no cgroup root for the broker");
+    for root in &roots {
+        let user = root.join(format!("user-{alice}"));
+        wait_until(
+            "the spawn's cgroup to be removed",
+            Duration::from_secs(10),
+            || {
+                std::fs::read_dir(&user)
+                    .map(|d| {
+                        !d.flatten()
+                            .any(|e| e.file_name().to_string_lossy().starts_with('h'))
+                    })
+                    .unwrap_or(true)
+            },
+        );
+    }
+    // The audit log says how it ended.
+    let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"exit\"") && l.contains("process limit")),
+        "audit has no exit with the limit"
+    );
+    let health = stoa.wait_healthy(Duration::from_secs(10));
+    assert_eq!(health["status"], "ok", "{health}");
+    eprintln!(
+        "fork bomb: peak {peak} processes of alice (limit 64), ended in {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+fn memory_hog() -> Result<(), Failed> {
+    if Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no python3 to allocate memory with");
+        return Ok(());
+    }
+    let stoa = Instance::start_with(Options {
+        extra_policy: "[cgroup]\nmemory_max = \"128M\"\n".into(),
+        ..Options::default()
+    });
+    let Some(limits) = cgroups_in_force(&stoa) else {
+        return Ok(());
+    };
+    if limits["cgroup_memory_max"]
+        .as_str()
+        .unwrap_or("")
+        .contains("not enforced")
+    {
+        eprintln!("SKIPPED: no memory controller here: {limits}");
+        return Ok(());
+    }
+    assert_eq!(limits["cgroup_memory_max"], "128 MiB per user", "{limits}");
+    // 1 GiB, touched page by page, against a 128 MiB limit.
+    let (status, reply) = stoa.exec(json!({
+        "unix_user": ALICE,
+        "argv": ["python3", "-c", "x = bytearray(1 << 30)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint('survived')"],
+        "timeout_ms": 60000,
+    }));
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        !reply["stdout"].as_str().unwrap_or("").contains("survived"),
+        "{reply}"
+    );
+    assert_eq!(reply["signal"], 9, "the hog was not killed: {reply}");
+    let limit = reply["limit_hit"].as_str().unwrap_or_default();
+    assert!(
+        limit.contains("out of memory") && limit.contains("128 MiB"),
+        "no reason: {reply}"
+    );
+    others_unaffected(&stoa);
+    // The user's cgroup never held more than its limit.
+    let peak = cgroup_roots(stoa.broker_pid())
+        .iter()
+        .map(|root| root.join(format!("user-{}", uid_of(ALICE))))
+        .filter_map(|dir| {
+            ["memory.max_usage_in_bytes", "memory.peak"]
+                .iter()
+                .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        })
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .max()
+        .expect("no memory peak in alice's cgroup");
+    assert!(peak <= 128 << 20, "alice's cgroup peaked at {peak} bytes");
+    eprintln!(
+        "memory hog: alice's cgroup peaked at {} MiB (limit 128 MiB)",
+        peak >> 20
+    );
+    // A modest run as alice still works: the limit is per run's memory, not a ban.
+    let ok = stoa.sh(ALICE, "echo fine");
+    assert_eq!(ok["exit_code"], 0, "{ok}");
+    assert!(ok["limit_hit"].is_null(), "{ok}");
+    Ok(())
+}
+
+fn nothing_escapes() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    if cgroups_in_force(&stoa).is_none() {
+        return Ok(());
+    }
+    // A daemonized leftover (new session, so no process group reaches it) of a run that
+    // ended normally.
+    let reply = stoa.sh(
+        ALICE,
+        "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!",
+    );
+    assert_eq!(reply["exit_code"], 0, "{reply}");
+    let leftover: i32 = reply["stdout"].as_str().unwrap_or("").trim().parse()?;
+    wait_until("the leftover to be killed", Duration::from_secs(10), || {
+        !alive(leftover)
+    });
+
+    // A run stopped by its timeout, with a child that left its process group.
+    let (status, reply) = stoa.exec(json!({
+        "unix_user": ALICE,
+        "argv": ["sh", "-c", "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!; sleep 1000"],
+        "timeout_ms": 1000,
+    }));
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["timed_out"], true, "{reply}");
+    let escaped: i32 = reply["stdout"].as_str().unwrap_or("").trim().parse()?;
+    wait_until("the escapee to be killed", Duration::from_secs(10), || {
+        !alive(escaped)
+    });
+    let alice = uid_of(ALICE);
+    wait_until(
+        "no process of alice's left",
+        Duration::from_secs(10),
+        || uid_processes(alice).is_empty(),
+    );
+    Ok(())
+}
+
+fn request_id() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .post(stoa.url("/exec"))
+        .header("Authorization", format!("Bearer {}", stoa.token))
+        .header("X-Request-Id", "trace-me-4711")
+        .send_json(json!({ "unix_user": ALICE, "argv": ["true"] }))?;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("trace-me-4711")
+    );
+    let _ = resp.body_mut().read_to_string();
+    wait_until(
+        "the broker to log the request id",
+        Duration::from_secs(5),
+        || {
+            stoa.log()
+                .lines()
+                .any(|l| l.contains("trace-me-4711") && l.contains("spawned"))
+        },
+    );
+    let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"spawn\"") && l.contains("\"request_id\":\"trace-me-4711\"")),
+        "audit:\n{audit}"
+    );
+    // A request id that is not one (spaces, too long) is replaced, not passed on.
+    let mut resp = agent
+        .post(stoa.url("/exec"))
+        .header("Authorization", format!("Bearer {}", stoa.token))
+        .header("X-Request-Id", "bad id\twith spaces")
+        .send_json(json!({ "unix_user": ALICE, "argv": ["true"] }))?;
+    let given = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let _ = resp.body_mut().read_to_string();
+    assert_eq!(given.len(), 16, "{given:?}");
+    assert!(given.bytes().all(|b| b.is_ascii_hexdigit()), "{given:?}");
+    Ok(())
+}
+
+fn sighup_rewrites_limits() -> Result<(), Failed> {
+    let stoa = Instance::start_with(Options {
+        extra_policy: "[cgroup]\npids_max = 100\n".into(),
+        ..Options::default()
+    });
+    let Some(limits) = cgroups_in_force(&stoa) else {
+        return Ok(());
+    };
+    if limits["cgroup_pids_max"]
+        .as_str()
+        .unwrap_or("")
+        .contains("not enforced")
+    {
+        eprintln!("SKIPPED: no pids controller here: {limits}");
+        return Ok(());
+    }
+    assert_eq!(stoa.sh(ALICE, "echo hi")["exit_code"], 0);
+    let pids_max = || {
+        cgroup_roots(stoa.broker_pid())
+            .iter()
+            .find_map(|r| {
+                std::fs::read_to_string(r.join(format!("user-{}", uid_of(ALICE))).join("pids.max"))
+                    .ok()
+            })
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(pids_max(), "100");
+    let policy = std::fs::read_to_string(stoa.dir.join("broker.toml"))?;
+    std::fs::write(
+        stoa.dir.join("broker.toml"),
+        policy.replace("pids_max = 100", "pids_max = 50"),
+    )?;
+    let daemon = stoa.daemon_pid().expect("daemon");
+    run("kill", &["-HUP", &stoa.broker_pid().to_string()]);
+    stoa.wait_new_daemon(daemon);
+    wait_until(
+        "the new limit in alice's cgroup",
+        Duration::from_secs(10),
+        || pids_max() == "50",
+    );
+    let health = stoa.wait_healthy(Duration::from_secs(10));
+    assert_eq!(
+        health["limits"]["cgroup_pids_max"], "50 per user",
+        "{health}"
+    );
+    Ok(())
+}
