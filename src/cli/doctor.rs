@@ -616,11 +616,21 @@ fn report_limits(report: &mut Report, limits: &Value) {
     }
     let each: Vec<String> = ["cgroup_memory_max", "cgroup_pids_max", "cgroup_cpu"]
         .iter()
-        .filter_map(|k| limits[*k].as_str().map(|v| format!("{}: {v}", k.trim_start_matches("cgroup_"))))
+        .filter_map(|k| {
+            limits[*k]
+                .as_str()
+                .map(|v| format!("{}: {v}", k.trim_start_matches("cgroup_")))
+        })
         .collect();
-    report.ok(format!("per-user resource limits: cgroups {cgroups}; {}", each.join("; ")));
+    report.ok(format!(
+        "per-user resource limits: cgroups {cgroups}; {}",
+        each.join("; ")
+    ));
     for line in each.iter().filter(|l| l.contains("(not enforced)")) {
-        report.warn(format!("per-user resource limit not enforced here: {line}"), fix);
+        report.warn(
+            format!("per-user resource limit not enforced here: {line}"),
+            fix,
+        );
     }
 }
 
@@ -679,7 +689,11 @@ fn cgroup_support() -> String {
         let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
         return format!(
             "cgroups: v2 (unified); controllers: {}; memory {}, pids {} (what the machine offers)",
-            if controllers.is_empty() { "none" } else { &controllers },
+            if controllers.is_empty() {
+                "none"
+            } else {
+                &controllers
+            },
             yes_no(has("memory")),
             yes_no(has("pids"))
         );
