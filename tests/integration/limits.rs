@@ -66,6 +66,21 @@ fn cgroups_in_force(stoa: &Instance) -> Option<Value> {
     Some(limits)
 }
 
+/// Starts stoa with `policy` and returns it with its `/health` limits, or `None` (having
+/// said SKIPPED) when this machine cannot enforce the limit `key` of `/health`.
+fn start_enforcing(policy: &str, key: &str) -> Option<(Instance, Value)> {
+    let stoa = Instance::start_with(Options {
+        extra_policy: policy.into(),
+        ..Options::default()
+    });
+    let limits = cgroups_in_force(&stoa)?;
+    if limits[key].as_str().unwrap_or("").contains("not enforced") {
+        eprintln!("SKIPPED: {key} is not enforced here: {limits}");
+        return None;
+    }
+    Some((stoa, limits))
+}
+
 fn uid_processes(uid: u32) -> Vec<i32> {
     all_pids()
         .into_iter()
@@ -97,21 +112,12 @@ fn others_unaffected(stoa: &Instance) {
 }
 
 fn fork_bomb() -> Result<(), Failed> {
-    let stoa = Instance::start_with(Options {
-        extra_policy: "[cgroup]\npids_max = 64\nmemory_max = \"512M\"\n".into(),
-        ..Options::default()
-    });
-    let Some(limits) = cgroups_in_force(&stoa) else {
+    let Some((stoa, limits)) = start_enforcing(
+        "[cgroup]\npids_max = 64\nmemory_max = \"512M\"\n",
+        "cgroup_pids_max",
+    ) else {
         return Ok(());
     };
-    if limits["cgroup_pids_max"]
-        .as_str()
-        .unwrap_or("")
-        .contains("not enforced")
-    {
-        eprintln!("SKIPPED: no pids controller here: {limits}");
-        return Ok(());
-    }
     assert_eq!(limits["cgroup_pids_max"], "64 per user", "{limits}");
     let alice = uid_of(ALICE);
     let started = Instant::now();
@@ -209,21 +215,11 @@ fn memory_hog() -> Result<(), Failed> {
         eprintln!("SKIPPED: no python3 to allocate memory with");
         return Ok(());
     }
-    let stoa = Instance::start_with(Options {
-        extra_policy: "[cgroup]\nmemory_max = \"128M\"\n".into(),
-        ..Options::default()
-    });
-    let Some(limits) = cgroups_in_force(&stoa) else {
+    let Some((stoa, limits)) =
+        start_enforcing("[cgroup]\nmemory_max = \"128M\"\n", "cgroup_memory_max")
+    else {
         return Ok(());
     };
-    if limits["cgroup_memory_max"]
-        .as_str()
-        .unwrap_or("")
-        .contains("not enforced")
-    {
-        eprintln!("SKIPPED: no memory controller here: {limits}");
-        return Ok(());
-    }
     assert_eq!(limits["cgroup_memory_max"], "128 MiB per user", "{limits}");
     // 1 GiB, touched page by page, against a 128 MiB limit.
     let (status, reply) = stoa.exec(json!({
@@ -359,21 +355,9 @@ fn request_id() -> Result<(), Failed> {
 }
 
 fn sighup_rewrites_limits() -> Result<(), Failed> {
-    let stoa = Instance::start_with(Options {
-        extra_policy: "[cgroup]\npids_max = 100\n".into(),
-        ..Options::default()
-    });
-    let Some(limits) = cgroups_in_force(&stoa) else {
+    let Some((stoa, _)) = start_enforcing("[cgroup]\npids_max = 100\n", "cgroup_pids_max") else {
         return Ok(());
     };
-    if limits["cgroup_pids_max"]
-        .as_str()
-        .unwrap_or("")
-        .contains("not enforced")
-    {
-        eprintln!("SKIPPED: no pids controller here: {limits}");
-        return Ok(());
-    }
     assert_eq!(stoa.sh(ALICE, "echo hi")["exit_code"], 0);
     let pids_max = || {
         cgroup_roots(stoa.broker_pid())
