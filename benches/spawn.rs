@@ -53,7 +53,13 @@ fn run() -> Result<(), String> {
     let release = build_binaries()?;
 
     // Dropping the fixture stops stoa and removes the users, also on error paths.
-    let fixture = Fixture::start(&release, "", "")?;
+    // STOA_BENCH_POLICY is added to the broker's policy, e.g. "[cgroup]\nenabled = false"
+    // to see what the per-run cgroups cost.
+    let extra_policy = std::env::var("STOA_BENCH_POLICY").unwrap_or_default();
+    let fixture = Fixture::start(&release, "", &extra_policy)?;
+    if !extra_policy.is_empty() {
+        println!("policy additions: {extra_policy:?}");
+    }
 
     let mut methods = vec![Method::new(
         "raw fork+exec (root)",

@@ -2,14 +2,14 @@
 //! stopping a spawn final (nothing it forked, double-forked or `setsid`-ed escapes).
 //!
 //! ```text
-//! <base>/stoa.<broker pid>/                   the broker's root (v2: controllers enabled below)
+//! <base>/stoa.<pid ns>.<broker pid>/         the broker's root (v2: controllers enabled below)
 //!     user-<uid>/                             one Unix user: memory, pids and cpu limits
 //!         h<handle>/                          one spawn: the executor and all it starts
-//! <base>/stoa.<broker pid>.broker/            v2 only: the broker and the daemon (a v2
+//! <base>/stoa.<pid ns>.<broker pid>.broker/  v2 only: the broker and the daemon (a v2
 //!                                             cgroup with children may hold no processes)
 //! ```
 //! `<base>` is the broker's own cgroup (under systemd the unit's, delegated by
-//! `Delegate=yes`). On cgroup v2 that is one tree; where only v1 controllers are mounted
+//! `Delegate=yes`), and on v1 a `stoa` directory in it. On cgroup v2 that is one tree; where only v1 controllers are mounted
 //! (as on hybrid machines) the same tree is made in the memory, pids and cpu hierarchies.
 //!
 //! | when                    | what                                                         |
@@ -59,11 +59,11 @@ enum Layout {
     Off {
         reason: String,
     },
-    /// One hierarchy; `root` is `<base>/stoa.<pid>`.
+    /// One hierarchy; `root` is `<base>/stoa.<instance>`.
     V2 {
         root: PathBuf,
     },
-    /// One root per mounted v1 controller, each `<mount><own path>/stoa.<pid>`.
+    /// One root per mounted v1 controller, each `<mount><own path>/stoa/stoa.<instance>`.
     V1 {
         roots: Vec<(Controller, PathBuf)>,
     },
@@ -483,7 +483,7 @@ fn detect() -> Result<(Layout, Vec<Controller>), String> {
     let mounts = fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
     let mounts = parse_mountinfo(&mounts);
-    let pid = std::process::id();
+    let me = Instance::mine();
 
     // v2 first, where it has any controller we use.
     let v2_mount = mounts.iter().find(|m| m.fstype == "cgroup2");
@@ -496,7 +496,7 @@ fn detect() -> Result<(Layout, Vec<Controller>), String> {
             .filter(|c| offered.split_whitespace().any(|o| o == c.name()))
             .collect();
         if !available.is_empty() {
-            let root = setup_v2(&base, pid, &available)?;
+            let root = setup_v2(&base, &me, &available)?;
             return Ok((Layout::V2 { root }, available));
         }
     }
@@ -517,7 +517,7 @@ fn detect() -> Result<(Layout, Vec<Controller>), String> {
         });
         let Some(path) = path else { continue };
         let base = join_cgroup(&m.mount_point, path);
-        match setup_v1(&base, pid, c) {
+        match setup_v1(&base, &me, c) {
             Ok(root) => roots.push((c, root)),
             Err(e) => warn!(controller = c.name(), "cgroup v1 controller not used: {e}"),
         }
@@ -531,9 +531,14 @@ fn detect() -> Result<(Layout, Vec<Controller>), String> {
     Ok((Layout::V1 { roots }, available))
 }
 
-fn setup_v1(base: &Path, pid: u32, c: Controller) -> Result<PathBuf, String> {
-    clean_stale(base);
-    let root = base.join(format!("stoa.{pid}"));
+fn setup_v1(base: &Path, me: &Instance, c: Controller) -> Result<PathBuf, String> {
+    // A v1 hierarchy's top directory is mode 0555: only CAP_DAC_OVERRIDE, which the
+    // broker drops after start, may create or remove entries there. So the roots live in
+    // a `stoa` directory of the broker's own (root's, 0755), which it can always tidy.
+    let base = &base.join("stoa");
+    make_dir(base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+    clean_stale(base, me);
+    let root = base.join(me.root_name());
     make_dir(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
     if c == Controller::Memory {
         // Limits of a v1 memory cgroup bind its children only with use_hierarchy.
@@ -549,10 +554,10 @@ fn setup_v1(base: &Path, pid: u32, c: Controller) -> Result<PathBuf, String> {
     Ok(root)
 }
 
-fn setup_v2(base: &Path, pid: u32, available: &[Controller]) -> Result<PathBuf, String> {
-    clean_stale(base);
-    let leaf = base.join(format!("stoa.{pid}.broker"));
-    let root = base.join(format!("stoa.{pid}"));
+fn setup_v2(base: &Path, me: &Instance, available: &[Controller]) -> Result<PathBuf, String> {
+    clean_stale(base, me);
+    let leaf = base.join(format!("{}.broker", me.root_name()));
+    let root = base.join(me.root_name());
     let ctx = |what: &str, p: &Path, e: io::Error| format!("{what} {}: {e}", p.display());
     // A v2 cgroup that delegates controllers to children may hold no processes itself:
     // the broker moves into a leaf of its own (its daemon will start there too).
@@ -579,23 +584,57 @@ fn setup_v2(base: &Path, pid: u32, available: &[Controller]) -> Result<PathBuf, 
     Ok(root)
 }
 
-/// Roots left by brokers that are gone (a crash, a kill): their processes are killed
-/// (nobody can take them back) and the directories removed.
-fn clean_stale(base: &Path) {
+/// Which broker a root belongs to: its pid, and its pid namespace (a broker in a container
+/// sees the same cgroup tree with other pids: it must never take another namespace's
+/// live broker for a dead one).
+#[derive(Debug, PartialEq, Eq)]
+struct Instance {
+    pid_ns: u64,
+    pid: u32,
+}
+
+impl Instance {
+    fn mine() -> Instance {
+        use std::os::unix::fs::MetadataExt;
+        Instance {
+            pid_ns: fs::metadata("/proc/self/ns/pid")
+                .map(|m| m.ino())
+                .unwrap_or(0),
+            pid: std::process::id(),
+        }
+    }
+
+    fn root_name(&self) -> String {
+        format!("stoa.{}.{}", self.pid_ns, self.pid)
+    }
+
+    /// `stoa.<ns>.<pid>` or `stoa.<ns>.<pid>.broker`.
+    fn parse(name: &str) -> Option<Instance> {
+        let rest = name.strip_prefix("stoa.")?;
+        let rest = rest.strip_suffix(".broker").unwrap_or(rest);
+        let (ns, pid) = rest.split_once('.')?;
+        Some(Instance {
+            pid_ns: ns.parse().ok()?,
+            pid: pid.parse().ok()?,
+        })
+    }
+}
+
+/// Roots left by brokers of this pid namespace that are gone (a crash, a kill): their
+/// processes are killed (nobody can take them back) and the directories removed.
+fn clean_stale(base: &Path, me: &Instance) {
     let Ok(entries) = fs::read_dir(base) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(rest) = name.strip_prefix("stoa.") else {
+        let Some(other) = name.to_str().and_then(Instance::parse) else {
             continue;
         };
-        let pid = rest.strip_suffix(".broker").unwrap_or(rest);
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        if other.pid_ns != me.pid_ns
+            || other.pid == me.pid
+            || Path::new(&format!("/proc/{}", other.pid)).exists()
+        {
             continue;
         }
         let path = entry.path();
@@ -791,6 +830,23 @@ mod tests {
         assert_eq!(counter(&f, "absent"), 0);
         assert_eq!(counter(&dir.join("nope"), "max"), 0);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn instance_names() {
+        let me = Instance {
+            pid_ns: 4026531836,
+            pid: 42,
+        };
+        assert_eq!(me.root_name(), "stoa.4026531836.42");
+        assert_eq!(Instance::parse("stoa.4026531836.42"), Some(me));
+        assert_eq!(
+            Instance::parse("stoa.7.9.broker"),
+            Some(Instance { pid_ns: 7, pid: 9 })
+        );
+        for other in ["stoa.42", "stoa", "user-1000", "stoa.x.1", "stoa.1.2.3"] {
+            assert_eq!(Instance::parse(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
     ),
 ];
 
-/// The broker's cgroup roots (`stoa.<pid>`), one per hierarchy (v1) or one (v2).
+/// The broker's cgroup roots (`stoa.<pid ns>.<pid>`), one per hierarchy (v1) or one (v2).
 fn cgroup_roots(broker_pid: i32) -> Vec<PathBuf> {
     fn walk(dir: &Path, name: &str, depth: usize, out: &mut Vec<PathBuf>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -32,7 +32,9 @@ fn cgroup_roots(broker_pid: i32) -> Vec<PathBuf> {
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            if e.file_name() == name {
+            let file_name = e.file_name();
+            let file_name = file_name.to_string_lossy();
+            if file_name.starts_with("stoa.") && file_name.ends_with(name) {
                 out.push(e.path());
             } else if depth > 0 {
                 walk(&e.path(), name, depth - 1, out);
@@ -42,7 +44,7 @@ fn cgroup_roots(broker_pid: i32) -> Vec<PathBuf> {
     let mut out = Vec::new();
     walk(
         Path::new("/sys/fs/cgroup"),
-        &format!("stoa.{broker_pid}"),
+        &format!(".{broker_pid}"),
         6,
         &mut out,
     );
