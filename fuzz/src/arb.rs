@@ -1,0 +1,341 @@
+//! Structured requests for `broker_requests`: `arbitrary` mirrors of the wire types whose
+//! strings can be long (a fill or a repeated piece) or picked from names that pass the
+//! broker's checks, so a few input bytes reach every limit in `wire::limits`.
+
+use arbitrary::Arbitrary;
+
+use stoa::wire::{
+    Handle, Program, Request, RequestBody, Signal, SpawnRequest, WindowSize, PROTOCOL_VERSION,
+};
+
+/// Bytes of strings one structured request may hold in all: above the largest limit
+/// (`MAX_ARGV_BYTES`, 128 KiB), so every limit can be crossed, and small enough to keep
+/// an execution cheap.
+pub const BUDGET: usize = 192 * 1024;
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum AStr {
+    Text(String),
+    /// `len` copies of one character (`byte` as a Latin-1 code point; 0 is NUL).
+    Fill {
+        byte: u8,
+        len: u16,
+    },
+    /// `piece`, `times` times.
+    Repeat {
+        piece: String,
+        times: u16,
+    },
+}
+
+/// Names the broker's checks accept, and some they refuse by policy.
+const NAMES: [&str; 6] = ["alice", "bob", "stoa", "root", "a.b_c-d", "x"];
+const ENV_NAMES: [&str; 12] = [
+    "FOO",
+    "LANG",
+    "TERM",
+    "ANTHROPIC_API_KEY",
+    "_",
+    "A1",
+    "LD_PRELOAD",
+    "HOME",
+    "PATH",
+    "STOA_TOKEN",
+    "BASH_FUNC_x%%",
+    "NODE_OPTIONS",
+];
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum AName {
+    Known(u8),
+    Any(AStr),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum AEnvName {
+    Known(u8),
+    Any(AStr),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum APath {
+    /// `/` followed by the string.
+    Absolute(AStr),
+    Any(AStr),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum AArgv {
+    List(Vec<AStr>),
+    /// "sh", then `count` (at most 300) arguments `each`.
+    Many {
+        count: u16,
+        each: AStr,
+    },
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum AEnv {
+    List(Vec<(AEnvName, AStr)>),
+    /// `prefix0=value`, `prefix1=value`, … (`count` of them, at most 100).
+    Many {
+        count: u16,
+        prefix: AEnvName,
+        value: AStr,
+    },
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum AProgram {
+    Exec(AArgv),
+    Shell,
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub struct ASpawn {
+    pub credential: AStr,
+    pub unix_user: AName,
+    pub program: AProgram,
+    pub cwd: Option<APath>,
+    pub env: AEnv,
+    pub tty: Option<(u16, u16)>,
+    pub stdin: bool,
+    pub secrets: bool,
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum AProtocol {
+    Current,
+    Other(u32),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum ABody {
+    Hello(AProtocol),
+    Ready,
+    Authenticate(AStr),
+    Spawn(ASpawn),
+    CheckDir {
+        credential: AStr,
+        unix_user: AName,
+        path: APath,
+    },
+    SetSecret {
+        credential: AStr,
+        name: AEnvName,
+        value: AStr,
+    },
+    DeleteSecret {
+        credential: AStr,
+        name: AEnvName,
+    },
+    ListSecrets(AStr),
+    Kill {
+        handle: u64,
+        signal: u8,
+    },
+    Release(u64),
+    ListHandles,
+    Adopt(u64),
+    Stats,
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub struct ARequest {
+    pub id: u64,
+    pub request_id: Option<AStr>,
+    pub body: ABody,
+}
+
+/// Turns mirrors into wire values, spending at most [`BUDGET`] bytes on strings.
+pub struct Builder {
+    left: usize,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder { left: BUDGET }
+    }
+}
+
+impl Builder {
+    fn take(&mut self, mut s: String) -> String {
+        if s.len() > self.left {
+            let mut cut = self.left;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+        }
+        self.left -= s.len();
+        s
+    }
+
+    pub fn string(&mut self, a: &AStr) -> String {
+        let s = match a {
+            AStr::Text(t) => t.clone(),
+            AStr::Fill { byte, len } => {
+                let c = char::from(*byte);
+                let n = (*len as usize).min(self.left / c.len_utf8());
+                c.to_string().repeat(n)
+            }
+            AStr::Repeat { piece, times } => {
+                let n = if piece.is_empty() {
+                    0
+                } else {
+                    (*times as usize).min(self.left / piece.len())
+                };
+                piece.repeat(n)
+            }
+        };
+        self.take(s)
+    }
+
+    fn name(&mut self, a: &AName) -> String {
+        match a {
+            AName::Known(i) => NAMES[*i as usize % NAMES.len()].to_string(),
+            AName::Any(s) => self.string(s),
+        }
+    }
+
+    fn env_name(&mut self, a: &AEnvName) -> String {
+        match a {
+            AEnvName::Known(i) => ENV_NAMES[*i as usize % ENV_NAMES.len()].to_string(),
+            AEnvName::Any(s) => self.string(s),
+        }
+    }
+
+    fn path(&mut self, a: &APath) -> String {
+        match a {
+            APath::Absolute(s) => {
+                let rest = self.string(s);
+                format!("/{rest}")
+            }
+            APath::Any(s) => self.string(s),
+        }
+    }
+
+    fn argv(&mut self, a: &AArgv) -> Vec<String> {
+        match a {
+            AArgv::List(list) => list.iter().map(|s| self.string(s)).collect(),
+            AArgv::Many { count, each } => {
+                let mut argv = vec!["sh".to_string()];
+                // Past MAX_ARGS (256) more arguments add nothing.
+                for _ in 0..(*count).min(300) {
+                    argv.push(self.string(each));
+                }
+                argv
+            }
+        }
+    }
+
+    fn env(&mut self, a: &AEnv) -> Vec<(String, String)> {
+        match a {
+            AEnv::List(list) => list
+                .iter()
+                .map(|(n, v)| (self.env_name(n), self.string(v)))
+                .collect(),
+            AEnv::Many {
+                count,
+                prefix,
+                value,
+            } => {
+                let prefix = self.env_name(prefix);
+                let mut env = Vec::new();
+                // Past MAX_ENV_VARS (64) more variables add nothing.
+                for i in 0..(*count).min(100) {
+                    let name = self.take(format!("{prefix}{i}"));
+                    env.push((name, self.string(value)));
+                }
+                env
+            }
+        }
+    }
+
+    pub fn spawn(&mut self, a: &ASpawn) -> SpawnRequest {
+        SpawnRequest {
+            credential: self.string(&a.credential),
+            unix_user: self.name(&a.unix_user),
+            program: match &a.program {
+                AProgram::Exec(argv) => Program::Exec {
+                    argv: self.argv(argv),
+                },
+                AProgram::Shell => Program::Shell,
+            },
+            cwd: a.cwd.as_ref().map(|p| self.path(p)),
+            env: self.env(&a.env),
+            tty: a.tty.map(|(rows, cols)| WindowSize { rows, cols }),
+            stdin: a.stdin,
+            secrets: a.secrets,
+        }
+    }
+
+    pub fn body(&mut self, a: &ABody) -> RequestBody {
+        match a {
+            ABody::Hello(p) => RequestBody::Hello {
+                protocol: match p {
+                    AProtocol::Current => PROTOCOL_VERSION,
+                    AProtocol::Other(n) => *n,
+                },
+            },
+            ABody::Ready => RequestBody::Ready,
+            ABody::Authenticate(c) => RequestBody::Authenticate {
+                credential: self.string(c),
+            },
+            ABody::Spawn(s) => RequestBody::Spawn(self.spawn(s)),
+            ABody::CheckDir {
+                credential,
+                unix_user,
+                path,
+            } => RequestBody::CheckDir {
+                credential: self.string(credential),
+                unix_user: self.name(unix_user),
+                path: self.path(path),
+            },
+            ABody::SetSecret {
+                credential,
+                name,
+                value,
+            } => RequestBody::SetSecret {
+                credential: self.string(credential),
+                name: self.env_name(name),
+                value: self.string(value),
+            },
+            ABody::DeleteSecret { credential, name } => RequestBody::DeleteSecret {
+                credential: self.string(credential),
+                name: self.env_name(name),
+            },
+            ABody::ListSecrets(c) => RequestBody::ListSecrets {
+                credential: self.string(c),
+            },
+            ABody::Kill { handle, signal } => RequestBody::Kill {
+                handle: Handle(*handle),
+                signal: SIGNALS[*signal as usize % SIGNALS.len()],
+            },
+            ABody::Release(h) => RequestBody::Release { handle: Handle(*h) },
+            ABody::ListHandles => RequestBody::ListHandles,
+            ABody::Adopt(h) => RequestBody::Adopt { handle: Handle(*h) },
+            ABody::Stats => RequestBody::Stats,
+        }
+    }
+
+    pub fn request(&mut self, a: &ARequest) -> Request {
+        let request_id = a.request_id.as_ref().map(|s| self.string(s));
+        let body = self.body(&a.body);
+        crate::request(a.id, request_id, body)
+    }
+}
+
+const SIGNALS: [Signal; 11] = [
+    Signal::Hup,
+    Signal::Int,
+    Signal::Quit,
+    Signal::Kill,
+    Signal::Usr1,
+    Signal::Usr2,
+    Signal::Term,
+    Signal::Cont,
+    Signal::Stop,
+    Signal::Tstp,
+    Signal::Winch,
+];
