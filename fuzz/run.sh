@@ -65,8 +65,10 @@ for t in "${targets[@]}"; do
   if [ "$rc" -ne 0 ] || [ -z "$execs" ]; then
     line="$line: FAILED (exit $rc)"
     failed+=("$t")
+    echo "---- $t: what failed ----" >&2
+    grep -E -A 4 "panicked at|^==[0-9]+==ERROR|^SUMMARY" "$log" >&2 || true
     echo "---- $t: end of log ----" >&2
-    tail -n 60 "$log" >&2
+    tail -n 40 "$log" >&2
     echo "---- $t: failing inputs ----" >&2
     ls -l "$fuzz_dir/artifacts/$t" >&2 2>/dev/null || true
   fi

@@ -2,8 +2,8 @@
 //! `src/broker/mod.rs`, which need root and a running broker) as a model over the pure,
 //! public pieces it is made of:
 //!
-//! payload → `codec::decode::<Request>` → `wire::valid_request_id` → `permit::permit`
-//! (Hello first and once; a Hello must speak `PROTOCOL_VERSION`) → for a spawn
+//! payload → `codec::decode::<Request>` → `permit::permit` (Hello first and once) →
+//! `wire::valid_request_id` → a Hello must speak `PROTOCOL_VERSION` → for a spawn
 //! `spawn::validate`, then `Policy::env_denied` on each variable, then what the spawn would
 //! hand on: `spawn::environment` (the execve environment) and the executor's `Job` frame.
 //!
@@ -95,18 +95,6 @@ impl Model {
     /// One decoded request.
     pub fn request(&mut self, request: Request) -> Outcome {
         assert!(self.dead.is_none(), "a request after the link died");
-        // The wire's rule: a request id is at most MAX_REQUEST_ID_BYTES of [A-Za-z0-9._-];
-        // anything else is a violation.
-        if let Some(id) = &request.request_id {
-            if !valid_request_id(id) {
-                return self.die(format!("invalid request id {id:?}"));
-            }
-            assert!(!id.is_empty() && id.len() <= limits::MAX_REQUEST_ID_BYTES);
-            assert!(id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
-        }
-
         let body = &request.body;
         let is_hello = matches!(body, RequestBody::Hello { .. });
         let verdict = permit::permit(self.state, body);
@@ -128,6 +116,18 @@ impl Model {
         if let Err(why) = verdict {
             return self.die(format!("{} not permitted: {why}", permit::name(body)));
         }
+        // Then, as in handle_request, the wire's rule: a request id is at most
+        // MAX_REQUEST_ID_BYTES of [A-Za-z0-9._-]; anything else is a violation.
+        if let Some(id) = &request.request_id {
+            if !valid_request_id(id) {
+                return self.die(format!("invalid request id {id:?}"));
+            }
+            assert!(!id.is_empty() && id.len() <= limits::MAX_REQUEST_ID_BYTES);
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+        }
+
         assert!(
             self.state == LinkState::Ready || is_hello,
             "past permit before Hello"
