@@ -463,11 +463,12 @@ impl Cgroups {
         );
     }
 
-    /// At stop: kills everything in the tree and removes it.
-    pub fn teardown(&mut self, kill_pid: &mut dyn FnMut(i32)) {
+    /// At stop: kills everything in the tree and removes it; `reap` collects the killed
+    /// (a dead process leaves its cgroup only once reaped).
+    pub fn teardown(&mut self, kill_pid: &mut dyn FnMut(i32), reap: &mut dyn FnMut()) {
         let roots: Vec<PathBuf> = self.roots().iter().map(|(_, p)| p.to_path_buf()).collect();
         for root in &roots {
-            empty_tree(root, kill_pid);
+            empty_tree(root, kill_pid, reap);
         }
         // (v2: the broker's own leaf stays while the broker lives; the next broker
         // removes it as stale.)
@@ -638,24 +639,29 @@ fn clean_stale(base: &Path, me: &Instance) {
             continue;
         }
         let path = entry.path();
-        let killed = empty_tree(&path, &mut |p| {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        });
+        // Not our children: their new parent reaps them.
+        let killed = empty_tree(
+            &path,
+            &mut |p| {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            },
+            &mut || {},
+        );
         warn!(cgroup = %path.display(), killed, "removed the cgroup of a broker that is gone");
     }
 }
 
 /// Kills every process below `dir` and removes the directories, deepest first; returns
 /// how many processes were signalled.
-fn empty_tree(dir: &Path, kill_pid: &mut dyn FnMut(i32)) -> usize {
+fn empty_tree(dir: &Path, kill_pid: &mut dyn FnMut(i32), reap: &mut dyn FnMut()) -> usize {
     let mut killed = 0;
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                killed += empty_tree(&entry.path(), kill_pid);
+                killed += empty_tree(&entry.path(), kill_pid, reap);
             }
         }
     }
@@ -665,6 +671,7 @@ fn empty_tree(dir: &Path, kill_pid: &mut dyn FnMut(i32)) -> usize {
     for _ in 0..50 {
         match fs::remove_dir(dir) {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                reap();
                 std::thread::sleep(std::time::Duration::from_millis(10))
             }
             _ => break,

@@ -980,11 +980,7 @@ impl Broker {
                 let reply = self.signal_group(uid, pid, signal);
                 if signal == Signal::Kill {
                     // Not just the process group: everything the spawn started.
-                    if let Some(cg) = self.entries.get(&handle).and_then(|e| e.cgroup.as_ref()) {
-                        let isolated = self.isolated();
-                        self.cgroups
-                            .kill(cg, &mut |p| kill_as(isolated, uid, p, NixSignal::SIGKILL));
-                    }
+                    self.kill_cgroup(handle, uid);
                 }
                 self.audit.record(
                     "signal",
@@ -1103,6 +1099,15 @@ impl Broker {
         as_user(self.isolated(), uid, op)
     }
 
+    /// SIGKILLs everything in `handle`'s cgroup, as its user `uid`.
+    fn kill_cgroup(&self, handle: Handle, uid: u32) {
+        if let Some(cg) = self.entries.get(&handle).and_then(|e| e.cgroup.as_ref()) {
+            let isolated = self.isolated();
+            self.cgroups
+                .kill(cg, &mut |p| kill_as(isolated, uid, p, NixSignal::SIGKILL));
+        }
+    }
+
     fn isolated(&self) -> bool {
         matches!(self.mode, Mode::Isolated { .. })
     }
@@ -1207,20 +1212,18 @@ impl Broker {
             let mine = store.secrets.entry(owner.clone()).or_default();
             match value {
                 Some(v) => {
-                    if !mine.contains_key(name) && mine.len() >= users::MAX_SECRETS_PER_USER {
-                        return Err(format!(
-                            "at most {} secrets per user",
-                            users::MAX_SECRETS_PER_USER
-                        ));
+                    if let Err(limit) = users::secrets_fit(mine, name, v.len()) {
+                        return Ok(Err(limit));
                     }
                     mine.insert(name.to_string(), v);
-                    Ok(true)
+                    Ok(Ok(true))
                 }
-                None => Ok(mine.remove(name).is_some()),
+                None => Ok(Ok(mine.remove(name).is_some())),
             }
         });
         match result {
-            Ok(true) => {
+            Ok(Err(limit)) => error_reply(ErrorKind::Quota, limit),
+            Ok(Ok(true)) => {
                 info!(user = %owner, secret = %name, deleted = deleting, "secret changed");
                 let event = if deleting {
                     "secret_deleted"
@@ -1233,7 +1236,7 @@ impl Broker {
                 );
                 (ReplyBody::Done, Vec::new())
             }
-            Ok(false) => error_reply(ErrorKind::BadRequest, format!("no secret named {name}")),
+            Ok(Ok(false)) => error_reply(ErrorKind::BadRequest, format!("no secret named {name}")),
             Err(e) => error_reply(ErrorKind::Failed, e),
         }
     }
@@ -1596,12 +1599,7 @@ impl Broker {
                     );
                     for &(uid, pgid, handle) in &live {
                         self.signal_group(uid, pgid, Signal::Kill);
-                        if let Some(cg) = self.entries.get(&handle).and_then(|e| e.cgroup.as_ref())
-                        {
-                            let isolated = self.isolated();
-                            self.cgroups
-                                .kill(cg, &mut |p| kill_as(isolated, uid, p, NixSignal::SIGKILL));
-                        }
+                        self.kill_cgroup(handle, uid);
                     }
                     (Stopping::Killed, SHUTDOWN_TERM_WAIT)
                 }
@@ -1655,15 +1653,25 @@ impl Broker {
         for (uid, pgid, _) in self.live_executors() {
             self.signal_group(uid, pgid, Signal::Kill);
         }
-        // Only what stoa's executors started is in these cgroups.
-        self.cgroups.teardown(&mut |p| {
-            let _ = kill(Pid::from_raw(p), NixSignal::SIGKILL);
-        });
         let deadline = Instant::now() + SHUTDOWN_TERM_WAIT;
         while !self.by_pid.is_empty() && Instant::now() < deadline {
             self.reap();
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Only what stoa's executors started is in these cgroups. What is killed there
+        // comes to the broker (the subreaper): it must be reaped before its cgroup can go.
+        self.cgroups.teardown(
+            &mut |p| {
+                let _ = kill(Pid::from_raw(p), NixSignal::SIGKILL);
+            },
+            &mut || {
+                while let Ok(ws) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                    if ws == WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+            },
+        );
         self.audit.record(
             "broker_stop",
             serde_json::json!({ "pid": std::process::id() }),

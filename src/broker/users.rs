@@ -18,6 +18,34 @@ const LOCK_FILE: &str = "users.lock";
 /// Most secrets one Unix user may keep, and their sizes.
 pub const MAX_SECRETS_PER_USER: usize = 64;
 pub const MAX_SECRET_BYTES: usize = 16 * 1024;
+/// All of one user's secrets together (names and values). They travel in the job the
+/// broker writes into the executor's control socket before the executor runs, so job and
+/// argv (at most `wire::limits::MAX_ARGV_BYTES`) must fit in a socket buffer (~208 KiB by
+/// default): this keeps them well inside it.
+pub const MAX_SECRETS_TOTAL_BYTES: usize = 48 * 1024;
+
+/// Whether setting `name` to a value of `value_len` bytes keeps `secrets` within the
+/// limits; the error says which one.
+pub fn secrets_fit(
+    secrets: &BTreeMap<String, String>,
+    name: &str,
+    value_len: usize,
+) -> Result<(), String> {
+    if !secrets.contains_key(name) && secrets.len() >= MAX_SECRETS_PER_USER {
+        return Err(format!("at most {MAX_SECRETS_PER_USER} secrets per user"));
+    }
+    let others: usize = secrets
+        .iter()
+        .filter(|(n, _)| n.as_str() != name)
+        .map(|(n, v)| n.len() + v.len())
+        .sum();
+    if others + name.len() + value_len > MAX_SECRETS_TOTAL_BYTES {
+        return Err(format!(
+            "a user's secrets together are at most {MAX_SECRETS_TOTAL_BYTES} bytes ({others} in the others)"
+        ));
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiUser {
@@ -241,5 +269,22 @@ mod tests {
         );
         assert!(store.find_by_token("stoa_wrong").is_none());
         assert!(!serde_json::to_string(&store).unwrap().contains(&token));
+    }
+
+    #[test]
+    fn secrets_stay_within_count_and_total() {
+        let mut secrets = BTreeMap::new();
+        assert!(secrets_fit(&secrets, "A", MAX_SECRET_BYTES).is_ok());
+        for i in 0..2 {
+            secrets.insert(format!("BIG{i}"), "x".repeat(MAX_SECRET_BYTES));
+        }
+        // A third 16 KiB secret would go past the 48 KiB total; replacing one counts it once.
+        assert!(secrets_fit(&secrets, "BIG3", MAX_SECRET_BYTES).is_err());
+        assert!(secrets_fit(&secrets, "BIG0", MAX_SECRET_BYTES).is_ok());
+        let many: BTreeMap<String, String> = (0..MAX_SECRETS_PER_USER)
+            .map(|i| (format!("S{i}"), String::new()))
+            .collect();
+        assert!(secrets_fit(&many, "NEW", 1).is_err());
+        assert!(secrets_fit(&many, "S1", 1).is_ok());
     }
 }
