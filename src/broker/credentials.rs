@@ -82,6 +82,7 @@ impl Credentials {
         }
         match self.store.get() {
             Ok(store) => store.find_by_token(credential).map(|u| Principal::User {
+                id: u.id,
                 name: u.name.clone(),
                 unix_user: u.unix_user.clone(),
                 admin: u.admin,

@@ -915,7 +915,7 @@ impl Broker {
                 }
                 (ReplyBody::Done, Vec::new())
             }
-            RequestBody::Authenticate { credential } => {
+            RequestBody::Authenticate { credential, .. } => {
                 match self.credentials.verify(&credential) {
                     Some(p) => (ReplyBody::Principal(p), Vec::new()),
                     None => error_reply(ErrorKind::Unauthorized, "invalid credential"),

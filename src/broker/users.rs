@@ -49,6 +49,10 @@ pub fn secrets_fit(
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiUser {
+    /// Given at `stoa user add` (random, never 0) and never changed or reused: what the
+    /// daemon's objects belong to. 0 in a store written before ids existed (see `load`).
+    #[serde(default)]
+    pub id: u64,
     pub name: String,
     pub unix_user: String,
     pub admin: bool,
@@ -70,6 +74,18 @@ pub struct UserStore {
 
 pub fn digest_hex(token: &str) -> String {
     crate::broker::credentials::hex(&Sha256::digest(token.as_bytes()))
+}
+
+/// A fresh API-user id: 64 random bits, never 0 (0 marks a store written before ids).
+pub fn new_id() -> Result<u64, String> {
+    loop {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for an id: {e}"))?;
+        let id = u64::from_le_bytes(bytes);
+        if id != 0 {
+            return Ok(id);
+        }
+    }
 }
 
 /// A fresh token: 256 random bits.
@@ -255,6 +271,7 @@ mod tests {
         let token = new_token().unwrap();
         let store = UserStore {
             users: vec![ApiUser {
+                id: 7,
                 name: "alice".into(),
                 unix_user: "alice".into(),
                 admin: false,

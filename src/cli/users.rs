@@ -117,6 +117,7 @@ fn add(name: String, unix_user: String, admin: bool) -> Result<(), String> {
         }
         let token = users::new_token()?;
         store.users.push(ApiUser {
+            id: users::new_id()?,
             name: name.clone(),
             unix_user: account.name.clone(),
             admin,

@@ -78,6 +78,7 @@ pub async fn run(
 ) -> Result<ExecResponse, ApiError> {
     let has_stdin = req.stdin.is_some();
     let spawn = SpawnRequest {
+        cwd_id: None,
         credential,
         unix_user: req.unix_user.clone(),
         program: Program::Exec {

@@ -240,6 +240,7 @@ pub async fn authenticate(
         .link
         .request(RequestBody::Authenticate {
             credential: token.to_string(),
+            peer: None,
         })
         .await
         .map_err(ApiError::broker_down)?;

@@ -180,6 +180,8 @@ impl LinkObserver for Processes {
             Event::ShuttingDown { grace_secs } => {
                 self.shutdown.send_replace(Some(grace_secs));
             }
+            // Ending the revoked users' connections: see the daemon's revocation handling.
+            Event::Revoked { .. } => {}
         }
     }
 }

@@ -277,6 +277,7 @@ async fn spawn_through_broker(
     credential: &str,
 ) -> Result<(Run, Handle), String> {
     let request = SpawnRequest {
+        cwd_id: None,
         credential: credential.to_string(),
         unix_user: session.unix_user.clone(),
         program: Program::Exec {

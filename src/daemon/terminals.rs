@@ -345,6 +345,7 @@ async fn create(
         None => Program::Shell,
     };
     let spawn = SpawnRequest {
+        cwd_id: None,
         credential,
         unix_user,
         program,

@@ -9,9 +9,9 @@
 //! |-----------------------------------|----------------------------------|---------------------------------|
 //! | `Hello { protocol }` (first, once)| `Welcome { .. }`                 | –                               |
 //! | `Ready` (serving HTTP)            | `Done`                           | –                               |
-//! | `Authenticate { credential }`     | `Principal(..)` / `Error`        | –                               |
+//! | `Authenticate { credential, peer }` | `Principal(..)` / `Error`      | –                               |
 //! | `Spawn(SpawnRequest)`             | `Spawned(HandleInfo)` / `Error`  | per [`FdLayout`]                |
-//! | `CheckDir { credential, .. }`     | `Done` / `Error`                 | –                               |
+//! | `CheckDir { credential, .. }`     | `Dir(DirId)` / `Error`           | –                               |
 //! | `SetSecret { credential, .. }`    | `Done` / `Error`                 | –                               |
 //! | `DeleteSecret { credential, .. }` | `Done` / `Error`                 | –                               |
 //! | `ListSecrets { credential }`      | `Names(Vec<String>)` / `Error`   | –                               |
@@ -25,6 +25,7 @@
 //! |-----------------------------------|-----------------------------------------------------------|
 //! | `Exited { handle, status, limit_hit }` | the broker reaped the executor's process (and ended what it left in its cgroup) |
 //! | `ShuttingDown { grace_secs }`     | SIGTERM: no new spawns; work gets `grace_secs`, then TERM, then KILL |
+//! | `Revoked { api_users }`           | those API users were removed or their tokens rotated      |
 //!
 //! Requests carry an `id` that the reply echoes, and the HTTP request id they serve, if
 //! any (it appears in the broker's log and audit lines); events carry none. The broker owns all
@@ -38,7 +39,7 @@
 use bincode::{Decode, Encode};
 
 /// Bumped on every incompatible change; the broker refuses a daemon that speaks another.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Limits on what one request may carry, checked by the broker (the frame limit bounds the
 /// total; these bound each part so no single field can eat it).
@@ -53,6 +54,7 @@ pub mod limits {
     pub const MAX_CREDENTIAL_BYTES: usize = 256;
     pub const MAX_TTY_DIMENSION: u16 = 4096;
     pub const MAX_REQUEST_ID_BYTES: usize = 64;
+    pub const MAX_PEER_BYTES: usize = 64;
 }
 
 /// An opaque name for something the broker spawned.
@@ -86,9 +88,13 @@ pub enum RequestBody {
     Ready,
     Authenticate {
         credential: String,
+        /// The client's address as the daemon saw it, for the audit line of a failure
+        /// (at most [`limits::MAX_PEER_BYTES`]; the daemon's word, recorded as such).
+        peer: Option<String>,
     },
     Spawn(SpawnRequest),
-    /// Is `path` a directory `unix_user` can enter? Checked with that user's identity.
+    /// Is `path` a directory `unix_user` can enter? Checked with that user's identity, for
+    /// a user the policy allows; the reply pins the directory (`ReplyBody::Dir`).
     CheckDir {
         credential: String,
         unix_user: String,
@@ -130,6 +136,9 @@ pub struct SpawnRequest {
     pub program: Program,
     /// Absolute; entered as the user. `None`: the user's home directory.
     pub cwd: Option<String>,
+    /// The directory `cwd` must still be (as `CheckDir` pinned it): the child opens `cwd`
+    /// as the user without following symlinks and refuses to run anywhere else.
+    pub cwd_id: Option<DirId>,
     /// Extra environment, checked against the policy's deny-list.
     pub env: Vec<(String, String)>,
     /// `Some`: run on a new pseudo-terminal of this size. `None`: pipes.
@@ -139,6 +148,15 @@ pub struct SpawnRequest {
     /// Hand the Unix user's stored secrets to the program as environment variables (on
     /// the control socket, never in argv).
     pub secrets: bool,
+}
+
+/// A directory's identity: device and inode, as `fstat` reports them.
+#[derive(
+    Encode, Decode, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
+pub struct DirId {
+    pub dev: u64,
+    pub ino: u64,
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
@@ -209,6 +227,8 @@ pub enum ReplyBody {
     Handles(Vec<HandleInfo>),
     Names(Vec<String>),
     Stats(BrokerStats),
+    /// `CheckDir`: the directory the user can enter, pinned.
+    Dir(DirId),
     Done,
     Error(BrokerError),
 }
@@ -239,8 +259,10 @@ pub enum Principal {
     /// The machine's admin token: may act as any user the policy allows.
     Admin,
     /// An API user (`stoa user add`): acts as its Unix user, or, with `admin`, as any user
-    /// the policy allows.
+    /// the policy allows. `id` is given once, at `stoa user add`, and never reused: objects
+    /// belong to it, not to the name.
     User {
+        id: u64,
         name: String,
         unix_user: String,
         admin: bool,
@@ -255,12 +277,27 @@ impl Principal {
         }
     }
 
-    /// The name objects are owned by.
+    /// The name, for logs and display only: ownership goes by [`Principal::owner`].
     pub fn name(&self) -> &str {
         match self {
             Principal::Admin => "admin",
             Principal::User { name, .. } => name,
         }
+    }
+
+    /// The immutable key objects are owned by: `admin` for the admin token, `user:<id>` for
+    /// an API user. A user removed and added again under the same name is another owner.
+    pub fn owner(&self) -> String {
+        match self {
+            Principal::Admin => "admin".into(),
+            Principal::User { id, .. } => format!("user:{id}"),
+        }
+    }
+
+    /// Whether this principal may use an object owned by `owner` that runs as `unix_user`:
+    /// admins may use all; anyone else only what their own id created as their Unix user.
+    pub fn may_use(&self, owner: &str, unix_user: &str) -> bool {
+        self.is_admin() || (self.owner() == owner && self.unix_user() == Some(unix_user))
     }
 
     /// The Unix user this principal acts as by default.
@@ -349,6 +386,10 @@ pub enum Event {
     /// The broker is shutting down: no new spawns; running work has `grace_secs` to
     /// finish before it is signalled. Sent once, and again to a daemon that starts later.
     ShuttingDown { grace_secs: u64 },
+    /// These API users' credentials stopped working (the user was removed, or its token
+    /// rotated): the daemon forgets what it cached for them and ends their live
+    /// connections (WebSockets, terminal attachments, event streams) at once.
+    Revoked { api_users: Vec<u64> },
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]

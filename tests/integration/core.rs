@@ -508,6 +508,7 @@ fn hostile_frames() -> Result<(), Failed> {
                 argv: vec!["id".into()],
             },
             cwd: None,
+            cwd_id: None,
             env: vec![],
             tty: None,
             stdin: false,
