@@ -9,7 +9,7 @@
 use std::ffi::{CStr, CString};
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -247,6 +247,9 @@ pub struct ChildSpec<'a> {
     pub umask: u32,
     /// Entered after the identity change, with the user's own permissions.
     pub cwd: Option<CString>,
+    /// The directory `cwd` must be (device, inode, owner): opened as the user, compared,
+    /// entered by `fchdir`, so a path swapped since it was checked cannot redirect the run.
+    pub cwd_id: Option<(u64, u64, u32)>,
     /// `PR_SET_PDEATHSIG`, set after the identity change (which clears it).
     pub parent_death_signal: Option<i32>,
     /// `cgroup.procs` files (opened for writing) the child writes itself into first, while
@@ -276,13 +279,14 @@ pub enum ChildStage {
     ParentDeathSignal,
     CloseFds,
     Chdir,
+    VerifyCwd,
     Exec,
 }
 
 impl ChildStage {
     fn from_raw(raw: u32) -> Option<ChildStage> {
         use ChildStage::*;
-        const ALL: [ChildStage; 19] = [
+        const ALL: [ChildStage; 20] = [
             ResetSignals,
             JoinCgroups,
             NewSession,
@@ -301,6 +305,7 @@ impl ChildStage {
             ParentDeathSignal,
             CloseFds,
             Chdir,
+            VerifyCwd,
             Exec,
         ];
         ALL.into_iter().find(|s| *s as u32 == raw)
@@ -327,6 +332,9 @@ impl ChildStage {
             ParentDeathSignal => "setting the parent-death signal",
             CloseFds => "closing inherited file descriptors",
             Chdir => "entering the working directory",
+            VerifyCwd => {
+                "checking the working directory is the one checked before (it was replaced)"
+            }
             Exec => "executing the program",
         }
     }
@@ -448,81 +456,341 @@ struct Prepared<'s> {
     facts: &'static ProcessFacts,
     umask: libc::mode_t,
     cwd: Option<&'s CStr>,
+    cwd_id: Option<(u64, u64, u32)>,
     parent_death_signal: Option<i32>,
     parent_pid: libc::pid_t,
+    /// Where the child keeps its report pipe once it has moved it out of the way of the
+    /// fds it arranges (-1 until then).
+    report_fd: RawFd,
 }
 
-/// Starts a child that runs the spawn sequence and then execs `spec.exe`. Returns the
-/// child's pid once it has exec'd; a failure before exec comes back as
-/// [`SpawnError::Child`] with the child already reaped.
+impl Prepared<'_> {
+    fn report_fd_or(&self, original: RawFd) -> RawFd {
+        if self.report_fd >= 0 {
+            self.report_fd
+        } else {
+            original
+        }
+    }
+}
+
+/// A child that has been started and is running its sequence towards exec (or has
+/// already exec'd or failed: [`read_report`] tells).
+#[derive(Debug)]
+pub struct Started {
+    pub pid: i32,
+    /// Taken at clone (`CLONE_PIDFD`): signals through it can never reach another process
+    /// that reused the pid.
+    pub pidfd: OwnedFd,
+    /// The read end of the child's report pipe (close-on-exec on the child's side): end of
+    /// file once the child exec'd, a [`ChildReport`] record if it failed before, or (for
+    /// [`start_probe`]) what it found.
+    pub report: OwnedFd,
+}
+
+/// What a child wrote to its report pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildReport {
+    /// End of file with nothing written: the exec succeeded.
+    Execed,
+    /// A step before exec failed; the child `_exit`ed (reap it as usual).
+    Failed { stage: ChildStage, errno: i32 },
+    /// [`start_probe`]: the directory exists and the user can enter it.
+    Dir { dev: u64, ino: u64, uid: u32 },
+}
+
+/// One record on the report pipe: tag, stage or uid, errno, dev, ino.
+const REPORT_BYTES: usize = 4 + 4 + 4 + 8 + 8;
+const TAG_FAILED: u32 = 1;
+const TAG_DIR: u32 = 2;
+
+/// The bytes a child writes for `report` (`Execed` writes none: the pipe closes on exec).
+/// Public for test doubles that stand in for a child.
+pub fn encode_report(report: &ChildReport) -> Vec<u8> {
+    let mut record = vec![0u8; REPORT_BYTES];
+    match *report {
+        ChildReport::Execed => return Vec::new(),
+        ChildReport::Failed { stage, errno } => {
+            record[..4].copy_from_slice(&TAG_FAILED.to_ne_bytes());
+            record[4..8].copy_from_slice(&(stage as u32).to_ne_bytes());
+            record[8..12].copy_from_slice(&errno.to_ne_bytes());
+        }
+        ChildReport::Dir { dev, ino, uid } => {
+            record[..4].copy_from_slice(&TAG_DIR.to_ne_bytes());
+            record[4..8].copy_from_slice(&uid.to_ne_bytes());
+            record[12..20].copy_from_slice(&dev.to_ne_bytes());
+            record[20..28].copy_from_slice(&ino.to_ne_bytes());
+        }
+    }
+    record
+}
+
+/// Reads a child's report without blocking. `Ok(None)`: nothing yet (the child is still
+/// on its way, or stopped: the caller bounds the wait and kills it through the pidfd).
+pub fn read_report(report: BorrowedFd<'_>) -> io::Result<Option<ChildReport>> {
+    let mut buf = [0u8; REPORT_BYTES];
+    let mut got = 0;
+    loop {
+        match nix::unistd::read(report, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                if got == REPORT_BYTES {
+                    break;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) if got == 0 => return Ok(None),
+            // A record is written with one write(2) of less than PIPE_BUF: it arrives whole.
+            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let word = |i: usize| u32::from_ne_bytes(buf[i..i + 4].try_into().expect("4 bytes"));
+    let long = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
+    match (got, word(0)) {
+        (0, _) => Ok(Some(ChildReport::Execed)),
+        (REPORT_BYTES, TAG_FAILED) => Ok(Some(ChildReport::Failed {
+            stage: ChildStage::from_raw(word(4)).unwrap_or(ChildStage::Exec),
+            errno: word(8) as i32,
+        })),
+        (REPORT_BYTES, TAG_DIR) => Ok(Some(ChildReport::Dir {
+            uid: word(4),
+            dev: long(12),
+            ino: long(20),
+        })),
+        _ => Err(io::Error::other(format!(
+            "malformed child report ({got} bytes)"
+        ))),
+    }
+}
+
+/// Starts a child that runs the spawn sequence and then execs `spec.exe`, and returns at
+/// once: the caller learns the outcome from [`Started::report`] (from its poll loop) and
+/// the exit from `waitpid`.
 ///
-/// The child is made like `posix_spawn` makes it: `clone(CLONE_VM | CLONE_VFORK)` on a
-/// stack of its own, so there is no page-table copy, and this thread sleeps until the
-/// child has exec'd or exited; the child reports a failure through memory they share.
-/// Only a single-threaded process may run code in such a child (another thread could
-/// hold a lock the child needs), so this refuses a process with more than one thread.
-/// The broker is single-threaded by design.
-pub fn spawn_child(spec: &ChildSpec<'_>) -> Result<i32, SpawnError> {
+/// The child is a plain fork (`clone3` with `CLONE_PIDFD`, falling back to `fork` and
+/// `pidfd_open` on kernels without it): nothing is shared with it, and this thread never
+/// waits for it. (Before, `CLONE_VM | CLONE_VFORK` suspended the caller until the exec,
+/// so a user who stopped the child after its identity change froze the broker.) Only a
+/// single-threaded process may run code in a forked child, so this refuses a process
+/// with more than one thread; the broker is single-threaded by design.
+pub fn start_child(spec: &ChildSpec<'_>) -> Result<Started, SpawnError> {
+    let prepared = prepare(spec).map_err(SpawnError::Setup)?;
+    fork_with(prepared, child_sequence)
+}
+
+/// [`start_child`], then waits up to `timeout` for the exec (for the broker's own daemon,
+/// which no user can signal). On timeout the child is killed.
+pub fn spawn_child(spec: &ChildSpec<'_>, timeout: std::time::Duration) -> Result<i32, SpawnError> {
+    let started = start_child(spec)?;
+    match wait_report(&started, timeout)? {
+        ChildReport::Execed | ChildReport::Dir { .. } => Ok(started.pid),
+        ChildReport::Failed { stage, errno } => {
+            reap(started.pid);
+            Err(SpawnError::Child { stage, errno })
+        }
+    }
+}
+
+/// Blocks (poll with a timeout) until the child reports; kills and reaps it on timeout.
+fn wait_report(started: &Started, timeout: std::time::Duration) -> Result<ChildReport, SpawnError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(r) = read_report(started.report.as_fd()).map_err(SpawnError::Setup)? {
+            return Ok(r);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            let _ = pidfd_send_signal(started.pidfd.as_fd(), libc::SIGKILL);
+            reap(started.pid);
+            return Err(SpawnError::Setup(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the child did not reach exec in time",
+            )));
+        }
+        let ms = PollTimeout::try_from(left.as_millis().min(10_000) as i32 + 1)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(started.report.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(SpawnError::Setup(e.into())),
+        }
+    }
+}
+
+/// Starts a child that takes `identity` (the same steps as a spawn, no exec) and checks
+/// that `path` is a directory it can enter: it opens the path as the user, `fchdir`s into
+/// it, and reports the directory's device, inode and owner ([`ChildReport::Dir`]) or the
+/// step that failed. Whatever the path does (a hung FUSE mount, a stopped child), only
+/// this child waits on it.
+pub fn start_probe(identity: Option<&Identity>, path: &CStr) -> Result<Started, SpawnError> {
+    let groups_len = identity.map_or(0, |id| id.groups.len());
+    let mut groups_sorted = identity.map(|id| id.groups.clone()).unwrap_or_default();
+    groups_sorted.sort_unstable();
+    groups_sorted.dedup();
+    let prepared = Prepared {
+        argv: Vec::new(),
+        env: Vec::new(),
+        fd_sources: [-1; MAX_CHILD_FDS],
+        fd_targets: [-1; MAX_CHILD_FDS],
+        fd_count: 0,
+        first_unkept_fd: 3,
+        exe: -1,
+        cgroup_procs: Vec::new(),
+        controlling_tty: false,
+        rlimits: Vec::new(),
+        identity,
+        groups_scratch: vec![0; groups_len + 1],
+        groups_sorted,
+        facts: process_facts().map_err(SpawnError::Setup)?,
+        umask: 0o077,
+        cwd: Some(path),
+        cwd_id: None,
+        parent_death_signal: None,
+        // SAFETY: getpid has no preconditions.
+        parent_pid: unsafe { libc::getpid() },
+        report_fd: -1,
+    };
+    fork_with(prepared, probe_sequence)
+}
+
+/// `clone3(CLONE_PIDFD)` arguments (`struct clone_args`, the first 64 bytes: version 0).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+const CLONE_PIDFD: u64 = 0x1000;
+
+/// Forks; the child runs `sequence` (which returns only on failure, with the stage and
+/// errno, written to the report pipe before `_exit`).
+fn fork_with(
+    mut prepared: Prepared<'_>,
+    sequence: fn(&mut Prepared<'_>, RawFd) -> (ChildStage, i32),
+) -> Result<Started, SpawnError> {
     let threads = thread_count().map_err(SpawnError::Setup)?;
     if threads != 1 {
         return Err(SpawnError::Setup(io::Error::other(format!(
-            "spawn_child needs a single-threaded process, this one has {threads} threads"
+            "starting a child needs a single-threaded process, this one has {threads} threads"
         ))));
     }
-    let mut child = ChildArgs {
-        prepared: prepare(spec).map_err(SpawnError::Setup)?,
-        stage: 0,
-        errno: 0,
+    let (report_read, report_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(|e| SpawnError::Setup(e.into()))?;
+    // The child's end blocks (a report is one small write; the pipe is empty).
+    nix::fcntl::fcntl(
+        &report_write,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .map_err(|e| SpawnError::Setup(e.into()))?;
+    let write_fd = report_write.as_raw_fd();
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: CLONE_PIDFD,
+        pidfd: (&mut pidfd as *mut RawFd) as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
     };
-    let mut stack = vec![0u8; CHILD_STACK_BYTES];
-    // The stack grows down: start at its 16-byte-aligned top.
-    let top = (stack.as_mut_ptr() as usize + CHILD_STACK_BYTES) & !0xf;
-
-    // SAFETY: single-threaded (checked above). CLONE_VFORK suspends this thread until the
-    // child execs or exits, so the child has `child` and `stack` to itself meanwhile and
-    // both outlive it; `child_entry` runs only `child_sequence` (async-signal-safe system
-    // calls on prepared data), records a failure in `child` and `_exit`s.
+    // SAFETY: single-threaded (checked above), so the child is a complete copy of this
+    // process with no lock held by another thread. In the child (return value 0) only
+    // `sequence` runs (async-signal-safe system calls on the prepared copy), then the
+    // report write and `_exit`; it never returns into the caller's code. `args` is a valid
+    // clone_args of the size passed, and `pidfd` outlives the call.
     let pid = unsafe {
-        libc::clone(
-            child_entry,
-            top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (&mut child as *mut ChildArgs<'_>).cast(),
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
         )
     };
-    drop(stack);
+    let pid = if pid < 0 && errno() == libc::ENOSYS {
+        // SAFETY: as above; fork has no arguments.
+        unsafe { libc::fork() as libc::c_long }
+    } else {
+        pid
+    };
+    if pid == 0 {
+        let (stage, err) = sequence(&mut prepared, write_fd);
+        let mut record = [0u8; REPORT_BYTES];
+        record[..4].copy_from_slice(&TAG_FAILED.to_ne_bytes());
+        record[4..8].copy_from_slice(&(stage as u32).to_ne_bytes());
+        record[8..12].copy_from_slice(&err.to_ne_bytes());
+        // SAFETY: write and _exit are async-signal-safe; `record` is ours. `report_fd` is
+        // wherever the sequence moved the pipe (it tracks it in `prepared`).
+        unsafe {
+            libc::write(
+                prepared.report_fd_or(write_fd),
+                record.as_ptr().cast(),
+                REPORT_BYTES,
+            );
+            libc::_exit(127)
+        }
+    }
     if pid < 0 {
         return Err(SpawnError::Setup(io::Error::last_os_error()));
     }
-    if child.stage == 0 {
-        return Ok(pid);
-    }
-    reap(pid);
-    Err(SpawnError::Child {
-        stage: ChildStage::from_raw(child.stage).unwrap_or(ChildStage::Exec),
-        errno: child.errno,
+    drop(report_write);
+    let pid = pid as i32;
+    let pidfd = if pidfd >= 0 {
+        // SAFETY: clone3 stored a fresh descriptor that nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(pidfd) }
+    } else {
+        // fork: the child cannot be reaped before this (only this thread waits), so the
+        // pid is still the child's.
+        pidfd_open(pid).map_err(SpawnError::Setup)?
+    };
+    Ok(Started {
+        pid,
+        pidfd,
+        report: report_read,
     })
 }
 
-/// The child's own stack: the sequence needs little, libc's wrappers a little more.
-const CHILD_STACK_BYTES: usize = 128 * 1024;
-
-/// Shared by parent and child (CLONE_VM): the child writes the stage that failed.
-struct ChildArgs<'s> {
-    prepared: Prepared<'s>,
-    stage: u32,
-    errno: i32,
+/// A process's pidfd (`pidfd_open(2)`).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes plain integers and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `ChildArgs` spawn_child passed to clone, alive and untouched by
-    // the suspended parent until this child execs or exits.
-    let child = unsafe { &mut *arg.cast::<ChildArgs<'_>>() };
-    let (stage, errno) = child_sequence(&mut child.prepared);
-    child.stage = stage as u32;
-    child.errno = errno;
-    // SAFETY: _exit is async-signal-safe and does not run the parent's atexit handlers.
-    unsafe { libc::_exit(127) }
+/// Signals the process behind `pidfd` (`pidfd_send_signal(2)`): never another process,
+/// whatever became of the pid. `ESRCH` once it has exited.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: plain integers and a null siginfo (the kernel fills one in as for kill(2)).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the process behind `pidfd` has exited (the pidfd polls readable then).
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 fn reap(pid: i32) {
@@ -609,7 +877,9 @@ fn prepare<'s>(spec: &'s ChildSpec<'_>) -> io::Result<Prepared<'s>> {
         facts: process_facts()?,
         umask: spec.umask as libc::mode_t,
         cwd: spec.cwd.as_deref(),
+        cwd_id: spec.cwd_id,
         parent_death_signal: spec.parent_death_signal,
+        report_fd: -1,
         // SAFETY: getpid has no preconditions.
         parent_pid: unsafe { libc::getpid() },
     })
@@ -619,82 +889,164 @@ fn errno() -> i32 {
     io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
+/// Returns from the enclosing step function with the stage and errno when a call fails.
+macro_rules! check {
+    ($stage:expr, $call:expr) => {
+        if $call < 0 {
+            return Err(($stage, errno()));
+        }
+    };
+}
+
+type Step = Result<(), (ChildStage, i32)>;
+
 /// The child's side, in the order of research/privsep.md phase B. Returns only on failure,
 /// with the failing stage and errno (0: a verification found the wrong state).
-fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
-    use ChildStage::*;
-    macro_rules! check {
-        ($stage:expr, $call:expr) => {
-            if $call < 0 {
-                return ($stage, errno());
-            }
-        };
+fn child_sequence(p: &mut Prepared<'_>, report: RawFd) -> (ChildStage, i32) {
+    let mut steps = || -> Step {
+        reset_signals(p)?;
+        join_cgroups(p)?;
+        arrange_session_and_fds(p, report)?;
+        become_user(p)?;
+        finish_and_exec(p)
+    };
+    match steps() {
+        Ok(()) => (ChildStage::Exec, 0),
+        Err(failed) => failed,
     }
-    // SAFETY (for every block in this function): we are the only thread of a freshly forked
-    // child. Each call below is an async-signal-safe system call (signal(7) lists them, or
-    // raw syscalls/prctl) whose pointer arguments point into `p`, which the parent built
-    // before the fork and which stays alive until exec or _exit.
+}
+
+/// [`start_probe`]'s child: the identity change, then the directory, then the report.
+fn probe_sequence(p: &mut Prepared<'_>, report: RawFd) -> (ChildStage, i32) {
+    let mut steps = || -> Result<(u64, u64, u32), (ChildStage, i32)> {
+        reset_signals(p)?;
+        become_user(p)?;
+        enter_cwd(p)
+    };
+    match steps() {
+        Ok((dev, ino, uid)) => {
+            let mut record = [0u8; REPORT_BYTES];
+            record[..4].copy_from_slice(&TAG_DIR.to_ne_bytes());
+            record[4..8].copy_from_slice(&uid.to_ne_bytes());
+            record[12..20].copy_from_slice(&dev.to_ne_bytes());
+            record[20..28].copy_from_slice(&ino.to_ne_bytes());
+            // SAFETY: write and _exit are async-signal-safe; `record` is ours.
+            unsafe {
+                libc::write(report, record.as_ptr().cast(), REPORT_BYTES);
+                libc::_exit(0)
+            }
+        }
+        Err(failed) => failed,
+    }
+}
+
+// SAFETY (for every unsafe block in the step functions below): they run only in the
+// only thread of a freshly forked child. Each call is an async-signal-safe system call
+// (signal(7) lists them, or raw syscalls/prctl) whose pointer arguments point into `p`,
+// which the parent built before the fork, or into the step's own locals.
+
+/// B1: default dispositions for every signal, then an empty mask (the broker blocks the
+/// signals it reads through a signalfd; a blocked mask survives exec).
+fn reset_signals(p: &Prepared<'_>) -> Step {
+    // SAFETY: see above.
     unsafe {
-        // B1: default dispositions for every signal, then an empty mask (the broker blocks
-        // the signals it reads through a signalfd; a blocked mask survives exec).
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = libc::SIG_DFL;
         libc::sigemptyset(&mut action.sa_mask);
         for &sig in &p.facts.non_default_signals {
-            check!(ResetSignals, libc::sigaction(sig, &action, ptr::null_mut()));
+            check!(
+                ChildStage::ResetSignals,
+                libc::sigaction(sig, &action, ptr::null_mut())
+            );
         }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         check!(
-            ResetSignals,
+            ChildStage::ResetSignals,
             libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut())
         );
+    }
+    Ok(())
+}
 
-        // Into the cgroups before anything else: "0" is the writer itself. Root writes
-        // here; the user could not.
-        for &fd in &p.cgroup_procs {
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            check!(JoinCgroups, written as libc::c_int);
-        }
+/// Into the cgroups before anything else: "0" is the writer itself. Root writes here; the
+/// user could not.
+fn join_cgroups(p: &Prepared<'_>) -> Step {
+    for &fd in &p.cgroup_procs {
+        // SAFETY: see above.
+        let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        check!(ChildStage::JoinCgroups, written as libc::c_int);
+    }
+    Ok(())
+}
 
-        // B2/B3: a new session, which is also a new process group.
+/// B2/B3: a new session (also a new process group), the fds in place, the controlling
+/// terminal, the user's rlimits. The report pipe moves above the kept range first.
+fn arrange_session_and_fds(p: &mut Prepared<'_>, report: RawFd) -> Step {
+    use ChildStage::*;
+    // SAFETY: see above.
+    unsafe {
         check!(NewSession, libc::setsid());
-
-        // fds: first copy every source above the kept range (so one source cannot be
+        p.report_fd = libc::fcntl(report, libc::F_DUPFD_CLOEXEC, p.first_unkept_fd);
+        check!(ArrangeFds, p.report_fd);
+        // First copy every source above the kept range (so one source cannot be
         // overwritten by another's dup2), then move each into place.
         let mut temps = [-1; MAX_CHILD_FDS];
         for (temp, source) in temps.iter_mut().zip(&p.fd_sources).take(p.fd_count) {
             *temp = libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, p.first_unkept_fd);
             check!(ArrangeFds, *temp);
         }
-        let exe = libc::fcntl(p.exe, libc::F_DUPFD_CLOEXEC, p.first_unkept_fd);
-        check!(ArrangeFds, exe);
+        p.exe = libc::fcntl(p.exe, libc::F_DUPFD_CLOEXEC, p.first_unkept_fd);
+        check!(ArrangeFds, p.exe);
         for (temp, target) in temps.iter().zip(&p.fd_targets).take(p.fd_count) {
             check!(ArrangeFds, libc::dup2(*temp, *target));
         }
         if p.controlling_tty {
             check!(ControllingTty, libc::ioctl(0, libc::TIOCSCTTY, 0));
         }
-
         // B4: the user's limits, not the broker's.
         for (resource, limit) in &p.rlimits {
             check!(Rlimits, libc::setrlimit(*resource, limit));
         }
+    }
+    Ok(())
+}
 
-        // B5–B7: groups, then gid, then (still privileged) the bounding set and ambient
-        // set, then uid; then verify.
-        let mut header = CapHeader {
-            version: CAP_VERSION_3,
-            pid: 0,
+/// B5–B8: groups, then gid, then (still privileged) the bounding and ambient sets, then
+/// uid; verify all of it and that root cannot be regained; empty capabilities;
+/// `no_new_privs`.
+fn become_user(p: &mut Prepared<'_>) -> Step {
+    use ChildStage::*;
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let zero = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // Raw system calls, not glibc's wrappers: those may try to coordinate an identity
+    // change across threads (setxid), which has no place in this child.
+    let raw = |r: libc::c_long| r as libc::c_int;
+    let clear_ambient = || -> Step {
+        // SAFETY: see above.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
         };
-        let zero = [CapData {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        }; 2];
-        // Raw system calls, not glibc's wrappers: those may try to coordinate an identity
-        // change across threads (setxid), which has no place in this child.
-        let raw = |r: libc::c_long| r as libc::c_int;
+        if rc < 0 && errno() != libc::EINVAL {
+            return Err((ClearAmbient, errno()));
+        }
+        Ok(())
+    };
+    // SAFETY: see above.
+    unsafe {
         if let Some(id) = p.identity {
             check!(
                 SetGroups,
@@ -714,17 +1066,7 @@ fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
                     libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0)
                 );
             }
-            if libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            ) < 0
-                && errno() != libc::EINVAL
-            {
-                return (ClearAmbient, errno());
-            }
+            clear_ambient()?;
             check!(
                 SetUid,
                 raw(libc::syscall(libc::SYS_setresuid, id.uid, id.uid, id.uid))
@@ -733,36 +1075,28 @@ fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
             let (mut r, mut e, mut s) = (0, 0, 0);
             check!(VerifyIds, libc::getresuid(&mut r, &mut e, &mut s));
             if (r, e, s) != (id.uid, id.uid, id.uid) {
-                return (VerifyIds, 0);
+                return Err((VerifyIds, 0));
             }
             check!(VerifyIds, libc::getresgid(&mut r, &mut e, &mut s));
             if (r, e, s) != (id.gid, id.gid, id.gid) {
-                return (VerifyIds, 0);
+                return Err((VerifyIds, 0));
             }
             let n = libc::getgroups(
                 p.groups_scratch.len() as libc::c_int,
                 p.groups_scratch.as_mut_ptr(),
             );
             if n < 0 || p.groups_scratch[..n as usize] != p.groups_sorted[..] {
-                return (VerifyIds, 0);
+                return Err((VerifyIds, 0));
             }
             // Regaining root must fail (OpenSSH permanently_set_uid).
             if id.uid != 0
                 && (libc::syscall(libc::SYS_setresuid, 0, 0, 0) == 0
                     || libc::syscall(libc::SYS_setresgid, 0, 0, 0) == 0)
             {
-                return (VerifyIds, 0);
+                return Err((VerifyIds, 0));
             }
-        } else if libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        ) < 0
-            && errno() != libc::EINVAL
-        {
-            return (ClearAmbient, errno());
+        } else {
+            clear_ambient()?;
         }
         check!(
             ClearCapabilities,
@@ -781,37 +1115,70 @@ fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
             .iter()
             .any(|d| d.effective | d.permitted | d.inheritable != 0)
         {
-            return (VerifyCapabilities, 0);
+            return Err((VerifyCapabilities, 0));
         }
         // The ambient set is a subset of permitted and inheritable, both now empty; the
         // bounding set never grows, so checking what was in it covers all of it.
         if p.identity.is_some() {
             for &cap in &p.facts.bounding {
                 if libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) != 0 {
-                    return (VerifyCapabilities, 0);
+                    return Err((VerifyCapabilities, 0));
                 }
             }
         }
-
-        // B8
         check!(
             NoNewPrivs,
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         );
+    }
+    Ok(())
+}
 
-        // B9: after the identity change, which clears it; then make sure the parent did not
-        // die before it was set.
+/// B12: the working directory, opened with the user's own permissions and entered by
+/// `fchdir`; with a pinned identity, it must be that very directory. Returns its device,
+/// inode and owner.
+fn enter_cwd(p: &Prepared<'_>) -> Result<(u64, u64, u32), (ChildStage, i32)> {
+    use ChildStage::*;
+    let Some(cwd) = p.cwd else {
+        return Ok((0, 0, 0));
+    };
+    // SAFETY: see above.
+    unsafe {
+        let fd = libc::open(
+            cwd.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        check!(Chdir, fd);
+        let mut st: libc::stat = std::mem::zeroed();
+        check!(VerifyCwd, libc::fstat(fd, &mut st));
+        if let Some((dev, ino, uid)) = p.cwd_id {
+            if (st.st_dev, st.st_ino, st.st_uid) != (dev, ino, uid) {
+                return Err((VerifyCwd, 0));
+            }
+        }
+        check!(Chdir, libc::fchdir(fd));
+        libc::close(fd);
+        Ok((st.st_dev, st.st_ino, st.st_uid))
+    }
+}
+
+/// B9–B13: the parent-death signal, only the kept fds, umask, the working directory, exec.
+fn finish_and_exec(p: &Prepared<'_>) -> Step {
+    use ChildStage::*;
+    // SAFETY: see above.
+    unsafe {
+        // B9: after the identity change, which clears it; then make sure the parent did
+        // not die before it was set.
         if let Some(sig) = p.parent_death_signal {
             check!(
                 ParentDeathSignal,
                 libc::prctl(libc::PR_SET_PDEATHSIG, sig, 0, 0, 0)
             );
             if libc::getppid() != p.parent_pid {
-                return (ParentDeathSignal, 0);
+                return Err((ParentDeathSignal, 0));
             }
         }
-
-        // B10: nothing but the kept fds survives exec.
+        // B10: nothing but the kept fds survives exec (the report pipe is close-on-exec).
         check!(
             CloseFds,
             libc::syscall(
@@ -821,24 +1188,21 @@ fn child_sequence(p: &mut Prepared<'_>) -> (ChildStage, i32) {
                 CLOSE_RANGE_CLOEXEC
             ) as libc::c_int
         );
-
-        // B11, B12: umask; the working directory with the user's own permissions.
         libc::umask(p.umask);
-        if let Some(cwd) = p.cwd {
-            check!(Chdir, libc::chdir(cwd.as_ptr()));
-        }
-
-        // B13
+    }
+    enter_cwd(p)?;
+    // SAFETY: see above.
+    unsafe {
         libc::syscall(
             libc::SYS_execveat,
-            exe,
+            p.exe,
             c"".as_ptr(),
             p.argv.as_ptr(),
             p.env.as_ptr(),
             libc::AT_EMPTY_PATH,
         );
-        (Exec, errno())
     }
+    Err((Exec, errno()))
 }
 
 // ---------------------------------------------------------------------------------------

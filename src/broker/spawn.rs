@@ -15,9 +15,9 @@ use nix::unistd::{Gid, Uid, User};
 
 use stoa_executor::codec;
 use stoa_executor::job::Job;
-use stoa_executor::sys::{self, ChildSpec, ChildStage, Identity, Rlimit, SpawnError};
+use stoa_executor::sys::{self, ChildSpec, ChildStage, Identity, Rlimit, SpawnError, Started};
 
-use crate::wire::{limits, FdLayout, Program, SpawnRequest};
+use crate::wire::{limits, ErrorKind, FdLayout, Program, SpawnRequest};
 
 /// A Unix account as the broker resolved it, with its group list computed now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,21 +252,14 @@ pub struct Launcher<'a> {
     pub path: String,
 }
 
-/// A started executor.
+/// A started executor: forked, on its way to exec (its report says whether it got there).
 pub struct Launched {
-    pub pid: i32,
+    pub started: Started,
     pub layout: FdLayout,
     /// Handed to the daemon now.
     pub for_daemon: Vec<OwnedFd>,
     /// Kept by the broker for a daemon that restarts (never a stdin pipe).
     pub kept: Vec<OwnedFd>,
-}
-
-#[derive(Debug)]
-pub enum LaunchError {
-    /// The working directory could not be entered as the user.
-    Cwd(String),
-    Other(String),
 }
 
 impl Launcher<'_> {
@@ -278,9 +271,8 @@ impl Launcher<'_> {
         req: &SpawnRequest,
         secrets: Vec<(String, String)>,
         cgroup_procs: &[OwnedFd],
-    ) -> Result<Launched, LaunchError> {
-        let other =
-            |what: &str, e: &dyn std::fmt::Display| LaunchError::Other(format!("{what}: {e}"));
+    ) -> Result<Launched, String> {
+        let other = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
         // The job goes into the control socket before the executor exists, so it reads
         // exactly what the broker checked.
         let (control_daemon, control_executor) =
@@ -309,8 +301,8 @@ impl Launcher<'_> {
             .clone()
             .map(PathBuf::from)
             .unwrap_or_else(|| account.home.clone());
-        let cwd_c = CString::new(cwd.as_os_str().as_bytes())
-            .map_err(|_| LaunchError::Other("NUL in cwd".into()))?;
+        let cwd_c =
+            CString::new(cwd.as_os_str().as_bytes()).map_err(|_| "NUL in cwd".to_string())?;
         let identity = self.isolated.then(|| account.identity());
         let spec_base = |stdio, controlling_tty| ChildSpec {
             exe: self.executor.as_fd(),
@@ -323,6 +315,7 @@ impl Launcher<'_> {
             rlimits: self.rlimits.clone(),
             umask: self.umask,
             cwd: Some(cwd_c.clone()),
+            cwd_id: req.cwd_id.map(|d| (d.dev, d.ino, d.uid)),
             parent_death_signal: None,
             cgroup_procs: cgroup_procs.iter().map(|fd| fd.as_fd()).collect(),
         };
@@ -354,11 +347,11 @@ impl Launcher<'_> {
                 .map_err(|e| other("cannot chown the tty", &e))?;
             }
             let s = pty.slave.as_fd();
-            let pid = sys::spawn_child(&spec_base([s, s, s], true))
-                .map_err(|e| spawn_error(e, &cwd, account))?;
+            let started = sys::start_child(&spec_base([s, s, s], true))
+                .map_err(|e| other("cannot start the executor", &e))?;
             let master_kept = pty.master.try_clone().map_err(|e| other("dup", &e))?;
             Launched {
-                pid,
+                started,
                 layout: FdLayout::Pty,
                 for_daemon: vec![control_copy, pty.master],
                 kept: vec![control_kept, master_kept],
@@ -381,11 +374,11 @@ impl Launcher<'_> {
             };
             let (stdout_r, stdout_w) = pipe()?;
             let (stderr_r, stderr_w) = pipe()?;
-            let pid = sys::spawn_child(&spec_base(
+            let started = sys::start_child(&spec_base(
                 [stdin_child.as_fd(), stdout_w.as_fd(), stderr_w.as_fd()],
                 false,
             ))
-            .map_err(|e| spawn_error(e, &cwd, account))?;
+            .map_err(|e| other("cannot start the executor", &e))?;
             let kept = vec![
                 control_kept,
                 stdout_r.try_clone().map_err(|e| other("dup", &e))?,
@@ -397,7 +390,7 @@ impl Launcher<'_> {
             for_daemon.push(stdout_r);
             for_daemon.push(stderr_r);
             Launched {
-                pid,
+                started,
                 layout: FdLayout::Pipes { stdin: has_stdin },
                 for_daemon,
                 kept,
@@ -407,21 +400,31 @@ impl Launcher<'_> {
     }
 }
 
-fn spawn_error(e: SpawnError, cwd: &std::path::Path, account: &Account) -> LaunchError {
-    match e {
-        SpawnError::Child {
-            stage: ChildStage::Chdir,
-            errno,
-        } => LaunchError::Cwd(format!(
-            "cannot enter working directory {} as unix user '{}': {}",
-            cwd.display(),
-            account.name,
-            std::io::Error::from_raw_os_error(errno)
-        )),
-        other => LaunchError::Other(format!(
-            "cannot start the executor as '{}': {other}",
-            account.name
-        )),
+/// What a child that failed before exec means for the request: the working directory
+/// (the user cannot enter it, or it is no longer the directory that was checked) is the
+/// caller's to fix; anything else is the broker's failure.
+pub fn start_failure(stage: ChildStage, errno: i32, cwd: &str, user: &str) -> (ErrorKind, String) {
+    let why = || std::io::Error::from_raw_os_error(errno);
+    match stage {
+        ChildStage::Chdir => (
+            ErrorKind::BadRequest,
+            format!("cannot enter working directory {cwd} as unix user '{user}': {}", why()),
+        ),
+        ChildStage::VerifyCwd => (
+            ErrorKind::Refused {
+                rule: "worktree-replaced".into(),
+            },
+            format!(
+                "refused by rule worktree-replaced: {cwd} is no longer the directory that was checked for unix user '{user}' (it was moved, replaced or recreated); nothing was run"
+            ),
+        ),
+        _ => (
+            ErrorKind::Failed,
+            format!(
+                "cannot start the executor as '{user}': {}",
+                SpawnError::Child { stage, errno }
+            ),
+        ),
     }
 }
 

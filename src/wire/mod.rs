@@ -150,13 +150,16 @@ pub struct SpawnRequest {
     pub secrets: bool,
 }
 
-/// A directory's identity: device and inode, as `fstat` reports them.
+/// A directory's identity: device, inode and owner, as `fstat` reports them.
 #[derive(
     Encode, Decode, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
 )]
 pub struct DirId {
     pub dev: u64,
     pub ino: u64,
+    /// The directory's owner then: an inode number freed and reused for another user's
+    /// new directory does not match.
+    pub uid: u32,
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]

@@ -9,6 +9,7 @@ mod agents_e2e;
 mod core;
 mod harness;
 mod limits;
+mod security_broker;
 mod sessions;
 mod terminal_browser;
 mod terminal_cli;
@@ -31,6 +32,7 @@ fn main() {
     let trials = [
         core::TESTS,
         limits::TESTS,
+        security_broker::TESTS,
         sessions::TESTS,
         agents_e2e::TESTS,
         terminals::TESTS,

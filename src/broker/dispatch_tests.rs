@@ -1,0 +1,348 @@
+//! The real dispatcher and handlers, driven through the recording double: no root, no
+//! process started. Each test is one of the red-team findings or a rule of the table.
+#![cfg(test)]
+
+use std::os::unix::fs::PermissionsExt;
+
+use super::handlers::{dirs, handles, launch};
+use super::os_double::{broker_for_tests, Call, ChildScript, RecordingOs};
+use super::{table, Broker};
+use crate::wire::{
+    BrokerMessage, ErrorKind, Event, ExitStatus, Handle, Program, ReplyBody, Request, RequestBody,
+    Signal, SpawnRequest, PROTOCOL_VERSION,
+};
+
+struct Fixture {
+    broker: Broker,
+    os: RecordingOs,
+    admin: String,
+    dir: std::path::PathBuf,
+    next_id: u64,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fixture(name: &str) -> Fixture {
+    let dir = std::env::temp_dir().join(format!("stoa-dispatch-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let os = RecordingOs::new(&[("alice", 2001), ("bob", 2002), ("root", 0), ("stoa", 999)]);
+    let (broker, admin) = broker_for_tests(os.clone(), &dir).unwrap();
+    let mut f = Fixture {
+        broker,
+        os,
+        admin,
+        dir,
+        next_id: 0,
+    };
+    f.send(RequestBody::Hello {
+        protocol: PROTOCOL_VERSION,
+    })
+    .unwrap();
+    f.replies();
+    f
+}
+
+impl Fixture {
+    fn send(&mut self, body: RequestBody) -> Result<(), String> {
+        self.next_id += 1;
+        table::dispatch(
+            &mut self.broker,
+            Request {
+                id: self.next_id,
+                request_id: None,
+                body,
+            },
+        )
+    }
+
+    /// What went out, in order (replies and events).
+    fn replies(&mut self) -> Vec<BrokerMessage> {
+        std::mem::take(&mut self.broker.outbox)
+            .into_iter()
+            .map(|o| o.message)
+            .collect()
+    }
+
+    fn spawn_req(&self, credential: &str, user: &str, argv: Vec<String>) -> RequestBody {
+        RequestBody::Spawn(SpawnRequest {
+            credential: credential.into(),
+            unix_user: user.into(),
+            program: Program::Exec { argv },
+            cwd: None,
+            cwd_id: None,
+            env: vec![],
+            tty: None,
+            stdin: false,
+            secrets: false,
+        })
+    }
+
+    /// Spawns `true` as alice with the admin token; returns the handle.
+    fn spawn_alice(&mut self) -> Handle {
+        let body = self.spawn_req(&self.admin.clone(), "alice", vec!["true".into()]);
+        self.send(body).unwrap();
+        launch::check_starting(&mut self.broker);
+        match self.replies().pop() {
+            Some(BrokerMessage::Reply {
+                body: ReplyBody::Spawned(info),
+                ..
+            }) => info.handle,
+            other => panic!("expected Spawned, got {other:?}"),
+        }
+    }
+
+    fn audit_bytes(&self) -> u64 {
+        std::fs::metadata(self.dir.join("audit.jsonl"))
+            .unwrap()
+            .len()
+    }
+}
+
+fn error_kind(m: &BrokerMessage) -> Option<ErrorKind> {
+    match m {
+        BrokerMessage::Reply {
+            body: ReplyBody::Error(e),
+            ..
+        } => Some(e.kind.clone()),
+        _ => None,
+    }
+}
+
+#[test]
+fn nothing_but_hello_before_hello_and_no_unknown_handle_ever() {
+    let dir = std::env::temp_dir().join(format!("stoa-dispatch-fresh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (mut b, _) = broker_for_tests(RecordingOs::new(&[]), &dir).unwrap();
+    let req = |body| Request {
+        id: 1,
+        request_id: None,
+        body,
+    };
+    assert!(table::dispatch(&mut b, req(RequestBody::ListHandles)).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut f = fixture("violations");
+    assert!(f
+        .send(RequestBody::Hello {
+            protocol: PROTOCOL_VERSION
+        })
+        .is_err());
+    for body in [
+        RequestBody::Kill {
+            handle: Handle(77),
+            signal: Signal::Kill,
+        },
+        RequestBody::Adopt { handle: Handle(77) },
+        RequestBody::Release { handle: Handle(77) },
+    ] {
+        assert!(f.send(body).unwrap_err().contains("unknown handle"));
+    }
+    assert!(f
+        .os
+        .calls()
+        .iter()
+        .all(|c| !matches!(c, Call::SignalGroup { .. })));
+}
+
+#[test]
+fn a_reaped_handle_is_never_signalled_or_adopted() {
+    let mut f = fixture("reaped");
+    let handle = f.spawn_alice();
+    let pid = f.broker.handles.get(handle).unwrap().info.pid;
+    f.os.0.borrow_mut().exits.push((pid, ExitStatus::Code(0)));
+    for (pid, status) in f.broker.os.reap() {
+        handles::on_reaped(&mut f.broker, pid, status);
+    }
+    assert!(matches!(
+        f.replies().as_slice(),
+        [BrokerMessage::Event(Event::Exited { .. })]
+    ));
+    let before = f.os.calls().len();
+    f.send(RequestBody::Kill {
+        handle,
+        signal: Signal::Kill,
+    })
+    .unwrap();
+    f.send(RequestBody::Adopt { handle }).unwrap();
+    let replies = f.replies();
+    assert_eq!(error_kind(&replies[0]), Some(ErrorKind::Failed));
+    assert_eq!(error_kind(&replies[1]), Some(ErrorKind::Failed));
+    assert_eq!(f.os.calls().len(), before, "no OS call after the reap");
+    f.send(RequestBody::Release { handle }).unwrap();
+    assert!(
+        f.send(RequestBody::Release { handle }).is_err(),
+        "gone for good"
+    );
+}
+
+#[test]
+fn a_running_handle_is_signalled_as_its_owner_and_audited_with_its_principal() {
+    let mut f = fixture("signal");
+    let handle = f.spawn_alice();
+    f.send(RequestBody::Kill {
+        handle,
+        signal: Signal::Term,
+    })
+    .unwrap();
+    let pid = f.broker.handles.get(handle).unwrap().info.pid;
+    assert!(f.os.calls().contains(&Call::SignalGroup {
+        uid: 2001,
+        pgid: pid,
+        signal: Signal::Term
+    }));
+    let audit = std::fs::read_to_string(f.dir.join("audit.jsonl")).unwrap();
+    let line = audit.lines().find(|l| l.contains("\"signal\"")).unwrap();
+    assert!(line.contains("\"principal\":\"admin\"") && line.contains("\"unix_user\":\"alice\""));
+}
+
+#[test]
+fn refused_spawns_cost_a_bounded_audit_line_each_and_then_429() {
+    let mut f = fixture("flood");
+    let huge: Vec<String> = (0..8).map(|_| "x".repeat(16 * 1024)).collect();
+    let start = f.audit_bytes();
+    let mut quota = 0;
+    for _ in 0..5000 {
+        let body = f.spawn_req("not-a-token", "alice", huge.clone());
+        f.send(body).unwrap();
+        for m in f.replies() {
+            match error_kind(&m) {
+                Some(ErrorKind::Quota) => quota += 1,
+                Some(ErrorKind::Unauthorized) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let grown = f.audit_bytes() - start;
+    // The burst of 100 audited refusals (plus a few refilled), each well under 1 KiB.
+    assert!(grown < 100 * 1024, "audit grew {grown} bytes");
+    assert!(quota > 4000, "{quota} answered 429");
+    // Refused requests of alice's (a real user) take her refusal tokens too.
+    let body = f.spawn_req(&f.admin.clone(), "root", vec!["id".into()]);
+    f.send(body).unwrap();
+    assert_eq!(
+        error_kind(&f.replies()[0]),
+        Some(ErrorKind::Refused {
+            rule: "root".into()
+        })
+    );
+    // A valid credential still works.
+    f.spawn_alice();
+    let text = std::fs::read_to_string(f.dir.join("audit.jsonl")).unwrap();
+    assert!(text.lines().all(|l| l.len() < 2048));
+    assert!(!text.contains(&"x".repeat(300)), "no argv in the audit log");
+}
+
+#[test]
+fn the_audit_record_of_a_spawn_summarises_its_argv() {
+    let mut f = fixture("summary");
+    let body = f.spawn_req(
+        &f.admin.clone(),
+        "alice",
+        vec!["gemini".into(), "-p".into(), "SECRET-PROMPT".into()],
+    );
+    f.send(body).unwrap();
+    launch::check_starting(&mut f.broker);
+    let text = std::fs::read_to_string(f.dir.join("audit.jsonl")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("\"event\":\"spawn\""))
+        .unwrap();
+    assert!(line.contains("\"program\":\"gemini\"") && line.contains("\"args\":2"));
+    assert!(line.contains("argv_sha256") && !line.contains("SECRET-PROMPT"));
+}
+
+#[test]
+fn a_child_that_never_reaches_exec_is_killed_at_its_deadline() {
+    let mut f = fixture("deadline");
+    f.os.0.borrow_mut().children = ChildScript::Hangs;
+    let body = f.spawn_req(&f.admin.clone(), "alice", vec!["true".into()]);
+    f.send(body).unwrap();
+    launch::check_starting(&mut f.broker);
+    assert!(
+        f.replies().is_empty(),
+        "no answer while the child may still exec"
+    );
+    let handle = f.broker.handles.starting()[0];
+    if let Some(super::handles::Entry {
+        life: super::handles::Life::Starting(s),
+        ..
+    }) = f.broker.handles.get_mut(handle)
+    {
+        s.deadline = std::time::Instant::now();
+    }
+    launch::check_starting(&mut f.broker);
+    assert!(f.os.calls().contains(&Call::KillPidfd));
+    let replies = f.replies();
+    assert_eq!(error_kind(&replies[0]), Some(ErrorKind::Failed));
+    // It is nobody's handle: the daemon cannot name it.
+    assert!(f
+        .send(RequestBody::Kill {
+            handle,
+            signal: Signal::Kill
+        })
+        .is_err());
+}
+
+#[test]
+fn a_spawn_finished_after_its_daemon_went_is_ended_not_handed_to_the_next() {
+    let mut f = fixture("orphan");
+    let body = f.spawn_req(&f.admin.clone(), "alice", vec!["sleep".into(), "9".into()]);
+    f.send(body).unwrap();
+    f.broker.new_link();
+    launch::check_starting(&mut f.broker);
+    let out = std::mem::take(&mut f.broker.outbox);
+    assert!(out.iter().all(|o| o.link != f.broker.link));
+    assert!(f.os.calls().iter().any(|c| matches!(
+        c,
+        Call::SignalGroup {
+            signal: Signal::Kill,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn checkdir_obeys_the_policy_and_runs_as_the_user() {
+    let mut f = fixture("checkdir");
+    for (user, rule) in [("root", "root"), ("stoa", "service-user")] {
+        f.send(RequestBody::CheckDir {
+            credential: f.admin.clone(),
+            unix_user: user.into(),
+            path: "/root/.ssh".into(),
+        })
+        .unwrap();
+        let replies = f.replies();
+        assert_eq!(
+            error_kind(&replies[0]),
+            Some(ErrorKind::Refused { rule: rule.into() }),
+            "{user}"
+        );
+    }
+    assert!(!f
+        .os
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::StartProbe { .. })));
+    f.send(RequestBody::CheckDir {
+        credential: f.admin.clone(),
+        unix_user: "alice".into(),
+        path: "/home/alice/work".into(),
+    })
+    .unwrap();
+    dirs::check_probes(&mut f.broker);
+    let replies = f.replies();
+    assert!(matches!(
+        &replies[0],
+        BrokerMessage::Reply {
+            body: ReplyBody::Dir(d),
+            ..
+        } if d.uid == 2001
+    ));
+}

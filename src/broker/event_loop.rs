@@ -1,0 +1,326 @@
+//! The broker's one thread: a `poll` over the signalfd, the daemon link and the report
+//! pipes of children still on their way to exec, with a timeout at the nearest deadline.
+//! Every wait is bounded; nothing here blocks on a user's process.
+#![forbid(unsafe_code)]
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal as NixSignal};
+use nix::sys::signalfd::SignalFd;
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+use tracing::{error, info, warn};
+
+use super::handlers::{dirs, handles, launch, session};
+use super::link::{LinkError, PARTIAL_FRAME_TIMEOUT};
+use super::policy::Policy;
+use super::shutdown::{self, Action, Facts, Stopping};
+use super::startup::resolve_gids;
+use super::supervise::Daemon;
+use super::{Broker, ServeOptions};
+use crate::config::DaemonConfig;
+use crate::wire::{Event, FdLayout, Signal};
+
+/// How often the user store is compared with what was seen (removed users and rotated
+/// tokens end their connections within this).
+const USER_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Shutdown {
+    pub phase: Stopping,
+    pub until: Instant,
+}
+
+pub struct Server {
+    pub opts: ServeOptions,
+    pub broker: Broker,
+    pub self_exe: OwnedFd,
+    pub listener: OwnedFd,
+    pub daemon: Option<Daemon>,
+    pub restart_at: Option<Instant>,
+    pub restart_failures: u32,
+    /// The daemon was asked to go (SIGHUP): no backoff, no violence.
+    pub planned_restart: bool,
+    /// The daemon's state directory, as resolved and created at start.
+    pub daemon_state_dir: PathBuf,
+    pub signals: SignalFd,
+    pub shutdown: Option<Shutdown>,
+    pub next_user_check: Instant,
+}
+
+impl Server {
+    pub fn run(&mut self) {
+        session::check_revocations(&mut self.broker);
+        loop {
+            self.advance_shutdown();
+            let stopping_daemon = self.shutdown.map(|s| s.phase) == Some(Stopping::Daemon);
+            if stopping_daemon && self.daemon.is_none() {
+                break;
+            }
+            let now = Instant::now();
+            if self.daemon.is_none() && !stopping_daemon && self.restart_at.is_none_or(|t| t <= now)
+            {
+                self.start_daemon();
+            }
+            let deadline = [
+                self.daemon.as_ref().and_then(|d| d.link.deadline()),
+                if self.daemon.is_none() {
+                    self.restart_at
+                } else {
+                    None
+                },
+                self.shutdown.map(|s| s.until),
+                launch::next_deadline(&self.broker),
+                dirs::next_deadline(&self.broker),
+                Some(self.next_user_check),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timeout = match deadline {
+                Some(t) => {
+                    let ms = t.saturating_duration_since(now).as_millis().min(60_000) as i32;
+                    PollTimeout::try_from(ms.max(1)).unwrap_or(PollTimeout::MAX)
+                }
+                None => PollTimeout::NONE,
+            };
+            let (signalled, daemon_events) = match self.wait(timeout) {
+                Some(r) => r,
+                None => continue,
+            };
+            if signalled {
+                self.handle_signals();
+            }
+            if let Some(ev) = daemon_events {
+                if ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+                    self.read_daemon();
+                }
+                if ev.contains(PollFlags::POLLOUT) {
+                    if let Some(d) = &mut self.daemon {
+                        if let Err(e) = d.link.flush() {
+                            self.link_failed(e);
+                        }
+                    }
+                }
+            }
+            launch::check_starting(&mut self.broker);
+            dirs::check_probes(&mut self.broker);
+            if Instant::now() >= self.next_user_check {
+                session::check_revocations(&mut self.broker);
+                self.next_user_check = Instant::now() + USER_CHECK_EVERY;
+            }
+            self.flush_outbox();
+            if let Some(d) = &self.daemon {
+                if d.link.deadline().is_some_and(|t| t <= Instant::now()) {
+                    self.link_failed(LinkError::Violation(format!(
+                        "a frame stayed incomplete for {PARTIAL_FRAME_TIMEOUT:?}"
+                    )));
+                }
+            }
+        }
+        self.finish_shutdown();
+    }
+
+    /// One `poll`: (a signal is waiting, the daemon link's events). `None`: interrupted.
+    fn wait(&self, timeout: PollTimeout) -> Option<(bool, Option<PollFlags>)> {
+        let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+        if let Some(d) = &self.daemon {
+            let mut events = PollFlags::POLLIN;
+            if d.link.wants_write() {
+                events |= PollFlags::POLLOUT;
+            }
+            fds.push(PollFd::new(d.link.socket().as_fd(), events));
+        }
+        let link_at = fds.len() - 1;
+        for (_, e) in self.broker.handles.iter() {
+            if let super::handles::Life::Starting(s) = &e.life {
+                fds.push(PollFd::new(s.report.as_fd(), PollFlags::POLLIN));
+            }
+        }
+        for p in &self.broker.probes {
+            fds.push(PollFd::new(p.report.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return None,
+            Err(e) => {
+                error!("poll failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                return None;
+            }
+        }
+        let revents = |f: &PollFd| f.revents().unwrap_or(PollFlags::empty());
+        let daemon = self.daemon.as_ref().map(|_| revents(&fds[link_at]));
+        Some((revents(&fds[0]).contains(PollFlags::POLLIN), daemon))
+    }
+
+    fn handle_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match NixSignal::try_from(info.ssi_signo as i32) {
+                Ok(NixSignal::SIGCHLD) => self.reap(),
+                Ok(NixSignal::SIGTERM) | Ok(NixSignal::SIGINT) => self.begin_shutdown(),
+                Ok(NixSignal::SIGHUP) => self.reload(),
+                _ => {}
+            }
+        }
+        // SIGCHLDs coalesce; reap whatever is there.
+        self.reap();
+    }
+
+    fn reap(&mut self) {
+        for (pid, status) in self.broker.os.reap() {
+            if self.daemon.as_ref().is_some_and(|d| d.pid == pid) {
+                self.daemon_gone(&format!("daemon exited ({status:?})"), Some(status));
+            } else {
+                handles::on_reaped(&mut self.broker, pid, status);
+            }
+        }
+    }
+
+    /// SIGHUP: reread the policy, and apply the daemon's config by replacing the daemon
+    /// (gracefully; running work survives, as on any daemon restart).
+    fn reload(&mut self) {
+        let euid = nix::unistd::geteuid().as_raw();
+        match Policy::load(&self.opts.broker_config, euid) {
+            Ok((policy, _)) => {
+                self.broker.allowed_gids = resolve_gids(&policy.allow_groups);
+                self.broker.os.cgroup_set_limits(&policy.cgroup);
+                self.broker.policy = policy;
+                info!(path = %self.opts.broker_config.display(), "policy reloaded");
+                self.broker
+                    .audit
+                    .record("policy_reloaded", serde_json::json!({}));
+            }
+            Err(e) => error!("policy not reloaded, keeping the old one: {e}"),
+        }
+        match DaemonConfig::load(&self.opts.config) {
+            Ok(_) => {
+                if let Some(d) = &self.daemon {
+                    info!(pid = d.pid, "replacing the daemon to apply its config");
+                    self.planned_restart = true;
+                    let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGTERM);
+                }
+            }
+            Err(e) => error!("config not applied, the daemon keeps the old one: {e}"),
+        }
+    }
+
+    /// SIGTERM/SIGINT: the first starts the shutdown; another cuts the grace short.
+    fn begin_shutdown(&mut self) {
+        if let Some(s) = &mut self.shutdown {
+            if s.phase == Stopping::Grace {
+                info!("second shutdown request: not waiting for running work any longer");
+                s.until = Instant::now();
+            }
+            return;
+        }
+        let b = &mut self.broker;
+        let grace = Duration::from_secs(b.policy.shutdown_grace_secs);
+        let live = b.handles.live_count();
+        info!(
+            executors = live,
+            ?grace,
+            "shutting down: no new processes; running work may finish"
+        );
+        b.notifier
+            .notify("STOPPING=1\nSTATUS=shutting down: waiting for running work");
+        b.audit.record(
+            "shutdown",
+            serde_json::json!({ "executors": live, "grace_secs": grace.as_secs() }),
+        );
+        b.shutting_down = true;
+        self.shutdown = Some(Shutdown {
+            phase: Stopping::Grace,
+            until: Instant::now() + grace,
+        });
+        b.send_event(Event::ShuttingDown {
+            grace_secs: grace.as_secs(),
+        });
+        // Terminals do not finish by themselves: hang them up now.
+        let terminals: Vec<(u32, i32)> = b
+            .handles
+            .iter()
+            .filter(|(_, e)| e.running() && e.info.fds == FdLayout::Pty)
+            .map(|(_, e)| (e.info.uid, e.info.pid))
+            .collect();
+        for (uid, pgid) in terminals {
+            let _ = b.os.signal_group(uid, pgid, Signal::Hup);
+        }
+        self.flush_outbox();
+    }
+
+    /// Moves the shutdown on as far as it can go now (see `shutdown.rs`).
+    fn advance_shutdown(&mut self) {
+        while let Some(s) = self.shutdown {
+            let facts = Facts {
+                live: self.broker.handles.live_count(),
+                handles: self.broker.handles.len(),
+                due: Instant::now() >= s.until,
+            };
+            let Some((phase, lasts, action)) = shutdown::next(s.phase, facts) else {
+                return;
+            };
+            info!(?phase, executors = facts.live, "shutdown");
+            self.shutdown = Some(Shutdown {
+                phase,
+                until: Instant::now() + lasts,
+            });
+            match action {
+                Action::Nothing => {}
+                Action::TermAll => handles::signal_all(&mut self.broker, Signal::Term),
+                Action::KillAll => handles::signal_all(&mut self.broker, Signal::Kill),
+                Action::ReportSurvivors => {
+                    error!(
+                        executors = facts.live,
+                        "shutdown: executors survived SIGKILL"
+                    )
+                }
+                Action::StopDaemon => {
+                    if facts.handles > 0 {
+                        warn!(
+                            handles = facts.handles,
+                            "shutdown: the daemon did not release every handle in time"
+                        );
+                    }
+                    if let Some(d) = &self.daemon {
+                        info!(pid = d.pid, "shutdown: stopping the daemon");
+                        let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGTERM);
+                        // It is asked to go: let it finish (see daemon_gone).
+                        self.planned_restart = true;
+                    }
+                }
+                Action::KillDaemon => {
+                    if let Some(d) = self.daemon.take() {
+                        warn!(
+                            pid = d.pid,
+                            "shutdown: the daemon did not exit in time; SIGKILL"
+                        );
+                        let pid = Pid::from_raw(d.pid);
+                        let _ = kill(pid, NixSignal::SIGKILL);
+                        let _ = waitpid(pid, None);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After the loop: whatever is still there is killed, the cgroups removed.
+    fn finish_shutdown(&mut self) {
+        handles::signal_all(&mut self.broker, Signal::Kill);
+        let deadline = Instant::now() + shutdown::TERM_WAIT;
+        while self.broker.handles.unreaped() > 0 && Instant::now() < deadline {
+            self.reap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.broker.os.cgroup_teardown();
+        self.broker.audit.record(
+            "broker_stop",
+            serde_json::json!({ "pid": std::process::id() }),
+        );
+        info!("broker stopped");
+    }
+}

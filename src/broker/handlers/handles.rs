@@ -1,0 +1,224 @@
+//! `Kill`, `Release`, `ListHandles`, `Adopt`, and what happens when a child is reaped. The
+//! table has checked that a named handle is one the daemon was given and has not released.
+//!
+//! Nothing is signalled or adopted once its process is reaped: a reaped pid may belong to
+//! anyone by now. A live executor is signalled as its process group (the executor is a
+//! session leader, so the group id is its pid, which cannot be reused while the broker has
+//! not reaped it) with the owner's real and effective uid, so the kernel refuses anything
+//! that is not the owner's; what it left behind goes with its cgroup, each member killed
+//! through a pidfd (`cgroup/tree.rs`).
+#![forbid(unsafe_code)]
+
+use std::os::fd::OwnedFd;
+
+use serde_json::json;
+use tracing::{error, info};
+
+use super::super::handles::Life;
+use super::super::table::{error, Ctx, Outcome};
+use super::super::Broker;
+use crate::wire::{ErrorKind, Event, ExitStatus, FdLayout, Handle, ReplyBody, RequestBody, Signal};
+
+fn audit_handle(b: &mut Broker, ctx: &Ctx, event: &str, handle: Handle, extra: serde_json::Value) {
+    let Some(e) = b.handles.get(handle) else {
+        return;
+    };
+    let mut record = json!({
+        "handle": handle.0,
+        "pid": e.info.pid,
+        "unix_user": e.info.unix_user,
+        "principal": e.principal,
+        "request_id": ctx.request_id,
+    });
+    if let (Some(r), serde_json::Value::Object(extra)) = (record.as_object_mut(), extra) {
+        r.extend(extra);
+    }
+    b.audit.record(event, record);
+}
+
+pub fn kill(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
+    let RequestBody::Kill { handle, signal } = body else {
+        unreachable!("the table routes only Kill here")
+    };
+    let entry = b.handles.visible(handle).expect("checked by the table");
+    if !entry.running() {
+        // The exit may be on its way to the daemon: not a violation, and nothing to do.
+        return error(
+            ErrorKind::Failed,
+            format!("handle {} has exited; nothing was signalled", handle.0),
+        );
+    }
+    let (uid, pgid) = (entry.info.uid, entry.info.pid);
+    let reply = signal_group(b, uid, pgid, signal);
+    if signal == Signal::Kill {
+        // Not just the process group: everything the spawn started.
+        if let Some(cg) = b.handles.get(handle).and_then(|e| e.cgroup.as_ref()) {
+            b.os.cgroup_kill(cg);
+        }
+    }
+    audit_handle(
+        b,
+        ctx,
+        "signal",
+        handle,
+        json!({ "signal": format!("{signal:?}") }),
+    );
+    reply
+}
+
+pub fn signal_group(b: &mut Broker, uid: u32, pgid: i32, signal: Signal) -> Outcome {
+    match b.os.signal_group(uid, pgid, signal) {
+        Ok(()) => Outcome::Reply(ReplyBody::Done, Vec::new()),
+        Err(nix::errno::Errno::ESRCH) => error(ErrorKind::Failed, "no process left in that group"),
+        Err(e) => error(ErrorKind::Failed, format!("cannot signal: {e}")),
+    }
+}
+
+pub fn release(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
+    let RequestBody::Release { handle } = body else {
+        unreachable!("the table routes only Release here")
+    };
+    audit_handle(b, ctx, "release", handle, json!({}));
+    let entry = b.handles.get_mut(handle).expect("checked by the table");
+    if matches!(entry.life, Life::Exited(_)) {
+        b.handles.remove(handle);
+    } else {
+        entry.released = true;
+        entry.kept.clear();
+    }
+    Outcome::Reply(ReplyBody::Done, Vec::new())
+}
+
+pub fn list(b: &mut Broker, _ctx: &Ctx, _body: RequestBody) -> Outcome {
+    let list = b
+        .handles
+        .iter()
+        .filter(|(_, e)| e.visible())
+        .map(|(_, e)| e.info.clone())
+        .collect();
+    Outcome::Reply(ReplyBody::Handles(list), Vec::new())
+}
+
+pub fn adopt(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
+    let RequestBody::Adopt { handle } = body else {
+        unreachable!("the table routes only Adopt here")
+    };
+    let entry = b.handles.visible(handle).expect("checked by the table");
+    if !entry.running() {
+        return error(
+            ErrorKind::Failed,
+            format!("handle {} has exited; there is nothing to adopt", handle.0),
+        );
+    }
+    let fds: Result<Vec<OwnedFd>, _> = entry.kept.iter().map(|f| f.try_clone()).collect();
+    let mut info = entry.info.clone();
+    match fds {
+        Ok(fds) => {
+            if let FdLayout::Pipes { .. } = info.fds {
+                info.fds = FdLayout::Pipes { stdin: false };
+            }
+            audit_handle(b, ctx, "adopt", handle, json!({}));
+            Outcome::Reply(ReplyBody::Adopted(Box::new(info)), fds)
+        }
+        Err(e) => error(ErrorKind::Failed, format!("cannot duplicate fds: {e}")),
+    }
+}
+
+/// A child was reaped: a spawn's executor (its exit goes to the daemon), or a probe.
+pub fn on_reaped(b: &mut Broker, pid: i32, status: ExitStatus) {
+    let Some(handle) = b.handles.by_pid(pid) else {
+        super::dirs::on_reaped(b, pid);
+        return;
+    };
+    b.handles.forget_pid(pid);
+    if matches!(
+        b.handles.get(handle).map(|e| &e.life),
+        Some(Life::Starting(_))
+    ) {
+        // It died before its report was read: the report is complete now.
+        let report = b
+            .handles
+            .get(handle)
+            .and_then(|e| match &e.life {
+                Life::Starting(s) => Some(stoa_executor::sys::read_report(
+                    std::os::fd::AsFd::as_fd(&s.report),
+                )),
+                _ => None,
+            })
+            .map(|r| match r {
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => Err("the executor ended without a report".to_string()),
+                Err(e) => Err(e.to_string()),
+            });
+        if let Some(report) = report {
+            super::launch::finish(b, handle, report);
+        }
+    }
+    let Some(entry) = b.handles.get_mut(handle) else {
+        return;
+    };
+    let reported = matches!(entry.life, Life::Running);
+    entry.life = Life::Exited(status);
+    entry.info.exited = Some(status);
+    let cgroup = entry.cgroup.take();
+    let limit_hit = cgroup.and_then(|cg| b.os.cgroup_finish(cg));
+    let entry = b.handles.get_mut(handle).expect("still there");
+    entry.info.limit_hit = limit_hit;
+    let (user, released) = (entry.info.unix_user.clone(), entry.released);
+    if !reported {
+        // Failed before exec: its spawn was answered; nobody else knows it.
+        b.handles.remove(handle);
+        return;
+    }
+    info!(handle = handle.0, pid, user = %user, ?status, ?limit_hit, "executor exited");
+    let (code, signal) = match status {
+        ExitStatus::Code(c) => (Some(c), None),
+        ExitStatus::Signal(s) => (None, Some(s)),
+    };
+    b.audit.record(
+        "exit",
+        json!({ "handle": handle.0, "pid": pid, "unix_user": user, "code": code, "signal": signal, "limit_hit": limit_hit.map(|l| l.to_string()) }),
+    );
+    if released {
+        b.handles.remove(handle);
+        return;
+    }
+    b.send_event(Event::Exited {
+        handle,
+        status,
+        limit_hit,
+    });
+}
+
+/// (uid, pgid, handle) of every executor that has exec'd and is not reaped.
+pub fn running(b: &Broker) -> Vec<(u32, i32, Handle)> {
+    b.handles
+        .iter()
+        .filter(|(_, e)| e.running())
+        .map(|(h, e)| (e.info.uid, e.info.pid, *h))
+        .collect()
+}
+
+/// Signals every running executor's group (shutdown); with SIGKILL, their cgroups too.
+pub fn signal_all(b: &mut Broker, signal: Signal) {
+    for (uid, pgid, handle) in running(b) {
+        if let Err(e) = b.os.signal_group(uid, pgid, signal) {
+            if e != nix::errno::Errno::ESRCH {
+                error!(handle = handle.0, "cannot signal: {e}");
+            }
+        }
+        if signal == Signal::Kill {
+            if let Some(cg) = b.handles.get(handle).and_then(|e| e.cgroup.as_ref()) {
+                b.os.cgroup_kill(cg);
+            }
+        }
+    }
+    // Children still before exec are the broker's own: through their pidfds.
+    if signal == Signal::Kill {
+        for handle in b.handles.starting() {
+            if let Some(e) = b.handles.get(handle) {
+                b.os.kill_pidfd(std::os::fd::AsFd::as_fd(&e.pidfd));
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The operating-system calls the broker's request handlers make, behind one trait (after
+//! youki's syscall trait): [`RealOs`] makes them, [`super::os_double::RecordingOs`] records
+//! them and answers from a script, so the real dispatcher runs in unit tests and in the
+//! `broker_requests` fuzz target without root.
+//!
+//! | call             | real                                                             |
+//! |------------------|------------------------------------------------------------------|
+//! | `lookup_user`    | `getpwnam_r`, fresh `getgrouplist`                               |
+//! | `launch`         | PTY or pipes, the job on the control socket, fork (no wait)      |
+//! | `start_probe`    | fork a child that becomes the user and enters a directory        |
+//! | `signal_group`   | `killpg` with real and effective uid the owner's                 |
+//! | `kill_pidfd`     | `pidfd_send_signal(SIGKILL)` (a child that did not reach exec)   |
+//! | `reap`           | `waitpid(-1, WNOHANG)` until nothing is left                     |
+//! | `cgroup_*`       | [`super::cgroup::Cgroups`]                                       |
+#![forbid(unsafe_code)]
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use nix::sys::signal::{killpg, Signal as NixSignal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{Pid, Uid};
+use tracing::error;
+
+use stoa_executor::sys::{self, Identity, Rlimit, Started};
+
+use super::cgroup::{Cgroups, SpawnCgroup};
+use super::policy::CgroupLimits;
+use super::spawn::{Account, Launched, Launcher};
+use crate::wire::{ExitStatus, LimitHit, Signal, SpawnRequest};
+
+/// What every launch shares, from the policy.
+pub struct LaunchParams {
+    pub rlimits: Vec<Rlimit>,
+    pub umask: u32,
+    pub path: String,
+}
+
+pub trait Os {
+    fn lookup_user(&mut self, name: &str) -> Result<Option<Account>, String>;
+    /// Starts the executor for `req` as `account`; returns without waiting for its exec.
+    fn launch(
+        &mut self,
+        account: &Account,
+        req: &SpawnRequest,
+        params: &LaunchParams,
+        secrets: Vec<(String, String)>,
+        cgroup_procs: &[OwnedFd],
+    ) -> Result<Launched, String>;
+    /// Starts a child that, as `account`, enters `path` and reports what it is.
+    fn start_probe(&mut self, account: &Account, path: &str) -> Result<Started, String>;
+    /// Signals the process group `pgid` of a live (unreaped) executor of `uid`.
+    fn signal_group(&mut self, uid: u32, pgid: i32, signal: Signal) -> nix::Result<()>;
+    fn kill_pidfd(&mut self, pidfd: BorrowedFd<'_>);
+    /// Every child that has ended since the last call.
+    fn reap(&mut self) -> Vec<(i32, ExitStatus)>;
+    fn cgroup_prepare(
+        &mut self,
+        uid: u32,
+        handle: u64,
+    ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String>;
+    fn cgroup_kill(&mut self, cgroup: &SpawnCgroup);
+    /// The limit the run hit, then what it left killed and its cgroup removed.
+    fn cgroup_finish(&mut self, cgroup: SpawnCgroup) -> Option<LimitHit>;
+    fn cgroup_report(&self) -> Vec<(String, String)>;
+    fn cgroup_set_limits(&mut self, limits: &CgroupLimits);
+    /// At stop: everything in the tree killed and removed.
+    fn cgroup_teardown(&mut self);
+}
+
+pub struct RealOs {
+    /// Root: children change identity. Not root (single-user mode): nothing does.
+    pub isolated: bool,
+    /// The executor, opened once at start (`O_PATH`), run with `execveat`.
+    pub executor: OwnedFd,
+    pub tty_gid: Option<u32>,
+    pub cgroups: Cgroups,
+}
+
+impl Os for RealOs {
+    fn lookup_user(&mut self, name: &str) -> Result<Option<Account>, String> {
+        Account::lookup(name)
+    }
+
+    fn launch(
+        &mut self,
+        account: &Account,
+        req: &SpawnRequest,
+        params: &LaunchParams,
+        secrets: Vec<(String, String)>,
+        cgroup_procs: &[OwnedFd],
+    ) -> Result<Launched, String> {
+        let launcher = Launcher {
+            executor: &self.executor,
+            isolated: self.isolated,
+            tty_gid: self.tty_gid,
+            rlimits: params.rlimits.clone(),
+            umask: params.umask,
+            path: params.path.clone(),
+        };
+        launcher.launch(account, req, secrets, cgroup_procs)
+    }
+
+    fn start_probe(&mut self, account: &Account, path: &str) -> Result<Started, String> {
+        let path = std::ffi::CString::new(path).map_err(|_| "NUL in path".to_string())?;
+        let identity: Option<Identity> = self.isolated.then(|| account.identity());
+        sys::start_probe(identity.as_ref(), &path).map_err(|e| e.to_string())
+    }
+
+    fn signal_group(&mut self, uid: u32, pgid: i32, signal: Signal) -> nix::Result<()> {
+        let sig = NixSignal::try_from(signal.number())?;
+        as_owner(self.isolated, uid, || killpg(Pid::from_raw(pgid), sig))
+    }
+
+    fn kill_pidfd(&mut self, pidfd: BorrowedFd<'_>) {
+        let _ = sys::pidfd_send_signal(pidfd, libc::SIGKILL);
+    }
+
+    fn reap(&mut self) -> Vec<(i32, ExitStatus)> {
+        let mut ended = Vec::new();
+        loop {
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => return ended,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    error!("waitpid failed: {e}");
+                    return ended;
+                }
+                Ok(ws) => ended.extend(exit_status(ws)),
+            }
+        }
+    }
+
+    fn cgroup_prepare(
+        &mut self,
+        uid: u32,
+        handle: u64,
+    ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String> {
+        self.cgroups.prepare(uid, handle)
+    }
+
+    fn cgroup_kill(&mut self, cgroup: &SpawnCgroup) {
+        self.cgroups.kill(cgroup);
+    }
+
+    fn cgroup_finish(&mut self, cgroup: SpawnCgroup) -> Option<LimitHit> {
+        // Read what it ran into before ending what it left behind.
+        let hit = self.cgroups.limit_hit(&cgroup);
+        self.cgroups.remove(cgroup);
+        hit
+    }
+
+    fn cgroup_report(&self) -> Vec<(String, String)> {
+        self.cgroups.report()
+    }
+
+    fn cgroup_set_limits(&mut self, limits: &CgroupLimits) {
+        self.cgroups.set_limits(limits);
+    }
+
+    fn cgroup_teardown(&mut self) {
+        // What is killed there comes to the broker (the subreaper): it must be reaped
+        // before its cgroup can go.
+        self.cgroups.teardown(&mut || {
+            while let Ok(ws) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                if ws == WaitStatus::StillAlive {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// `(pid, status)` of an ended child; `None` for stops and continues.
+pub fn exit_status(ws: WaitStatus) -> Option<(i32, ExitStatus)> {
+    match ws {
+        WaitStatus::Exited(pid, code) => Some((pid.as_raw(), ExitStatus::Code(code))),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw(), ExitStatus::Signal(sig as i32))),
+        _ => None,
+    }
+}
+
+/// Runs `op` with `uid` as the real and effective uid (the saved uid stays 0, so the broker
+/// can switch back), so the kernel lets it signal only processes whose real or saved uid
+/// is `uid`. (A real uid of 0, as before, let it signal every root process.)
+fn as_owner<T>(isolated: bool, uid: u32, op: impl FnOnce() -> T) -> T {
+    if !isolated {
+        return op();
+    }
+    let root = Uid::from_raw(0);
+    let user = Uid::from_raw(uid);
+    if let Err(e) = nix::unistd::setresuid(user, user, root) {
+        error!("cannot take uid {uid} to signal: {e}; exiting");
+        std::process::exit(70);
+    }
+    let result = op();
+    if let Err(e) = nix::unistd::setresuid(root, root, root) {
+        // Carrying on with the wrong identity would break every later spawn.
+        error!("cannot restore uid 0: {e}; exiting");
+        std::process::exit(70);
+    }
+    result
+}

@@ -1,0 +1,284 @@
+//! The recording double of [`Os`]: no privilege, no process started. It records every call
+//! and answers from a script, with real pipes for the fds and the children's reports, so
+//! the real dispatcher ([`super::table::dispatch`]) and handlers run in unit tests and in
+//! the `broker_requests` fuzz target exactly as in the broker.
+#![forbid(unsafe_code)]
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use stoa_executor::sys::{encode_report, ChildReport, Started};
+
+use super::cgroup::SpawnCgroup;
+use super::handles::HandleTable;
+use super::os::{LaunchParams, Os};
+use super::policy::{CgroupLimits, Policy};
+use super::spawn::{Account, Launched};
+use super::{audit, credentials, notify, Broker, LinkState, Mode};
+use crate::wire::{DirId, ExitStatus, FdLayout, LimitHit, Program, Signal, SpawnRequest};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    LookupUser(String),
+    Launch {
+        user: String,
+        program: Program,
+        cwd: Option<String>,
+        cwd_id: Option<DirId>,
+        secrets: usize,
+    },
+    StartProbe {
+        user: String,
+        path: String,
+    },
+    SignalGroup {
+        uid: u32,
+        pgid: i32,
+        signal: Signal,
+    },
+    KillPidfd,
+    CgroupPrepare {
+        uid: u32,
+    },
+    CgroupKill,
+    CgroupFinish,
+}
+
+/// How the next children behave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildScript {
+    /// Reports its exec at once.
+    Execs,
+    /// Reports this.
+    Reports(ChildReport),
+    /// Never reports (stopped before exec): the broker's deadline must deal with it.
+    Hangs,
+}
+
+pub struct Script {
+    pub calls: Vec<Call>,
+    pub users: HashMap<String, Account>,
+    pub next_pid: i32,
+    /// What the next `reap` returns.
+    pub exits: Vec<(i32, ExitStatus)>,
+    pub children: ChildScript,
+    /// The write ends of hanging children's report pipes, held open.
+    pub held: Vec<OwnedFd>,
+    /// Pids whose group is gone (`signal_group` answers ESRCH).
+    pub gone: Vec<i32>,
+}
+
+#[derive(Clone)]
+pub struct RecordingOs(pub Rc<RefCell<Script>>);
+
+impl RecordingOs {
+    /// Knows `users` (name, uid); children exec at once.
+    pub fn new(users: &[(&str, u32)]) -> RecordingOs {
+        let users = users
+            .iter()
+            .map(|(name, uid)| {
+                let account = Account {
+                    name: name.to_string(),
+                    uid: *uid,
+                    gid: *uid,
+                    home: PathBuf::from(format!("/home/{name}")),
+                    shell: PathBuf::from("/bin/sh"),
+                    groups: vec![*uid],
+                };
+                (name.to_string(), account)
+            })
+            .collect();
+        RecordingOs(Rc::new(RefCell::new(Script {
+            calls: Vec::new(),
+            users,
+            next_pid: 10_000,
+            exits: Vec::new(),
+            children: ChildScript::Execs,
+            held: Vec::new(),
+            gone: Vec::new(),
+        })))
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.0.borrow().calls.clone()
+    }
+
+    fn record(&self, call: Call) {
+        self.0.borrow_mut().calls.push(call);
+    }
+
+    /// A child as scripted: its pid, a stand-in pidfd, and its report pipe.
+    fn child(&self, report: ChildReport) -> std::io::Result<Started> {
+        let mut s = self.0.borrow_mut();
+        s.next_pid += 1;
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        // `report` is what a child that does its job says (Execed: nothing, the pipe
+        // closes); the script may make it fail or hang instead.
+        match s.children {
+            ChildScript::Execs => File::from(write).write_all(&encode_report(&report))?,
+            ChildScript::Reports(r) => File::from(write).write_all(&encode_report(&r))?,
+            ChildScript::Hangs => s.held.push(write),
+        }
+        Ok(Started {
+            pid: s.next_pid,
+            pidfd: File::open("/dev/null")?.into(),
+            report: read,
+        })
+    }
+}
+
+fn pipes(n: usize) -> Result<Vec<OwnedFd>, String> {
+    (0..n)
+        .map(|_| {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map(|(r, _)| r)
+                .map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+impl Os for RecordingOs {
+    fn lookup_user(&mut self, name: &str) -> Result<Option<Account>, String> {
+        self.record(Call::LookupUser(name.to_string()));
+        Ok(self.0.borrow().users.get(name).cloned())
+    }
+
+    fn launch(
+        &mut self,
+        account: &Account,
+        req: &SpawnRequest,
+        _params: &LaunchParams,
+        secrets: Vec<(String, String)>,
+        _cgroup_procs: &[OwnedFd],
+    ) -> Result<Launched, String> {
+        self.record(Call::Launch {
+            user: account.name.clone(),
+            program: req.program.clone(),
+            cwd: req.cwd.clone(),
+            cwd_id: req.cwd_id,
+            secrets: secrets.len(),
+        });
+        let layout = match req.tty {
+            Some(_) => FdLayout::Pty,
+            None => FdLayout::Pipes { stdin: req.stdin },
+        };
+        let kept = match layout {
+            FdLayout::Pty => 2,
+            FdLayout::Pipes { .. } => 3,
+        };
+        Ok(Launched {
+            started: self.child(ChildReport::Execed).map_err(|e| e.to_string())?,
+            layout,
+            for_daemon: pipes(layout.count())?,
+            kept: pipes(kept)?,
+        })
+    }
+
+    fn start_probe(&mut self, account: &Account, path: &str) -> Result<Started, String> {
+        self.record(Call::StartProbe {
+            user: account.name.clone(),
+            path: path.to_string(),
+        });
+        let report = ChildReport::Dir {
+            dev: 1,
+            ino: 2,
+            uid: account.uid,
+        };
+        self.child(report).map_err(|e| e.to_string())
+    }
+
+    fn signal_group(&mut self, uid: u32, pgid: i32, signal: Signal) -> nix::Result<()> {
+        self.record(Call::SignalGroup { uid, pgid, signal });
+        if self.0.borrow().gone.contains(&pgid) {
+            return Err(nix::errno::Errno::ESRCH);
+        }
+        Ok(())
+    }
+
+    fn kill_pidfd(&mut self, _pidfd: BorrowedFd<'_>) {
+        self.record(Call::KillPidfd);
+    }
+
+    fn reap(&mut self) -> Vec<(i32, ExitStatus)> {
+        std::mem::take(&mut self.0.borrow_mut().exits)
+    }
+
+    fn cgroup_prepare(
+        &mut self,
+        uid: u32,
+        _handle: u64,
+    ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String> {
+        self.record(Call::CgroupPrepare { uid });
+        Ok(None)
+    }
+
+    fn cgroup_kill(&mut self, _cgroup: &SpawnCgroup) {
+        self.record(Call::CgroupKill);
+    }
+
+    fn cgroup_finish(&mut self, _cgroup: SpawnCgroup) -> Option<LimitHit> {
+        self.record(Call::CgroupFinish);
+        None
+    }
+
+    fn cgroup_report(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn cgroup_set_limits(&mut self, _limits: &CgroupLimits) {}
+
+    fn cgroup_teardown(&mut self) {}
+}
+
+/// A broker over `os` with the built-in policy but any uid from 1000 allowed, isolated (service user `stoa`, uid 999),
+/// its admin token, user store and audit log in `state_dir` (which must exist, owned by
+/// the caller). Returns the broker and the admin token.
+pub fn broker_for_tests(os: RecordingOs, state_dir: &Path) -> Result<(Broker, String), String> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let (credentials, token_path, _) = credentials::Credentials::load_or_create(state_dir, euid)?;
+    let token = std::fs::read_to_string(token_path)
+        .map_err(|e| e.to_string())?
+        .trim()
+        .to_string();
+    let audit = audit::Audit::open(&state_dir.join("audit.jsonl"), euid)?;
+    let service = Account {
+        name: "stoa".into(),
+        uid: 999,
+        gid: 999,
+        home: "/nonexistent".into(),
+        shell: "/usr/sbin/nologin".into(),
+        groups: vec![999],
+    };
+    // Users with uids from 1000 are allowed (the test users), nobody below.
+    let policy = Policy {
+        allow_groups: Vec::new(),
+        require: super::policy::Require::Any,
+        ..Policy::default()
+    };
+    let broker = Broker {
+        policy,
+        allowed_gids: Vec::new(),
+        mode: Mode::Isolated { service },
+        credentials,
+        os: Box::new(os),
+        handles: HandleTable::new(),
+        probes: Vec::new(),
+        admission: Default::default(),
+        audit,
+        notifier: notify::Notifier::from_env(),
+        announced: false,
+        stats: Default::default(),
+        shutting_down: false,
+        link: 1,
+        link_state: LinkState::Fresh,
+        outbox: Vec::new(),
+        known_users: None,
+    };
+    Ok((broker, token))
+}

@@ -1,0 +1,342 @@
+//! Before the loop: the policy and config read and checked, the service account, the state
+//! and audit files, the executor opened, the listener bound, cgroups found, capabilities
+//! cut to what the broker uses, signals routed to a signalfd.
+#![forbid(unsafe_code)]
+
+use std::fs::OpenOptions;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::Instant;
+
+use nix::sys::signal::{SigSet, Signal as NixSignal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use tracing::{info, warn};
+
+use stoa_executor::sys::Rlimit;
+
+use super::event_loop::Server;
+use super::handles::HandleTable;
+use super::policy::{self, Policy};
+use super::spawn::{self, Account};
+use super::{audit, cgroup, credentials, notify, os, Broker, LinkState, Mode, ServeOptions};
+use crate::config::DaemonConfig;
+
+pub fn start(opts: ServeOptions) -> Result<Server, String> {
+    sanitize_stdio();
+    let euid = nix::unistd::geteuid().as_raw();
+    let (policy, found) = Policy::load(&opts.broker_config, euid)?;
+    if !found {
+        warn!(path = %opts.broker_config.display(), "no policy file; using the built-in defaults");
+    }
+    let daemon_config = DaemonConfig::load(&opts.config)?;
+    if opts.config.exists() {
+        policy::check_trusted_path(&opts.config, euid)?;
+    }
+
+    let mode = if euid == 0 {
+        let (service, created) = spawn::ensure_service_account(&policy.service_user)?;
+        if created {
+            info!(user = %service.name, uid = service.uid, "created the service user (system account, no login shell, no home)");
+        }
+        if service.uid == 0 || service.gid == 0 {
+            return Err(format!(
+                "service user '{}' must not be root or in group 0",
+                service.name
+            ));
+        }
+        Mode::Isolated { service }
+    } else {
+        let me =
+            Account::lookup_uid(euid)?.ok_or_else(|| format!("uid {euid} has no passwd entry"))?;
+        warn!(user = %me.name, "SINGLE-USER MODE: not started as root, so there is no isolation: every session runs as '{}' and only '{}' may be named", me.name, me.name);
+        Mode::SingleUser { me }
+    };
+
+    ensure_dir(
+        &policy.state_dir,
+        euid,
+        nix::unistd::getegid().as_raw(),
+        0o700,
+    )?;
+    policy::check_trusted_path(&policy.state_dir, euid)?;
+    let (credentials, token_path, created) =
+        credentials::Credentials::load_or_create(&policy.state_dir, euid)?;
+    let audit_path = policy
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| policy.state_dir.join("audit.jsonl"));
+    let mut audit = audit::Audit::open(&audit_path, euid)?;
+    audit.record(
+        "broker_start",
+        serde_json::json!({ "pid": std::process::id(), "isolation": euid == 0 }),
+    );
+    if created {
+        info!(path = %token_path.display(), "created the admin token");
+        eprintln!("stoa: admin token written to {}", token_path.display());
+    }
+    let (svc_uid, svc_gid) = match &mode {
+        Mode::Isolated { service } => (service.uid, service.gid),
+        Mode::SingleUser { me } => (me.uid, me.gid),
+    };
+    ensure_dir(&daemon_config.state_dir, svc_uid, svc_gid, 0o700)?;
+
+    let executor_path = policy
+        .executor_path
+        .clone()
+        .unwrap_or_else(policy::default_executor_path);
+    policy::check_trusted_path(&executor_path, euid)
+        .map_err(|e| format!("refusing executor {}: {e}", executor_path.display()))?;
+    let meta = std::fs::metadata(&executor_path).map_err(|e| format!("executor: {e}"))?;
+    if !meta.is_file() || meta.mode() & 0o001 == 0 && euid == 0 {
+        return Err(format!(
+            "executor {} must be a regular file executable by others (mode 0755)",
+            executor_path.display()
+        ));
+    }
+    let executor = open_program(&executor_path)?;
+    info!(path = %executor_path.display(), "executor");
+    let self_path =
+        std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let self_exe = open_program(&self_path)?;
+
+    let listener = std::net::TcpListener::bind(&daemon_config.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", daemon_config.listen))?;
+    info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+    let tty_gid = nix::unistd::Group::from_name("tty")
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    let allowed_gids = resolve_gids(&policy.allow_groups);
+
+    // What an executor's processes leave orphaned comes to the broker, which reaps it:
+    // killed leftovers never linger as zombies, whatever the machine's init does.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        warn!("cannot become a child subreaper: {e}");
+    }
+    let cgroups = cgroup::Cgroups::setup(&policy.cgroup, euid == 0);
+    let missing = cgroups.missing();
+    if !missing.is_empty() {
+        let list = missing.join("; ");
+        if policy.cgroup.required {
+            return Err(format!(
+                "cgroup limits cannot be enforced (policy cgroup.required): {list}"
+            ));
+        }
+        warn!("cgroup limits NOT enforced: {list}");
+    }
+
+    raise_fd_limit();
+    if euid == 0 {
+        drop_capabilities()?;
+    }
+
+    let mut mask = SigSet::empty();
+    for s in [
+        NixSignal::SIGCHLD,
+        NixSignal::SIGTERM,
+        NixSignal::SIGINT,
+        NixSignal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| format!("cannot create a signalfd: {e}"))?;
+
+    let isolated = matches!(mode, Mode::Isolated { .. });
+    let broker = Broker {
+        policy,
+        allowed_gids,
+        mode,
+        credentials,
+        os: Box::new(os::RealOs {
+            isolated,
+            executor,
+            tty_gid,
+            cgroups,
+        }),
+        handles: HandleTable::new(),
+        probes: Vec::new(),
+        admission: Default::default(),
+        audit,
+        notifier: notify::Notifier::from_env(),
+        announced: false,
+        stats: crate::wire::BrokerStats::default(),
+        shutting_down: false,
+        link: 0,
+        link_state: LinkState::Fresh,
+        outbox: Vec::new(),
+        known_users: None,
+    };
+    Ok(Server {
+        opts,
+        broker,
+        self_exe,
+        listener: listener.into(),
+        daemon: None,
+        restart_at: None,
+        restart_failures: 0,
+        planned_restart: false,
+        daemon_state_dir: daemon_config.state_dir.clone(),
+        signals,
+        shutdown: None,
+        next_user_check: Instant::now(),
+    })
+}
+
+/// fds 0–2 must be open so no socket ever lands on a stdio number (OpenSSH
+/// `sanitise_stdfd`): each closed one gets /dev/null, inheritable like a real stdio.
+fn sanitize_stdio() {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    loop {
+        let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") else {
+            return;
+        };
+        if null.as_raw_fd() > 2 {
+            return; // 0–2 are all open; dropping closes this one
+        }
+        let _ = nix::fcntl::fcntl(
+            &null,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        );
+        let _ = null.into_raw_fd(); // stays open as that stdio fd
+    }
+}
+
+/// Creates `path` (owned by uid:gid, `mode`) or checks the one that is there. An existing
+/// directory of another owner is refused, not taken over: a mistyped `state_dir` must not
+/// chown a system directory.
+fn ensure_dir(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), String> {
+    let created = match std::fs::symlink_metadata(path) {
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            true
+        }
+        Err(e) => return Err(format!("cannot stat {}: {e}", path.display())),
+    };
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", path.display()));
+    }
+    if meta.uid() != uid || meta.gid() != gid {
+        if !created {
+            return Err(format!(
+                "{} belongs to uid {} gid {}, expected {uid}:{gid}; fix its owner or choose another directory",
+                path.display(),
+                meta.uid(),
+                meta.gid()
+            ));
+        }
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+            .map_err(|e| format!("cannot chown {}: {e}", path.display()))?;
+    }
+    if meta.mode() & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The broker keeps two or three fds per live handle (for a daemon that restarts), so it
+/// takes all the open files its hard limit allows. Its children get their own limits.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => info!(
+                    from = soft,
+                    to = hard,
+                    "raised the broker's open-file limit"
+                ),
+                Err(e) => warn!("cannot raise the open-file limit from {soft}: {e}"),
+            }
+        }
+    }
+}
+
+/// Opens a program to run later with `execveat`, so what was checked is what runs.
+fn open_program(path: &Path) -> Result<OwnedFd, String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    Ok(file.into())
+}
+
+pub fn resolve_gids(names: &[String]) -> Vec<u32> {
+    names
+        .iter()
+        .filter_map(|name| match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => Some(g.gid.as_raw()),
+            _ => {
+                warn!(group = %name, "allowed group does not exist; nobody is allowed through it");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Keeps only the capabilities the broker uses, in every set including the bounding set.
+fn drop_capabilities() -> Result<(), String> {
+    use caps::{CapSet, Capability};
+    let wanted = [
+        Capability::CAP_CHOWN,        // the user's pty slave
+        Capability::CAP_KILL,         // the daemon (executors are signalled as their user)
+        Capability::CAP_SETGID,       // identity changes
+        Capability::CAP_SETUID,       // identity changes
+        Capability::CAP_SETPCAP,      // children drop their bounding set
+        Capability::CAP_SYS_RESOURCE, // rlimits above the broker's own
+    ];
+    let permitted = caps::read(None, CapSet::Permitted).map_err(|e| e.to_string())?;
+    let keep: caps::CapsHashSet = wanted
+        .into_iter()
+        .filter(|c| permitted.contains(c))
+        .collect();
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            let _ = caps::drop(None, CapSet::Bounding, cap);
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(|e| format!("clearing ambient caps: {e}"))?;
+    caps::clear(None, CapSet::Inheritable)
+        .map_err(|e| format!("clearing inheritable caps: {e}"))?;
+    caps::set(None, CapSet::Effective, &keep)
+        .map_err(|e| format!("setting effective caps: {e}"))?;
+    caps::set(None, CapSet::Permitted, &keep)
+        .map_err(|e| format!("setting permitted caps: {e}"))?;
+    let mut names: Vec<String> = keep.iter().map(|c| c.to_string()).collect();
+    names.sort();
+    info!(capabilities = %names.join(","), "broker dropped its capabilities (bounding set too) to what it needs");
+    Ok(())
+}
+
+/// Without CAP_SYS_RESOURCE no limit can go above the broker's own hard limit; lower
+/// such a limit to it (and say so) instead of failing every spawn.
+pub fn fit_rlimits(limits: Vec<Rlimit>) -> Vec<Rlimit> {
+    if caps::has_cap(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_SYS_RESOURCE,
+    )
+    .unwrap_or(false)
+    {
+        return limits;
+    }
+    limits
+        .into_iter()
+        .map(|r| match r.resource.current() {
+            Ok((_, hard)) if r.hard > hard => {
+                warn!(resource = ?r.resource, wanted = r.hard, allowed = hard, "rlimit above the broker's own hard limit (no CAP_SYS_RESOURCE); lowered");
+                Rlimit { resource: r.resource, soft: r.soft.min(hard), hard }
+            }
+            _ => r,
+        })
+        .collect()
+}

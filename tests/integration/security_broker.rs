@@ -1,0 +1,356 @@
+//! The red-team findings against the broker, each tried as the attacker did: a local user
+//! stopping the spawn child, a compromised daemon naming a reaped handle after its pid was
+//! reused, a refused user flooding the audit log, an admin token asking about root.
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use serde_json::{json, Value};
+
+use stoa::wire::{BrokerMessage, Handle, ReplyBody, Request, RequestBody, Signal};
+use stoa_executor::{codec, sys};
+
+use crate::harness::*;
+
+pub const TESTS: &[(&str, crate::TestFn)] = &[
+    ("a_users_stop_loop_cannot_freeze_the_broker", freeze),
+    (
+        "hostile_daemon_cannot_signal_or_adopt_a_reaped_handle_after_pid_reuse",
+        stale_handle,
+    ),
+    (
+        "refused_spawns_cannot_fill_the_disk_through_the_audit_log",
+        audit_flood,
+    ),
+    ("directory_checks_obey_the_policy", checkdir_policy),
+];
+
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
+fn post_exec(agent: &ureq::Agent, stoa_port: u16, token: &str, body: &Value) -> (u16, Value) {
+    match agent
+        .post(format!("http://127.0.0.1:{stoa_port}/exec"))
+        .header("Authorization", format!("Bearer {token}"))
+        .send_json(body)
+    {
+        Ok(mut r) => (
+            r.status().as_u16(),
+            r.body_mut().read_json().unwrap_or(Value::Null),
+        ),
+        Err(e) => (0, json!({ "error": e.to_string() })),
+    }
+}
+
+/// Finding 1: alice's `kill(STOP, -1)` loop stops her spawn child after its identity
+/// change. The broker used to sit in the kernel (vfork) until the child exec'd; now it
+/// polls the child's report, kills it at its deadline, and serves everyone meanwhile.
+fn freeze() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let mut stopper = Command::new("runuser")
+        .args([
+            "-u",
+            ALICE,
+            "--",
+            "perl",
+            "-e",
+            "while (1) { kill 'STOP', -1 }",
+        ])
+        .stdin(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let port = stoa.port;
+    let token = stoa.token.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    // Bob's spawns and /health, throughout: every one must be answered.
+    let served = {
+        let (done, token) = (done.clone(), token.clone());
+        std::thread::spawn(move || {
+            let agent = agent(Duration::from_secs(5));
+            let mut answers = Vec::new();
+            let mut slowest = Duration::ZERO;
+            while !done.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                let (status, reply) = post_exec(
+                    &agent,
+                    port,
+                    &token,
+                    &json!({ "unix_user": BOB, "argv": ["id", "-un"] }),
+                );
+                let health = agent
+                    .get(format!("http://127.0.0.1:{port}/health"))
+                    .call()
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                slowest = slowest.max(t.elapsed());
+                answers.push((
+                    status,
+                    reply["stdout"].as_str().unwrap_or("").to_string(),
+                    health,
+                ));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (answers, slowest)
+        })
+    };
+    // Alice's own spawns: stopped before exec, each answered as failed at its deadline.
+    let alice: Vec<_> = (0..3)
+        .map(|_| {
+            let token = token.clone();
+            std::thread::spawn(move || {
+                post_exec(
+                    &agent(Duration::from_secs(30)),
+                    port,
+                    &token,
+                    &json!({ "unix_user": ALICE, "argv": ["true"] }),
+                )
+            })
+        })
+        .collect();
+    let alice: Vec<(u16, Value)> = alice.into_iter().map(|t| t.join().unwrap()).collect();
+    done.store(true, Ordering::SeqCst);
+    let (answers, slowest) = served.join().unwrap();
+    let _ = stopper.kill();
+    let _ = stopper.wait();
+    run("pkill", &["-KILL", "-u", ALICE]);
+    eprintln!(
+        "freeze: {} of bob's spawns and /health checks answered while alice's spawns were stopped; slowest pair {slowest:?}",
+        answers.len()
+    );
+    assert!(answers.len() >= 20, "{answers:?}");
+    let bob_ok = format!("{BOB}\n");
+    assert!(
+        answers
+            .iter()
+            .all(|(s, out, h)| *s == 200 && *out == bob_ok && *h == 200),
+        "{answers:?}\n{}",
+        stoa.log()
+    );
+    for (status, reply) in &alice {
+        assert_eq!(*status, 500, "{reply}");
+        assert!(
+            reply["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("did not start within"),
+            "{reply}"
+        );
+    }
+    Ok(())
+}
+
+/// Reads broker messages from a stolen link until the reply to `id`.
+fn reply_to(link: &mut UnixStream, id: u64) -> ReplyBody {
+    loop {
+        let mut header = [0u8; 4];
+        link.read_exact(&mut header).expect("frame header");
+        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+        link.read_exact(&mut payload).expect("frame payload");
+        match codec::decode::<BrokerMessage>(&payload).expect("a broker message") {
+            BrokerMessage::Reply { id: got, body } if got == id => return body,
+            _ => continue,
+        }
+    }
+}
+
+fn ask(link: &mut UnixStream, id: u64, body: RequestBody) -> ReplyBody {
+    let frame = codec::encode(&Request {
+        id,
+        request_id: None,
+        body,
+    })
+    .unwrap();
+    link.write_all(&frame).unwrap();
+    reply_to(link, id)
+}
+
+/// Starts a root process that gets exactly `pid` (through `ns_last_pid`) and leads its own
+/// process group, as a root daemon reusing the number would.
+fn root_process_at(pid: i32) -> Option<std::process::Child> {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
+        let mut child = Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .ok()?;
+        if child.id() as i32 == pid {
+            return Some(child);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    None
+}
+
+/// Findings 2 and 6: a compromised daemon (here: its link taken with `pidfd_getfd`, the
+/// daemon stopped) names a handle whose process was reaped, after a root process took the
+/// pid over. Neither `Kill` nor `Adopt` reaches anything.
+fn stale_handle() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let sleeper = {
+        let (port, token) = (stoa.port, stoa.token.clone());
+        std::thread::spawn(move || {
+            post_exec(
+                &agent(Duration::from_secs(60)),
+                port,
+                &token,
+                &json!({ "unix_user": BOB, "argv": ["sleep", "59"] }),
+            )
+        });
+        let mut pids = Vec::new();
+        wait_until("bob's sleep", Duration::from_secs(10), || {
+            pids = find_processes(BOB, &["sleep", "59"]);
+            !pids.is_empty()
+        });
+        pids[0]
+    };
+    let daemon = stoa.daemon_pid().expect("daemon");
+    run("kill", &["-STOP", &daemon.to_string()]);
+    let mut link = UnixStream::from(sys::pidfd_getfd(daemon, 3)?);
+    let ReplyBody::Handles(list) = ask(&mut link, 1_000_001, RequestBody::ListHandles) else {
+        panic!("ListHandles")
+    };
+    let handle: Handle = list
+        .iter()
+        .find(|h| h.pid == sleeper)
+        .map(|h| h.handle)
+        .expect("bob's handle");
+    // The process ends; the broker reaps it. Its handle stays (the daemon has not seen the
+    // exit, so it has not released it).
+    run("kill", &["-KILL", &sleeper.to_string()]);
+    wait_until(
+        "the broker to reap bob's sleep",
+        Duration::from_secs(5),
+        || !std::path::Path::new(&format!("/proc/{sleeper}")).exists(),
+    );
+    let Some(mut root) = root_process_at(sleeper) else {
+        run("kill", &["-KILL", &daemon.to_string()]);
+        return Err("could not place a root process at the reused pid".into());
+    };
+    let killed = ask(
+        &mut link,
+        1_000_002,
+        RequestBody::Kill {
+            handle,
+            signal: Signal::Kill,
+        },
+    );
+    let adopted = ask(&mut link, 1_000_003, RequestBody::Adopt { handle });
+    std::thread::sleep(Duration::from_millis(200));
+    let root_alive = root.try_wait()?.is_none();
+    let _ = root.kill();
+    let _ = root.wait();
+    run("kill", &["-KILL", &daemon.to_string()]);
+    stoa.wait_new_daemon(daemon);
+    assert!(root_alive, "the root process at the reused pid was killed");
+    for (what, reply) in [("Kill", killed), ("Adopt", adopted)] {
+        match reply {
+            ReplyBody::Error(e) => assert!(e.message.contains("has exited"), "{what}: {e:?}"),
+            other => panic!("{what} of a reaped handle answered {other:?}"),
+        }
+    }
+    assert!(stoa.log().contains("daemon started"));
+    let _ = link.as_fd();
+    Ok(())
+}
+
+/// Finding 3: a user the policy refuses sends thousands of spawns with 64 KiB of argv.
+/// Each refusal is one bounded audit line (argv summarised), and past the principal's
+/// refusal burst the requests are answered 429 without a line each.
+fn audit_flood() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let carol = stoa.api_user("carol", CAROL);
+    let audit = stoa.dir.join("broker/audit.jsonl");
+    let before = std::fs::metadata(&audit)?.len();
+    let argv: Vec<String> = std::iter::once("sh".to_string())
+        .chain((0..15).map(|i| format!("{i}{}", "A".repeat(4095))))
+        .collect();
+    let body = json!({ "unix_user": CAROL, "argv": argv });
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (port, carol, body, statuses) =
+                (stoa.port, carol.clone(), body.clone(), statuses.clone());
+            std::thread::spawn(move || {
+                let agent = agent(Duration::from_secs(30));
+                for _ in 0..300 {
+                    let (s, _) = post_exec(&agent, port, &carol, &body);
+                    statuses.lock().unwrap().push(s);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let statuses = statuses.lock().unwrap().clone();
+    let grown = std::fs::metadata(&audit)?.len() - before;
+    eprintln!(
+        "audit flood: 1200 refused spawns of 64 KiB each grew the audit log by {grown} bytes"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 403 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(statuses.iter().filter(|s| **s == 429).count() > 900);
+    assert!(grown < 256 * 1024, "audit grew {grown} bytes");
+    let text = std::fs::read_to_string(&audit)?;
+    assert!(
+        !text.contains(&"A".repeat(100)),
+        "argv copied into the audit log"
+    );
+    // Everyone else is still served, and carol's refusals are on record with their rule.
+    assert_eq!(stoa.sh(ALICE, "echo ok")["stdout"], "ok\n");
+    assert!(text
+        .lines()
+        .any(|l| l.contains("\"refused\"") && l.contains("allow-group")));
+    Ok(())
+}
+
+/// Finding 10 (CheckDir): the admin token asking about root's or the service user's
+/// directories is refused by the policy before anything is looked at.
+fn checkdir_policy() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    for (user, rule) in [("root", "root"), (SERVICE, "service-user")] {
+        let (status, reply) = stoa.request(
+            "POST",
+            "/sessions",
+            Some(&stoa.token.clone()),
+            Some(&json!({ "agentic_tool": "claude-code", "worktree": "/root", "unix_user": user })),
+        );
+        assert_eq!(status, 403, "{user}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap_or("").contains(rule),
+            "{user}: {reply}"
+        );
+    }
+    // Alice's answer about a root-only path is the same whether it exists or not.
+    let mut answers = Vec::new();
+    for path in ["/root/.bashrc-does-not-exist", "/root"] {
+        let (status, reply) = stoa.request(
+            "POST",
+            "/sessions",
+            Some(&stoa.token.clone()),
+            Some(&json!({ "agentic_tool": "claude-code", "worktree": format!("{path}/x"), "unix_user": ALICE })),
+        );
+        assert_eq!(status, 400, "{reply}");
+        answers.push(reply["error"].as_str().unwrap_or("").replace(path, "P"));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert!(answers[0].contains("Permission denied"), "{answers:?}");
+    Ok(())
+}
