@@ -31,6 +31,7 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         audit_flood,
     ),
     ("directory_checks_obey_the_policy", checkdir_policy),
+    ("health_reports_no_cpu_weight_that_runs_do_not_get", cpu_report),
 ];
 
 fn agent(timeout: Duration) -> ureq::Agent {
@@ -352,5 +353,38 @@ fn checkdir_policy() -> Result<(), Failed> {
     }
     assert_eq!(answers[0], answers[1]);
     assert!(answers[0].contains("Permission denied"), "{answers:?}");
+    Ok(())
+}
+
+/// Finding 10 (cgroup v1): at the default weight a run is not moved into the cpu
+/// hierarchy (a migration saved), so `/health` must not claim a weight for it.
+fn cpu_report() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let (_, health) = stoa.request("GET", "/health", Some(&stoa.token.clone()), None);
+    let limits = &health["limits"];
+    let cgroups = limits["cgroups"].as_str().unwrap_or_default();
+    if !cgroups.starts_with("v1") {
+        eprintln!("SKIPPED: not a cgroup v1 machine ({cgroups})");
+        return Ok(());
+    }
+    let cpu = limits["cgroup_cpu"].as_str().unwrap_or_default();
+    assert!(cpu.starts_with("not applied"), "{health}");
+    // And indeed: a run's cpu cgroup is the broker's.
+    let broker_cpu = |pid: i32| -> Option<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()?
+            .lines()
+            .find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|n| n == "cpu")))
+            .map(str::to_string)
+    };
+    let run = stoa.sh(ALICE, "cat /proc/self/cgroup");
+    let own = broker_cpu(stoa.broker_pid());
+    let cpu_line = run["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|n| n == "cpu")))
+        .map(str::to_string);
+    assert_eq!(cpu_line, own, "{run}");
     Ok(())
 }

@@ -234,6 +234,17 @@ impl Cgroups {
                     .unwrap_or_else(|| "none".into()),
             ),
         ));
+        // On v1 a run joins the cpu hierarchy only when a weight or quota is set (each join
+        // is a migration): say so rather than report a weight nothing applies.
+        let v1_cpu_unused = matches!(self.layout, Layout::V1 { .. })
+            && !self.numbers.needs().contains(&Controller::Cpu);
+        if v1_cpu_unused {
+            out.push((
+                "cgroup_cpu".into(),
+                "not applied: runs stay in the broker's cpu cgroup (weight and quota at their defaults; set cpu_weight or cpu_max_percent to apply them)".into(),
+            ));
+            return out;
+        }
         out.push((
             "cgroup_cpu".into(),
             show(
