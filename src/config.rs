@@ -74,6 +74,24 @@ pub struct ExecutionConfig {
     pub timeout_secs: u64,
     /// After SIGTERM (stop, timeout), how long before SIGKILL.
     pub stop_grace_secs: u64,
+    /// Most bytes of messages one task may store; past it the task fails and its agent is
+    /// stopped.
+    pub max_task_output_bytes: u64,
+    /// Most bytes of messages all sessions of one Unix user may keep stored; past it their
+    /// tasks fail until old sessions are deleted.
+    pub max_user_output_bytes: u64,
+    /// Most bytes of one stored message; a larger one is stored as an `omitted` notice.
+    pub max_message_bytes: usize,
+}
+
+impl ExecutionConfig {
+    pub fn output_limits(&self) -> crate::daemon::store::OutputLimits {
+        crate::daemon::store::OutputLimits {
+            message: self.max_message_bytes,
+            task: self.max_task_output_bytes,
+            user: self.max_user_output_bytes,
+        }
+    }
 }
 
 impl Default for ExecutionConfig {
@@ -82,6 +100,9 @@ impl Default for ExecutionConfig {
             use_executor: true,
             timeout_secs: 120,
             stop_grace_secs: 5,
+            max_task_output_bytes: 16 << 20,
+            max_user_output_bytes: 256 << 20,
+            max_message_bytes: 2 << 20,
         }
     }
 }
@@ -144,6 +165,13 @@ impl DaemonConfig {
         }
         if self.execution.timeout_secs == 0 {
             return Err("execution.timeout_secs must be at least 1".into());
+        }
+        let e = &self.execution;
+        if e.max_message_bytes < 1024
+            || e.max_message_bytes as u64 > e.max_task_output_bytes
+            || e.max_task_output_bytes > e.max_user_output_bytes
+        {
+            return Err("execution: need 1024 <= max_message_bytes <= max_task_output_bytes <= max_user_output_bytes".into());
         }
         for (tool, agent) in &self.agents {
             if stoa_executor::agents::Tool::from_name(tool).is_none() {

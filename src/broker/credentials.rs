@@ -81,12 +81,23 @@ impl Credentials {
             return Some(Principal::Admin);
         }
         match self.store.get() {
-            Ok(store) => store.find_by_token(credential).map(|u| Principal::User {
-                id: u.id,
-                name: u.name.clone(),
-                unix_user: u.unix_user.clone(),
-                admin: u.admin,
-            }),
+            Ok(store) => match store.find_by_token(credential) {
+                // Written before ids, and not yet given one (`users::assign_missing_ids`):
+                // every such user would be the owner `user:0`, so none of them is anyone.
+                Some(u) if u.id == 0 => {
+                    tracing::error!(
+                        user = ?u.name,
+                        "API user has no id yet; refused until the broker assigns one"
+                    );
+                    None
+                }
+                found => found.map(|u| Principal::User {
+                    id: u.id,
+                    name: u.name.clone(),
+                    unix_user: u.unix_user.clone(),
+                    admin: u.admin,
+                }),
+            },
             Err(e) => {
                 tracing::error!("user store unreadable, only the admin token works: {e}");
                 None

@@ -62,6 +62,13 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
     policy::check_trusted_path(&policy.state_dir, euid)?;
     let (credentials, token_path, created) =
         credentials::Credentials::load_or_create(&policy.state_dir, euid)?;
+    // Users from a store written before API users had ids get one now: what the daemon
+    // stores belongs to the id, and an id-0 user does not authenticate.
+    match super::users::assign_missing_ids(&policy.state_dir, euid) {
+        Ok(0) => {}
+        Ok(n) => info!(users = n, "gave API users from an older store their ids"),
+        Err(e) => warn!("cannot give API users their ids: {e}"),
+    }
     let audit_path = policy
         .audit_log
         .clone()

@@ -201,6 +201,40 @@ impl UserStore {
     pub fn find(&self, name: &str) -> Option<&ApiUser> {
         self.users.iter().find(|u| u.name == name)
     }
+
+    /// Gives every user without an id (0: written before ids existed) a fresh one, unused
+    /// by any other user. Returns how many it gave.
+    pub fn give_missing_ids(&mut self) -> Result<usize, String> {
+        let mut given = 0;
+        for i in 0..self.users.len() {
+            if self.users[i].id != 0 {
+                continue;
+            }
+            let id = loop {
+                let id = new_id()?;
+                if !self.users.iter().any(|u| u.id == id) {
+                    break id;
+                }
+            };
+            self.users[i].id = id;
+            given += 1;
+        }
+        Ok(given)
+    }
+}
+
+/// Gives every API user of the store in `state_dir` that has no id yet (a store written
+/// before ids) a fresh one, under the store's lock, and saves it atomically if anything
+/// changed. The broker calls it at start: until then such users cannot authenticate (two
+/// of them would share the owner key `user:0`). Returns how many ids it gave.
+pub fn assign_missing_ids(state_dir: &Path, owner_uid: u32) -> Result<usize, String> {
+    let _lock = UserStore::lock(state_dir)?;
+    let mut store = UserStore::load(state_dir, owner_uid)?;
+    let given = store.give_missing_ids()?;
+    if given > 0 {
+        store.save(state_dir)?;
+    }
+    Ok(given)
 }
 
 /// The broker's cached view of the store, reread whenever the file changes.
@@ -286,6 +320,35 @@ mod tests {
         );
         assert!(store.find_by_token("stoa_wrong").is_none());
         assert!(!serde_json::to_string(&store).unwrap().contains(&token));
+    }
+
+    #[test]
+    fn missing_ids_are_given_once_and_kept() {
+        let dir = std::env::temp_dir().join(format!("stoa-users-ids-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let owner = nix::unistd::geteuid().as_raw();
+        // A store as written before ids: no `id` field at all.
+        let old = r#"{"users":[
+            {"name":"a","unix_user":"a","admin":false,"token_sha256":"00","created_at":0},
+            {"name":"b","unix_user":"b","admin":false,"token_sha256":"11","created_at":0},
+            {"id":42,"name":"c","unix_user":"c","admin":false,"token_sha256":"22","created_at":0}]}"#;
+        std::fs::write(UserStore::path(&dir), old).unwrap();
+        std::fs::set_permissions(
+            UserStore::path(&dir),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        assert_eq!(assign_missing_ids(&dir, owner).unwrap(), 2);
+        let store = UserStore::load(&dir, owner).unwrap();
+        let ids: Vec<u64> = store.users.iter().map(|u| u.id).collect();
+        assert!(ids.iter().all(|id| *id != 0), "{ids:?}");
+        assert_ne!(ids[0], ids[1]);
+        assert_eq!(ids[2], 42);
+        // Nothing left to give: the ids stay as they are.
+        assert_eq!(assign_missing_ids(&dir, owner).unwrap(), 0);
+        assert_eq!(UserStore::load(&dir, owner).unwrap(), store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

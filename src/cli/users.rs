@@ -32,6 +32,9 @@ pub enum UserCommand {
     Token { name: String },
 }
 
+/// The admin token's name (`Principal::Admin`): no API user may look like it.
+const RESERVED_NAME: &str = "admin";
+
 fn state_dir() -> Result<PathBuf, String> {
     let path = std::env::var_os("STOA_BROKER_CONFIG")
         .map(PathBuf::from)
@@ -52,6 +55,9 @@ fn update<T>(change: impl FnOnce(&mut UserStore) -> Result<T, String>) -> Result
     let owner = nix::unistd::geteuid().as_raw();
     let _lock = UserStore::lock(&dir)?;
     let mut store = UserStore::load(&dir, owner)?;
+    // Any edit also gives ids to users from a store written before ids (the broker does
+    // the same at start); ids are never changed once given.
+    store.give_missing_ids()?;
     let result = change(&mut store)?;
     store.save(&dir)?;
     Ok(result)
@@ -80,6 +86,7 @@ pub fn run(command: UserCommand) -> ExitCode {
                 .iter_mut()
                 .find(|u| u.name == name)
                 .ok_or(format!("no API user named '{name}'"))?;
+            // Only the token changes: the id, and so everything the user owns, stays.
             let token = users::new_token()?;
             user.token_sha256 = users::digest_hex(&token);
             eprintln!(
@@ -102,6 +109,11 @@ fn add(name: String, unix_user: String, admin: bool) -> Result<(), String> {
     if !users::valid_name(&name) {
         return Err(format!(
             "invalid name {name:?}: use letters, digits, '.', '_' and '-'"
+        ));
+    }
+    if name.eq_ignore_ascii_case(RESERVED_NAME) {
+        return Err(format!(
+            "the name '{name}' is reserved: it is how the machine's admin token is shown"
         ));
     }
     let account =

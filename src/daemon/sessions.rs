@@ -68,8 +68,9 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))
 }
 
-/// The session, if the principal may see it (its owner, or an admin); else 404, which says
-/// nothing about whether it exists.
+/// The session, if the principal may see it (the API user that created it, by id, acting
+/// as the session's Unix user; or an admin); else 404, which says nothing about whether it
+/// exists.
 async fn visible_session(
     state: &AppState,
     principal: &Principal,
@@ -77,7 +78,7 @@ async fn visible_session(
 ) -> Result<Session, ApiError> {
     let session = state.store.session(id).await.map_err(store_error)?;
     match session {
-        Some(s) if principal.is_admin() || s.owner == principal.name() => Ok(s),
+        Some(s) if principal.may_use(&s.owner, &s.unix_user) => Ok(s),
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no session {id}"),
@@ -151,8 +152,10 @@ async fn create(
         }
     }
     // The broker checks, as that user, that the worktree can be entered; it also refuses a
-    // credential that may not act as that user.
-    broker_done(
+    // credential that may not act as that user. It answers with the directory's identity,
+    // which every run in the session must find again (a broker from before pins answers
+    // `Done`: no pin).
+    let worktree_id = match broker_done(
         &state,
         RequestBody::CheckDir {
             credential,
@@ -160,14 +163,24 @@ async fn create(
             path: req.worktree.clone(),
         },
     )
-    .await?;
+    .await?
+    {
+        ReplyBody::Dir(id) => Some(id),
+        ReplyBody::Done => None,
+        other => {
+            return Err(ApiError::internal(format!(
+                "unexpected broker reply to CheckDir: {other:?}"
+            )))
+        }
+    };
     let at = now();
     let session = Session {
         session_id: new_id(),
-        owner: principal.name().to_string(),
+        owner: principal.owner(),
         unix_user,
         agentic_tool: req.agentic_tool,
         worktree: req.worktree,
+        worktree_id,
         model: req.model,
         permission_mode: req.permission_mode,
         agent_session_id: None,
@@ -188,8 +201,13 @@ async fn list(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (principal, _) = authenticate(&state, &headers).await?;
-    let owner = (!principal.is_admin()).then(|| principal.name().to_string());
-    let sessions = state.store.sessions(owner).await.map_err(store_error)?;
+    let of = match principal.unix_user() {
+        Some(unix_user) if !principal.is_admin() => {
+            Some((principal.owner(), unix_user.to_string()))
+        }
+        _ => None,
+    };
+    let sessions = state.store.sessions(of).await.map_err(store_error)?;
     Ok(Json(sessions).into_response())
 }
 
@@ -254,6 +272,23 @@ async fn prompt(
             ));
         }
         session.permission_mode = Some(mode);
+    }
+    // A user whose stored output is at its limit gets nothing new stored: say so now
+    // rather than start an agent whose first message would fail the task.
+    let limit = state.config.execution.max_user_output_bytes;
+    let used = state
+        .store
+        .user_output_bytes(&session.unix_user)
+        .await
+        .map_err(store_error)?;
+    if used >= limit {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "the stored output of unix user '{}' is at its limit (execution.max_user_output_bytes = {limit} bytes); delete old sessions to free it",
+                session.unix_user
+            ),
+        ));
     }
     let task = Task {
         task_id: new_id(),

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
 
+use crate::wire::DirId;
+
 /// Each entry brings the schema from version `index` to `index + 1`.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -72,6 +74,29 @@ CREATE TABLE terminals (
 ALTER TABLE terminals ADD COLUMN offset_base INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE terminals ADD COLUMN last_offset INTEGER NOT NULL DEFAULT 0;
 "#,
+    // The worktree as the broker pinned it at creation (device, inode, owner); NULL for
+    // sessions from before, which run unpinned.
+    r#"
+ALTER TABLE sessions ADD COLUMN worktree_dev INTEGER;
+ALTER TABLE sessions ADD COLUMN worktree_ino INTEGER;
+ALTER TABLE sessions ADD COLUMN worktree_uid INTEGER;
+"#,
+    // Stored output, counted so it can be bounded per task and per Unix user without
+    // reading it back: each message's size, each task's total, each user's total.
+    r#"
+ALTER TABLE messages ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE messages SET bytes = length(CAST(event AS BLOB));
+ALTER TABLE tasks ADD COLUMN output_bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE tasks SET output_bytes =
+    (SELECT COALESCE(SUM(m.bytes), 0) FROM messages m WHERE m.task_id = tasks.task_id);
+CREATE TABLE output_usage (
+    unix_user TEXT PRIMARY KEY,
+    bytes     INTEGER NOT NULL
+);
+INSERT INTO output_usage (unix_user, bytes)
+    SELECT s.unix_user, SUM(m.bytes) FROM messages m JOIN sessions s USING (session_id)
+    GROUP BY s.unix_user;
+"#,
 ];
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -81,6 +106,10 @@ pub struct Session {
     pub unix_user: String,
     pub agentic_tool: String,
     pub worktree: String,
+    /// The worktree as `CheckDir` pinned it; every run in it must find the same directory.
+    /// `None`: created before pins (or by a broker that did not pin), run unpinned.
+    #[serde(skip)]
+    pub worktree_id: Option<DirId>,
     pub model: Option<String>,
     pub permission_mode: Option<String>,
     /// The agent's own session/thread id, to continue the conversation.
@@ -117,6 +146,53 @@ pub struct Message {
     pub task_id: String,
     pub created_at: String,
     pub event: serde_json::Value,
+}
+
+/// Bounds on what the agents' output may occupy in the store (`[execution]` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimits {
+    /// One message, as stored JSON.
+    pub message: usize,
+    /// All messages of one task.
+    pub task: u64,
+    /// All stored messages of one Unix user's sessions.
+    pub user: u64,
+}
+
+/// What `append_messages` stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The session's last sequence number after the append.
+    pub last_seq: i64,
+    /// Set when an event did not fit: which limit, in words (it and the rest were not
+    /// stored).
+    pub refused: Option<String>,
+}
+
+/// An event as stored: its JSON, or, past `max` bytes, a small notice saying what was
+/// left out and why.
+fn bounded_event(event: serde_json::Value, max: usize) -> String {
+    let text = event.to_string();
+    if text.len() <= max {
+        return text;
+    }
+    serde_json::json!({
+        "kind": "omitted",
+        "original_kind": event.get("kind").cloned().unwrap_or(serde_json::Value::Null),
+        "bytes": text.len(),
+        "reason": format!("a message is at most {max} bytes (execution.max_message_bytes)"),
+    })
+    .to_string()
+}
+
+fn usage_of(c: &Connection, unix_user: &str) -> rusqlite::Result<u64> {
+    c.query_row(
+        "SELECT bytes FROM output_usage WHERE unix_user = ?1",
+        [unix_user],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|b| b.unwrap_or(0).max(0) as u64)
 }
 
 /// How a task ended.
@@ -166,10 +242,23 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<Session> {
         status: r.get(8)?,
         created_at: r.get(9)?,
         updated_at: r.get(10)?,
+        worktree_id: match (
+            r.get::<_, Option<i64>>(11)?,
+            r.get::<_, Option<i64>>(12)?,
+            r.get::<_, Option<i64>>(13)?,
+        ) {
+            // Stored as SQLite's signed integers, bit for bit.
+            (Some(dev), Some(ino), Some(uid)) => Some(DirId {
+                dev: dev as u64,
+                ino: ino as u64,
+                uid: uid as u32,
+            }),
+            _ => None,
+        },
     })
 }
 
-const SESSION_COLS: &str = "session_id, owner, unix_user, agentic_tool, worktree, model, permission_mode, agent_session_id, status, created_at, updated_at";
+const SESSION_COLS: &str = "session_id, owner, unix_user, agentic_tool, worktree, model, permission_mode, agent_session_id, status, created_at, updated_at, worktree_dev, worktree_ino, worktree_uid";
 const TASK_COLS: &str = "task_id, session_id, prompt, status, error, exit_code, signal, executed_via, unix_user, handle, created_at, started_at, finished_at";
 
 fn task_row(r: &Row<'_>) -> rusqlite::Result<Task> {
@@ -242,10 +331,12 @@ impl Store {
     pub async fn insert_session(&self, s: Session) -> StoreResult<()> {
         self.with(move |c| {
             c.execute(
-                &format!("INSERT INTO sessions ({SESSION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                &format!("INSERT INTO sessions ({SESSION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
                 params![
                     s.session_id, s.owner, s.unix_user, s.agentic_tool, s.worktree, s.model,
-                    s.permission_mode, s.agent_session_id, s.status, s.created_at, s.updated_at
+                    s.permission_mode, s.agent_session_id, s.status, s.created_at, s.updated_at,
+                    s.worktree_id.map(|d| d.dev as i64), s.worktree_id.map(|d| d.ino as i64),
+                    s.worktree_id.map(|d| i64::from(d.uid))
                 ],
             )
             .map(|_| ())
@@ -266,25 +357,42 @@ impl Store {
         .await
     }
 
-    /// Sessions owned by `owner`, or all with `None`.
-    pub async fn sessions(&self, owner: Option<String>) -> StoreResult<Vec<Session>> {
+    /// Sessions of `(owner key, Unix user)`, or all with `None`.
+    pub async fn sessions(&self, of: Option<(String, String)>) -> StoreResult<Vec<Session>> {
         self.with(move |c| {
             let mut stmt = c.prepare(&format!(
-                "SELECT {SESSION_COLS} FROM sessions WHERE ?1 IS NULL OR owner = ?1 ORDER BY created_at"
+                "SELECT {SESSION_COLS} FROM sessions WHERE ?1 IS NULL OR (owner = ?1 AND unix_user = ?2) ORDER BY created_at"
             ))?;
-            let rows = stmt.query_map([owner], session_row)?;
+            let (owner, unix_user) = of.unzip();
+            let rows = stmt.query_map(params![owner, unix_user], session_row)?;
             rows.collect()
         })
         .await
     }
 
+    /// Deletes a session with its tasks and messages; its messages no longer count
+    /// against its user's stored output.
     pub async fn delete_session(&self, id: &str) -> StoreResult<bool> {
         let id = id.to_string();
         self.with(move |c| {
-            c.execute("DELETE FROM sessions WHERE session_id = ?1", [id])
-                .map(|n| n > 0)
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE output_usage SET bytes = bytes -
+                    (SELECT COALESCE(SUM(bytes), 0) FROM messages WHERE session_id = ?1)
+                 WHERE unix_user = (SELECT unix_user FROM sessions WHERE session_id = ?1)",
+                [&id],
+            )?;
+            let deleted = tx.execute("DELETE FROM sessions WHERE session_id = ?1", [&id])? > 0;
+            tx.commit()?;
+            Ok(deleted)
         })
         .await
+    }
+
+    /// The bytes of stored messages of `unix_user`'s sessions.
+    pub async fn user_output_bytes(&self, unix_user: &str) -> StoreResult<u64> {
+        let unix_user = unix_user.to_string();
+        self.with(move |c| usage_of(c, &unix_user)).await
     }
 
     pub async fn set_session_status(&self, id: &str, status: &str) -> StoreResult<()> {
@@ -423,14 +531,20 @@ impl Store {
         .await
     }
 
-    /// Appends events to a session's messages; returns the last sequence number.
+    /// Appends events to a session's messages, within `limits`, in one transaction. An
+    /// event larger than `limits.message` is stored as an `omitted` notice in its place.
+    /// Events are stored in order while the task's and the user's totals stay within their
+    /// limits; at the first that would not fit, storing stops and the reply names the limit.
     pub async fn append_messages(
         &self,
         session_id: &str,
         task_id: &str,
+        unix_user: &str,
         events: Vec<serde_json::Value>,
-    ) -> StoreResult<i64> {
+        limits: OutputLimits,
+    ) -> StoreResult<Appended> {
         let (session_id, task_id) = (session_id.to_string(), task_id.to_string());
+        let unix_user = unix_user.to_string();
         self.with(move |c| {
             let tx = c.transaction()?;
             let mut seq: i64 = tx.query_row(
@@ -438,16 +552,59 @@ impl Store {
                 [&session_id],
                 |r| r.get(0),
             )?;
+            let task_bytes: i64 = tx
+                .query_row(
+                    "SELECT output_bytes FROM tasks WHERE task_id = ?1",
+                    [&task_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(0);
+            let (mut task_bytes, mut user_bytes) = (task_bytes as u64, usage_of(&tx, &unix_user)?);
+            let (start_task, start_user) = (task_bytes, user_bytes);
+            let mut refused = None;
             let at = now();
             for event in events {
+                let text = bounded_event(event, limits.message);
+                let len = text.len() as u64;
+                if task_bytes + len > limits.task {
+                    refused = Some(format!(
+                        "the task's stored output reached its limit (execution.max_task_output_bytes = {} bytes)",
+                        limits.task
+                    ));
+                    break;
+                }
+                if user_bytes + len > limits.user {
+                    refused = Some(format!(
+                        "the stored output of unix user '{unix_user}' reached its limit (execution.max_user_output_bytes = {} bytes); delete old sessions to free it",
+                        limits.user
+                    ));
+                    break;
+                }
                 seq += 1;
                 tx.execute(
-                    "INSERT INTO messages (session_id, seq, task_id, event, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![session_id, seq, task_id, event.to_string(), at],
+                    "INSERT INTO messages (session_id, seq, task_id, event, created_at, bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![session_id, seq, task_id, text, at, len as i64],
+                )?;
+                task_bytes += len;
+                user_bytes += len;
+            }
+            if task_bytes != start_task {
+                tx.execute(
+                    "UPDATE tasks SET output_bytes = ?2 WHERE task_id = ?1",
+                    params![task_id, task_bytes as i64],
+                )?;
+                tx.execute(
+                    "INSERT INTO output_usage (unix_user, bytes) VALUES (?1, ?2)
+                     ON CONFLICT (unix_user) DO UPDATE SET bytes = bytes + ?2",
+                    params![unix_user, (user_bytes - start_user) as i64],
                 )?;
             }
             tx.commit()?;
-            Ok(seq)
+            Ok(Appended {
+                last_seq: seq,
+                refused,
+            })
         })
         .await
     }
@@ -606,5 +763,199 @@ impl Store {
             rows.collect()
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("stoa-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("stoa.db")
+    }
+
+    fn session(id: &str, owner: &str, unix_user: &str, pin: Option<DirId>) -> Session {
+        Session {
+            session_id: id.into(),
+            owner: owner.into(),
+            unix_user: unix_user.into(),
+            agentic_tool: "claude-code".into(),
+            worktree: "/w".into(),
+            worktree_id: pin,
+            model: None,
+            permission_mode: None,
+            agent_session_id: None,
+            status: "idle".into(),
+            created_at: now(),
+            updated_at: now(),
+        }
+    }
+
+    fn task(id: &str, session_id: &str) -> Task {
+        Task {
+            task_id: id.into(),
+            session_id: session_id.into(),
+            prompt: "p".into(),
+            status: "running".into(),
+            error: None,
+            exit_code: None,
+            signal: None,
+            executed_via: None,
+            unix_user: "alice".into(),
+            handle: None,
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// A database as the previous schema (3) left it gets the pin columns (NULL: unpinned)
+    /// and its stored output counted, and keeps every row.
+    #[test]
+    fn migration_from_schema_3_keeps_rows_and_counts_output() {
+        let path = temp_db("migrate");
+        {
+            let c = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..3] {
+                c.execute_batch(sql).unwrap();
+            }
+            c.pragma_update(None, "user_version", 3).unwrap();
+            c.execute_batch(
+                "INSERT INTO sessions VALUES ('s1','alice','alice','gemini','/w',NULL,NULL,NULL,'idle','t','t');
+                 INSERT INTO tasks (task_id, session_id, prompt, status, unix_user, created_at)
+                     VALUES ('t1','s1','p','completed','alice','t');
+                 INSERT INTO messages VALUES ('s1',1,'t1','{\"kind\":\"x\"}','t');
+                 INSERT INTO messages VALUES ('s1',2,'t1','\"é\"','t');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        run(async {
+            let s = store.session("s1").await.unwrap().unwrap();
+            assert_eq!((s.owner.as_str(), s.worktree_id), ("alice", None));
+            // Bytes, not characters: `{"kind":"x"}` is 12, `"é"` is 4.
+            assert_eq!(store.user_output_bytes("alice").await.unwrap(), 16);
+            let output: i64 = store
+                .with(|c| {
+                    c.query_row(
+                        "SELECT output_bytes FROM tasks WHERE task_id='t1'",
+                        [],
+                        |r| r.get(0),
+                    )
+                })
+                .await
+                .unwrap();
+            assert_eq!(output, 16);
+            // A pinned session keeps its directory's identity, all 64 bits of it.
+            let pin = DirId {
+                dev: u64::MAX - 1,
+                ino: 1 << 63,
+                uid: 2001,
+            };
+            store
+                .insert_session(session("s2", "user:7", "alice", Some(pin)))
+                .await
+                .unwrap();
+            let s2 = store.session("s2").await.unwrap().unwrap();
+            assert_eq!(s2.worktree_id, Some(pin));
+        });
+        drop(store);
+        // Opening again runs nothing twice.
+        let store = Store::open(&path).unwrap();
+        run(async {
+            assert_eq!(store.user_output_bytes("alice").await.unwrap(), 16);
+        });
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn output_is_bounded_per_message_task_and_user() {
+        let path = temp_db("limits");
+        let store = Store::open(&path).unwrap();
+        let limits = OutputLimits {
+            message: 1024,
+            task: 4000,
+            user: 6000,
+        };
+        let event = |n: usize| serde_json::json!({"kind": "assistant_text", "text": "a".repeat(n)});
+        run(async {
+            for (s, t) in [("s1", "t1"), ("s2", "t2")] {
+                store
+                    .insert_session(session(s, "user:1", "alice", None))
+                    .await
+                    .unwrap();
+                store.begin_task(task(t, s)).await.unwrap();
+            }
+            // Too large for one message: stored as a notice that says why.
+            let a = store
+                .append_messages("s1", "t1", "alice", vec![event(5000)], limits)
+                .await
+                .unwrap();
+            assert_eq!(a.refused, None);
+            let m = store.messages("s1", 0, 10).await.unwrap();
+            assert_eq!(m[0].event["kind"], "omitted");
+            assert_eq!(m[0].event["original_kind"], "assistant_text");
+            assert!(m[0].event["reason"]
+                .as_str()
+                .unwrap()
+                .contains("execution.max_message_bytes"));
+            // The task's limit: what fits is stored, in order, then the limit is named.
+            let a = store
+                .append_messages("s1", "t1", "alice", vec![event(900); 5], limits)
+                .await
+                .unwrap();
+            assert!(a.refused.unwrap().contains("max_task_output_bytes"));
+            let stored: u64 = store
+                .messages("s1", 0, 100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|m| m.event.to_string().len() as u64)
+                .sum();
+            assert!(stored <= 4000, "{stored}");
+            let used = store.user_output_bytes("alice").await.unwrap();
+            assert_eq!(used, stored);
+            // The user's limit counts every session of the user.
+            let a = store
+                .append_messages("s2", "t2", "alice", vec![event(900); 5], limits)
+                .await
+                .unwrap();
+            assert!(a.refused.unwrap().contains("max_user_output_bytes"));
+            assert!(store.user_output_bytes("alice").await.unwrap() <= 6000);
+            // Another user is not held back by alice's output.
+            store
+                .insert_session(session("s3", "user:2", "bob", None))
+                .await
+                .unwrap();
+            store.begin_task(task("t3", "s3")).await.unwrap();
+            let a = store
+                .append_messages("s3", "t3", "bob", vec![event(900); 2], limits)
+                .await
+                .unwrap();
+            assert_eq!(a.refused, None);
+            // Deleting a session gives its bytes back.
+            store.delete_session("s1").await.unwrap();
+            assert_eq!(
+                store.user_output_bytes("alice").await.unwrap(),
+                store
+                    .messages("s2", 0, 100)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.event.to_string().len() as u64)
+                    .sum::<u64>()
+            );
+        });
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

@@ -148,6 +148,9 @@ struct Seen {
     /// The final result: is_error and its text.
     result: Option<(bool, Option<String>)>,
     too_long: Option<String>,
+    /// A stored-output limit the run reached (which one, in words): nothing more of it is
+    /// stored, and it is ended.
+    output_limit: Option<String>,
 }
 
 /// Starts `task` of `session` in the background. `credential` is the prompting caller's,
@@ -277,7 +280,8 @@ async fn spawn_through_broker(
     credential: &str,
 ) -> Result<(Run, Handle), String> {
     let request = SpawnRequest {
-        cwd_id: None,
+        // The broker refuses to run anywhere but the directory pinned at creation.
+        cwd_id: session.worktree_id,
         credential: credential.to_string(),
         unix_user: session.unix_user.clone(),
         program: Program::Exec {
@@ -506,8 +510,10 @@ async fn drive(
                 ctl_open = false;
             }
         }
-        // Output that cannot be parsed means the run is broken: end it.
-        let broken = seen.garbage.is_some() || seen.too_long.is_some();
+        // Output that cannot be parsed, or that may not be stored, means the run is broken:
+        // end it (TERM, then KILL of its process group after the grace).
+        let broken =
+            seen.garbage.is_some() || seen.too_long.is_some() || seen.output_limit.is_some();
         if broken && stop.is_none() && exit.is_none() && killed_at.is_none() {
             process.signal(state, Signal::Term).await;
             killed_at = Some(tokio::time::Instant::now());
@@ -543,6 +549,9 @@ async fn drive(
     // The cgroup's verdict explains a SIGKILL or a failed fork better than the exit does.
     if let Some(limit) = limit_hit {
         return ending("failed", Some(with_stderr(limit.to_string())));
+    }
+    if let Some(e) = seen.output_limit {
+        return ending("failed", Some(e));
     }
     if state.processes.shutting_down() && matches!(exit, Some(ExitStatus::Signal(_))) {
         return ending(
@@ -632,6 +641,9 @@ async fn handle_lines(
     lines: Vec<String>,
     seen: &mut Seen,
 ) {
+    if seen.output_limit.is_some() {
+        return; // the run is being ended; nothing more of it is stored
+    }
     let mut events = Vec::new();
     for line in lines {
         match adapter.parse_line(&line) {
@@ -671,13 +683,23 @@ async fn handle_lines(
         .collect();
     match state
         .store
-        .append_messages(&session.session_id, &task.task_id, values)
+        .append_messages(
+            &session.session_id,
+            &task.task_id,
+            &session.unix_user,
+            values,
+            state.config.execution.output_limits(),
+        )
         .await
     {
-        Ok(seq) => {
+        Ok(appended) => {
+            if let Some(limit) = appended.refused {
+                warn!(task = %task.task_id, "{limit}");
+                seen.output_limit = Some(limit);
+            }
             let _ = state.notices.send(Notice::Messages {
                 session_id: session.session_id.clone(),
-                last_seq: seq,
+                last_seq: appended.last_seq,
             });
         }
         Err(e) => warn!(task = %task.task_id, "cannot store messages: {e}"),

@@ -253,7 +253,7 @@ impl Terminals {
 
     fn visible(&self, principal: &Principal, id: &str) -> Result<Arc<Terminal>, ApiError> {
         match self.get(id) {
-            Some(t) if principal.is_admin() || t.owner == principal.name() => Ok(t),
+            Some(t) if principal.may_use(&t.owner, &t.unix_user) => Ok(t),
             _ => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("no terminal {id}"),
@@ -298,6 +298,8 @@ async fn create(
         .map(|Json(b)| b)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let (mut unix_user, mut cwd) = (req.unix_user.clone(), req.cwd.clone());
+    // A terminal in a session's worktree must find the directory the session pinned.
+    let mut cwd_id = None;
     if let Some(session_id) = &req.session_id {
         let session = state
             .store
@@ -305,12 +307,13 @@ async fn create(
             .await
             .map_err(ApiError::internal)?;
         let session = session
-            .filter(|s| principal.is_admin() || s.owner == principal.name())
+            .filter(|s| principal.may_use(&s.owner, &s.unix_user))
             .ok_or_else(|| {
                 ApiError::new(StatusCode::NOT_FOUND, format!("no session {session_id}"))
             })?;
         unix_user = Some(session.unix_user);
         cwd = Some(session.worktree);
+        cwd_id = session.worktree_id;
     }
     let unix_user = match (unix_user, principal.unix_user()) {
         (Some(u), _) => u,
@@ -328,7 +331,7 @@ async fn create(
         .lock()
         .expect("terminals lock")
         .values()
-        .filter(|t| t.owner == principal.name() && !t.finished())
+        .filter(|t| t.owner == principal.owner() && !t.finished())
         .count();
     if mine >= state.config.terminal.max_per_user {
         return Err(ApiError::new(
@@ -345,7 +348,7 @@ async fn create(
         None => Program::Shell,
     };
     let spawn = SpawnRequest {
-        cwd_id: None,
+        cwd_id,
         credential,
         unix_user,
         program,
@@ -367,7 +370,7 @@ async fn create(
     let terminal_id = new_id();
     let row = TerminalRow {
         terminal_id: terminal_id.clone(),
-        owner: principal.name().to_string(),
+        owner: principal.owner(),
         unix_user: info.unix_user.clone(),
         handle: info.handle.0,
         pid: info.pid,
@@ -675,7 +678,7 @@ async fn list(
         .collect();
     let mut views: Vec<TerminalView> = all
         .iter()
-        .filter(|t| principal.is_admin() || t.owner == principal.name())
+        .filter(|t| principal.may_use(&t.owner, &t.unix_user))
         .map(|t| t.view())
         .collect();
     views.sort_by(|a, b| a.started_at.cmp(&b.started_at));

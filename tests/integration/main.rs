@@ -10,6 +10,7 @@ mod core;
 mod harness;
 mod limits;
 mod security_broker;
+mod security_store;
 mod sessions;
 mod terminal_browser;
 mod terminal_cli;
@@ -38,6 +39,7 @@ fn main() {
         terminals::TESTS,
         terminal_cli::TESTS,
         terminal_browser::TESTS,
+        security_store::TESTS,
     ]
     .concat()
     .into_iter()

@@ -364,14 +364,12 @@ fn other_adapters() -> Result<(), Failed> {
         );
         assert_eq!(t["status"], "completed", "{tool}: {t}");
         // The prompt reaches the agent on stdin, out of the process table that every local
-        // user can read; gemini's CLI only takes it as an argument (see the note there).
-        if tool != "gemini" {
-            let cmdline = read(&format!("{wt}/.fake-cmdline"));
-            assert!(
-                !cmdline.contains("private-plan"),
-                "{tool}: the prompt is in argv: {cmdline}"
-            );
-        }
+        // user can read.
+        let cmdline = read(&format!("{wt}/.fake-cmdline"));
+        assert!(
+            !cmdline.contains("private-plan"),
+            "{tool}: the prompt is in argv: {cmdline}"
+        );
         let msgs = messages(&stoa, &alice, &session);
         let k = kinds(&msgs);
         assert_eq!(

@@ -1,4 +1,4 @@
-//! Gemini CLI: `gemini -p <prompt> --output-format stream-json --skip-trust`.
+//! Gemini CLI: `gemini --output-format stream-json --skip-trust`, the prompt on stdin.
 //!
 //! Stream lines (gemini-cli `packages/core/src/output/types.ts`): `init`, `message`
 //! (role user|assistant, `delta` for chunks), `tool_use`, `tool_result`, `error`
@@ -24,18 +24,17 @@ impl Adapter for GeminiAdapter {
         Tool::Gemini
     }
 
-    // The prompt goes in argv (`-p`), so it shows in the process table, readable by every
-    // local user unless /proc is mounted with hidepid. The other adapters give it on stdin;
-    // moving gemini there needs its stdin handling checked against the real CLI first.
+    // The prompt goes on stdin, never in argv, where every local user could read it
+    // (/proc/PID/cmdline) and the broker's audit log and `GET /processes` would copy it.
+    // Gemini reads stdin whenever it is not a terminal: with no `-p` (nor a positional
+    // prompt) and stdin a pipe it runs headless, and what it read is the prompt
+    // (`packages/cli/src/gemini.tsx`, `readStdin`, up to 8 MiB; with `-p` as well, stdin
+    // would be put before that text). It waits 500 ms for the first byte, so the prompt
+    // must be written at once: the daemon writes it as soon as the process is spawned.
+    // (Gemini's own sandbox mode, `--sandbox`/`GEMINI_SANDBOX` or the user's settings,
+    // copies stdin into the sandboxed process's argv: stoa never turns it on.)
     fn invocation(&self, spec: &RunSpec) -> Invocation {
         let mut argv = argv_prefix(Tool::Gemini, spec);
-        // Gemini parses options with yargs, which takes `-p -x` as two flags. The
-        // `--prompt=<text>` form binds the text to the option whatever it starts with.
-        if spec.prompt.starts_with('-') {
-            argv.push(format!("--prompt={}", spec.prompt));
-        } else {
-            argv.extend(["-p".into(), spec.prompt.clone()]);
-        }
         // `--skip-trust`: the work directory is the user's own, and gemini restricts or
         // refuses headless runs in folders it was not told to trust.
         argv.extend(["--output-format", "stream-json", "--skip-trust"].map(String::from));
@@ -55,7 +54,7 @@ impl Adapter for GeminiAdapter {
         }
         Invocation {
             argv,
-            stdin: None,
+            stdin: Some(spec.prompt.clone()),
             env: vec![],
         }
     }
@@ -223,16 +222,9 @@ mod tests {
         let inv = GeminiAdapter.invocation(&spec("hi"));
         assert_eq!(
             inv.argv,
-            strings(&[
-                "gemini",
-                "-p",
-                "hi",
-                "--output-format",
-                "stream-json",
-                "--skip-trust"
-            ])
+            strings(&["gemini", "--output-format", "stream-json", "--skip-trust"])
         );
-        assert_eq!(inv.stdin, None);
+        assert_eq!(inv.stdin.as_deref(), Some("hi"));
     }
 
     #[test]
@@ -245,8 +237,6 @@ mod tests {
             GeminiAdapter.invocation(&s).argv,
             strings(&[
                 "gemini",
-                "-p",
-                "fix it",
                 "--output-format",
                 "stream-json",
                 "--skip-trust",
@@ -266,9 +256,21 @@ mod tests {
     }
 
     #[test]
-    fn dash_prompt_is_bound_to_the_option() {
-        let argv = GeminiAdapter.invocation(&spec("--yolo please")).argv;
-        assert_eq!(argv[1], "--prompt=--yolo please");
-        assert!(!argv.contains(&"-p".to_string()));
+    fn prompt_is_never_in_argv() {
+        // Whatever the prompt looks like (an option, `-p`, a flag's value), argv is the same
+        // and the prompt travels on stdin only.
+        for prompt in ["--yolo please", "-p", "secret marker 7d1f", "--prompt=x"] {
+            let inv = GeminiAdapter.invocation(&spec(prompt));
+            assert!(
+                !inv.argv.iter().any(|a| a.contains(prompt)),
+                "{:?}",
+                inv.argv
+            );
+            assert!(!inv
+                .argv
+                .iter()
+                .any(|a| a == "-p" || a.starts_with("--prompt")));
+            assert_eq!(inv.stdin.as_deref(), Some(prompt));
+        }
     }
 }
