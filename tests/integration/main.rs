@@ -9,6 +9,7 @@ mod agents_e2e;
 mod core;
 mod harness;
 mod limits;
+mod security_front;
 mod sessions;
 mod terminal_browser;
 mod terminal_cli;
@@ -36,6 +37,7 @@ fn main() {
         terminals::TESTS,
         terminal_cli::TESTS,
         terminal_browser::TESTS,
+        security_front::TESTS,
     ]
     .concat()
     .into_iter()
