@@ -646,7 +646,7 @@ fn report_limits(report: &mut Report, limits: &Value) {
 /// What is wrong with a `/health` answer.
 fn health_problems(body: &Value) -> Vec<String> {
     let mut problems = Vec::new();
-    if body.get("broker_connected").is_none() {
+    if body.get("broker_connected").is_none() && body.get("version").is_some() {
         // The brief answer (no valid token): only the status to judge.
         if body["status"].as_str() != Some("ok") {
             problems.push(format!("status is {}", body["status"]));
@@ -784,6 +784,10 @@ mod tests {
         let down = json!({"status": "degraded", "isolation": true, "broker_connected": false});
         assert_eq!(health_problems(&down).len(), 1);
         assert_eq!(health_problems(&json!({})).len(), 2);
+        // The brief answer to a caller without a token.
+        assert!(health_problems(&json!({"status": "ok", "version": "0.1.0"})).is_empty());
+        let brief_down = json!({"status": "degraded", "version": "0.1.0"});
+        assert_eq!(health_problems(&brief_down).len(), 1);
     }
 
     /// The packaged defaults, with every setting uncommented: what a commented line
