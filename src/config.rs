@@ -26,6 +26,7 @@ pub struct DaemonConfig {
     /// Per tool (`claude-code`, `codex`, `gemini`, `opencode`).
     pub agents: BTreeMap<String, AgentConfig>,
     pub terminal: TerminalConfig,
+    pub http: HttpConfig,
     /// The web page's files (index.html, app.js, node_modules with xterm.js). Unset:
     /// `/usr/share/stoa/web` when it exists, else no page.
     pub web_dir: Option<PathBuf>,
@@ -60,6 +61,45 @@ impl Default for TerminalConfig {
             idle_timeout_secs: 0,
             allowed_origins: Vec::new(),
             max_per_user: 64,
+        }
+    }
+}
+
+/// The HTTP front: how long a connection may take to send a request's header, how many
+/// connections it may hold, failed-authentication throttling, and which `Host`s it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A connection must send a whole request header within this time, whether new or
+    /// idle between keep-alive requests; else it is closed.
+    pub header_read_timeout_secs: u64,
+    /// Most open HTTP connections (WebSockets, once upgraded, are not counted). When full,
+    /// the oldest idle one is closed to make room; with none idle, the new one is closed.
+    pub max_connections: usize,
+    /// Most idle connections (no request in progress: not yet sent one, or between
+    /// keep-alive requests); past it the oldest idle one is closed.
+    pub max_idle_connections: usize,
+    /// Most idle connections from one address; past it that address's oldest idle one is
+    /// closed. Loopback users share 127.0.0.1, so this closes idle connections, never
+    /// refuses a request in progress.
+    pub max_idle_per_peer: usize,
+    /// Failed authentications from one address in a minute; after that its further
+    /// failures are answered 429 (valid credentials still work).
+    pub auth_failures_per_minute: u32,
+    /// Host names the daemon answers besides localhost, 127.0.0.1, [::1] and the listen
+    /// address (DNS rebinding protection); matched without the port.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_read_timeout_secs: 30,
+            max_connections: 16384,
+            max_idle_connections: 2048,
+            max_idle_per_peer: 1024,
+            auth_failures_per_minute: 10,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -130,6 +170,7 @@ impl Default for DaemonConfig {
             execution: ExecutionConfig::default(),
             agents: BTreeMap::new(),
             terminal: TerminalConfig::default(),
+            http: HttpConfig::default(),
             web_dir: None,
         }
     }
@@ -162,6 +203,22 @@ impl DaemonConfig {
             return Err(
                 "terminal.window_bytes must be between 4096 and terminal.ring_bytes".into(),
             );
+        }
+        let h = &self.http;
+        if h.header_read_timeout_secs == 0 {
+            return Err("http.header_read_timeout_secs must be at least 1".into());
+        }
+        if h.max_idle_per_peer == 0
+            || h.max_idle_per_peer > h.max_idle_connections
+            || h.max_idle_connections > h.max_connections
+        {
+            return Err(
+                "http: need 1 <= max_idle_per_peer <= max_idle_connections <= max_connections"
+                    .into(),
+            );
+        }
+        if h.auth_failures_per_minute == 0 {
+            return Err("http.auth_failures_per_minute must be at least 1".into());
         }
         if self.execution.timeout_secs == 0 {
             return Err("execution.timeout_secs must be at least 1".into());

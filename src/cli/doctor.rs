@@ -562,7 +562,16 @@ fn check_health(report: &mut Report, listen: &str) {
         .into();
     let start_fix =
         "systemctl start stoa (see: systemctl status stoa; journalctl -u stoa), or run `stoa serve` as root";
-    let mut response = match agent.get(&url).call() {
+    // Without a token /health says only status and version: send the admin token (or
+    // STOA_TOKEN) when this user can read it.
+    let token = super::client::Client::from_env()
+        .ok()
+        .map(|c| c.token().to_string());
+    let mut request = agent.get(&url);
+    if let Some(t) = &token {
+        request = request.header("Authorization", format!("Bearer {t}"));
+    }
+    let mut response = match request.call() {
         Ok(r) => r,
         Err(e) => {
             report.fail(format!("broker: nothing answers {url}: {e}"), start_fix);
@@ -637,6 +646,13 @@ fn report_limits(report: &mut Report, limits: &Value) {
 /// What is wrong with a `/health` answer.
 fn health_problems(body: &Value) -> Vec<String> {
     let mut problems = Vec::new();
+    if body.get("broker_connected").is_none() && body.get("version").is_some() {
+        // The brief answer (no valid token): only the status to judge.
+        if body["status"].as_str() != Some("ok") {
+            problems.push(format!("status is {}", body["status"]));
+        }
+        return problems;
+    }
     if body["broker_connected"].as_bool() != Some(true) {
         problems.push("the daemon has no connection to the broker".to_string());
     }
@@ -768,6 +784,10 @@ mod tests {
         let down = json!({"status": "degraded", "isolation": true, "broker_connected": false});
         assert_eq!(health_problems(&down).len(), 1);
         assert_eq!(health_problems(&json!({})).len(), 2);
+        // The brief answer to a caller without a token.
+        assert!(health_problems(&json!({"status": "ok", "version": "0.1.0"})).is_empty());
+        let brief_down = json!({"status": "degraded", "version": "0.1.0"});
+        assert_eq!(health_problems(&brief_down).len(), 1);
     }
 
     /// The packaged defaults, with every setting uncommented: what a commented line

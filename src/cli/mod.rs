@@ -4,6 +4,7 @@
 pub mod client;
 pub mod config_cmd;
 pub mod doctor;
+pub mod escape;
 pub mod sessions;
 pub mod terminal;
 pub mod users;

@@ -112,14 +112,16 @@ pub fn session(cmd: SessionCommand) -> ExitCode {
                     "{:<36}  {:<12} {:<16} {:<8} worktree",
                     "SESSION", "TOOL", "USER", "STATUS"
                 );
+                // A worktree is any user's path: no escape sequence reaches this terminal.
+                let field = |s: &Value, k: &str| super::escape::field(s[k].as_str().unwrap_or(""));
                 for s in list.as_array().into_iter().flatten() {
                     println!(
                         "{:<36}  {:<12} {:<16} {:<8} {}",
-                        s["session_id"].as_str().unwrap_or(""),
-                        s["agentic_tool"].as_str().unwrap_or(""),
-                        s["unix_user"].as_str().unwrap_or(""),
-                        s["status"].as_str().unwrap_or(""),
-                        s["worktree"].as_str().unwrap_or("")
+                        field(s, "session_id"),
+                        field(s, "agentic_tool"),
+                        field(s, "unix_user"),
+                        field(s, "status"),
+                        field(s, "worktree")
                     );
                 }
             }
@@ -207,20 +209,22 @@ fn follow(c: &Client, session_id: &str, task_id: &str) -> Result<(), String> {
 }
 
 fn show_event(e: &Value) {
+    // What an agent says can carry escape sequences (from files it read, web pages).
+    let text = |k: &str| super::escape::text(e[k].as_str().unwrap_or(""));
     match e["kind"].as_str() {
-        Some("assistant_text") => println!("{}", e["text"].as_str().unwrap_or("")),
+        Some("assistant_text") => println!("{}", text("text")),
         Some("tool_use") => println!(
             "[tool {}] {}",
-            e["name"].as_str().unwrap_or("?"),
+            super::escape::field(e["name"].as_str().unwrap_or("?")),
             e["input"]
         ),
-        Some("tool_result") => println!("[result] {}", e["content"].as_str().unwrap_or("")),
+        Some("tool_result") => println!("[result] {}", text("content")),
         Some("result") => {
             if let Some(cost) = e["cost_usd"].as_f64() {
                 eprintln!("[done: {} turns, ${cost:.4}]", e["num_turns"]);
             }
         }
-        Some("notice") => eprintln!("[notice] {}", e["message"].as_str().unwrap_or("")),
+        Some("notice") => eprintln!("[notice] {}", text("message")),
         _ => {}
     }
 }

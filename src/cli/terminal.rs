@@ -222,15 +222,17 @@ fn list(client: &Client, as_json: bool) -> ExitCode {
                 .join(" "),
             None => "(login shell)".into(),
         };
+        // Any user's command and names: no escape sequence reaches this terminal.
+        let field = super::escape::field;
         println!(
             "{:<36}  {:<16} {:>8} {:>8}  {:<10} {:>7}  {}",
-            t["terminal_id"].as_str().unwrap_or(""),
-            t["unix_user"].as_str().unwrap_or(""),
+            field(t["terminal_id"].as_str().unwrap_or("")),
+            field(t["unix_user"].as_str().unwrap_or("")),
             t["pid"],
             format!("{}x{}", t["cols"], t["rows"]),
             status,
             t["viewers"],
-            command
+            field(&command)
         );
     }
     ExitCode::SUCCESS

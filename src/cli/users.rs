@@ -159,8 +159,8 @@ fn list() -> Result<(), String> {
         );
         println!(
             "{:<24} {:<24} {:<6} {created}",
-            u.name,
-            u.unix_user,
+            super::escape::field(&u.name),
+            super::escape::field(&u.unix_user),
             if u.admin { "yes" } else { "no" }
         );
     }

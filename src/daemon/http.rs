@@ -2,7 +2,7 @@
 //!
 //! | route             | auth  | what                                                    |
 //! |-------------------|-------|---------------------------------------------------------|
-//! | `GET /health`     | none  | status, isolation on/off, broker connected, version     |
+//! | `GET /health`     | none  | status and version; with a valid token the full report  |
 //! | `POST /exec`      | any   | run a command as a user to completion (see `exec.rs`)   |
 //! | `GET /processes`  | admin | what the broker runs for this daemon, and recent exits  |
 //! | `POST /daemon/restart` | admin | a fresh daemon; running work survives             |
@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
@@ -26,10 +26,6 @@ use super::broker_link::LinkDown;
 use super::exec::{self, ExecRequest};
 use super::AppState;
 use crate::wire::{BrokerError, ErrorKind, Principal, ReplyBody, RequestBody};
-
-/// How long a credential the broker accepted is trusted without asking again.
-const AUTH_CACHE_TTL: Duration = Duration::from_secs(10);
-const AUTH_CACHE_MAX: usize = 1024;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -97,6 +93,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(super::terminals::routes())
         .merge(web_routes(&state.config))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::front::layer,
+        ))
         .layer(axum::middleware::from_fn(with_request_id))
         .with_state(state)
 }
@@ -145,7 +145,11 @@ pub fn new_request_id() -> String {
 /// Least free space in the state directory before `/health` says degraded.
 const MIN_FREE_BYTES: u64 = 256 << 20;
 
-async fn health(State(state): State<Arc<AppState>>) -> Response {
+async fn health(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    // Without a valid token: only whether it is up, and the version. The rest (paths,
+    // limits, free space) is for users.
+    let full =
+        headers.contains_key(header::AUTHORIZATION) && authenticate(&state, &headers).await.is_ok();
     let welcome = state.link.welcome();
     let connected = state.link.connected();
     let warning = welcome.single_user.as_ref().map(|u| {
@@ -209,6 +213,10 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    if !full {
+        let brief = json!({ "status": body["status"], "version": body["version"] });
+        return (status, Json(brief)).into_response();
+    }
     (status, Json(body)).into_response()
 }
 
@@ -231,27 +239,53 @@ pub async fn authenticate(
         .filter(|t| !t.is_empty() && t.len() <= crate::wire::limits::MAX_CREDENTIAL_BYTES)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "malformed Authorization header"))?;
     let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    if let Some((principal, at)) = state.auth_cache.lock().expect("auth cache").get(&key) {
-        if at.elapsed() < AUTH_CACHE_TTL {
-            return Ok((principal.clone(), token.to_string()));
-        }
+    if let Some(v) = state.auth.cached(&key) {
+        super::auth::note_verified(&v);
+        return Ok((v.principal, token.to_string()));
     }
+    // Taken before asking: a revocation that lands meanwhile wins.
+    let generation = state.auth.generation();
+    let peer = super::auth::current_peer();
     let reply = state
         .link
         .request(RequestBody::Authenticate {
             credential: token.to_string(),
-            peer: None,
+            peer: peer.map(|p| p.to_string()),
         })
         .await
         .map_err(ApiError::broker_down)?;
     match reply.body {
         ReplyBody::Principal(p) => {
-            let mut cache = state.auth_cache.lock().expect("auth cache");
-            if cache.len() >= AUTH_CACHE_MAX {
-                cache.clear();
+            if !state.auth.insert(key, &p, generation) {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "this credential was just revoked",
+                ));
             }
-            cache.insert(key, (p.clone(), Instant::now()));
+            super::auth::note_verified(&super::auth::Verified {
+                principal: p.clone(),
+                generation,
+            });
             Ok((p, token.to_string()))
+        }
+        ReplyBody::Error(e) if e.kind == ErrorKind::Unauthorized => {
+            let Some(peer) = peer else {
+                return Err(ApiError::from_broker(e));
+            };
+            let (failures, throttled) = state.auth.failed(peer);
+            tracing::warn!(%peer, failures, "authentication failed");
+            if throttled {
+                return Err(ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    message: format!(
+                        "too many failed authentications from {peer}: more than {} in the last minute; \
+                         try again later (valid credentials still work)",
+                        state.auth.failure_limit()
+                    ),
+                    rule: Some("http.auth_failures_per_minute".into()),
+                });
+            }
+            Err(ApiError::from_broker(e))
         }
         ReplyBody::Error(e) => Err(ApiError::from_broker(e)),
         other => Err(ApiError::internal(format!(

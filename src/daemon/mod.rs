@@ -6,12 +6,15 @@
 //! restart loses no connection attempts: they wait in the listen backlog).
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod broker_link;
 pub mod exec;
 pub mod fdio;
+pub mod front;
 pub mod http;
 pub mod metrics;
 pub mod processes;
+pub mod serve;
 pub mod sessions;
 pub mod store;
 pub mod tasks;
@@ -21,7 +24,6 @@ use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use tracing::{info, warn};
 
@@ -29,7 +31,7 @@ use stoa_executor::sys;
 
 use crate::broker::{DAEMON_LINK_FD, DAEMON_LISTENER_FD};
 use crate::config::DaemonConfig;
-use crate::wire::{HandleInfo, Principal, ReplyBody, RequestBody};
+use crate::wire::{Event, HandleInfo, ReplyBody, RequestBody};
 use broker_link::BrokerLink;
 use fdio::FdReader;
 use processes::Processes;
@@ -41,7 +43,10 @@ pub struct AppState {
     pub link: Arc<BrokerLink>,
     pub processes: Arc<Processes>,
     pub config: DaemonConfig,
-    pub auth_cache: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    /// The auth cache, revocations and the failed-authentication throttle.
+    pub auth: Arc<auth::Auth>,
+    /// Open HTTP connections (see `serve.rs`).
+    pub connections: Arc<serve::Connections>,
     pub store: store::Store,
     /// Running tasks, by task id: send a reason to end one.
     pub running: Mutex<HashMap<String, tokio::sync::watch::Sender<Option<tasks::StopReason>>>>,
@@ -222,7 +227,12 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
     let listener_fd = sys::take_inherited_fd(DAEMON_LISTENER_FD)
         .map_err(|e| format!("no listener on fd {DAEMON_LISTENER_FD}: {e}"))?;
     let processes = Arc::new(Processes::default());
-    let link = BrokerLink::connect(UnixStream::from(link_fd), processes.clone())
+    let auth = Arc::new(auth::Auth::new(config.http.auth_failures_per_minute));
+    let observer = Arc::new(Observer {
+        processes: processes.clone(),
+        auth: auth.clone(),
+    });
+    let link = BrokerLink::connect(UnixStream::from(link_fd), observer)
         .map_err(|e| format!("cannot greet the broker: {e}"))?;
     if link.welcome().isolation && nix::unistd::geteuid().is_root() {
         return Err("the daemon must not run as root".into());
@@ -237,8 +247,9 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
     let state = Arc::new(AppState {
         link,
         processes,
-        config,
-        auth_cache: Mutex::new(HashMap::new()),
+        config: config.clone(),
+        auth,
+        connections: Arc::new(serve::Connections::new(config.http.clone())),
         store,
         running: Mutex::new(HashMap::new()),
         notices,
@@ -268,7 +279,7 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
         }
         // On SIGTERM: stop accepting, give requests in flight a moment, then go; keep-alive
         // connections must not hold a restart or shutdown hostage.
-        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
         tokio::spawn(async move {
@@ -278,16 +289,20 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
         });
         let mut stopped = stop_rx.clone();
         let finishing = state.clone();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        });
+        let server = serve::serve(
+            listener,
+            app,
+            state.config.http.clone(),
+            state.connections.clone(),
+            stop_rx,
+        );
         tokio::select! {
-            result = server => result.map_err(|e| format!("HTTP server failed: {e}")),
+            _ = server => {}
             _ = async {
                 let _ = stopped.wait_for(|s| *s).await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => Ok(()),
-        }?;
+            } => {}
+        }
         // Runs still being recorded get to finish writing how they ended.
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         while !finishing.running.lock().expect("running lock").is_empty()
@@ -297,6 +312,29 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
         }
         Ok(())
     })
+}
+
+/// What the broker tells the daemon unasked: revocations here, the rest for the process
+/// table.
+struct Observer {
+    processes: Arc<Processes>,
+    auth: Arc<auth::Auth>,
+}
+
+impl broker_link::LinkObserver for Observer {
+    fn reply(&self, body: &ReplyBody) {
+        self.processes.reply(body);
+    }
+
+    fn event(&self, event: Event) {
+        match event {
+            Event::Revoked { api_users } => {
+                info!(?api_users, "credentials revoked: ending their connections");
+                self.auth.revoke(&api_users);
+            }
+            other => self.processes.event(other),
+        }
+    }
 }
 
 /// Takes back everything an earlier daemon left running: each handle's fds come again

@@ -180,7 +180,8 @@ impl LinkObserver for Processes {
             Event::ShuttingDown { grace_secs } => {
                 self.shutdown.send_replace(Some(grace_secs));
             }
-            // Ending the revoked users' connections: see the daemon's revocation handling.
+            // Not a process matter: `daemon::Observer` hands revocations to `auth.rs`, which
+            // purges the cache and ends the users' live connections.
             Event::Revoked { .. } => {}
         }
     }

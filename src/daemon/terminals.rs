@@ -233,6 +233,8 @@ pub struct Terminals {
 struct Ticket {
     terminal_id: String,
     principal: Principal,
+    /// The revocation generation its principal was verified at (see `auth.rs`).
+    generation: u64,
     expires: Instant,
 }
 
@@ -726,6 +728,7 @@ async fn ticket(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let generation = state.auth.generation();
     let (principal, _) = authenticate(&state, &headers).await?;
     state.terminals.visible(&principal, &id)?;
     let ticket = new_id();
@@ -736,6 +739,7 @@ async fn ticket(
         Ticket {
             terminal_id: id,
             principal,
+            generation,
             expires: Instant::now() + TICKET_TTL,
         },
     );
@@ -787,7 +791,9 @@ async fn websocket(
         }
     }
     // Authenticate before the upgrade: a bearer header, or a browser's one-time ticket.
-    let principal = match &query.ticket {
+    // The generation is taken first, so a revocation from here on ends the socket.
+    let generation = state.auth.generation();
+    let (principal, generation) = match &query.ticket {
         Some(t) => {
             let ticket = state
                 .terminals
@@ -796,7 +802,9 @@ async fn websocket(
                 .expect("tickets lock")
                 .remove(t);
             match ticket {
-                Some(t) if t.terminal_id == id && t.expires > Instant::now() => t.principal,
+                Some(t) if t.terminal_id == id && t.expires > Instant::now() => {
+                    (t.principal, t.generation)
+                }
                 _ => {
                     return Err(ApiError::new(
                         StatusCode::UNAUTHORIZED,
@@ -805,9 +813,21 @@ async fn websocket(
                 }
             }
         }
-        None => authenticate(&state, &headers).await?.0,
+        None => (authenticate(&state, &headers).await?.0, generation),
     };
-    let terminal = state.terminals.visible(&principal, &id)?;
+    let verified = super::auth::Verified {
+        principal,
+        generation,
+    };
+    if state.auth.revoked(&verified) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this credential was revoked",
+        ));
+    }
+    let principal = &verified.principal;
+    let terminal = state.terminals.visible(principal, &id)?;
+    let revoked = state.auth.until_revoked(verified.clone());
     let view_only = query.mode.as_deref() == Some("view");
     let wants_protocol = headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
@@ -822,7 +842,23 @@ async fn websocket(
     Ok(upgrade
         .protocols([SUBPROTOCOL])
         .max_message_size(1 << 20)
-        .on_upgrade(move |socket| viewer(socket, terminal, view_only, state)))
+        .on_upgrade(move |socket| async move {
+            // A revoked user's socket ends at once, with a close frame saying why.
+            tokio::pin!(revoked);
+            let mut socket = socket;
+            let ended = tokio::select! {
+                _ = viewer(&mut socket, terminal, view_only, state) => false,
+                _ = &mut revoked => true,
+            };
+            if ended {
+                let _ = socket
+                    .send(Message::Close(Some(CloseFrame {
+                        code: 1008,
+                        reason: "credentials revoked".into(),
+                    })))
+                    .await;
+            }
+        }))
 }
 
 async fn send(socket: &mut WebSocket, frame: ServerFrame) -> bool {
@@ -834,7 +870,7 @@ async fn send(socket: &mut WebSocket, frame: ServerFrame) -> bool {
 
 /// One viewer: HELLO, then output as credit allows, input and control from the client.
 async fn viewer(
-    mut socket: WebSocket,
+    socket: &mut WebSocket,
     terminal: Arc<Terminal>,
     view_only: bool,
     state: Arc<AppState>,
@@ -858,7 +894,7 @@ async fn viewer(
         }
         Ok(_) | Err(_) => {
             let _ = send(
-                &mut socket,
+                socket,
                 ServerFrame::Error {
                     code: error::BAD_FRAME,
                     message: "HELLO must come first".into(),
@@ -893,9 +929,13 @@ async fn viewer(
         };
         (start, welcome)
     };
+    let _registered = Registered {
+        terminal: terminal.clone(),
+        id,
+    };
     let mut progress = terminal.progress.subscribe();
     let mut size_sent = (0u16, 0u16);
-    let mut ok = send(&mut socket, welcome).await;
+    let mut ok = send(socket, welcome).await;
     let mut read_only_warned = false;
     // Has this viewer been sent output yet (a viewer that falls behind while streaming
     // gets only the recent tail after its reset; one that attaches late gets all kept).
@@ -950,7 +990,7 @@ async fn viewer(
             )
         };
         for f in frames {
-            if !send(&mut socket, f).await {
+            if !send(socket, f).await {
                 ok = false;
                 break;
             }
@@ -961,7 +1001,7 @@ async fn viewer(
         if size != size_sent {
             size_sent = size;
             ok = send(
-                &mut socket,
+                socket,
                 ServerFrame::Size {
                     cols: size.0,
                     rows: size.1,
@@ -972,7 +1012,7 @@ async fn viewer(
         if let Some(exit) = done {
             // All output is out: EXIT, our close, then the client's close (closing early
             // makes browsers drop the tail).
-            let _ = send(&mut socket, ServerFrame::Exit(exit)).await;
+            let _ = send(socket, ServerFrame::Exit(exit)).await;
             let _ = socket
                 .send(Message::Close(Some(CloseFrame {
                     code: 1000,
@@ -993,31 +1033,43 @@ async fn viewer(
             msg = socket.next() => match msg {
                 Some(Ok(Message::Binary(b))) => match ClientFrame::decode(&b) {
                     Ok(frame) => {
-                        if let Err(e) = handle(&state, &terminal, id, can_write, frame, &mut socket, &mut read_only_warned).await {
+                        if let Err(e) = handle(&state, &terminal, id, can_write, frame, socket, &mut read_only_warned).await {
                             warn!(terminal = %terminal.id, "viewer: {e}");
                             ok = false;
                         }
                     }
                     Err(e) => {
-                        ok = send(&mut socket, ServerFrame::Error { code: error::BAD_FRAME, message: e }).await;
+                        ok = send(socket, ServerFrame::Error { code: error::BAD_FRAME, message: e }).await;
                     }
                 },
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Text(_))) => {
-                    ok = send(&mut socket, ServerFrame::Error { code: error::BAD_FRAME, message: "binary frames only".into() }).await;
+                    ok = send(socket, ServerFrame::Error { code: error::BAD_FRAME, message: "binary frames only".into() }).await;
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => ok = false,
             },
             _ = progress.changed() => {}
         }
     }
-    let mut inner = terminal.inner.lock().expect("terminal lock");
-    inner.viewers.remove(&id);
-    if inner.viewers.is_empty() {
-        inner.last_viewer_left = Some(Instant::now());
+}
+
+/// A viewer's place in its terminal, given up however the viewer ends (also when its
+/// future is dropped: a revoked user's socket).
+struct Registered {
+    terminal: Arc<Terminal>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut inner = self.terminal.inner.lock().expect("terminal lock");
+        inner.viewers.remove(&self.id);
+        if inner.viewers.is_empty() {
+            inner.last_viewer_left = Some(Instant::now());
+        }
+        drop(inner);
+        self.terminal.credit.notify_one();
     }
-    drop(inner);
-    terminal.credit.notify_one();
 }
 
 /// Sets the terminal's window size (the program gets SIGWINCH) and tells the viewers.

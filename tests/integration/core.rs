@@ -1055,7 +1055,10 @@ fn health_degraded() -> Result<(), Failed> {
         .http_status_as_error(false)
         .build()
         .into();
-    let mut resp = agent.get(stoa.url("/health")).call()?;
+    let mut resp = agent
+        .get(stoa.url("/health"))
+        .header("Authorization", format!("Bearer {}", stoa.token))
+        .call()?;
     let status = resp.status().as_u16();
     let body: Value = resp.body_mut().read_json()?;
     assert_eq!(

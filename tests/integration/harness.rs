@@ -288,8 +288,14 @@ impl Instance {
             .find(|p| cmdline(*p).iter().any(|a| a == "__daemon"))
     }
 
+    /// `/health`, with the admin token once it is known (without one it says only status
+    /// and version).
     pub fn health(&self) -> Option<Value> {
-        let mut resp = self.agent.get(self.url("/health")).call().ok()?;
+        let mut req = self.agent.get(self.url("/health"));
+        if !self.token.is_empty() {
+            req = req.header("Authorization", format!("Bearer {}", self.token));
+        }
+        let mut resp = req.call().ok()?;
         if resp.status() != 200 {
             return None;
         }

@@ -11,6 +11,7 @@ mod harness;
 mod limits;
 mod security_broker;
 mod security_store;
+mod security_front;
 mod sessions;
 mod terminal_browser;
 mod terminal_cli;
@@ -40,6 +41,7 @@ fn main() {
         terminal_cli::TESTS,
         terminal_browser::TESTS,
         security_store::TESTS,
+        security_front::TESTS,
     ]
     .concat()
     .into_iter()
