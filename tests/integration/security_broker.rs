@@ -31,7 +31,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         audit_flood,
     ),
     ("directory_checks_obey_the_policy", checkdir_policy),
-    ("health_reports_no_cpu_weight_that_runs_do_not_get", cpu_report),
+    (
+        "health_reports_no_cpu_weight_that_runs_do_not_get",
+        cpu_report,
+    ),
 ];
 
 fn agent(timeout: Duration) -> ureq::Agent {
@@ -374,7 +377,11 @@ fn cpu_report() -> Result<(), Failed> {
         std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .ok()?
             .lines()
-            .find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|n| n == "cpu")))
+            .find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|n| n == "cpu"))
+            })
             .map(str::to_string)
     };
     let run = stoa.sh(ALICE, "cat /proc/self/cgroup");
@@ -383,7 +390,11 @@ fn cpu_report() -> Result<(), Failed> {
         .as_str()
         .unwrap_or_default()
         .lines()
-        .find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|n| n == "cpu")))
+        .find(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|c| c.split(',').any(|n| n == "cpu"))
+        })
         .map(str::to_string);
     assert_eq!(cpu_line, own, "{run}");
     Ok(())
