@@ -35,6 +35,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "health_reports_no_cpu_weight_that_runs_do_not_get",
         cpu_report,
     ),
+    (
+        "a_worktree_swapped_after_its_check_runs_nothing",
+        worktree_swap,
+    ),
 ];
 
 fn agent(timeout: Duration) -> ureq::Agent {
@@ -397,5 +401,65 @@ fn cpu_report() -> Result<(), Failed> {
         })
         .map(str::to_string);
     assert_eq!(cpu_line, own, "{run}");
+    Ok(())
+}
+
+/// Finding 8: alice's session worktree sits in a directory bob owns. After the session was
+/// created (and the worktree checked), bob moves alice's directory away and puts his own
+/// in its place, with a planted file. Nothing of alice's may run there: the spawn child
+/// opens the path as alice and refuses a directory that is not the one checked.
+fn worktree_swap() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let alice = stoa.api_user("alice-wt", ALICE);
+    let parent = format!("/tmp/stoa-t-swap-{}", std::process::id());
+    let _ = std::fs::remove_dir_all(&parent);
+    std::fs::create_dir(&parent)?;
+    run("chown", &[&format!("{BOB}:"), &parent]);
+    run("chmod", &["0755", &parent]);
+    let wt = format!("{parent}/wt");
+    std::fs::create_dir(&wt)?;
+    run("chown", &[&format!("{ALICE}:"), &wt]);
+    let (status, session) = stoa.request(
+        "POST",
+        "/sessions",
+        Some(&alice),
+        Some(&json!({ "agentic_tool": "claude-code", "worktree": wt })),
+    );
+    assert_eq!(status, 201, "{session}");
+    let session = session["session_id"].as_str().unwrap().to_string();
+    let open = |stoa: &Instance| {
+        stoa.request(
+            "POST",
+            "/terminals",
+            Some(&alice),
+            Some(&json!({ "session_id": session, "command": ["sh", "-c", "pwd > .ran-here"], "cols": 80, "rows": 24 })),
+        )
+    };
+    // Before the swap it runs, in alice's directory.
+    let (status, t) = open(&stoa);
+    assert_eq!(status, 201, "{t}");
+    wait_until(
+        "the run in alice's worktree",
+        Duration::from_secs(10),
+        || std::path::Path::new(&format!("{wt}/.ran-here")).exists(),
+    );
+    // Bob swaps it: alice's directory moved aside, his own (open to all) in its place.
+    let out = Command::new("runuser")
+        .args(["-u", BOB, "--", "sh", "-c"])
+        .arg(format!(
+            "mv {wt} {parent}/moved && mkdir -m 0777 {wt} && echo planted > {wt}/planted"
+        ))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, reply) = open(&stoa);
+    let ran = std::path::Path::new(&format!("{wt}/.ran-here")).exists();
+    let _ = std::fs::remove_dir_all(&parent);
+    assert!(!ran, "alice's run ran in bob's directory");
+    assert_eq!(status, 403, "{reply}");
+    assert_eq!(reply["rule"], "worktree-replaced", "{reply}");
     Ok(())
 }
