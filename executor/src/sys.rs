@@ -281,12 +281,13 @@ pub enum ChildStage {
     Chdir,
     VerifyCwd,
     Exec,
+    Signal,
 }
 
 impl ChildStage {
     fn from_raw(raw: u32) -> Option<ChildStage> {
         use ChildStage::*;
-        const ALL: [ChildStage; 20] = [
+        const ALL: [ChildStage; 21] = [
             ResetSignals,
             JoinCgroups,
             NewSession,
@@ -307,6 +308,7 @@ impl ChildStage {
             Chdir,
             VerifyCwd,
             Exec,
+            Signal,
         ];
         ALL.into_iter().find(|s| *s as u32 == raw)
     }
@@ -336,6 +338,7 @@ impl ChildStage {
                 "checking the working directory is the one checked before (it was replaced)"
             }
             Exec => "executing the program",
+            Signal => "sending the signal",
         }
     }
 }
@@ -654,6 +657,60 @@ pub fn start_probe(identity: Option<&Identity>, path: &CStr) -> Result<Started, 
         report_fd: -1,
     };
     fork_with(prepared, probe_sequence)
+}
+
+/// Starts a child that takes `identity` (real, effective and saved ids all the user's, no
+/// capabilities) and sends `signal` to the process group `pgid`, so the kernel lets it
+/// reach only what that user could signal. The caller does not wait for it: a user who
+/// stops it stops only this signal. Its report is empty on success.
+pub fn start_signaller(identity: &Identity, pgid: i32, signal: i32) -> Result<Started, SpawnError> {
+    let mut groups_sorted = identity.groups.clone();
+    groups_sorted.sort_unstable();
+    groups_sorted.dedup();
+    let prepared = Prepared {
+        argv: Vec::new(),
+        env: Vec::new(),
+        fd_sources: [-1; MAX_CHILD_FDS],
+        fd_targets: [-1; MAX_CHILD_FDS],
+        fd_count: 0,
+        first_unkept_fd: 3,
+        // The target and the signal ride in fields this child has no other use for.
+        exe: pgid,
+        cgroup_procs: vec![signal],
+        controlling_tty: false,
+        rlimits: Vec::new(),
+        identity: Some(identity),
+        groups_scratch: vec![0; identity.groups.len() + 1],
+        groups_sorted,
+        facts: process_facts().map_err(SpawnError::Setup)?,
+        umask: 0o077,
+        cwd: None,
+        cwd_id: None,
+        parent_death_signal: None,
+        // SAFETY: getpid has no preconditions.
+        parent_pid: unsafe { libc::getpid() },
+        report_fd: -1,
+    };
+    fork_with(prepared, signal_sequence)
+}
+
+/// [`start_signaller`]'s child.
+fn signal_sequence(p: &mut Prepared<'_>, _report: RawFd) -> (ChildStage, i32) {
+    let mut steps = || -> Step {
+        reset_signals(p)?;
+        become_user(p)?;
+        // SAFETY: see the step functions' note; kill takes plain integers.
+        let rc = unsafe { libc::kill(-p.exe, p.cgroup_procs[0]) };
+        if rc < 0 {
+            return Err((ChildStage::Signal, errno()));
+        }
+        // SAFETY: _exit is async-signal-safe; success is an empty report.
+        unsafe { libc::_exit(0) }
+    };
+    match steps() {
+        Ok(()) => (ChildStage::Signal, 0),
+        Err(failed) => failed,
+    }
 }
 
 /// `clone3(CLONE_PIDFD)` arguments (`struct clone_args`, the first 64 bytes: version 0).

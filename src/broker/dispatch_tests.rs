@@ -346,3 +346,60 @@ fn checkdir_obeys_the_policy_and_runs_as_the_user() {
         } if d.uid == 2001
     ));
 }
+
+#[test]
+fn removed_and_rotated_users_are_revoked_to_the_daemon() {
+    use super::handlers::session::check_revocations;
+    use super::users::{ApiUser, UserStore};
+    let mut f = fixture("revoke");
+    let user = |id: u64, name: &str, digest: &str| ApiUser {
+        id,
+        name: name.into(),
+        unix_user: "alice".into(),
+        admin: false,
+        token_sha256: digest.into(),
+        created_at: 0,
+    };
+    let mut store = UserStore::default();
+    store.users = vec![user(5, "a", "aa"), user(6, "b", "bb"), user(7, "c", "cc")];
+    store.save(&f.dir).unwrap();
+    check_revocations(&mut f.broker);
+    assert!(f.replies().is_empty());
+    // b removed, c's token rotated, a untouched.
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    store.users = vec![user(5, "a", "aa"), user(7, "c", "cc2")];
+    store.save(&f.dir).unwrap();
+    check_revocations(&mut f.broker);
+    let replies = f.replies();
+    let Some(BrokerMessage::Event(Event::Revoked { mut api_users })) = replies.into_iter().next()
+    else {
+        panic!("no Revoked event")
+    };
+    api_users.sort();
+    assert_eq!(api_users, vec![6, 7]);
+    // A user added and removed between two looks, whose token was used meanwhile.
+    let token = super::users::new_token().unwrap();
+    store
+        .users
+        .push(user(8, "d", &super::users::digest_hex(&token)));
+    store.save(&f.dir).unwrap();
+    f.send(RequestBody::Authenticate {
+        credential: token,
+        peer: None,
+    })
+    .unwrap();
+    assert!(matches!(
+        f.replies().as_slice(),
+        [BrokerMessage::Reply {
+            body: ReplyBody::Principal(_),
+            ..
+        }]
+    ));
+    store.users.pop();
+    store.save(&f.dir).unwrap();
+    check_revocations(&mut f.broker);
+    assert!(matches!(
+        f.replies().as_slice(),
+        [BrokerMessage::Event(Event::Revoked { api_users })] if api_users == &vec![8]
+    ));
+}

@@ -240,14 +240,14 @@ impl Server {
             grace_secs: grace.as_secs(),
         });
         // Terminals do not finish by themselves: hang them up now.
-        let terminals: Vec<(u32, i32)> = b
+        let terminals: Vec<_> = b
             .handles
             .iter()
             .filter(|(_, e)| e.running() && e.info.fds == FdLayout::Pty)
-            .map(|(_, e)| (e.info.uid, e.info.pid))
+            .map(|(_, e)| (e.account.clone(), e.info.pid))
             .collect();
-        for (uid, pgid) in terminals {
-            let _ = b.os.signal_group(uid, pgid, Signal::Hup);
+        for (account, pgid) in terminals {
+            let _ = b.os.signal_group(&account, pgid, Signal::Hup);
         }
         self.flush_outbox();
     }

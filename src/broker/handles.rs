@@ -57,6 +57,8 @@ pub struct Entry {
     pub info: HandleInfo,
     /// The owner key of the API principal that asked for it (`Principal::owner`).
     pub principal: String,
+    /// The Unix account it runs as, as resolved at spawn: what signals to it are sent as.
+    pub account: super::spawn::Account,
     pub life: Life,
     /// Taken at clone: what the broker signals the child through when it must die before
     /// its exec, and proof the pid is still this child's.

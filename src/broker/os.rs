@@ -8,7 +8,7 @@
 //! | `lookup_user`    | `getpwnam_r`, fresh `getgrouplist`                               |
 //! | `launch`         | PTY or pipes, the job on the control socket, fork (no wait)      |
 //! | `start_probe`    | fork a child that becomes the user and enters a directory        |
-//! | `signal_group`   | `killpg` with real and effective uid the owner's                 |
+//! | `signal_group`   | a child with all the owner's ids sends `killpg` (not waited for) |
 //! | `kill_pidfd`     | `pidfd_send_signal(SIGKILL)` (a child that did not reach exec)   |
 //! | `reap`           | `waitpid(-1, WNOHANG)` until nothing is left                     |
 //! | `cgroup_*`       | [`super::cgroup::Cgroups`]                                       |
@@ -18,7 +18,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 
 use nix::sys::signal::{killpg, Signal as NixSignal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{Pid, Uid};
+use nix::unistd::Pid;
 use tracing::error;
 
 use stoa_executor::sys::{self, Identity, Rlimit, Started};
@@ -48,8 +48,9 @@ pub trait Os {
     ) -> Result<Launched, String>;
     /// Starts a child that, as `account`, enters `path` and reports what it is.
     fn start_probe(&mut self, account: &Account, path: &str) -> Result<Started, String>;
-    /// Signals the process group `pgid` of a live (unreaped) executor of `uid`.
-    fn signal_group(&mut self, uid: u32, pgid: i32, signal: Signal) -> nix::Result<()>;
+    /// Signals the process group `pgid` of a live (unreaped) executor of `account`, with
+    /// that account's identity; returns before the signal is sent.
+    fn signal_group(&mut self, account: &Account, pgid: i32, signal: Signal) -> nix::Result<()>;
     fn kill_pidfd(&mut self, pidfd: BorrowedFd<'_>);
     /// Every child that has ended since the last call.
     fn reap(&mut self) -> Vec<(i32, ExitStatus)>;
@@ -106,9 +107,21 @@ impl Os for RealOs {
         sys::start_probe(identity.as_ref(), &path).map_err(|e| e.to_string())
     }
 
-    fn signal_group(&mut self, uid: u32, pgid: i32, signal: Signal) -> nix::Result<()> {
-        let sig = NixSignal::try_from(signal.number())?;
-        as_owner(self.isolated, uid, || killpg(Pid::from_raw(pgid), sig))
+    fn signal_group(&mut self, account: &Account, pgid: i32, signal: Signal) -> nix::Result<()> {
+        if !self.isolated {
+            let sig = NixSignal::try_from(signal.number())?;
+            return killpg(Pid::from_raw(pgid), sig);
+        }
+        // A child with all the owner's ids sends it: the broker never takes a user's uid
+        // itself (while it held one, that user could stop it), and the kernel refuses the
+        // child anything that is not the owner's. Nobody waits for it; it is reaped as any
+        // child is.
+        sys::start_signaller(&account.identity(), pgid, signal.number())
+            .map(drop)
+            .map_err(|e| {
+                error!("cannot start the signalling child: {e}");
+                nix::errno::Errno::EAGAIN
+            })
     }
 
     fn kill_pidfd(&mut self, pidfd: BorrowedFd<'_>) {
@@ -177,26 +190,4 @@ pub fn exit_status(ws: WaitStatus) -> Option<(i32, ExitStatus)> {
         WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw(), ExitStatus::Signal(sig as i32))),
         _ => None,
     }
-}
-
-/// Runs `op` with `uid` as the real and effective uid (the saved uid stays 0, so the broker
-/// can switch back), so the kernel lets it signal only processes whose real or saved uid
-/// is `uid`. (A real uid of 0, as before, let it signal every root process.)
-fn as_owner<T>(isolated: bool, uid: u32, op: impl FnOnce() -> T) -> T {
-    if !isolated {
-        return op();
-    }
-    let root = Uid::from_raw(0);
-    let user = Uid::from_raw(uid);
-    if let Err(e) = nix::unistd::setresuid(user, user, root) {
-        error!("cannot take uid {uid} to signal: {e}; exiting");
-        std::process::exit(70);
-    }
-    let result = op();
-    if let Err(e) = nix::unistd::setresuid(root, root, root) {
-        // Carrying on with the wrong identity would break every later spawn.
-        error!("cannot restore uid 0: {e}; exiting");
-        std::process::exit(70);
-    }
-    result
 }

@@ -193,7 +193,8 @@ impl Os for RecordingOs {
         self.child(report).map_err(|e| e.to_string())
     }
 
-    fn signal_group(&mut self, uid: u32, pgid: i32, signal: Signal) -> nix::Result<()> {
+    fn signal_group(&mut self, account: &Account, pgid: i32, signal: Signal) -> nix::Result<()> {
+        let uid = account.uid;
         self.record(Call::SignalGroup { uid, pgid, signal });
         if self.0.borrow().gone.contains(&pgid) {
             return Err(nix::errno::Errno::ESRCH);

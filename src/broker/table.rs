@@ -274,6 +274,7 @@ fn prove_credential(
                 "the admin token has no unix user, so no secrets; use a user token".into(),
             );
         }
+        session::note_seen(b, &principal, credential);
         ctx.principal = Some(principal);
         return Ok(());
     }
@@ -305,6 +306,7 @@ fn prove_credential(
         warn!(user = %account.name, rule = r.rule, "refused: {}", r.message);
         return fail(b, refused_kind(&r), r.to_string());
     }
+    session::note_seen(b, &principal, credential);
     ctx.principal = Some(principal);
     ctx.account = Some(account);
     Ok(())

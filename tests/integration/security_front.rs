@@ -341,7 +341,8 @@ fn revocation() -> Result<(), Failed> {
     }
     assert!(
         closed,
-        "the removed user's terminal WebSocket is still open"
+        "the removed user's terminal WebSocket is still open\n{}",
+        stoa.log()
     );
     assert!(
         closed_by_server(&mut events, Duration::from_secs(3), None),

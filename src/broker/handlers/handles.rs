@@ -4,9 +4,10 @@
 //! Nothing is signalled or adopted once its process is reaped: a reaped pid may belong to
 //! anyone by now. A live executor is signalled as its process group (the executor is a
 //! session leader, so the group id is its pid, which cannot be reused while the broker has
-//! not reaped it) with the owner's real and effective uid, so the kernel refuses anything
-//! that is not the owner's; what it left behind goes with its cgroup, each member killed
-//! through a pidfd (`cgroup/tree.rs`).
+//! not reaped it) by a child that has taken all of the owner's ids, so the kernel refuses
+//! anything that is not the owner's; the broker itself never takes a user's uid (while it
+//! held one, that user could stop it). What an executor left behind goes with its cgroup,
+//! each member killed through a pidfd (`cgroup/tree.rs`).
 #![forbid(unsafe_code)]
 
 use std::os::fd::OwnedFd;
@@ -15,6 +16,7 @@ use serde_json::json;
 use tracing::{error, info};
 
 use super::super::handles::Life;
+use super::super::spawn::Account;
 use super::super::table::{error, Ctx, Outcome};
 use super::super::Broker;
 use crate::wire::{ErrorKind, Event, ExitStatus, FdLayout, Handle, ReplyBody, RequestBody, Signal};
@@ -48,8 +50,8 @@ pub fn kill(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
             format!("handle {} has exited; nothing was signalled", handle.0),
         );
     }
-    let (uid, pgid) = (entry.info.uid, entry.info.pid);
-    let reply = signal_group(b, uid, pgid, signal);
+    let (account, pgid) = (entry.account.clone(), entry.info.pid);
+    let reply = signal_group(b, &account, pgid, signal);
     if signal == Signal::Kill {
         // Not just the process group: everything the spawn started.
         if let Some(cg) = b.handles.get(handle).and_then(|e| e.cgroup.as_ref()) {
@@ -66,8 +68,8 @@ pub fn kill(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
     reply
 }
 
-pub fn signal_group(b: &mut Broker, uid: u32, pgid: i32, signal: Signal) -> Outcome {
-    match b.os.signal_group(uid, pgid, signal) {
+pub fn signal_group(b: &mut Broker, account: &Account, pgid: i32, signal: Signal) -> Outcome {
+    match b.os.signal_group(account, pgid, signal) {
         Ok(()) => Outcome::Reply(ReplyBody::Done, Vec::new()),
         Err(nix::errno::Errno::ESRCH) => error(ErrorKind::Failed, "no process left in that group"),
         Err(e) => error(ErrorKind::Failed, format!("cannot signal: {e}")),
@@ -190,19 +192,19 @@ pub fn on_reaped(b: &mut Broker, pid: i32, status: ExitStatus) {
     });
 }
 
-/// (uid, pgid, handle) of every executor that has exec'd and is not reaped.
-pub fn running(b: &Broker) -> Vec<(u32, i32, Handle)> {
+/// (account, pgid, handle) of every executor that has exec'd and is not reaped.
+pub fn running(b: &Broker) -> Vec<(Account, i32, Handle)> {
     b.handles
         .iter()
         .filter(|(_, e)| e.running())
-        .map(|(h, e)| (e.info.uid, e.info.pid, *h))
+        .map(|(h, e)| (e.account.clone(), e.info.pid, *h))
         .collect()
 }
 
 /// Signals every running executor's group (shutdown); with SIGKILL, their cgroups too.
 pub fn signal_all(b: &mut Broker, signal: Signal) {
-    for (uid, pgid, handle) in running(b) {
-        if let Err(e) = b.os.signal_group(uid, pgid, signal) {
+    for (account, pgid, handle) in running(b) {
+        if let Err(e) = b.os.signal_group(&account, pgid, signal) {
             if e != nix::errno::Errno::ESRCH {
                 error!(handle = handle.0, "cannot signal: {e}");
             }

@@ -160,6 +160,7 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
     b.handles.insert(Entry {
         info,
         principal: key,
+        account: account.clone(),
         life: Life::Starting(Box::new(Starting {
             report: launched.started.report,
             deadline: Instant::now() + START_DEADLINE,
@@ -313,8 +314,8 @@ pub fn finish(b: &mut Broker, handle: Handle, report: Result<ChildReport, String
                     "spawned for a daemon that is gone; ending it"
                 );
                 entry.released = true;
-                let (uid, pid) = (info.uid, info.pid);
-                let _ = b.os.signal_group(uid, pid, crate::wire::Signal::Kill);
+                let (account, pid) = (entry.account.clone(), info.pid);
+                let _ = b.os.signal_group(&account, pid, crate::wire::Signal::Kill);
                 if let Some(cg) = b.handles.get(handle).and_then(|e| e.cgroup.as_ref()) {
                     b.os.cgroup_kill(cg);
                 }

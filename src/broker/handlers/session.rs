@@ -62,7 +62,10 @@ pub fn authenticate(b: &mut Broker, _ctx: &Ctx, body: RequestBody) -> Outcome {
         .then(|| b.credentials.verify(&credential))
         .flatten();
     match principal {
-        Some(p) => Outcome::Reply(ReplyBody::Principal(p), Vec::new()),
+        Some(p) => {
+            note_seen(b, &p, &credential);
+            Outcome::Reply(ReplyBody::Principal(p), Vec::new())
+        }
         None => {
             audit_auth_failure(b, peer.as_deref(), "Authenticate");
             error(ErrorKind::Unauthorized, "invalid credential")
@@ -136,6 +139,18 @@ pub fn audit_refusal(
                 "suppressed_before": suppressed,
             }),
         );
+    }
+}
+
+/// A user credential the daemon now holds counts as seen, even if the user was added and
+/// removed between two looks at the store: its removal must still end its connections.
+pub fn note_seen(b: &mut Broker, principal: &crate::wire::Principal, credential: &str) {
+    if let (crate::wire::Principal::User { id, .. }, Some(known)) =
+        (principal, b.known_users.as_mut())
+    {
+        known
+            .entry(*id)
+            .or_insert_with(|| super::super::users::digest_hex(credential));
     }
 }
 
