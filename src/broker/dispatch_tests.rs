@@ -125,7 +125,7 @@ fn nothing_but_hello_before_hello_and_no_unknown_handle_ever() {
         request_id: None,
         body,
     };
-    assert!(table::dispatch(&mut b, req(RequestBody::ListHandles)).is_err());
+    assert!(table::dispatch(&mut b, req(RequestBody::ListHandles { after: None })).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 
     let mut f = fixture("violations");
@@ -360,8 +360,10 @@ fn removed_and_rotated_users_are_revoked_to_the_daemon() {
         token_sha256: digest.into(),
         created_at: 0,
     };
-    let mut store = UserStore::default();
-    store.users = vec![user(5, "a", "aa"), user(6, "b", "bb"), user(7, "c", "cc")];
+    let mut store = UserStore {
+        users: vec![user(5, "a", "aa"), user(6, "b", "bb"), user(7, "c", "cc")],
+        ..UserStore::default()
+    };
     store.save(&f.dir).unwrap();
     check_revocations(&mut f.broker);
     assert!(f.replies().is_empty());
@@ -402,4 +404,62 @@ fn removed_and_rotated_users_are_revoked_to_the_daemon() {
         f.replies().as_slice(),
         [BrokerMessage::Event(Event::Revoked { api_users })] if api_users == &vec![8]
     ));
+}
+
+#[test]
+fn a_spawn_whose_daemon_went_and_whose_child_is_reaped_signals_nothing() {
+    let mut f = fixture("orphan-reaped");
+    let body = f.spawn_req(&f.admin.clone(), "alice", vec!["true".into()]);
+    f.send(body).unwrap();
+    f.broker.new_link();
+    // The child exec'd and exited before its report was read.
+    let handle = f.broker.handles.starting()[0];
+    let pid = f.broker.handles.get(handle).unwrap().info.pid;
+    f.os.0.borrow_mut().exits.push((pid, ExitStatus::Code(0)));
+    for (pid, status) in f.broker.os.reap() {
+        handles::on_reaped(&mut f.broker, pid, status);
+    }
+    assert!(!f
+        .os
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::SignalGroup { .. })));
+    assert!(f.broker.handles.get(handle).is_none(), "nothing left of it");
+}
+
+#[test]
+fn handles_are_listed_a_page_at_a_time_within_the_frame_limit() {
+    let mut f = fixture("pages");
+    let argv: Vec<String> = (0..8)
+        .map(|i| format!("{i}{}", "x".repeat(16 * 1024 - 2)))
+        .collect();
+    for _ in 0..20 {
+        let body = f.spawn_req(&f.admin.clone(), "alice", argv.clone());
+        f.send(body).unwrap();
+    }
+    launch::check_starting(&mut f.broker);
+    f.replies();
+    let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
+    loop {
+        f.send(RequestBody::ListHandles { after }).unwrap();
+        let out = std::mem::take(&mut f.broker.outbox);
+        let frame = stoa_executor::codec::encode(&out[0].message).unwrap();
+        assert!(frame.len() < 1024 * 1024, "a page of {} bytes", frame.len());
+        let BrokerMessage::Reply {
+            body: ReplyBody::Handles { list, more },
+            ..
+        } = &out[0].message
+        else {
+            panic!("{:?}", out[0].message)
+        };
+        pages += 1;
+        seen.extend(list.iter().map(|i| i.handle));
+        after = list.last().map(|i| i.handle);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 20);
+    assert!(pages > 1);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
 }

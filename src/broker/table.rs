@@ -16,7 +16,7 @@
 //! | `ListSecrets`  | after Hello | a user credential                              | `secrets::list`         | – |
 //! | `Kill`         | after Hello | a handle it was given and has not released     | `handles::kill`         | `signal` (with owner) |
 //! | `Release`      | after Hello | a handle it was given and has not released     | `handles::release`      | `release` (with owner) |
-//! | `ListHandles`  | after Hello | –                                              | `handles::list`         | – |
+//! | `ListHandles`  | after Hello | – (a page at a time)                           | `handles::list`         | – |
 //! | `Adopt`        | after Hello | a handle it was given and has not released     | `handles::adopt`        | `adopt` (with owner) |
 //! | `Stats`        | after Hello | –                                              | `session::stats`        | – |
 //!
@@ -124,7 +124,7 @@ pub fn name(body: &RequestBody) -> &'static str {
         RequestBody::ListSecrets { .. } => "ListSecrets",
         RequestBody::Kill { .. } => "Kill",
         RequestBody::Release { .. } => "Release",
-        RequestBody::ListHandles => "ListHandles",
+        RequestBody::ListHandles { .. } => "ListHandles",
         RequestBody::Adopt { .. } => "Adopt",
         RequestBody::Stats => "Stats",
     }

@@ -343,19 +343,29 @@ impl broker_link::LinkObserver for Observer {
 /// their exit recorded, then released.
 async fn adopt_all(state: &Arc<AppState>) -> Vec<(HandleInfo, Vec<std::os::fd::OwnedFd>)> {
     let mut adopted = Vec::new();
-    let list = match state.link.request(RequestBody::ListHandles).await {
-        Ok(r) => match r.body {
-            ReplyBody::Handles(list) => list,
-            other => {
-                warn!("unexpected reply to ListHandles: {other:?}");
+    // The broker answers a page at a time.
+    let (mut list, mut after) = (Vec::new(), None);
+    loop {
+        match state.link.request(RequestBody::ListHandles { after }).await {
+            Ok(r) => match r.body {
+                ReplyBody::Handles { list: page, more } => {
+                    after = page.last().map(|i| i.handle);
+                    list.extend(page);
+                    if !more || after.is_none() {
+                        break;
+                    }
+                }
+                other => {
+                    warn!("unexpected reply to ListHandles: {other:?}");
+                    return adopted;
+                }
+            },
+            Err(e) => {
+                warn!("cannot list handles: {e}");
                 return adopted;
             }
-        },
-        Err(e) => {
-            warn!("cannot list handles: {e}");
-            return adopted;
         }
-    };
+    }
     for info in list {
         let reply = match state
             .link

@@ -17,7 +17,7 @@
 //! | `ListSecrets { credential }`      | `Names(Vec<String>)` / `Error`   | –                               |
 //! | `Kill { handle, signal }`         | `Done` / `Error`                 | –                               |
 //! | `Release { handle }`              | `Done`                           | –                               |
-//! | `ListHandles`                     | `Handles(Vec<HandleInfo>)`       | –                               |
+//! | `ListHandles { after }`           | `Handles { list, more }` (a page)| –                               |
 //! | `Adopt { handle }`                | `Adopted(HandleInfo)`            | per [`FdLayout`] (duplicates)   |
 //! | `Stats`                           | `Stats(BrokerStats)`             | –                               |
 //!
@@ -120,7 +120,11 @@ pub enum RequestBody {
     Release {
         handle: Handle,
     },
-    ListHandles,
+    /// The handles after `after` (all with `None`), a page at a time: a page stays well
+    /// inside the frame limit however many handles there are and whatever their argv.
+    ListHandles {
+        after: Option<Handle>,
+    },
     Adopt {
         handle: Handle,
     },
@@ -227,7 +231,11 @@ pub enum ReplyBody {
     // Boxed: by far the largest reply, and replies travel in `Result`s.
     Spawned(Box<HandleInfo>),
     Adopted(Box<HandleInfo>),
-    Handles(Vec<HandleInfo>),
+    /// A page of `ListHandles`, in handle order; `more`: ask again after the last one.
+    Handles {
+        list: Vec<HandleInfo>,
+        more: bool,
+    },
     Names(Vec<String>),
     Stats(BrokerStats),
     /// `CheckDir`: the directory the user can enter, pinned.

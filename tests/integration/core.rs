@@ -526,7 +526,7 @@ fn hostile_frames() -> Result<(), Failed> {
         let mut f = frame(&Request {
             request_id: None,
             id: 9,
-            body: RequestBody::ListHandles,
+            body: RequestBody::ListHandles { after: None },
         });
         f.push(0);
         let len = (f.len() - 4) as u32;
@@ -565,7 +565,7 @@ fn hostile_frames() -> Result<(), Failed> {
             frame(&Request {
                 request_id: None,
                 id: 9,
-                body: RequestBody::ListHandles,
+                body: RequestBody::ListHandles { after: None },
             }),
             true,
         ),

@@ -274,7 +274,11 @@ fn stale_handle() -> Result<(), Failed> {
     let daemon = stoa.daemon_pid().expect("daemon");
     run("kill", &["-STOP", &daemon.to_string()]);
     let mut link = UnixStream::from(sys::pidfd_getfd(daemon, 3)?);
-    let ReplyBody::Handles(list) = ask(&mut link, 1_000_001, RequestBody::ListHandles) else {
+    let ReplyBody::Handles { list, .. } = ask(
+        &mut link,
+        1_000_001,
+        RequestBody::ListHandles { after: None },
+    ) else {
         panic!("ListHandles")
     };
     let handle: Handle = list

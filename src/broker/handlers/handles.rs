@@ -91,14 +91,30 @@ pub fn release(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
     Outcome::Reply(ReplyBody::Done, Vec::new())
 }
 
-pub fn list(b: &mut Broker, _ctx: &Ctx, _body: RequestBody) -> Outcome {
-    let list = b
+/// How much of a `ListHandles` page is handle records (the frame limit is 1 MiB; one
+/// record, with an argv at its limit, is under 140 KiB).
+pub const LIST_PAGE_BYTES: usize = 256 * 1024;
+
+pub fn list(b: &mut Broker, _ctx: &Ctx, body: RequestBody) -> Outcome {
+    let RequestBody::ListHandles { after } = body else {
+        unreachable!("the table routes only ListHandles here")
+    };
+    let (mut list, mut bytes, mut more) = (Vec::new(), 0, false);
+    let after_start = |h: &Handle| after.is_none_or(|a| *h > a);
+    for (_, e) in b
         .handles
         .iter()
-        .filter(|(_, e)| e.visible())
-        .map(|(_, e)| e.info.clone())
-        .collect();
-    Outcome::Reply(ReplyBody::Handles(list), Vec::new())
+        .filter(|(h, e)| e.visible() && after_start(h))
+    {
+        let size = stoa_executor::codec::encode(&e.info).map_or(usize::MAX, |f| f.len());
+        if !list.is_empty() && bytes + size > LIST_PAGE_BYTES {
+            more = true;
+            break;
+        }
+        bytes += size;
+        list.push(e.info.clone());
+    }
+    Outcome::Reply(ReplyBody::Handles { list, more }, Vec::new())
 }
 
 pub fn adopt(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
