@@ -206,27 +206,27 @@ fn freeze() -> Result<(), Failed> {
 }
 
 /// Reads broker messages from a stolen link until the reply to `id`.
-fn reply_to(link: &mut UnixStream, id: u64) -> ReplyBody {
+fn reply_to(link: &mut UnixStream, id: u64) -> std::io::Result<ReplyBody> {
     loop {
         let mut header = [0u8; 4];
-        link.read_exact(&mut header).expect("frame header");
+        link.read_exact(&mut header)?;
         let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-        link.read_exact(&mut payload).expect("frame payload");
-        match codec::decode::<BrokerMessage>(&payload).expect("a broker message") {
-            BrokerMessage::Reply { id: got, body } if got == id => return body,
+        link.read_exact(&mut payload)?;
+        match codec::decode::<BrokerMessage>(&payload).map_err(std::io::Error::other)? {
+            BrokerMessage::Reply { id: got, body } if got == id => return Ok(body),
             _ => continue,
         }
     }
 }
 
-fn ask(link: &mut UnixStream, id: u64, body: RequestBody) -> ReplyBody {
+fn ask(link: &mut UnixStream, id: u64, body: RequestBody) -> std::io::Result<ReplyBody> {
     let frame = codec::encode(&Request {
         id,
         request_id: None,
         body,
     })
-    .unwrap();
-    link.write_all(&frame).unwrap();
+    .map_err(std::io::Error::other)?;
+    link.write_all(&frame)?;
     reply_to(link, id)
 }
 
@@ -273,12 +273,32 @@ fn stale_handle() -> Result<(), Failed> {
     };
     let daemon = stoa.daemon_pid().expect("daemon");
     run("kill", &["-STOP", &daemon.to_string()]);
+    // Every thread stopped: none of them may still be reading the link.
+    wait_until("the daemon to stop", Duration::from_secs(5), || {
+        std::fs::read_dir(format!("/proc/{daemon}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|s| {
+                            s.rsplit(')')
+                                .next()
+                                .map(|r| r.trim_start().starts_with('T'))
+                        })
+                        .unwrap_or(true)
+                })
+            })
+            .unwrap_or(false)
+    });
     let mut link = UnixStream::from(sys::pidfd_getfd(daemon, 3)?);
+    let failed = |e: std::io::Error| -> Failed { format!("{e}\n{}", stoa.log()).into() };
     let ReplyBody::Handles { list, .. } = ask(
         &mut link,
         1_000_001,
         RequestBody::ListHandles { after: None },
-    ) else {
+    )
+    .map_err(failed)?
+    else {
         panic!("ListHandles")
     };
     let handle: Handle = list
@@ -305,8 +325,9 @@ fn stale_handle() -> Result<(), Failed> {
             handle,
             signal: Signal::Kill,
         },
-    );
-    let adopted = ask(&mut link, 1_000_003, RequestBody::Adopt { handle });
+    )
+    .map_err(failed)?;
+    let adopted = ask(&mut link, 1_000_003, RequestBody::Adopt { handle }).map_err(failed)?;
     std::thread::sleep(Duration::from_millis(200));
     let root_alive = root.try_wait()?.is_none();
     let _ = root.kill();
