@@ -63,6 +63,28 @@ fn post_exec(agent: &ureq::Agent, stoa_port: u16, token: &str, body: &Value) -> 
     }
 }
 
+/// A working directory of alice's that takes her spawn child milliseconds to open: a chain
+/// of 39 symlinks, each through 800 `a/..` steps. A user may make their own paths
+/// slow; it widens the window between the child's identity change and its exec, so her
+/// stop loop catches it there every time, as it does by chance with any path.
+fn slow_path() -> String {
+    let home = format!("/home/{ALICE}/slow");
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(format!("{home}/a")).unwrap();
+    // 800 steps: a symlink holds at most 4095 bytes.
+    let steps = "a/../".repeat(800);
+    for i in 0..39 {
+        let next = if i == 38 {
+            "a".to_string()
+        } else {
+            format!("l{}", i + 1)
+        };
+        std::os::unix::fs::symlink(format!("{steps}{next}"), format!("{home}/l{i}")).unwrap();
+    }
+    run("chown", &["-R", "-h", &format!("{ALICE}:"), &home]);
+    format!("{home}/l0")
+}
+
 /// A `kill(-1, SIGSTOP)` loop: compiled C if `cc` works, else perl.
 fn stopper_program(dir: &std::path::Path) -> Vec<String> {
     let src = dir.join("stopper.c");
@@ -96,6 +118,7 @@ fn freeze() -> Result<(), Failed> {
     // there: the faster it sends, the likelier a spawn child is caught between its
     // identity change and its exec.
     let stopper = stopper_program(&stoa.dir);
+    let slow = slow_path();
     let mut stoppers = (0..1)
         .map(|_| {
             Command::new("runuser")
@@ -146,13 +169,13 @@ fn freeze() -> Result<(), Failed> {
     for _ in 0..8 {
         let wave: Vec<_> = (0..3)
             .map(|_| {
-                let token = token.clone();
+                let (token, slow) = (token.clone(), slow.clone());
                 std::thread::spawn(move || {
                     post_exec(
                         &agent(Duration::from_secs(13)),
                         port,
                         &token,
-                        &json!({ "unix_user": ALICE, "argv": ["true"] }),
+                        &json!({ "unix_user": ALICE, "argv": ["true"], "cwd": slow }),
                     )
                 })
             })
