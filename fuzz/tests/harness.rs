@@ -1,55 +1,84 @@
-//! The model and the seeds agree with what the broker is documented to do (run from fuzz/:
-//! `cargo test`; the fuzz targets themselves need `cargo fuzz`).
+//! The harness drives the real broker as documented (run from fuzz/: `cargo test`; the
+//! fuzz targets themselves need `cargo fuzz`): a well-behaved session is answered in full,
+//! Hello comes first and once, the limits are exact to the byte, every policy rule
+//! refuses, and the seeds and control records parse as meant.
 
-use stoa::broker::permit::LinkState;
-use stoa::wire::{limits, Program, RequestBody};
-use stoa_fuzz::model::{Model, Outcome};
-use stoa_fuzz::seeds;
+use arbitrary::{Arbitrary, Unstructured};
 
-fn spawn_outcome(req: stoa::wire::SpawnRequest) -> Outcome {
-    let mut m = Model::new();
-    assert_eq!(m.request(seeds::hello()), Outcome::Welcomed);
-    m.request(stoa_fuzz::request(2, None, RequestBody::Spawn(req)))
+use stoa::wire::{limits, Program, Request, RequestBody, SpawnRequest, PROTOCOL_VERSION};
+use stoa_fuzz::arb::{AChild, AStatus, Op};
+use stoa_fuzz::harness::{Harness, ADMIN_TOKEN, API_USERS};
+use stoa_fuzz::{records, request, seeds};
+
+fn harness() -> Harness {
+    let mut h = Harness::new();
+    h.tally = Some(Default::default());
+    h
+}
+
+fn count(h: &Harness, key: &str) -> usize {
+    h.tally.as_ref().unwrap().get(key).copied().unwrap_or(0)
+}
+
+fn welcomed() -> Harness {
+    let mut h = harness();
+    h.request(seeds::hello()).unwrap();
+    h
+}
+
+fn spawn(id: u64, req: SpawnRequest) -> Request {
+    request(id, None, RequestBody::Spawn(req))
+}
+
+/// `req` as alice with `credential`, then her child reports.
+fn spawn_as(h: &mut Harness, credential: &str, user: &str) {
+    let mut req = seeds::spawn_exec();
+    req.credential = credential.into();
+    req.unix_user = user.into();
+    req.secrets = false;
+    h.request(spawn(9, req)).unwrap();
+    h.control(Op::Check);
 }
 
 #[test]
-fn session_runs_until_the_unknown_handle() {
-    let mut m = Model::new();
-    let session = seeds::session();
-    let n = session.len();
-    for (i, req) in session.into_iter().enumerate() {
-        let out = m.request(req);
-        if i == n - 1 {
-            assert!(matches!(out, Outcome::Violation(_)), "{out:?}");
-        } else {
-            assert!(!matches!(out, Outcome::Violation(_)), "{i}: {out:?}");
-        }
-    }
-    assert_eq!(m.state, LinkState::Ready);
-    assert_eq!(m.accepted_spawns, 2);
+fn the_session_is_answered_in_full() {
+    let mut h = harness();
+    let input = seeds::input_of(3, &seeds::session());
+    let (seed, recs) = records::parse(&input).unwrap();
+    h.run(seed, &recs);
+    assert_eq!(h.violations, 0, "{:?}", h.tally);
+    assert_eq!(h.launches, 2);
+    assert_eq!(count(&h, "Spawn -> Spawned"), 2, "{:?}", h.tally);
+    assert_eq!(count(&h, "CheckDir -> Dir"), 1);
+    assert_eq!(count(&h, "Kill -> Done"), 1);
+    assert_eq!(count(&h, "Adopt -> Adopted"), 1);
+    assert_eq!(count(&h, "Release -> Done"), 1);
+    assert_eq!(count(&h, "SetSecret -> Done"), 1);
+    assert_eq!(count(&h, "DeleteSecret -> Done"), 1);
 }
 
 #[test]
 fn hello_first_and_once() {
-    let mut m = Model::new();
-    assert!(matches!(
-        m.request(seeds::session()[1].clone()),
-        Outcome::Violation(_)
-    ));
-    let mut m = Model::new();
-    m.request(seeds::hello());
-    assert!(matches!(m.request(seeds::hello()), Outcome::Violation(_)));
+    let mut h = harness();
+    assert!(h.request(request(1, None, RequestBody::Stats)).is_err());
+    let mut h = welcomed();
+    assert!(h.request(seeds::hello()).is_err());
+    let mut h = harness();
+    let old = RequestBody::Hello {
+        protocol: PROTOCOL_VERSION - 1,
+    };
+    assert!(h.request(request(1, None, old)).is_err());
 }
 
 #[test]
 fn limits_are_exact() {
-    assert_eq!(
-        spawn_outcome(seeds::spawn_at_limits()),
-        Outcome::SpawnAccepted
-    );
-    let over: [fn(&mut stoa::wire::SpawnRequest); 6] = [
+    let mut h = welcomed();
+    h.request(spawn(2, seeds::spawn_at_limits())).unwrap();
+    h.control(Op::Check);
+    assert_eq!(h.launches, 1, "{:?}", h.tally);
+    let over: [fn(&mut SpawnRequest); 6] = [
         |r| r.credential.push('c'),
-        |r| r.unix_user.push('u'),
+        |r| r.unix_user = "u".repeat(limits::MAX_NAME_BYTES + 1),
         |r| {
             if let Program::Exec { argv } = &mut r.program {
                 argv[1].push('a')
@@ -62,21 +91,91 @@ fn limits_are_exact() {
     for f in over {
         let mut r = seeds::spawn_at_limits();
         f(&mut r);
-        assert!(matches!(spawn_outcome(r), Outcome::SpawnRefused(_)));
+        h.request(spawn(3, r)).unwrap();
     }
     let mut r = seeds::spawn_at_limits();
     r.env.push(("X".into(), String::new()));
     assert!(r.env.len() > limits::MAX_ENV_VARS);
-    assert!(matches!(spawn_outcome(r), Outcome::SpawnRefused(_)));
+    h.request(spawn(4, r)).unwrap();
+    h.finish();
+    assert_eq!(h.launches, 1, "{:?}", h.tally);
+    // The long credential is no credential at all; the rest are malformed.
+    assert_eq!(count(&h, "Spawn -> Unauthorized"), 1, "{:?}", h.tally);
+    assert_eq!(count(&h, "Spawn -> BadRequest"), 6, "{:?}", h.tally);
 }
 
 #[test]
-fn seeds_decode() {
+fn every_policy_rule_refuses() {
+    let mut h = welcomed();
+    for (user, rule) in [
+        ("root", "root"),
+        ("stoa", "service-user"),
+        ("svcgrp", "service-user"),
+        ("lp", "allow-group"),
+        ("wheel", "root-group"),
+        ("nosuch", "unknown-user"),
+    ] {
+        let key = format!("Spawn -> Refused({rule})");
+        let before = count(&h, &key);
+        spawn_as(&mut h, ADMIN_TOKEN, user);
+        assert_eq!(count(&h, &key), before + 1, "{user}");
+    }
+    // An API user acts as its own Unix user only, unless it is an admin.
+    spawn_as(&mut h, API_USERS[0].token, "bob");
+    assert_eq!(count(&h, "Spawn -> Forbidden"), 1);
+    spawn_as(&mut h, API_USERS[1].token, "alice");
+    let mut env = seeds::spawn_exec();
+    env.env.push(("LD_PRELOAD".into(), "/tmp/x.so".into()));
+    h.request(spawn(10, env)).unwrap();
+    assert_eq!(count(&h, "Spawn -> Refused(env-deny)"), 1);
+    h.control(Op::Revoke(0));
+    spawn_as(&mut h, API_USERS[0].token, "alice");
+    assert_eq!(count(&h, "Spawn -> Unauthorized"), 1);
+    h.finish();
+    assert_eq!(h.launches, 1, "{:?}", h.tally);
+}
+
+#[test]
+fn control_records_parse_as_meant() {
+    let ops = [
+        Op::Check,
+        Op::Children(AChild::Execs),
+        Op::Children(AChild::Hangs),
+        Op::Children(AChild::Fails {
+            stage: 17,
+            errno: -3,
+        }),
+        Op::Children(AChild::Dir),
+        Op::Exit {
+            child: 3,
+            status: AStatus::Code(7),
+        },
+        Op::Exit {
+            child: 0,
+            status: AStatus::Signal(9),
+        },
+        Op::StrayExit(513),
+        Op::Gone(2),
+        Op::Expire,
+        Op::NewLink,
+        Op::Shutdown,
+        Op::SignalAll { kill: true },
+        Op::Revoke(1),
+    ];
+    for op in ops {
+        let bytes = seeds::op_bytes(op);
+        assert_eq!(Op::arbitrary(&mut Unstructured::new(&bytes)).unwrap(), op);
+    }
+}
+
+#[test]
+fn seeds_parse_and_run() {
     for (_, input) in seeds::frame_decoder() {
         assert!(!input.is_empty());
     }
     for (name, input) in seeds::broker_requests() {
-        let (_, recs) = stoa_fuzz::records::parse(&input).unwrap();
+        let (seed, recs) = records::parse(&input).unwrap();
         assert!(!recs.is_empty(), "{name}");
+        harness().run(seed, &recs);
     }
 }
