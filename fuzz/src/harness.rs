@@ -296,6 +296,8 @@ struct Child {
     uid: u32,
     /// Its spawn was answered `Spawned` with this handle (it reported its exec).
     handle: Option<Handle>,
+    /// That answer went to a link that was gone by then (the broker ends such a run).
+    orphaned: bool,
     /// Its exit was fed (it is reaped).
     exited: bool,
 }
@@ -335,6 +337,8 @@ pub struct Harness {
     pub tally: Option<BTreeMap<String, usize>>,
     pub violations: usize,
     pub launches: usize,
+    /// Times the known finding above happened (a reaped orphan's group signalled).
+    pub reaped_orphans_signalled: usize,
 }
 
 impl Harness {
@@ -368,6 +372,7 @@ impl Harness {
             tally: None,
             violations: 0,
             launches: 0,
+            reaped_orphans_signalled: 0,
         }
     }
 
@@ -719,6 +724,7 @@ impl Harness {
                             kind: Kind::Executor,
                             uid,
                             handle: None,
+                            orphaned: false,
                             exited: false,
                         },
                     );
@@ -754,12 +760,13 @@ impl Harness {
                             kind: Kind::Probe,
                             uid,
                             handle: None,
+                            orphaned: false,
                             exited: false,
                         },
                     );
                     started += 1;
                 }
-                Call::SignalGroup { uid, pgid, .. } => {
+                Call::SignalGroup { uid, pgid, signal } => {
                     if let Step::Request(body, ok) = step {
                         assert!(
                             ok && matches!(body, RequestBody::Kill { .. }),
@@ -776,6 +783,19 @@ impl Harness {
                         child.handle.is_some(),
                         "{call:?}: it never reported its exec"
                     );
+                    // FINDING (2026-11-26, see README): a spawn whose daemon went before its
+                    // report was read, reaped before the loop read it: `on_reaped` calls
+                    // `launch::finish`, which ends the orphaned run with `signal_group` on the
+                    // pid it has just reaped. Counted, not fatal, so everything else keeps
+                    // being fuzzed; `tests/harness.rs` pins it. Remove once fixed.
+                    let known = child.exited
+                        && child.orphaned
+                        && *signal == Signal::Kill
+                        && matches!(step, Step::Control(Op::Exit { .. }));
+                    if known {
+                        self.reaped_orphans_signalled += 1;
+                        continue;
+                    }
                     assert!(
                         !child.exited,
                         "{call:?}: after its exit was reaped ({step:?})"
@@ -932,6 +952,7 @@ impl Harness {
                 assert_eq!(child.uid, info.uid);
                 assert!(child.handle.is_none(), "one child, two handles");
                 child.handle = Some(info.handle);
+                child.orphaned = link != self.broker.link;
                 assert!(
                     self.issued.insert(info.handle, info.pid).is_none(),
                     "handle {:?} issued twice",

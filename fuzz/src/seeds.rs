@@ -211,6 +211,20 @@ pub fn op_bytes(op: Op) -> Vec<u8> {
     out
 }
 
+/// The known finding: a spawn whose daemon goes before its child's exec is read, and
+/// the child is reaped before the loop reads it; the broker signals the reaped pid's group.
+pub fn orphan_reaped() -> Vec<Step> {
+    vec![
+        Step::Req(hello()),
+        Step::Req(request(2, None, RequestBody::Spawn(spawn_exec()))),
+        Step::Op(Op::NewLink),
+        Step::Op(Op::Exit {
+            child: 0,
+            status: AStatus::Code(0),
+        }),
+    ]
+}
+
 /// A `broker_requests` input of `steps`, requests as raw payloads.
 pub fn input_of(seed: u8, steps: &[Step]) -> Vec<u8> {
     let recs: Vec<(u8, Vec<u8>)> = steps
@@ -293,6 +307,7 @@ pub fn broker_requests() -> Vec<(&'static str, Vec<u8>)> {
     let spawn_step = |id: u64| req(id, RequestBody::Spawn(spawn_exec()));
     vec![
         ("session", input_of(0, &session())),
+        ("regression-orphan-reaped", input_of(0, &orphan_reaped())),
         ("session-bytewise", input_of(1, &session())),
         ("session-random", input_of(7, &session())),
         (

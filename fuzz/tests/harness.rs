@@ -179,3 +179,23 @@ fn seeds_parse_and_run() {
         harness().run(seed, &recs);
     }
 }
+
+/// The known finding (README): reaping the child of a spawn whose daemon is gone, before
+/// its exec report was read, makes `launch::finish` signal the group of the pid just
+/// reaped. When this fails, the broker is fixed: remove the exception in the harness.
+#[test]
+fn known_finding_a_reaped_orphan_is_signalled() {
+    let mut h = harness();
+    let input = seeds::input_of(0, &seeds::orphan_reaped());
+    let (seed, recs) = records::parse(&input).unwrap();
+    h.run(seed, &recs);
+    assert_eq!(h.reaped_orphans_signalled, 1);
+    // Read before the reap, the same run is ended while it still exists: no finding.
+    let mut h = harness();
+    let mut steps = seeds::orphan_reaped();
+    steps.insert(3, seeds::Step::Op(Op::Check));
+    let input = seeds::input_of(0, &steps);
+    let (seed, recs) = records::parse(&input).unwrap();
+    h.run(seed, &recs);
+    assert_eq!(h.reaped_orphans_signalled, 0);
+}
