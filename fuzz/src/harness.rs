@@ -328,6 +328,8 @@ pub struct Harness {
     seed: u8,
     /// Requests dispatched without a violation and not yet answered, by (link, id).
     pending: HashMap<(u64, u64), Vec<&'static str>>,
+    /// The request being dispatched, until it is answered.
+    current: Option<((u64, u64), &'static str)>,
     children: BTreeMap<i32, Child>,
     /// Handles answered `Spawned`, and their pids.
     issued: HashMap<Handle, i32>,
@@ -365,6 +367,7 @@ impl Harness {
             dead: false,
             seed: 0,
             pending: HashMap::new(),
+            current: None,
             children: BTreeMap::new(),
             issued: HashMap::new(),
             exit_events: HashSet::new(),
@@ -474,7 +477,8 @@ impl Harness {
             if let RequestBody::Hello { protocol } = &body {
                 assert_eq!(*protocol, PROTOCOL_VERSION);
             }
-            self.pending.entry((link, id)).or_default().push(name);
+            // Its answer now, if it has one, comes in `after`; else it waits.
+            self.current = Some(((link, id), name));
         } else {
             assert_eq!(
                 self.broker.link_state, before,
@@ -486,6 +490,9 @@ impl Harness {
                 .or_default() += 1;
         }
         self.after(mark, Step::Request(&body, result.is_ok()));
+        if let Some((key, name)) = self.current.take() {
+            self.pending.entry(key).or_default().push(name);
+        }
         result
     }
 
@@ -924,6 +931,29 @@ impl Harness {
     }
 
     fn reply(&mut self, link: u64, id: u64, body: ReplyBody, fds: usize) {
+        // A reply queued while a request is dispatched answers that one (ids may repeat:
+        // an earlier request with the same id is answered only by a later step).
+        let name = match self.current {
+            Some((key, name)) if key == (link, id) => {
+                assert!(
+                    answers(name, &body),
+                    "{} answers a {name}",
+                    describe_body(&body)
+                );
+                self.current = None;
+                name
+            }
+            _ => self.waiting(link, id, &body),
+        };
+        if let Some(t) = &mut self.tally {
+            *t.entry(format!("{name} -> {}", describe_body(&body)))
+                .or_default() += 1;
+        }
+        self.check_reply(body, fds, link);
+    }
+
+    /// The waiting request on `link` with `id` that `body` answers, taken off the list.
+    fn waiting(&mut self, link: u64, id: u64, body: &ReplyBody) -> &'static str {
         let names = self.pending.get_mut(&(link, id)).unwrap_or_else(|| {
             panic!("a reply to request {id} on link {link}, never dispatched there")
         });
@@ -936,11 +966,10 @@ impl Harness {
                     describe_body(&body)
                 )
             });
-        let name = names.remove(at);
-        if let Some(t) = &mut self.tally {
-            *t.entry(format!("{name} -> {}", describe_body(&body)))
-                .or_default() += 1;
-        }
+        names.remove(at)
+    }
+
+    fn check_reply(&mut self, body: ReplyBody, fds: usize, link: u64) {
         match body {
             ReplyBody::Spawned(info) => {
                 assert_eq!(fds, info.fds.count(), "fds of {:?}", info.fds);
