@@ -959,11 +959,11 @@ impl Harness {
         });
         let at = names
             .iter()
-            .position(|n| answers(n, &body))
+            .position(|n| answers(n, body))
             .unwrap_or_else(|| {
                 panic!(
                     "{} answers none of {names:?} (request {id} on link {link})",
-                    describe_body(&body)
+                    describe_body(body)
                 )
             });
         names.remove(at)
