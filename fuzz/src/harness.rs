@@ -341,6 +341,8 @@ pub struct Harness {
     pub launches: usize,
     /// Times the known finding above happened (a reaped orphan's group signalled).
     pub reaped_orphans_signalled: usize,
+    /// Times the other known finding happened (a `Handles` reply over the frame limit).
+    pub unsendable_listings: usize,
 }
 
 impl Harness {
@@ -376,6 +378,7 @@ impl Harness {
             violations: 0,
             launches: 0,
             reaped_orphans_signalled: 0,
+            unsendable_listings: 0,
         }
     }
 
@@ -893,8 +896,22 @@ impl Harness {
     /// One message the broker queued for a daemon.
     fn message(&mut self, out: Outgoing) {
         let frame = codec::encode(&out.message);
+        // FINDING (2026-11-26, see README): `ListHandles` answers with every handle's full
+        // argv, so nine live executors with 128 KiB argvs (any user may have 64) make a
+        // reply over the frame limit; `flush_outbox` then drops the link, and the next
+        // daemon's `adopt_all` asks again. Counted, not fatal; `tests/harness.rs` pins it.
+        let listing = matches!(
+            out.message,
+            BrokerMessage::Reply {
+                body: ReplyBody::Handles(_),
+                ..
+            }
+        );
+        if frame.is_err() && listing {
+            self.unsendable_listings += 1;
+        }
         assert!(
-            frame.is_ok(),
+            frame.is_ok() || listing,
             "the broker queued a message that cannot be sent ({}): {:?}",
             frame.unwrap_err(),
             describe(&out.message)

@@ -225,6 +225,23 @@ pub fn orphan_reaped() -> Vec<Step> {
     ]
 }
 
+/// The other known finding: nine live executors with 128 KiB argvs; the `ListHandles`
+/// reply does not fit in a frame.
+pub fn long_listing() -> Vec<Step> {
+    let mut steps = vec![Step::Req(hello())];
+    for i in 0..9 {
+        let mut req = spawn_exec();
+        req.secrets = false;
+        req.program = Program::Exec {
+            argv: vec!["x".repeat(limits::MAX_ARG_BYTES - 1); 8],
+        };
+        steps.push(Step::Req(request(10 + i, None, RequestBody::Spawn(req))));
+        steps.push(Step::Op(Op::Check));
+    }
+    steps.push(Step::Req(request(99, None, RequestBody::ListHandles)));
+    steps
+}
+
 /// A `broker_requests` input of `steps`, requests as raw payloads.
 pub fn input_of(seed: u8, steps: &[Step]) -> Vec<u8> {
     let recs: Vec<(u8, Vec<u8>)> = steps

@@ -199,3 +199,19 @@ fn known_finding_a_reaped_orphan_is_signalled() {
     h.run(seed, &recs);
     assert_eq!(h.reaped_orphans_signalled, 0);
 }
+
+/// The other known finding (README): `ListHandles` carries every handle's full argv, so a
+/// user's nine executors with 128 KiB argvs make a reply the broker cannot send. When this
+/// fails, the broker is fixed: remove the exception in the harness.
+#[test]
+fn known_finding_a_listing_outgrows_the_frame() {
+    let mut h = harness();
+    for step in seeds::long_listing() {
+        match step {
+            seeds::Step::Req(r) => h.request(r).unwrap(),
+            seeds::Step::Op(op) => h.control(op),
+        }
+    }
+    assert_eq!(h.launches, 9);
+    assert_eq!(h.unsendable_listings, 1);
+}
