@@ -1,6 +1,7 @@
 //! Replays `broker_requests` inputs (files or directories, e.g. `corpus/broker_requests`)
 //! through the harness without libFuzzer and counts what the real broker answered, to see
-//! how far the corpus gets: `cargo run --example outcomes -- corpus/broker_requests`.
+//! how far the corpus gets, and how often the known findings happened:
+//! `cargo run --example outcomes -- corpus/broker_requests`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ fn main() {
     }
     files.sort();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    let mut launches = 0;
+    let (mut launches, mut orphans, mut listings) = (0, 0, 0);
     for f in &files {
         let Ok(data) = std::fs::read(f) else { continue };
         let Some((seed, recs)) = records::parse(&data) else {
@@ -29,11 +30,16 @@ fn main() {
         h.tally = Some(BTreeMap::new());
         h.run(seed, &recs);
         launches += h.launches;
+        orphans += h.reaped_orphans_signalled;
+        listings += h.unsendable_listings;
         for (k, n) in h.tally.take().unwrap_or_default() {
             *counts.entry(k).or_default() += n;
         }
     }
     println!("{} inputs, {launches} launches", files.len());
+    println!(
+        "known findings (README): {orphans} reaped orphans signalled, {listings} listings too big"
+    );
     for (k, n) in counts {
         println!("{n:8}  {k}");
     }
