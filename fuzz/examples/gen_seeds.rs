@@ -14,7 +14,13 @@ fn main() -> std::io::Result<()> {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir)?;
         for (name, bytes) in seeds {
-            let path = dir.join(format!("seed-{name}"));
+            // A name that says what it is keeps its prefix; the rest are seeds.
+            let file = if name.starts_with("regression-") {
+                name.to_string()
+            } else {
+                format!("seed-{name}")
+            };
+            let path = dir.join(file);
             std::fs::write(&path, &bytes)?;
             println!("{} ({} bytes)", path.display(), bytes.len());
         }

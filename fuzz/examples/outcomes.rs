@@ -1,13 +1,13 @@
 //! Replays `broker_requests` inputs (files or directories, e.g. `corpus/broker_requests`)
-//! through the model without libFuzzer and counts what happened, to see how far the corpus
-//! gets: `cargo run --example outcomes -- corpus/broker_requests`.
+//! through the harness without libFuzzer and counts what the real broker answered, to see
+//! how far the corpus gets, and how often the known findings happened:
+//! `cargo run --example outcomes -- corpus/broker_requests`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use stoa_fuzz::model::{Model, Outcome};
+use stoa_fuzz::harness::Harness;
 use stoa_fuzz::records;
-use stoa_fuzz::stream::reference_frames;
 
 fn main() {
     let mut files: Vec<PathBuf> = Vec::new();
@@ -18,42 +18,29 @@ fn main() {
             Err(_) => files.push(p),
         }
     }
+    files.sort();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut launches, mut orphans, mut listings) = (0, 0, 0);
     for f in &files {
         let Ok(data) = std::fs::read(f) else { continue };
-        let Some((_, recs)) = records::parse(&data) else {
+        let Some((seed, recs)) = records::parse(&data) else {
             continue;
         };
-        let stream = records::stream(&recs);
-        let framed = reference_frames(&stream);
-        let mut model = Model::new();
-        for p in framed.payloads {
-            let key = match model.step(p) {
-                Outcome::Violation(why) => format!("violation: {}", gist(&why)),
-                Outcome::SpawnRefused(why) => format!("spawn refused: {}", gist(&why)),
-                other => format!("{other:?}"),
-            };
-            *counts.entry(key).or_default() += 1;
-            if model.dead.is_some() {
-                break;
-            }
+        let mut h = Harness::new();
+        h.tally = Some(BTreeMap::new());
+        h.run(seed, &recs);
+        launches += h.launches;
+        orphans += h.reaped_orphans_signalled;
+        listings += h.unsendable_listings;
+        for (k, n) in h.tally.take().unwrap_or_default() {
+            *counts.entry(k).or_default() += n;
         }
     }
-    println!("{} inputs", files.len());
+    println!("{} inputs, {launches} launches", files.len());
+    println!(
+        "known findings (README): {orphans} reaped orphans signalled, {listings} listings too big"
+    );
     for (k, n) in counts {
         println!("{n:8}  {k}");
     }
-}
-
-/// A reason without its particulars (quoted values, numbers).
-fn gist(why: &str) -> String {
-    why.split(['"', '{'])
-        .next()
-        .unwrap_or("")
-        .chars()
-        .filter(|c| !c.is_ascii_digit())
-        .take(48)
-        .collect::<String>()
-        .trim()
-        .to_string()
 }

@@ -1,12 +1,17 @@
 //! Structured requests for `broker_requests`: `arbitrary` mirrors of the wire types whose
 //! strings can be long (a fill or a repeated piece) or picked from names that pass the
-//! broker's checks, so a few input bytes reach every limit in `wire::limits`.
+//! broker's checks, so a few input bytes reach every limit in `wire::limits`; credentials
+//! can be the harness's real ones and handles the few an iteration issues. Also the
+//! control operations ([`Op`]) that interleave with the frames.
 
 use arbitrary::Arbitrary;
 
 use stoa::wire::{
-    Handle, Program, Request, RequestBody, Signal, SpawnRequest, WindowSize, PROTOCOL_VERSION,
+    DirId, Handle, Program, Request, RequestBody, Signal, SpawnRequest, WindowSize,
+    PROTOCOL_VERSION,
 };
+
+use crate::harness::{CREDENTIALS, USERS};
 
 /// Bytes of strings one structured request may hold in all: above the largest limit
 /// (`MAX_ARGV_BYTES`, 128 KiB), so every limit can be crossed, and small enough to keep
@@ -28,8 +33,9 @@ pub enum AStr {
     },
 }
 
-/// Names the broker's checks accept, and some they refuse by policy.
-const NAMES: [&str; 6] = ["alice", "bob", "stoa", "root", "a.b_c-d", "x"];
+/// Unix user names: the double's users (see [`USERS`]: allowed, and refused by each rule),
+/// then names it does not know.
+const OTHER_NAMES: [&str; 3] = ["nosuch", "a.b_c-d", "x"];
 const ENV_NAMES: [&str; 12] = [
     "FOO",
     "LANG",
@@ -49,6 +55,21 @@ const ENV_NAMES: [&str; 12] = [
 pub enum AName {
     Known(u8),
     Any(AStr),
+}
+
+/// A credential: one of the harness's ([`CREDENTIALS`]: the admin token, API users'
+/// tokens, near misses) or anything.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum ACred {
+    Known(u8),
+    Any(AStr),
+}
+
+/// A handle: mostly one of the first few an iteration issues.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum AHandle {
+    Small(u8),
+    Any(u64),
 }
 
 #[derive(Arbitrary, Debug, Clone)]
@@ -93,10 +114,11 @@ pub enum AProgram {
 
 #[derive(Arbitrary, Debug, Clone)]
 pub struct ASpawn {
-    pub credential: AStr,
+    pub credential: ACred,
     pub unix_user: AName,
     pub program: AProgram,
     pub cwd: Option<APath>,
+    pub cwd_id: Option<(u64, u64, u32)>,
     pub env: AEnv,
     pub tty: Option<(u16, u16)>,
     pub stdin: bool,
@@ -113,30 +135,33 @@ pub enum AProtocol {
 pub enum ABody {
     Hello(AProtocol),
     Ready,
-    Authenticate(AStr),
+    Authenticate {
+        credential: ACred,
+        peer: Option<AStr>,
+    },
     Spawn(ASpawn),
     CheckDir {
-        credential: AStr,
+        credential: ACred,
         unix_user: AName,
         path: APath,
     },
     SetSecret {
-        credential: AStr,
+        credential: ACred,
         name: AEnvName,
         value: AStr,
     },
     DeleteSecret {
-        credential: AStr,
+        credential: ACred,
         name: AEnvName,
     },
-    ListSecrets(AStr),
+    ListSecrets(ACred),
     Kill {
-        handle: u64,
+        handle: AHandle,
         signal: u8,
     },
-    Release(u64),
+    Release(AHandle),
     ListHandles,
-    Adopt(u64),
+    Adopt(AHandle),
     Stats,
 }
 
@@ -193,8 +218,21 @@ impl Builder {
 
     fn name(&mut self, a: &AName) -> String {
         match a {
-            AName::Known(i) => NAMES[*i as usize % NAMES.len()].to_string(),
+            AName::Known(i) => {
+                let i = *i as usize % (USERS.len() + OTHER_NAMES.len());
+                match USERS.get(i) {
+                    Some(u) => u.name.to_string(),
+                    None => OTHER_NAMES[i - USERS.len()].to_string(),
+                }
+            }
             AName::Any(s) => self.string(s),
+        }
+    }
+
+    fn credential(&mut self, a: &ACred) -> String {
+        match a {
+            ACred::Known(i) => CREDENTIALS[*i as usize % CREDENTIALS.len()].to_string(),
+            ACred::Any(s) => self.string(s),
         }
     }
 
@@ -254,7 +292,7 @@ impl Builder {
 
     pub fn spawn(&mut self, a: &ASpawn) -> SpawnRequest {
         SpawnRequest {
-            credential: self.string(&a.credential),
+            credential: self.credential(&a.credential),
             unix_user: self.name(&a.unix_user),
             program: match &a.program {
                 AProgram::Exec(argv) => Program::Exec {
@@ -263,6 +301,7 @@ impl Builder {
                 AProgram::Shell => Program::Shell,
             },
             cwd: a.cwd.as_ref().map(|p| self.path(p)),
+            cwd_id: a.cwd_id.map(|(dev, ino, uid)| DirId { dev, ino, uid }),
             env: self.env(&a.env),
             tty: a.tty.map(|(rows, cols)| WindowSize { rows, cols }),
             stdin: a.stdin,
@@ -279,8 +318,9 @@ impl Builder {
                 },
             },
             ABody::Ready => RequestBody::Ready,
-            ABody::Authenticate(c) => RequestBody::Authenticate {
-                credential: self.string(c),
+            ABody::Authenticate { credential, peer } => RequestBody::Authenticate {
+                credential: self.credential(credential),
+                peer: peer.as_ref().map(|p| self.string(p)),
             },
             ABody::Spawn(s) => RequestBody::Spawn(self.spawn(s)),
             ABody::CheckDir {
@@ -288,7 +328,7 @@ impl Builder {
                 unix_user,
                 path,
             } => RequestBody::CheckDir {
-                credential: self.string(credential),
+                credential: self.credential(credential),
                 unix_user: self.name(unix_user),
                 path: self.path(path),
             },
@@ -297,24 +337,28 @@ impl Builder {
                 name,
                 value,
             } => RequestBody::SetSecret {
-                credential: self.string(credential),
+                credential: self.credential(credential),
                 name: self.env_name(name),
                 value: self.string(value),
             },
             ABody::DeleteSecret { credential, name } => RequestBody::DeleteSecret {
-                credential: self.string(credential),
+                credential: self.credential(credential),
                 name: self.env_name(name),
             },
             ABody::ListSecrets(c) => RequestBody::ListSecrets {
-                credential: self.string(c),
+                credential: self.credential(c),
             },
             ABody::Kill { handle, signal } => RequestBody::Kill {
-                handle: Handle(*handle),
+                handle: handle_of(handle),
                 signal: SIGNALS[*signal as usize % SIGNALS.len()],
             },
-            ABody::Release(h) => RequestBody::Release { handle: Handle(*h) },
+            ABody::Release(h) => RequestBody::Release {
+                handle: handle_of(h),
+            },
             ABody::ListHandles => RequestBody::ListHandles,
-            ABody::Adopt(h) => RequestBody::Adopt { handle: Handle(*h) },
+            ABody::Adopt(h) => RequestBody::Adopt {
+                handle: handle_of(h),
+            },
             ABody::Stats => RequestBody::Stats,
         }
     }
@@ -324,6 +368,57 @@ impl Builder {
         let body = self.body(&a.body);
         crate::request(a.id, request_id, body)
     }
+}
+
+fn handle_of(a: &AHandle) -> Handle {
+    match a {
+        // Handles are issued from 1 up in each iteration.
+        AHandle::Small(n) => Handle(1 + u64::from(*n % 16)),
+        AHandle::Any(n) => Handle(*n),
+    }
+}
+
+/// A control operation: what happens between frames (see `harness::Harness::control`).
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// The loop reads the children's report pipes (`check_starting`, `check_probes`).
+    Check,
+    /// How the next children behave.
+    Children(AChild),
+    /// The `child`th child not yet reaped (in start order) ends and is reaped.
+    Exit { child: u8, status: AStatus },
+    /// A process the broker inherited as subreaper (none of its own) is reaped.
+    StrayExit(u16),
+    /// The `child`th child's process group is gone (signalling it answers ESRCH).
+    Gone(u8),
+    /// Every start and probe deadline passes, then the loop checks.
+    Expire,
+    /// The daemon goes (closes its link) and a new one starts with a new link.
+    NewLink,
+    /// SIGTERM: nothing new starts, the daemon is told.
+    Shutdown,
+    /// A shutdown phase: every running executor signalled (TERM, or KILL).
+    SignalAll { kill: bool },
+    /// An API user is removed from the user store, and the loop notices.
+    Revoke(u8),
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AChild {
+    Execs,
+    Hangs,
+    Fails {
+        stage: u8,
+        errno: i32,
+    },
+    /// Reports a directory (what only a probe should).
+    Dir,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AStatus {
+    Code(i32),
+    Signal(i32),
 }
 
 const SIGNALS: [Signal; 11] = [

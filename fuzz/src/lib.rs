@@ -5,17 +5,18 @@
 //! * [`stream`]: splitting a byte stream into the chunks it arrives in, an independent
 //!   reference framer, and the broker's real [`stoa::broker::link::Link`] driven over a
 //!   socketpair.
-//! * [`model`]: the broker's request handling as far as it runs without root: decode, the
-//!   permit table, `spawn::validate`, the policy's env deny-list, the environment and the
-//!   executor's job, with the invariants checked on every step.
+//! * [`harness`]: the real broker (`broker::table::dispatch` and its handlers) over the
+//!   recording double of the OS, fed frames, child reports, exits and new daemon links,
+//!   with the invariants checked after every step.
 //! * [`arb`]: structured requests (`arbitrary`) that reach the request limits with small
-//!   inputs; [`records`]: the input format of `broker_requests`.
+//!   inputs, and the control operations; [`records`]: the input format of
+//!   `broker_requests`.
 //! * [`seeds`]: real frames for the seed corpora (`examples/gen_seeds.rs`).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod alloc;
 pub mod arb;
-pub mod model;
+pub mod harness;
 pub mod records;
 pub mod seeds;
 pub mod stream;

@@ -1,8 +1,10 @@
 //! The input format of `broker_requests`: byte 0 picks how the stream is split into the
 //! pieces the link receives ([`crate::stream::chunk_sizes`]); the rest is a list of
-//! records separated by [`SEP`], each turned into one frame on the wire. A record's first
-//! byte says what it is:
+//! records separated by [`SEP`], each turned into one frame on the wire, or, for `C`, into
+//! something that happens between frames. A record's first byte says what it is:
 //!
+//! * `C`: an [`Op`] built with `arbitrary` from the rest (a child reports or exits, a new
+//!   daemon link, a shutdown…);
 //! * `S`: an [`ARequest`] built with `arbitrary` from the rest, encoded (even past the
 //!   frame limit, which the link must refuse);
 //! * `H`: four header bytes taken as they are, then the rest as they are (a lying or
@@ -15,13 +17,14 @@ use arbitrary::{Arbitrary, Unstructured};
 
 use stoa_executor::codec;
 
-use crate::arb::{ARequest, Builder};
+use crate::arb::{ARequest, Builder, Op};
 use crate::stream::frame_of;
 
 pub const SEP: &[u8] = b"\xA7FR\xA7";
 
 #[derive(Debug, Clone, Copy)]
 pub enum Record<'a> {
+    Control(Op),
     Raw(&'a [u8]),
     Structured(&'a [u8]),
     Header([u8; 4], &'a [u8]),
@@ -51,6 +54,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 fn record(piece: &[u8]) -> Record<'_> {
     match piece.split_first() {
+        Some((b'C', rest)) => {
+            Record::Control(Op::arbitrary(&mut Unstructured::new(rest)).unwrap_or(Op::Check))
+        }
         Some((b'S', rest)) => Record::Structured(rest),
         Some((b'H', rest)) if rest.len() >= 4 => {
             Record::Header([rest[0], rest[1], rest[2], rest[3]], &rest[4..])
@@ -60,7 +66,7 @@ fn record(piece: &[u8]) -> Record<'_> {
     }
 }
 
-/// The bytes the records put on the wire, in order.
+/// The bytes the records put on the wire, in order (control records put none).
 pub fn stream(records: &[Record<'_>]) -> Vec<u8> {
     let mut out = Vec::new();
     for r in records {
@@ -72,6 +78,7 @@ pub fn stream(records: &[Record<'_>]) -> Vec<u8> {
 /// The bytes a record puts on the wire.
 pub fn frame(record: &Record<'_>) -> Vec<u8> {
     match record {
+        Record::Control(_) => Vec::new(),
         Record::Raw(payload) => frame_of(payload),
         Record::Structured(bytes) => {
             let mut u = Unstructured::new(bytes);

@@ -1,12 +1,14 @@
 //! Real frames for the seed corpora (written by `examples/gen_seeds.rs`).
 
 use stoa::wire::{
-    limits, Handle, Program, Request, RequestBody, Signal, SpawnRequest, WindowSize,
+    limits, DirId, Handle, Program, Request, RequestBody, Signal, SpawnRequest, WindowSize,
     PROTOCOL_VERSION,
 };
 use stoa_executor::codec::{self, HEADER_LEN, MAX_FRAME};
 use stoa_executor::job::{Job, Report};
 
+use crate::arb::{AChild, AStatus, Op};
+use crate::harness::{ADMIN_TOKEN, API_USERS};
 use crate::records;
 use crate::request;
 
@@ -22,12 +24,17 @@ pub fn hello() -> Request {
 
 pub fn spawn_exec() -> SpawnRequest {
     SpawnRequest {
-        credential: "stoa_0123456789abcdef".into(),
+        credential: ADMIN_TOKEN.into(),
         unix_user: "alice".into(),
         program: Program::Exec {
             argv: vec!["claude".into(), "-p".into(), "--output-format=json".into()],
         },
         cwd: Some("/home/alice/src".into()),
+        cwd_id: Some(DirId {
+            dev: 1,
+            ino: 2,
+            uid: 2001,
+        }),
         env: vec![
             ("FOO".into(), "bar".into()),
             ("LANG".into(), "en_US.UTF-8".into()),
@@ -38,12 +45,14 @@ pub fn spawn_exec() -> SpawnRequest {
     }
 }
 
+/// A shell for bob, by the admin API user `ops`.
 pub fn spawn_shell() -> SpawnRequest {
     SpawnRequest {
-        credential: "stoa_0123456789abcdef".into(),
+        credential: API_USERS[1].token.into(),
         unix_user: "bob".into(),
         program: Program::Shell,
         cwd: None,
+        cwd_id: None,
         env: Vec::new(),
         tty: Some(WindowSize { rows: 24, cols: 80 }),
         stdin: false,
@@ -52,17 +61,18 @@ pub fn spawn_shell() -> SpawnRequest {
 }
 
 /// A spawn right at every limit (accepted by `validate`; about 170 KiB, too big for a seed
-/// with the targets' `-max_len`, so `tests/model.rs` uses it).
+/// with the targets' `-max_len`, so `tests/harness.rs` uses it).
 pub fn spawn_at_limits() -> SpawnRequest {
     let arg = "a".repeat(limits::MAX_ARGV_BYTES / limits::MAX_ARGS - 1);
     let value_len = limits::MAX_ENV_BYTES / limits::MAX_ENV_VARS - 2 - 3;
     SpawnRequest {
-        credential: "c".repeat(limits::MAX_CREDENTIAL_BYTES),
-        unix_user: "u".repeat(limits::MAX_NAME_BYTES),
+        credential: ADMIN_TOKEN.into(),
+        unix_user: "carol".into(),
         program: Program::Exec {
             argv: vec![arg; limits::MAX_ARGS],
         },
         cwd: Some(format!("/{}", "d".repeat(limits::MAX_PATH_BYTES - 1))),
+        cwd_id: None,
         env: (0..limits::MAX_ENV_VARS)
             .map(|i| (format!("V{i:02}"), "v".repeat(value_len)))
             .collect(),
@@ -75,48 +85,173 @@ pub fn spawn_at_limits() -> SpawnRequest {
     }
 }
 
-/// A whole well-behaved session, in order (Kill/Release/Adopt name a handle the broker
-/// never issued, so they end a session in the model: they come last).
-pub fn session() -> Vec<Request> {
-    let cred = || "stoa_0123456789abcdef".to_string();
-    let bodies = vec![
-        RequestBody::Hello {
+/// One step of a scripted session: a request on the link, or something between frames.
+#[derive(Debug, Clone)]
+pub enum Step {
+    Req(Request),
+    Op(Op),
+}
+
+/// A whole well-behaved session, in order: spawns answered once their children report,
+/// a directory pinned, secrets, a signal, an adoption, an exit, a release. Every request
+/// is answered and none is a violation.
+pub fn session() -> Vec<Step> {
+    let alice = || API_USERS[0].token.to_string();
+    let steps = vec![
+        Ok(RequestBody::Hello {
             protocol: PROTOCOL_VERSION,
-        },
-        RequestBody::Ready,
-        RequestBody::Authenticate { credential: cred() },
-        RequestBody::Spawn(spawn_exec()),
-        RequestBody::Spawn(spawn_shell()),
-        RequestBody::CheckDir {
-            credential: cred(),
-            unix_user: "alice".into(),
-            path: "/home/alice/src".into(),
-        },
-        RequestBody::SetSecret {
-            credential: cred(),
+        }),
+        Ok(RequestBody::Ready),
+        Ok(RequestBody::Authenticate {
+            credential: alice(),
+            peer: Some("192.0.2.7:50000".into()),
+        }),
+        Ok(RequestBody::SetSecret {
+            credential: alice(),
             name: "ANTHROPIC_API_KEY".into(),
             value: "sk-ant-xxx".into(),
-        },
-        RequestBody::ListSecrets { credential: cred() },
-        RequestBody::DeleteSecret {
-            credential: cred(),
-            name: "ANTHROPIC_API_KEY".into(),
-        },
-        RequestBody::ListHandles,
-        RequestBody::Stats,
-        RequestBody::Kill {
+        }),
+        Ok(RequestBody::CheckDir {
+            credential: alice(),
+            unix_user: "alice".into(),
+            path: "/home/alice/src".into(),
+        }),
+        Err(Op::Check),
+        Ok(RequestBody::Spawn(spawn_exec())),
+        Ok(RequestBody::Spawn(spawn_shell())),
+        Err(Op::Check),
+        Ok(RequestBody::ListSecrets {
+            credential: alice(),
+        }),
+        Ok(RequestBody::ListHandles),
+        Ok(RequestBody::Stats),
+        Ok(RequestBody::Kill {
             handle: Handle(1),
             signal: Signal::Term,
-        },
+        }),
+        Ok(RequestBody::Adopt { handle: Handle(2) }),
+        Err(Op::Exit {
+            child: 1,
+            status: AStatus::Signal(15),
+        }),
+        Ok(RequestBody::Release { handle: Handle(1) }),
+        Ok(RequestBody::DeleteSecret {
+            credential: alice(),
+            name: "ANTHROPIC_API_KEY".into(),
+        }),
     ];
-    bodies
+    let mut id = 0;
+    steps
         .into_iter()
-        .enumerate()
-        .map(|(i, body)| {
-            let request_id = (i % 2 == 0).then(|| format!("req-{i}"));
-            request(i as u64 + 1, request_id, body)
+        .map(|s| match s {
+            Ok(body) => {
+                id += 1;
+                let request_id = (id % 2 == 0).then(|| format!("req-{id}"));
+                Step::Req(request(id, request_id, body))
+            }
+            Err(op) => Step::Op(op),
         })
         .collect()
+}
+
+/// The requests of [`session`] alone.
+pub fn session_requests() -> Vec<Request> {
+    session()
+        .into_iter()
+        .filter_map(|s| match s {
+            Step::Req(r) => Some(r),
+            Step::Op(_) => None,
+        })
+        .collect()
+}
+
+/// The bytes `arbitrary` turns into `op` (a `C` record's body): an enum's variant `i` of
+/// `n` is the u32 `ceil(i * 2^32 / n)`, integers are little-endian.
+pub fn op_bytes(op: Op) -> Vec<u8> {
+    fn variant(out: &mut Vec<u8>, i: u64, n: u64) {
+        out.extend_from_slice(&(((i << 32).div_ceil(n)) as u32).to_le_bytes());
+    }
+    let mut out = Vec::new();
+    let (i, fields): (u64, Vec<u8>) = match op {
+        Op::Check => (0, vec![]),
+        Op::Children(c) => {
+            let mut f = Vec::new();
+            match c {
+                AChild::Execs => variant(&mut f, 0, 4),
+                AChild::Hangs => variant(&mut f, 1, 4),
+                AChild::Fails { stage, errno } => {
+                    variant(&mut f, 2, 4);
+                    f.push(stage);
+                    f.extend_from_slice(&errno.to_le_bytes());
+                }
+                AChild::Dir => variant(&mut f, 3, 4),
+            }
+            (1, f)
+        }
+        Op::Exit { child, status } => {
+            let mut f = vec![child];
+            let (v, n) = match status {
+                AStatus::Code(c) => (0, c),
+                AStatus::Signal(s) => (1, s),
+            };
+            variant(&mut f, v, 2);
+            f.extend_from_slice(&n.to_le_bytes());
+            (2, f)
+        }
+        Op::StrayExit(n) => (3, n.to_le_bytes().to_vec()),
+        Op::Gone(c) => (4, vec![c]),
+        Op::Expire => (5, vec![]),
+        Op::NewLink => (6, vec![]),
+        Op::Shutdown => (7, vec![]),
+        Op::SignalAll { kill } => (8, vec![u8::from(kill)]),
+        Op::Revoke(i) => (9, vec![i]),
+    };
+    variant(&mut out, i, 10);
+    out.extend_from_slice(&fields);
+    out
+}
+
+/// The known finding: a spawn whose daemon goes before its child's exec is read, and
+/// the child is reaped before the loop reads it; the broker signals the reaped pid's group.
+pub fn orphan_reaped() -> Vec<Step> {
+    vec![
+        Step::Req(hello()),
+        Step::Req(request(2, None, RequestBody::Spawn(spawn_exec()))),
+        Step::Op(Op::NewLink),
+        Step::Op(Op::Exit {
+            child: 0,
+            status: AStatus::Code(0),
+        }),
+    ]
+}
+
+/// The other known finding: nine live executors with 128 KiB argvs; the `ListHandles`
+/// reply does not fit in a frame.
+pub fn long_listing() -> Vec<Step> {
+    let mut steps = vec![Step::Req(hello())];
+    for i in 0..9 {
+        let mut req = spawn_exec();
+        req.secrets = false;
+        req.program = Program::Exec {
+            argv: vec!["x".repeat(limits::MAX_ARG_BYTES - 1); 8],
+        };
+        steps.push(Step::Req(request(10 + i, None, RequestBody::Spawn(req))));
+        steps.push(Step::Op(Op::Check));
+    }
+    steps.push(Step::Req(request(99, None, RequestBody::ListHandles)));
+    steps
+}
+
+/// A `broker_requests` input of `steps`, requests as raw payloads.
+pub fn input_of(seed: u8, steps: &[Step]) -> Vec<u8> {
+    let recs: Vec<(u8, Vec<u8>)> = steps
+        .iter()
+        .map(|s| match s {
+            Step::Req(r) => (b'R', payload(r)),
+            Step::Op(op) => (b'C', op_bytes(*op)),
+        })
+        .collect();
+    records::input(seed, &recs)
 }
 
 fn enc<T: bincode::Encode>(msg: &T) -> Vec<u8> {
@@ -130,7 +265,7 @@ fn payload<T: bincode::Encode>(msg: &T) -> Vec<u8> {
 /// `frame_decoder` seeds: a chunk seed byte, then a stream of frames.
 pub fn frame_decoder() -> Vec<(&'static str, Vec<u8>)> {
     let stream = |frames: &[Vec<u8>]| frames.concat();
-    let session: Vec<Vec<u8>> = session().iter().map(enc).collect();
+    let session: Vec<Vec<u8>> = session_requests().iter().map(enc).collect();
     let job_exec = enc(&Job::Exec {
         argv: vec!["claude".into(), "-p".into()],
         env: vec![("ANTHROPIC_API_KEY".into(), "sk-ant-xxx".into())],
@@ -184,9 +319,81 @@ pub fn broker_requests() -> Vec<(&'static str, Vec<u8>)> {
         reqs.iter().map(|r| (b'R', payload(r))).collect()
     };
     let spawn = |s: SpawnRequest| request(2, Some("abc".into()), RequestBody::Spawn(s));
+    let hello_step = || Step::Req(hello());
+    let req = |id: u64, body: RequestBody| Step::Req(request(id, None, body));
+    let spawn_step = |id: u64| req(id, RequestBody::Spawn(spawn_exec()));
     vec![
-        ("session", records::input(0, &raw(&session()))),
-        ("session-bytewise", records::input(1, &raw(&session()))),
+        ("session", input_of(0, &session())),
+        ("regression-orphan-reaped", input_of(0, &orphan_reaped())),
+        ("session-bytewise", input_of(1, &session())),
+        ("session-random", input_of(7, &session())),
+        (
+            "hangs-then-deadline",
+            input_of(
+                4,
+                &[
+                    Step::Op(Op::Children(AChild::Hangs)),
+                    hello_step(),
+                    spawn_step(2),
+                    Step::Op(Op::Check),
+                    Step::Op(Op::Expire),
+                ],
+            ),
+        ),
+        (
+            "exec-fails",
+            input_of(
+                5,
+                &[
+                    Step::Op(Op::Children(AChild::Fails {
+                        stage: 17,
+                        errno: 2,
+                    })),
+                    hello_step(),
+                    spawn_step(2),
+                    Step::Op(Op::Check),
+                ],
+            ),
+        ),
+        (
+            "daemon-restart",
+            input_of(
+                0,
+                &[
+                    hello_step(),
+                    spawn_step(2),
+                    Step::Op(Op::Check),
+                    Step::Op(Op::NewLink),
+                    hello_step(),
+                    req(2, RequestBody::ListHandles),
+                    req(3, RequestBody::Adopt { handle: Handle(1) }),
+                    Step::Op(Op::Exit {
+                        child: 0,
+                        status: AStatus::Code(0),
+                    }),
+                    req(4, RequestBody::Release { handle: Handle(1) }),
+                ],
+            ),
+        ),
+        (
+            "revoked-then-shutdown",
+            input_of(
+                3,
+                &[
+                    hello_step(),
+                    Step::Op(Op::Revoke(0)),
+                    req(
+                        2,
+                        RequestBody::ListSecrets {
+                            credential: API_USERS[0].token.into(),
+                        },
+                    ),
+                    Step::Op(Op::Shutdown),
+                    spawn_step(3),
+                    Step::Op(Op::SignalAll { kill: true }),
+                ],
+            ),
+        ),
         (
             "spawn-before-hello",
             records::input(9, &raw(&[spawn(spawn_exec()), hello()])),

@@ -190,55 +190,124 @@ pub struct LinkRun {
     pub stopped: bool,
 }
 
-/// Writes `stream` into a socketpair piece by piece and calls the broker's
-/// `Link::read_payloads` after each piece, like the broker's poll loop would. `consume`
-/// gets each batch of payloads and returns false to drop the link (as the broker does on a
-/// violation).
-pub fn run_link(stream: &[u8], seed: u8, mut consume: impl FnMut(&[Vec<u8>]) -> bool) -> LinkRun {
-    let (ours, mut peer) = UnixStream::pair().expect("socketpair");
-    let mut link = Link::new(ours).expect("Link::new");
-    let mut run = LinkRun {
-        delivered: 0,
-        payloads: Vec::new(),
-        error: None,
-        deadline_set: false,
-        largest_allocation: 0,
-        stopped: false,
-    };
-    for size in chunk_sizes(seed, stream.len()) {
-        let piece = &stream[run.delivered..run.delivered + size];
-        peer.write_all(piece).expect("write into the socketpair");
-        let before = run.delivered;
-        run.delivered += size;
-        let (got, usage) = alloc::measure(|| link.read_payloads());
-        run.largest_allocation = run.largest_allocation.max(usage.largest);
-        match got {
-            Ok(batch) => {
-                let go_on = consume(&batch);
-                run.payloads.extend(batch);
-                if !go_on {
-                    run.stopped = true;
-                    return run;
-                }
-            }
-            Err(e) => {
-                let what = match &e {
-                    LinkError::Violation(v) => format!("violation: {v}"),
-                    other => format!("{other:?}"),
-                };
-                // A violation stays one: the link never yields payloads again.
-                let again = link.read_payloads();
-                assert!(
-                    again.is_err(),
-                    "after {what}, read_payloads succeeded: {again:?}"
-                );
-                run.error = Some((before, run.delivered, what));
-                return run;
-            }
+/// How one [`Feeder::feed`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FeedEnd {
+    /// Every byte was written and read.
+    Done,
+    /// The consumer asked to stop (the broker drops the link).
+    Stopped,
+    /// The link failed (what, as the broker would log it); it is finished.
+    Failed(String),
+}
+
+/// The broker's end of a daemon link ([`Link`] on a socketpair) and the daemon's end,
+/// kept across several [`Feeder::feed`]s: a frame may start in one and end in the next.
+pub struct Feeder {
+    link: Link,
+    peer: UnixStream,
+    /// Bytes written into the socket so far.
+    pub delivered: usize,
+    /// The largest allocation any `read_payloads` call made.
+    pub largest_allocation: usize,
+    /// `delivered` before and after the piece that made the link fail.
+    pub failed_at: Option<(usize, usize)>,
+}
+
+impl Feeder {
+    pub fn new() -> Feeder {
+        let (ours, peer) = UnixStream::pair().expect("socketpair");
+        Feeder {
+            link: Link::new(ours).expect("Link::new"),
+            peer,
+            delivered: 0,
+            largest_allocation: 0,
+            failed_at: None,
         }
     }
-    run.deadline_set = link.deadline().is_some();
-    run
+
+    /// The link's partial-frame deadline is set (a frame has started and not ended).
+    pub fn deadline_set(&self) -> bool {
+        self.link.deadline().is_some()
+    }
+
+    /// Writes `bytes` into the socket piece by piece (split as `seed` says) and calls the
+    /// broker's `Link::read_payloads` after each piece, like the broker's poll loop would.
+    /// `consume` gets each batch and returns false to drop the link (as the broker does on
+    /// a violation).
+    pub fn feed(
+        &mut self,
+        bytes: &[u8],
+        seed: u8,
+        mut consume: impl FnMut(&[Vec<u8>]) -> bool,
+    ) -> FeedEnd {
+        assert!(self.failed_at.is_none(), "fed a failed link");
+        let mut at = 0;
+        for size in chunk_sizes(seed, bytes.len()) {
+            self.peer
+                .write_all(&bytes[at..at + size])
+                .expect("write into the socketpair");
+            at += size;
+            let before = self.delivered;
+            self.delivered += size;
+            let (got, usage) = alloc::measure(|| self.link.read_payloads());
+            self.largest_allocation = self.largest_allocation.max(usage.largest);
+            match got {
+                Ok(batch) => {
+                    if !consume(&batch) {
+                        return FeedEnd::Stopped;
+                    }
+                }
+                Err(e) => {
+                    let what = match &e {
+                        LinkError::Violation(v) => format!("violation: {v}"),
+                        other => format!("{other:?}"),
+                    };
+                    // A violation stays one: the link never yields payloads again.
+                    let again = self.link.read_payloads();
+                    assert!(
+                        again.is_err(),
+                        "after {what}, read_payloads succeeded: {again:?}"
+                    );
+                    self.failed_at = Some((before, self.delivered));
+                    return FeedEnd::Failed(what);
+                }
+            }
+        }
+        FeedEnd::Done
+    }
+}
+
+impl Default for Feeder {
+    fn default() -> Self {
+        Feeder::new()
+    }
+}
+
+/// `stream` through a fresh [`Feeder`] in one go; `consume` as in [`Feeder::feed`].
+pub fn run_link(stream: &[u8], seed: u8, mut consume: impl FnMut(&[Vec<u8>]) -> bool) -> LinkRun {
+    let mut feeder = Feeder::new();
+    let mut payloads = Vec::new();
+    let end = feeder.feed(stream, seed, |batch| {
+        let go_on = consume(batch);
+        payloads.extend_from_slice(batch);
+        go_on
+    });
+    let error = match &end {
+        FeedEnd::Failed(what) => {
+            let (before, after) = feeder.failed_at.expect("set on failure");
+            Some((before, after, what.clone()))
+        }
+        _ => None,
+    };
+    LinkRun {
+        delivered: feeder.delivered,
+        payloads,
+        deadline_set: end == FeedEnd::Done && feeder.deadline_set(),
+        largest_allocation: feeder.largest_allocation,
+        stopped: end == FeedEnd::Stopped,
+        error,
+    }
 }
 
 /// Builds a frame (header + payload) for any payload, even one over `MAX_FRAME`.
