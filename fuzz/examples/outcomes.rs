@@ -20,7 +20,7 @@ fn main() {
     }
     files.sort();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    let (mut launches, mut orphans, mut listings) = (0, 0, 0);
+    let mut launches = 0;
     for f in &files {
         let Ok(data) = std::fs::read(f) else { continue };
         let Some((seed, recs)) = records::parse(&data) else {
@@ -30,16 +30,11 @@ fn main() {
         h.tally = Some(BTreeMap::new());
         h.run(seed, &recs);
         launches += h.launches;
-        orphans += h.reaped_orphans_signalled;
-        listings += h.unsendable_listings;
         for (k, n) in h.tally.take().unwrap_or_default() {
             *counts.entry(k).or_default() += n;
         }
     }
     println!("{} inputs, {launches} launches", files.len());
-    println!(
-        "known findings (README): {orphans} reaped orphans signalled, {listings} listings too big"
-    );
     for (k, n) in counts {
         println!("{n:8}  {k}");
     }

@@ -355,7 +355,7 @@ impl Builder {
             ABody::Release(h) => RequestBody::Release {
                 handle: handle_of(h),
             },
-            ABody::ListHandles => RequestBody::ListHandles,
+            ABody::ListHandles => RequestBody::ListHandles { after: None },
             ABody::Adopt(h) => RequestBody::Adopt {
                 handle: handle_of(h),
             },
