@@ -39,6 +39,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "a_worktree_swapped_after_its_check_runs_nothing",
         worktree_swap,
     ),
+    (
+        "failed_authentications_are_audited_with_the_peer",
+        auth_audit,
+    ),
 ];
 
 fn agent(timeout: Duration) -> ureq::Agent {
@@ -554,5 +558,31 @@ fn worktree_swap() -> Result<(), Failed> {
     assert!(!ran, "alice's run ran in bob's directory");
     assert_eq!(status, 403, "{reply}");
     assert_eq!(reply["rule"], "worktree-replaced", "{reply}");
+    Ok(())
+}
+
+/// Finding 10 (failed authentications were not logged): each is an `auth_failed` line in
+/// the broker's audit log, with the client address the front reported.
+fn auth_audit() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    for _ in 0..3 {
+        let (status, _) = stoa.request("GET", "/users/me", Some("stoa_not-a-real-token"), None);
+        assert_eq!(status, 401);
+    }
+    let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
+    let failed: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["event"] == "auth_failed")
+        .collect();
+    assert_eq!(failed.len(), 3, "{audit}");
+    assert!(
+        failed.iter().all(|r| r["peer"] == "127.0.0.1"),
+        "{failed:?}"
+    );
+    assert!(
+        !audit.contains("not-a-real-token"),
+        "a credential in the audit log"
+    );
     Ok(())
 }
