@@ -53,6 +53,17 @@ pub fn check_dir(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
             format!("refused by rule probes-total: {MAX_PROBES} directory checks are running"),
         );
     }
+    // A check is a process of the user's: it counts against their spawn rate.
+    let (rate, burst) = (b.policy.spawn_rate_per_sec, b.policy.spawn_burst);
+    if !b.admission.take_spawn_token(account.uid, rate, burst) {
+        return error(
+            ErrorKind::Quota,
+            format!(
+                "refused by rule spawn-rate: '{}' is starting processes faster than {rate}/s (burst {burst})",
+                account.name
+            ),
+        );
+    }
     match b.os.start_probe(&account, &path) {
         Ok(started) => {
             b.probes.push(Probe {

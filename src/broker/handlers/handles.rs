@@ -51,6 +51,18 @@ pub fn kill(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         );
     }
     let (account, pgid) = (entry.account.clone(), entry.info.pid);
+    // Each signal is sent by a child of the owner's: it counts against their spawn rate,
+    // so a flood of Kills cannot make the broker fork without bound.
+    let (rate, burst) = (b.policy.spawn_rate_per_sec, b.policy.spawn_burst);
+    if !b.admission.take_spawn_token(account.uid, rate, burst) {
+        return error(
+            ErrorKind::Quota,
+            format!(
+                "refused by rule spawn-rate: signals to '{}' faster than {rate}/s (burst {burst})",
+                account.name
+            ),
+        );
+    }
     let reply = signal_group(b, &account, pgid, signal);
     if signal == Signal::Kill {
         // Not just the process group: everything the spawn started.
