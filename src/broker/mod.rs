@@ -145,3 +145,5 @@ impl Broker {
 
 #[cfg(test)]
 mod dispatch_tests;
+#[cfg(test)]
+mod red_team_tests;
