@@ -15,16 +15,30 @@ use std::os::fd::OwnedFd;
 use serde_json::json;
 use tracing::{error, info};
 
+use super::super::admission::Record;
 use super::super::handles::Life;
 use super::super::spawn::Account;
 use super::super::table::{error, Ctx, Outcome};
 use super::super::Broker;
 use crate::wire::{ErrorKind, Event, ExitStatus, FdLayout, Handle, ReplyBody, RequestBody, Signal};
 
+/// The audit line of a request about `handle`. `signal` and `adopt` lines (which the daemon
+/// may repeat at will) are written at most at the rate of the handle's principal
+/// (`Admission::handle_op`); the rest are counted in the next one's `suppressed_before`.
 fn audit_handle(b: &mut Broker, ctx: &Ctx, event: &str, handle: Handle, extra: serde_json::Value) {
     let Some(e) = b.handles.get(handle) else {
         return;
     };
+    let suppressed = if event == "release" {
+        None
+    } else {
+        let principal = e.principal.clone();
+        match b.admission.handle_op(&principal) {
+            Record::Write { suppressed } => Some(suppressed),
+            Record::Count => return,
+        }
+    };
+    let e = b.handles.get(handle).expect("looked up above");
     let mut record = json!({
         "handle": handle.0,
         "pid": e.info.pid,
@@ -32,6 +46,9 @@ fn audit_handle(b: &mut Broker, ctx: &Ctx, event: &str, handle: Handle, extra: s
         "principal": e.principal,
         "request_id": ctx.request_id,
     });
+    if let (Some(n), Some(r)) = (suppressed, record.as_object_mut()) {
+        r.insert("suppressed_before".into(), json!(n));
+    }
     if let (Some(r), serde_json::Value::Object(extra)) = (record.as_object_mut(), extra) {
         r.extend(extra);
     }
