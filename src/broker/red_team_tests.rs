@@ -120,8 +120,8 @@ fn error_kind(m: &BrokerMessage) -> Option<ErrorKind> {
 }
 
 /// Each `Kill` forks a signalling child that nobody waits for. A daemon that sends a burst
-/// of them (one read of the link holds ~40,000 `Kill` frames, all dispatched before any
-/// reap) made the broker fork that many processes, and a user who stops their signallers
+/// of them (one read of the link holds tens of thousands of `Kill` frames, all dispatched
+/// before any reap) made the broker fork that many processes, and a user who stops their signallers
 /// (they run as that user) kept them all, outside the user's cgroup, forever.
 #[test]
 fn a_kill_flood_starts_a_bounded_number_of_signallers() {
@@ -137,19 +137,67 @@ fn a_kill_flood_starts_a_bounded_number_of_signallers() {
     f.replies();
     let started = f.signallers_started();
     assert!(
-        started <= 2,
+        started <= super::handlers::handles::MAX_SIGNALLERS_PER_HANDLE,
         "{started} signalling children started for one handle while none was reaped"
     );
-    // A SIGKILL still reaches the run's cgroup (no child needed for that).
-    f.send(RequestBody::Kill {
-        handle,
-        signal: Signal::Kill,
-    })
-    .unwrap();
-    assert!(
-        f.os.calls().contains(&Call::CgroupKill)
-            || f.broker.handles.get(handle).unwrap().cgroup.is_none()
+}
+
+/// A signaller its owner stopped is killed at its deadline, and once reaped the handle may
+/// be signalled again.
+#[test]
+fn a_stopped_signaller_is_killed_at_its_deadline_and_frees_its_slot() {
+    let mut f = fixture("signaller-deadline");
+    let handle = f.spawn("alice");
+    let kill = |f: &mut Fixture| {
+        f.send(RequestBody::Kill {
+            handle,
+            signal: Signal::Term,
+        })
+        .unwrap();
+        f.replies()
+    };
+    for _ in 0..super::handlers::handles::MAX_SIGNALLERS_PER_HANDLE {
+        assert!(matches!(
+            kill(&mut f).as_slice(),
+            [BrokerMessage::Reply {
+                body: ReplyBody::Done,
+                ..
+            }]
+        ));
+    }
+    assert_eq!(error_kind(&kill(&mut f)[0]), Some(ErrorKind::Failed));
+    // Past their deadline they are killed through their pidfds.
+    for s in &mut f.broker.signallers {
+        s.deadline = std::time::Instant::now();
+    }
+    let kills_before =
+        f.os.calls()
+            .iter()
+            .filter(|c| **c == Call::KillPidfd)
+            .count();
+    super::handlers::handles::check_signallers(&mut f.broker);
+    let kills =
+        f.os.calls()
+            .iter()
+            .filter(|c| **c == Call::KillPidfd)
+            .count();
+    assert_eq!(
+        kills - kills_before,
+        super::handlers::handles::MAX_SIGNALLERS_PER_HANDLE
     );
+    // Reaped: the slots are free again.
+    let pids: Vec<i32> = f.broker.signallers.iter().map(|s| s.pid).collect();
+    for pid in pids {
+        super::handlers::handles::on_reaped(&mut f.broker, pid, crate::wire::ExitStatus::Signal(9));
+    }
+    assert!(f.broker.signallers.is_empty());
+    assert!(matches!(
+        kill(&mut f).as_slice(),
+        [BrokerMessage::Reply {
+            body: ReplyBody::Done,
+            ..
+        }]
+    ));
 }
 
 /// `signal` and `adopt` lines were written one per request, with no rate: a compromised
