@@ -465,6 +465,10 @@ struct Prepared<'s> {
     /// Where the child keeps its report pipe once it has moved it out of the way of the
     /// fds it arranges (-1 until then).
     report_fd: RawFd,
+    /// The fds above 2 the child's sequence uses (sorted; `fork_with` adds the report
+    /// pipe). Everything else is closed first thing in the child, while it is still root
+    /// and nobody else can stop it.
+    keep_fds: Vec<RawFd>,
 }
 
 impl Prepared<'_> {
@@ -655,6 +659,7 @@ pub fn start_probe(identity: Option<&Identity>, path: &CStr) -> Result<Started, 
         // SAFETY: getpid has no preconditions.
         parent_pid: unsafe { libc::getpid() },
         report_fd: -1,
+        keep_fds: Vec::new(),
     };
     fork_with(prepared, probe_sequence)
 }
@@ -690,6 +695,8 @@ pub fn start_signaller(identity: &Identity, pgid: i32, signal: i32) -> Result<St
         // SAFETY: getpid has no preconditions.
         parent_pid: unsafe { libc::getpid() },
         report_fd: -1,
+        // `exe` and `cgroup_procs` hold numbers here, not fds: nothing is kept.
+        keep_fds: Vec::new(),
     };
     fork_with(prepared, signal_sequence)
 }
@@ -751,6 +758,10 @@ fn fork_with(
     )
     .map_err(|e| SpawnError::Setup(e.into()))?;
     let write_fd = report_write.as_raw_fd();
+    prepared.keep_fds.push(write_fd);
+    prepared.keep_fds.retain(|fd| *fd > 2);
+    prepared.keep_fds.sort_unstable();
+    prepared.keep_fds.dedup();
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
         flags: CLONE_PIDFD,
@@ -777,7 +788,13 @@ fn fork_with(
         pid
     };
     if pid == 0 {
-        let (stage, err) = sequence(&mut prepared, write_fd);
+        // Nothing of the caller's but what the sequence uses: every fd the broker holds
+        // (other users' terminals and pipes, the daemon link) is copied into a fork, and a
+        // child that has taken a user's uid can be stopped by that user and kept.
+        let (stage, err) = match close_unkept(&prepared.keep_fds) {
+            Ok(()) => sequence(&mut prepared, write_fd),
+            Err(failed) => failed,
+        };
         let mut record = [0u8; REPORT_BYTES];
         record[..4].copy_from_slice(&TAG_FAILED.to_ne_bytes());
         record[4..8].copy_from_slice(&(stage as u32).to_ne_bytes());
@@ -811,6 +828,27 @@ fn fork_with(
         pidfd,
         report: report_read,
     })
+}
+
+/// In a forked child: closes every fd above 2 but `keep` (sorted ascending, all above 2).
+fn close_unkept(keep: &[RawFd]) -> Step {
+    let close = |first: RawFd, last: libc::c_uint| -> Step {
+        // SAFETY: close_range takes plain integers; this runs in the only thread of a
+        // freshly forked child, whose fds in the range nothing in it uses.
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, last, 0) };
+        if rc < 0 {
+            return Err((ChildStage::CloseFds, errno()));
+        }
+        Ok(())
+    };
+    let mut from: RawFd = 3;
+    for &fd in keep {
+        if fd > from {
+            close(from, (fd - 1) as libc::c_uint)?;
+        }
+        from = fd + 1;
+    }
+    close(from, libc::c_uint::MAX)
 }
 
 /// A process's pidfd (`pidfd_open(2)`).
@@ -939,6 +977,12 @@ fn prepare<'s>(spec: &'s ChildSpec<'_>) -> io::Result<Prepared<'s>> {
         report_fd: -1,
         // SAFETY: getpid has no preconditions.
         parent_pid: unsafe { libc::getpid() },
+        keep_fds: fd_sources[..fd_count]
+            .iter()
+            .copied()
+            .chain([spec.exe.as_raw_fd()])
+            .chain(spec.cgroup_procs.iter().map(|fd| fd.as_raw_fd()))
+            .collect(),
     })
 }
 

@@ -615,6 +615,7 @@ impl Harness {
     fn check(&mut self) {
         launch::check_starting(&mut self.broker);
         dirs::check_probes(&mut self.broker);
+        handles::check_signallers(&mut self.broker);
     }
 
     /// Every start and probe deadline passes; the loop looks.
@@ -627,6 +628,9 @@ impl Harness {
         }
         for p in &mut self.broker.probes {
             p.deadline = now;
+        }
+        for s in &mut self.broker.signallers {
+            s.deadline = now;
         }
         self.check();
     }

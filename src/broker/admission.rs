@@ -8,6 +8,7 @@
 //! | `spawn_rate_per_sec`/`burst` | Unix user           | 429, rule `spawn-rate`                    |
 //! | refusals (`REFUSALS_*`)      | API principal (or `anonymous` for a bad credential) | 429, rule `refusal-rate`; counted, not audited one by one |
 //! | failed authentications       | – (the peer is the daemon's word) | counted, not audited one by one |
+//! | `signal` and `adopt` lines (`HANDLE_OPS_*`) | the handle's API principal | counted, not audited one by one (the request is still served) |
 //!
 //! Every refusal takes a token from its principal's refusal bucket, so a refused request
 //! costs as much as an accepted one: neither floods the audit log.
@@ -22,6 +23,11 @@ pub const REFUSALS_PER_SEC: f64 = 1.0;
 /// Failed authentications audited one by one, broker-wide.
 pub const AUTH_FAILURES_BURST: f64 = 50.0;
 pub const AUTH_FAILURES_PER_SEC: f64 = 5.0;
+/// `signal` and `adopt` lines one principal's handles may have written: a burst, then
+/// this many a second. The daemon may repeat `Kill` and `Adopt` of a running handle at
+/// will; without a rate each one was a line.
+pub const HANDLE_OPS_BURST: f64 = 100.0;
+pub const HANDLE_OPS_PER_SEC: f64 = 1.0;
 /// Most principals tracked at once (an API user's key, `anonymous`): bounded memory even
 /// for a daemon that makes up keys.
 const MAX_TRACKED: usize = 4096;
@@ -66,6 +72,7 @@ pub enum Record {
 pub struct Admission {
     spawn: HashMap<u32, Bucket>,
     refusals: HashMap<String, (Bucket, u64)>,
+    handle_ops: HashMap<String, (Bucket, u64)>,
     auth_failures: Option<(Bucket, u64)>,
 }
 
@@ -94,6 +101,25 @@ impl Admission {
             .entry(principal.to_string())
             .or_insert_with(|| (Bucket::full(REFUSALS_BURST, now), 0));
         take_or_count(bucket, suppressed, REFUSALS_PER_SEC, REFUSALS_BURST, now)
+    }
+
+    /// A `Kill` or `Adopt` of a handle of `principal`'s: may its line be written?
+    pub fn handle_op(&mut self, principal: &str) -> Record {
+        let now = Instant::now();
+        if self.handle_ops.len() >= MAX_TRACKED && !self.handle_ops.contains_key(principal) {
+            self.handle_ops.clear();
+        }
+        let (bucket, suppressed) = self
+            .handle_ops
+            .entry(principal.to_string())
+            .or_insert_with(|| (Bucket::full(HANDLE_OPS_BURST, now), 0));
+        take_or_count(
+            bucket,
+            suppressed,
+            HANDLE_OPS_PER_SEC,
+            HANDLE_OPS_BURST,
+            now,
+        )
     }
 
     /// Whether `principal` is over its refusal rate right now (without taking a token):

@@ -75,6 +75,7 @@ impl Server {
                 self.shutdown.map(|s| s.until),
                 launch::next_deadline(&self.broker),
                 dirs::next_deadline(&self.broker),
+                handles::next_signaller_deadline(&self.broker),
                 Some(self.next_user_check),
             ]
             .into_iter()
@@ -108,6 +109,7 @@ impl Server {
             }
             launch::check_starting(&mut self.broker);
             dirs::check_probes(&mut self.broker);
+            handles::check_signallers(&mut self.broker);
             if Instant::now() >= self.next_user_check {
                 session::check_revocations(&mut self.broker);
                 self.next_user_check = Instant::now() + USER_CHECK_EVERY;
@@ -244,10 +246,10 @@ impl Server {
             .handles
             .iter()
             .filter(|(_, e)| e.running() && e.info.fds == FdLayout::Pty)
-            .map(|(_, e)| (e.account.clone(), e.info.pid))
+            .map(|(h, _)| *h)
             .collect();
-        for (account, pgid) in terminals {
-            let _ = b.os.signal_group(&account, pgid, Signal::Hup);
+        for handle in terminals {
+            let _ = handles::signal_handle(b, handle, Signal::Hup);
         }
         self.flush_outbox();
     }

@@ -100,6 +100,8 @@ pub struct Broker {
     pub os: Box<dyn os::Os>,
     pub handles: HandleTable,
     pub probes: Vec<handlers::dirs::Probe>,
+    /// Children sending a signal as a handle's owner, until they are reaped.
+    pub signallers: Vec<handlers::handles::Signaller>,
     pub admission: admission::Admission,
     pub audit: audit::Audit,
     pub notifier: notify::Notifier,
@@ -145,3 +147,5 @@ impl Broker {
 
 #[cfg(test)]
 mod dispatch_tests;
+#[cfg(test)]
+mod red_team_tests;

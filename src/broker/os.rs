@@ -8,7 +8,7 @@
 //! | `lookup_user`    | `getpwnam_r`, fresh `getgrouplist`                               |
 //! | `launch`         | PTY or pipes, the job on the control socket, fork (no wait)      |
 //! | `start_probe`    | fork a child that becomes the user and enters a directory        |
-//! | `signal_group`   | a child with all the owner's ids sends `killpg` (not waited for) |
+//! | `signal_group`   | a child with all the owner's ids sends `killpg` (not waited for; tracked by the caller) |
 //! | `kill_pidfd`     | `pidfd_send_signal(SIGKILL)` (a child that did not reach exec)   |
 //! | `reap`           | `waitpid(-1, WNOHANG)` until nothing is left                     |
 //! | `cgroup_*`       | [`super::cgroup::Cgroups`]                                       |
@@ -49,8 +49,15 @@ pub trait Os {
     /// Starts a child that, as `account`, enters `path` and reports what it is.
     fn start_probe(&mut self, account: &Account, path: &str) -> Result<Started, String>;
     /// Signals the process group `pgid` of a live (unreaped) executor of `account`, with
-    /// that account's identity; returns before the signal is sent.
-    fn signal_group(&mut self, account: &Account, pgid: i32, signal: Signal) -> nix::Result<()>;
+    /// that account's identity; returns before the signal is sent, with the signalling
+    /// child (`None`: sent directly, in single-user mode), which the caller must keep
+    /// track of: it runs as the user, who may stop it.
+    fn signal_group(
+        &mut self,
+        account: &Account,
+        pgid: i32,
+        signal: Signal,
+    ) -> nix::Result<Option<Started>>;
     fn kill_pidfd(&mut self, pidfd: BorrowedFd<'_>);
     /// Every child that has ended since the last call.
     fn reap(&mut self) -> Vec<(i32, ExitStatus)>;
@@ -107,17 +114,22 @@ impl Os for RealOs {
         sys::start_probe(identity.as_ref(), &path).map_err(|e| e.to_string())
     }
 
-    fn signal_group(&mut self, account: &Account, pgid: i32, signal: Signal) -> nix::Result<()> {
+    fn signal_group(
+        &mut self,
+        account: &Account,
+        pgid: i32,
+        signal: Signal,
+    ) -> nix::Result<Option<Started>> {
         if !self.isolated {
             let sig = NixSignal::try_from(signal.number())?;
-            return killpg(Pid::from_raw(pgid), sig);
+            return killpg(Pid::from_raw(pgid), sig).map(|()| None);
         }
         // A child with all the owner's ids sends it: the broker never takes a user's uid
         // itself (while it held one, that user could stop it), and the kernel refuses the
         // child anything that is not the owner's. Nobody waits for it; it is reaped as any
-        // child is.
+        // child is, and the caller bounds how many there are and how long they live.
         sys::start_signaller(&account.identity(), pgid, signal.number())
-            .map(drop)
+            .map(Some)
             .map_err(|e| {
                 error!("cannot start the signalling child: {e}");
                 nix::errno::Errno::EAGAIN

@@ -71,7 +71,12 @@ pub struct Script {
     pub held: Vec<OwnedFd>,
     /// Pids whose group is gone (`signal_group` answers ESRCH).
     pub gone: Vec<i32>,
+    /// The pid of the last signalling child (from `SIGNALLER_PIDS`).
+    pub next_signaller: i32,
 }
+
+/// Where the double's signalling children's pids start.
+pub const SIGNALLER_PIDS: i32 = 5_000_000;
 
 #[derive(Clone)]
 pub struct RecordingOs(pub Rc<RefCell<Script>>);
@@ -101,6 +106,7 @@ impl RecordingOs {
             children: ChildScript::Execs,
             held: Vec::new(),
             gone: Vec::new(),
+            next_signaller: SIGNALLER_PIDS,
         })))
     }
 
@@ -193,13 +199,30 @@ impl Os for RecordingOs {
         self.child(report).map_err(|e| e.to_string())
     }
 
-    fn signal_group(&mut self, account: &Account, pgid: i32, signal: Signal) -> nix::Result<()> {
+    fn signal_group(
+        &mut self,
+        account: &Account,
+        pgid: i32,
+        signal: Signal,
+    ) -> nix::Result<Option<Started>> {
         let uid = account.uid;
         self.record(Call::SignalGroup { uid, pgid, signal });
         if self.0.borrow().gone.contains(&pgid) {
             return Err(nix::errno::Errno::ESRCH);
         }
-        Ok(())
+        // A signalling child, from pids of its own (children that `next_pid` counts are
+        // launches and probes); it is reaped only when a test or the fuzz target says so.
+        let mut s = self.0.borrow_mut();
+        s.next_signaller += 1;
+        let (report, _) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let pidfd = File::open("/dev/null")
+            .map_err(|_| nix::errno::Errno::EIO)?
+            .into();
+        Ok(Some(Started {
+            pid: s.next_signaller,
+            pidfd,
+            report,
+        }))
     }
 
     fn kill_pidfd(&mut self, _pidfd: BorrowedFd<'_>) {
@@ -270,6 +293,7 @@ pub fn broker_for_tests(os: RecordingOs, state_dir: &Path) -> Result<(Broker, St
         os: Box::new(os),
         handles: HandleTable::new(),
         probes: Vec::new(),
+        signallers: Vec::new(),
         admission: Default::default(),
         audit,
         notifier: notify::Notifier::from_env(),

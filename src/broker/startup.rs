@@ -166,6 +166,7 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         }),
         handles: HandleTable::new(),
         probes: Vec::new(),
+        signallers: Vec::new(),
         admission: Default::default(),
         audit,
         notifier: notify::Notifier::from_env(),

@@ -23,6 +23,9 @@ use crate::wire::{limits, BrokerError, BrokerMessage, DirId, ErrorKind, ReplyBod
 pub const PROBE_DEADLINE: Duration = Duration::from_secs(10);
 /// Most directory checks in flight at once (each is a process).
 pub const MAX_PROBES: usize = 64;
+/// Most of them for one Unix user: a user can make their own checks hang (stop the child,
+/// check a path that blocks) until `PROBE_DEADLINE`, and must not hold everyone's slots.
+pub const MAX_PROBES_PER_USER: usize = 8;
 
 pub struct Probe {
     pub pid: i32,
@@ -45,6 +48,15 @@ pub fn check_dir(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         return error(
             ErrorKind::BadRequest,
             format!("{:?} is not an absolute path", clip(&path, 256)),
+        );
+    }
+    if b.probes.iter().filter(|p| p.user == account.name).count() >= MAX_PROBES_PER_USER {
+        return error(
+            ErrorKind::Quota,
+            format!(
+                "refused by rule probes-per-user: {MAX_PROBES_PER_USER} directory checks of '{}' are running",
+                account.name
+            ),
         );
     }
     if b.probes.len() >= MAX_PROBES {

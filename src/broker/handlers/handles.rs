@@ -10,21 +10,35 @@
 //! each member killed through a pidfd (`cgroup/tree.rs`).
 #![forbid(unsafe_code)]
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tracing::{error, info};
 
+use super::super::admission::Record;
 use super::super::handles::Life;
-use super::super::spawn::Account;
 use super::super::table::{error, Ctx, Outcome};
 use super::super::Broker;
 use crate::wire::{ErrorKind, Event, ExitStatus, FdLayout, Handle, ReplyBody, RequestBody, Signal};
 
+/// The audit line of a request about `handle`. `signal` and `adopt` lines (which the daemon
+/// may repeat at will) are written at most at the rate of the handle's principal
+/// (`Admission::handle_op`); the rest are counted in the next one's `suppressed_before`.
 fn audit_handle(b: &mut Broker, ctx: &Ctx, event: &str, handle: Handle, extra: serde_json::Value) {
     let Some(e) = b.handles.get(handle) else {
         return;
     };
+    let suppressed = if event == "release" {
+        None
+    } else {
+        let principal = e.principal.clone();
+        match b.admission.handle_op(&principal) {
+            Record::Write { suppressed } => Some(suppressed),
+            Record::Count => return,
+        }
+    };
+    let e = b.handles.get(handle).expect("looked up above");
     let mut record = json!({
         "handle": handle.0,
         "pid": e.info.pid,
@@ -32,6 +46,9 @@ fn audit_handle(b: &mut Broker, ctx: &Ctx, event: &str, handle: Handle, extra: s
         "principal": e.principal,
         "request_id": ctx.request_id,
     });
+    if let (Some(n), Some(r)) = (suppressed, record.as_object_mut()) {
+        r.insert("suppressed_before".into(), json!(n));
+    }
     if let (Some(r), serde_json::Value::Object(extra)) = (record.as_object_mut(), extra) {
         r.extend(extra);
     }
@@ -50,9 +67,9 @@ pub fn kill(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
             format!("handle {} has exited; nothing was signalled", handle.0),
         );
     }
-    let (account, pgid) = (entry.account.clone(), entry.info.pid);
-    // Each signal is sent by a child of the owner's: it counts against their spawn rate,
-    // so a flood of Kills cannot make the broker fork without bound.
+    let account = entry.account.clone();
+    // Each signal is sent by a child of the owner's: it also counts against their spawn
+    // rate, so a stream of Kills cannot keep the broker forking.
     let (rate, burst) = (b.policy.spawn_rate_per_sec, b.policy.spawn_burst);
     if !b.admission.take_spawn_token(account.uid, rate, burst) {
         return error(
@@ -63,7 +80,18 @@ pub fn kill(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
             ),
         );
     }
-    let reply = signal_group(b, &account, pgid, signal);
+    let reply = match signal_handle(b, handle, signal) {
+        Ok(()) => Outcome::Reply(ReplyBody::Done, Vec::new()),
+        Err(nix::errno::Errno::ESRCH) => error(ErrorKind::Failed, "no process left in that group"),
+        Err(nix::errno::Errno::EBUSY) => error(
+            ErrorKind::Failed,
+            format!(
+                "{MAX_SIGNALLERS_PER_HANDLE} signals to handle {} are still on their way; nothing more was sent",
+                handle.0
+            ),
+        ),
+        Err(e) => error(ErrorKind::Failed, format!("cannot signal: {e}")),
+    };
     if signal == Signal::Kill {
         // Not just the process group: everything the spawn started.
         if let Some(cg) = b.handles.get(handle).and_then(|e| e.cgroup.as_ref()) {
@@ -80,12 +108,69 @@ pub fn kill(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
     reply
 }
 
-pub fn signal_group(b: &mut Broker, account: &Account, pgid: i32, signal: Signal) -> Outcome {
-    match b.os.signal_group(account, pgid, signal) {
-        Ok(()) => Outcome::Reply(ReplyBody::Done, Vec::new()),
-        Err(nix::errno::Errno::ESRCH) => error(ErrorKind::Failed, "no process left in that group"),
-        Err(e) => error(ErrorKind::Failed, format!("cannot signal: {e}")),
+/// Most signalling children of one handle not yet reaped. Each is a process the broker
+/// forks (outside the user's cgroup) and that runs as the owner, who may stop it: without
+/// a bound, a daemon repeating `Kill` made the broker fork as fast as it could write (one
+/// read of the link holds tens of thousands of them, all forked before any reap), and an
+/// owner stopping them kept them all.
+pub const MAX_SIGNALLERS_PER_HANDLE: usize = 2;
+/// A signalling child still there after this is killed (it only has to take the owner's
+/// ids and send one signal: only a stopped one takes this long).
+pub const SIGNALLER_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A child sending a signal as a handle's owner (`Os::signal_group`).
+pub struct Signaller {
+    pub pid: i32,
+    /// Taken at clone: it is killed through this at its deadline.
+    pub pidfd: OwnedFd,
+    pub handle: Handle,
+    pub deadline: Instant,
+    /// Killed at its deadline; it goes when it is reaped.
+    pub killed: bool,
+}
+
+/// Signals the process group of `handle`'s executor, which must be running and not reaped,
+/// as its owner; `EBUSY` while [`MAX_SIGNALLERS_PER_HANDLE`] earlier signals to it are
+/// still on their way.
+pub fn signal_handle(b: &mut Broker, handle: Handle, signal: Signal) -> nix::Result<()> {
+    let Some(entry) = b.handles.get(handle) else {
+        return Err(nix::errno::Errno::ESRCH);
+    };
+    let (account, pgid) = (entry.account.clone(), entry.info.pid);
+    if b.signallers.iter().filter(|s| s.handle == handle).count() >= MAX_SIGNALLERS_PER_HANDLE {
+        return Err(nix::errno::Errno::EBUSY);
     }
+    if let Some(child) = b.os.signal_group(&account, pgid, signal)? {
+        b.signallers.push(Signaller {
+            pid: child.pid,
+            pidfd: child.pidfd,
+            handle,
+            deadline: Instant::now() + SIGNALLER_DEADLINE,
+            killed: false,
+        });
+    }
+    Ok(())
+}
+
+/// Kills the signalling children past their deadline (they go when reaped).
+pub fn check_signallers(b: &mut Broker) {
+    let now = Instant::now();
+    for i in 0..b.signallers.len() {
+        let s = &b.signallers[i];
+        if !s.killed && now >= s.deadline {
+            b.os.kill_pidfd(s.pidfd.as_fd());
+            b.signallers[i].killed = true;
+        }
+    }
+}
+
+/// The earliest deadline of the signalling children not yet killed.
+pub fn next_signaller_deadline(b: &Broker) -> Option<Instant> {
+    b.signallers
+        .iter()
+        .filter(|s| !s.killed)
+        .map(|s| s.deadline)
+        .min()
 }
 
 pub fn release(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
@@ -157,6 +242,10 @@ pub fn adopt(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
 /// A child was reaped: a spawn's executor (its exit goes to the daemon), or a probe.
 pub fn on_reaped(b: &mut Broker, pid: i32, status: ExitStatus) {
     let Some(handle) = b.handles.by_pid(pid) else {
+        if let Some(i) = b.signallers.iter().position(|s| s.pid == pid) {
+            b.signallers.swap_remove(i);
+            return;
+        }
         super::dirs::on_reaped(b, pid);
         return;
     };
@@ -220,19 +309,19 @@ pub fn on_reaped(b: &mut Broker, pid: i32, status: ExitStatus) {
     });
 }
 
-/// (account, pgid, handle) of every executor that has exec'd and is not reaped.
-pub fn running(b: &Broker) -> Vec<(Account, i32, Handle)> {
+/// Every executor that has exec'd and is not reaped.
+pub fn running(b: &Broker) -> Vec<Handle> {
     b.handles
         .iter()
         .filter(|(_, e)| e.running())
-        .map(|(h, e)| (e.account.clone(), e.info.pid, *h))
+        .map(|(h, _)| *h)
         .collect()
 }
 
 /// Signals every running executor's group (shutdown); with SIGKILL, their cgroups too.
 pub fn signal_all(b: &mut Broker, signal: Signal) {
-    for (account, pgid, handle) in running(b) {
-        if let Err(e) = b.os.signal_group(&account, pgid, signal) {
+    for handle in running(b) {
+        if let Err(e) = signal_handle(b, handle, signal) {
             if e != nix::errno::Errno::ESRCH {
                 error!(handle = handle.0, "cannot signal: {e}");
             }

@@ -314,11 +314,11 @@ pub fn finish(b: &mut Broker, handle: Handle, report: Result<ChildReport, String
                     "spawned for a daemon that is gone; ending it"
                 );
                 entry.released = true;
-                let (account, pid) = (entry.account.clone(), info.pid);
+                let pid = info.pid;
                 // Only while it is not reaped (this runs from the reap too): a reaped
                 // pid may be anyone's now. Its cgroup goes with the reap either way.
                 if b.handles.by_pid(pid) == Some(handle) {
-                    let _ = b.os.signal_group(&account, pid, crate::wire::Signal::Kill);
+                    let _ = super::handles::signal_handle(b, handle, crate::wire::Signal::Kill);
                     if let Some(cg) = b.handles.get(handle).and_then(|e| e.cgroup.as_ref()) {
                         b.os.cgroup_kill(cg);
                     }

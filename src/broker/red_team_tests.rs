@@ -1,0 +1,264 @@
+//! Red-team findings against the restructured broker, each driven through the real
+//! dispatcher and the recording double (no root, no process started).
+#![cfg(test)]
+
+use std::os::unix::fs::PermissionsExt;
+
+use super::handlers::{dirs, launch};
+use super::os_double::{broker_for_tests, Call, ChildScript, RecordingOs};
+use super::{table, Broker};
+use crate::wire::{
+    BrokerMessage, ErrorKind, Handle, Program, ReplyBody, Request, RequestBody, Signal,
+    SpawnRequest, PROTOCOL_VERSION,
+};
+
+struct Fixture {
+    broker: Broker,
+    os: RecordingOs,
+    admin: String,
+    dir: std::path::PathBuf,
+    next_id: u64,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fixture(name: &str) -> Fixture {
+    let dir = std::env::temp_dir().join(format!("stoa-red-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let os = RecordingOs::new(&[("alice", 2001), ("bob", 2002)]);
+    let (broker, admin) = broker_for_tests(os.clone(), &dir).unwrap();
+    let mut f = Fixture {
+        broker,
+        os,
+        admin,
+        dir,
+        next_id: 0,
+    };
+    f.send(RequestBody::Hello {
+        protocol: PROTOCOL_VERSION,
+    })
+    .unwrap();
+    f.replies();
+    f
+}
+
+impl Fixture {
+    fn send(&mut self, body: RequestBody) -> Result<(), String> {
+        self.next_id += 1;
+        table::dispatch(
+            &mut self.broker,
+            Request {
+                id: self.next_id,
+                request_id: None,
+                body,
+            },
+        )
+    }
+
+    fn replies(&mut self) -> Vec<BrokerMessage> {
+        std::mem::take(&mut self.broker.outbox)
+            .into_iter()
+            .map(|o| o.message)
+            .collect()
+    }
+
+    /// Spawns `sleep` as `user` with the admin token; returns the handle.
+    fn spawn(&mut self, user: &str) -> Handle {
+        self.send(RequestBody::Spawn(SpawnRequest {
+            credential: self.admin.clone(),
+            unix_user: user.into(),
+            program: Program::Exec {
+                argv: vec!["sleep".into(), "1000".into()],
+            },
+            cwd: None,
+            cwd_id: None,
+            env: vec![],
+            tty: None,
+            stdin: false,
+            secrets: false,
+        }))
+        .unwrap();
+        launch::check_starting(&mut self.broker);
+        match self.replies().pop() {
+            Some(BrokerMessage::Reply {
+                body: ReplyBody::Spawned(info),
+                ..
+            }) => info.handle,
+            other => panic!("expected Spawned, got {other:?}"),
+        }
+    }
+
+    fn audit_bytes(&self) -> u64 {
+        std::fs::metadata(self.dir.join("audit.jsonl"))
+            .unwrap()
+            .len()
+    }
+
+    fn signallers_started(&self) -> usize {
+        self.os
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::SignalGroup { .. }))
+            .count()
+    }
+}
+
+fn error_kind(m: &BrokerMessage) -> Option<ErrorKind> {
+    match m {
+        BrokerMessage::Reply {
+            body: ReplyBody::Error(e),
+            ..
+        } => Some(e.kind.clone()),
+        _ => None,
+    }
+}
+
+/// Each `Kill` forks a signalling child that nobody waits for. A daemon that sends a burst
+/// of them (one read of the link holds tens of thousands of `Kill` frames, all dispatched
+/// before any reap) made the broker fork that many processes, and a user who stops their signallers
+/// (they run as that user) kept them all, outside the user's cgroup, forever.
+#[test]
+fn a_kill_flood_starts_a_bounded_number_of_signallers() {
+    let mut f = fixture("kill-flood");
+    let handle = f.spawn("alice");
+    for _ in 0..10_000 {
+        f.send(RequestBody::Kill {
+            handle,
+            signal: Signal::Term,
+        })
+        .unwrap();
+    }
+    f.replies();
+    let started = f.signallers_started();
+    assert!(
+        started <= super::handlers::handles::MAX_SIGNALLERS_PER_HANDLE,
+        "{started} signalling children started for one handle while none was reaped"
+    );
+}
+
+/// A signaller its owner stopped is killed at its deadline, and once reaped the handle may
+/// be signalled again.
+#[test]
+fn a_stopped_signaller_is_killed_at_its_deadline_and_frees_its_slot() {
+    let mut f = fixture("signaller-deadline");
+    let handle = f.spawn("alice");
+    let kill = |f: &mut Fixture| {
+        f.send(RequestBody::Kill {
+            handle,
+            signal: Signal::Term,
+        })
+        .unwrap();
+        f.replies()
+    };
+    for _ in 0..super::handlers::handles::MAX_SIGNALLERS_PER_HANDLE {
+        assert!(matches!(
+            kill(&mut f).as_slice(),
+            [BrokerMessage::Reply {
+                body: ReplyBody::Done,
+                ..
+            }]
+        ));
+    }
+    assert_eq!(error_kind(&kill(&mut f)[0]), Some(ErrorKind::Failed));
+    // Past their deadline they are killed through their pidfds.
+    for s in &mut f.broker.signallers {
+        s.deadline = std::time::Instant::now();
+    }
+    let kills_before =
+        f.os.calls()
+            .iter()
+            .filter(|c| **c == Call::KillPidfd)
+            .count();
+    super::handlers::handles::check_signallers(&mut f.broker);
+    let kills =
+        f.os.calls()
+            .iter()
+            .filter(|c| **c == Call::KillPidfd)
+            .count();
+    assert_eq!(
+        kills - kills_before,
+        super::handlers::handles::MAX_SIGNALLERS_PER_HANDLE
+    );
+    // Reaped: the slots are free again.
+    let pids: Vec<i32> = f.broker.signallers.iter().map(|s| s.pid).collect();
+    for pid in pids {
+        super::handlers::handles::on_reaped(&mut f.broker, pid, crate::wire::ExitStatus::Signal(9));
+    }
+    assert!(f.broker.signallers.is_empty());
+    assert!(matches!(
+        kill(&mut f).as_slice(),
+        [BrokerMessage::Reply {
+            body: ReplyBody::Done,
+            ..
+        }]
+    ));
+}
+
+/// `signal` and `adopt` lines were written one per request, with no rate: a compromised
+/// daemon filled the disk by repeating `Adopt` (or `Kill`) of any running handle, which
+/// SECURITY.md says it cannot do.
+#[test]
+fn adopt_and_kill_floods_cannot_grow_the_audit_log_without_bound() {
+    let mut f = fixture("audit-flood");
+    let handle = f.spawn("alice");
+    let start = f.audit_bytes();
+    for _ in 0..20_000 {
+        f.send(RequestBody::Adopt { handle }).unwrap();
+        f.send(RequestBody::Kill {
+            handle,
+            signal: Signal::Cont,
+        })
+        .unwrap();
+        f.replies();
+    }
+    let grown = f.audit_bytes() - start;
+    assert!(
+        grown < 100 * 1024,
+        "40,000 requests grew the audit log by {grown} bytes"
+    );
+    let text = std::fs::read_to_string(f.dir.join("audit.jsonl")).unwrap();
+    assert!(
+        text.lines().any(|l| l.contains("\"suppressed_before\"")
+            && (l.contains("\"event\":\"adopt\"") || l.contains("\"event\":\"signal\""))),
+        "what was not written is counted"
+    );
+}
+
+/// `MAX_PROBES` was one pool for everyone: alice, by stopping her own directory-check
+/// children (or checking a path that hangs), held every slot and bob's `CheckDir` was
+/// refused (`probes-total`) for as long as she kept it up.
+#[test]
+fn one_user_cannot_take_every_directory_check_slot() {
+    let mut f = fixture("probe-slots");
+    f.os.0.borrow_mut().children = ChildScript::Hangs;
+    for i in 0..dirs::MAX_PROBES {
+        f.send(RequestBody::CheckDir {
+            credential: f.admin.clone(),
+            unix_user: "alice".into(),
+            path: format!("/home/alice/hang{i}"),
+        })
+        .unwrap();
+    }
+    f.replies();
+    f.send(RequestBody::CheckDir {
+        credential: f.admin.clone(),
+        unix_user: "bob".into(),
+        path: "/home/bob/work".into(),
+    })
+    .unwrap();
+    let refused = f.replies().iter().any(|m| error_kind(m).is_some());
+    assert!(!refused, "bob's check was answered with an error");
+    assert!(
+        f.os.calls().contains(&Call::StartProbe {
+            user: "bob".into(),
+            path: "/home/bob/work".into()
+        }),
+        "bob's check was never started"
+    );
+}
