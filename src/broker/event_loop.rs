@@ -115,6 +115,7 @@ impl Server {
                 self.next_user_check = Instant::now() + USER_CHECK_EVERY;
             }
             self.flush_outbox();
+            self.broker.finish_cgroups();
             if let Some(d) = &self.daemon {
                 if d.link.deadline().is_some_and(|t| t <= Instant::now()) {
                     self.link_failed(LinkError::Violation(format!(
@@ -318,6 +319,7 @@ impl Server {
             self.reap();
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.broker.finish_cgroups();
         self.broker.os.cgroup_teardown();
         self.broker.audit.record(
             "broker_stop",

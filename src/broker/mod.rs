@@ -117,6 +117,18 @@ pub struct Broker {
     /// API users and their token digests as last seen, to tell the daemon whose
     /// credentials stopped working.
     pub known_users: Option<std::collections::HashMap<u64, String>>,
+    /// Cgroups of reaped runs, to be emptied and removed once their exits are sent (off the
+    /// path between an exit and its report).
+    pub cgroups_to_finish: Vec<cgroup::SpawnCgroup>,
+}
+
+impl Broker {
+    /// Empties and removes the cgroups of reaped runs.
+    pub fn finish_cgroups(&mut self) {
+        for cg in std::mem::take(&mut self.cgroups_to_finish) {
+            self.os.cgroup_finish(cg);
+        }
+    }
 }
 
 impl Broker {

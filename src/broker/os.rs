@@ -67,8 +67,10 @@ pub trait Os {
         handle: u64,
     ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String>;
     fn cgroup_kill(&mut self, cgroup: &SpawnCgroup);
-    /// The limit the run hit, then what it left killed and its cgroup removed.
-    fn cgroup_finish(&mut self, cgroup: SpawnCgroup) -> Option<LimitHit>;
+    /// The limit the run hit (read before what it left is killed).
+    fn cgroup_limit_hit(&mut self, cgroup: &SpawnCgroup) -> Option<LimitHit>;
+    /// What the run left killed and its cgroup removed.
+    fn cgroup_finish(&mut self, cgroup: SpawnCgroup);
     fn cgroup_report(&self) -> Vec<(String, String)>;
     fn cgroup_set_limits(&mut self, limits: &CgroupLimits);
     /// At stop: everything in the tree killed and removed.
@@ -167,11 +169,12 @@ impl Os for RealOs {
         self.cgroups.kill(cgroup);
     }
 
-    fn cgroup_finish(&mut self, cgroup: SpawnCgroup) -> Option<LimitHit> {
-        // Read what it ran into before ending what it left behind.
-        let hit = self.cgroups.limit_hit(&cgroup);
+    fn cgroup_limit_hit(&mut self, cgroup: &SpawnCgroup) -> Option<LimitHit> {
+        self.cgroups.limit_hit(cgroup)
+    }
+
+    fn cgroup_finish(&mut self, cgroup: SpawnCgroup) {
         self.cgroups.remove(cgroup);
-        hit
     }
 
     fn cgroup_report(&self) -> Vec<(String, String)> {

@@ -246,9 +246,12 @@ impl Os for RecordingOs {
         self.record(Call::CgroupKill);
     }
 
-    fn cgroup_finish(&mut self, _cgroup: SpawnCgroup) -> Option<LimitHit> {
-        self.record(Call::CgroupFinish);
+    fn cgroup_limit_hit(&mut self, _cgroup: &SpawnCgroup) -> Option<LimitHit> {
         None
+    }
+
+    fn cgroup_finish(&mut self, _cgroup: SpawnCgroup) {
+        self.record(Call::CgroupFinish);
     }
 
     fn cgroup_report(&self) -> Vec<(String, String)> {
@@ -304,6 +307,7 @@ pub fn broker_for_tests(os: RecordingOs, state_dir: &Path) -> Result<(Broker, St
         link_state: LinkState::Fresh,
         outbox: Vec::new(),
         known_users: None,
+        cgroups_to_finish: Vec::new(),
     };
     Ok((broker, token))
 }

@@ -177,6 +177,7 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         link_state: LinkState::Fresh,
         outbox: Vec::new(),
         known_users: None,
+        cgroups_to_finish: Vec::new(),
     };
     Ok(Server {
         opts,

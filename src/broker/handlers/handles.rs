@@ -280,7 +280,13 @@ pub fn on_reaped(b: &mut Broker, pid: i32, status: ExitStatus) {
     entry.life = Life::Exited(status);
     entry.info.exited = Some(status);
     let cgroup = entry.cgroup.take();
-    let limit_hit = cgroup.and_then(|cg| b.os.cgroup_finish(cg));
+    // The limit it hit is read now (the exit carries it); what it left behind is killed
+    // and its cgroup removed once the exit is on its way (`Broker::finish_cgroups`).
+    let limit_hit = cgroup.and_then(|cg| {
+        let hit = b.os.cgroup_limit_hit(&cg);
+        b.cgroups_to_finish.push(cg);
+        hit
+    });
     let entry = b.handles.get_mut(handle).expect("still there");
     entry.info.limit_hit = limit_hit;
     let (user, released) = (entry.info.unix_user.clone(), entry.released);
