@@ -96,7 +96,7 @@ fn run() -> Result<(), String> {
     chmod(&work, 0o755)?;
     chmod(&work.join("wt"), 0o777)?;
     let recording = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/agents/claude-code-2.1.197-text.jsonl");
+        .join("tests/fixtures/agents/claude-code-2.1.197-text.jsonl");
     fs::copy(&recording, work.join("stream.jsonl"))
         .map_err(|e| format!("{}: {e}", recording.display()))?;
     chmod(&work.join("stream.jsonl"), 0o644)?;

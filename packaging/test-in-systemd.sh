@@ -148,7 +148,7 @@ case $state in running | degraded) ;; *) fail "the container did not boot ($stat
 health() {
 	# shellcheck disable=SC2016 # expanded by the container's bash
 	ct bash -c 'exec 9<>/dev/tcp/127.0.0.1/7433 || exit 1
-		printf "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" >&9
+		printf "GET /health HTTP/1.1\r\nHost: 127.0.0.1:7433\r\nConnection: close\r\n\r\n" >&9
 		IFS= read -r -t 2 line <&9; echo "$line" | cut -d" " -f2'
 }
 

@@ -335,9 +335,9 @@ impl Fakes {
             std::fs::write(dir.join(name), text).unwrap();
             run("chmod", &["0755", dir.join(name).to_str().unwrap()]);
         }
-        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/agents");
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/agents");
         std::fs::copy(fixtures.join(GEMINI_FIXTURE), dir.join(GEMINI_FIXTURE))
-            .expect("fixture (../shared/fixtures/agents)");
+            .expect("fixture (tests/fixtures/agents)");
         run(
             "chmod",
             &["0644", dir.join(GEMINI_FIXTURE).to_str().unwrap()],

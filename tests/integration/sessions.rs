@@ -1,7 +1,7 @@
 //! Issue 3: sessions, prompts and agents through the executor, broker-verified identity.
 //!
 //! The agent CLIs are played by `fake-agent`, a shell script that replays the recorded
-//! output of the real CLIs (../shared/fixtures/agents) and records who ran it, where, with
+//! output of the real CLIs (tests/fixtures/agents) and records who ran it, where, with
 //! which environment; the prompt's keywords pick a misbehaviour (crash, hang, garbage…).
 #![forbid(unsafe_code)]
 
@@ -89,10 +89,10 @@ impl Fakes {
         run("chmod", &["0755", dir.to_str().unwrap()]);
         std::fs::write(dir.join("fake-agent"), FAKE_AGENT).unwrap();
         run("chmod", &["0755", dir.join("fake-agent").to_str().unwrap()]);
-        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/agents");
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/agents");
         for (_, file) in FIXTURES {
             std::fs::copy(fixtures.join(file), dir.join(file))
-                .expect("fixture (../shared/fixtures/agents)");
+                .expect("fixture (tests/fixtures/agents)");
             run("chmod", &["0644", dir.join(file).to_str().unwrap()]);
         }
         Fakes { dir }

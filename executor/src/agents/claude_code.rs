@@ -145,11 +145,11 @@ mod tests {
     use serde_json::json;
 
     const TEXT_197: &str =
-        include_str!("../../../../shared/fixtures/agents/claude-code-2.1.197-text.jsonl");
+        include_str!("../../../tests/fixtures/agents/claude-code-2.1.197-text.jsonl");
     const BASH_197: &str =
-        include_str!("../../../../shared/fixtures/agents/claude-code-2.1.197-bash-tool.jsonl");
+        include_str!("../../../tests/fixtures/agents/claude-code-2.1.197-bash-tool.jsonl");
     const TEXT_330: &str =
-        include_str!("../../../../shared/fixtures/agents/claude-code-2.1.330-text.jsonl");
+        include_str!("../../../tests/fixtures/agents/claude-code-2.1.330-text.jsonl");
 
     fn hello_events(session: &str, model: &str, cost: f64) -> Vec<AgentEvent> {
         vec![

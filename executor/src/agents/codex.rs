@@ -225,7 +225,7 @@ mod tests {
     use super::super::test_util::{parse_all, reordered_keys, spec, strings};
     use super::*;
 
-    const TEXT: &str = include_str!("../../../../shared/fixtures/agents/codex-0.169.0-text.jsonl");
+    const TEXT: &str = include_str!("../../../tests/fixtures/agents/codex-0.169.0-text.jsonl");
 
     #[test]
     fn text_fixture() {

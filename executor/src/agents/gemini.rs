@@ -125,7 +125,7 @@ mod tests {
     use serde_json::json;
 
     const TEXT: &str =
-        include_str!("../../../../shared/fixtures/agents/gemini-cli-0.61.0-text.jsonl");
+        include_str!("../../../tests/fixtures/agents/gemini-cli-0.61.0-text.jsonl");
 
     #[test]
     fn text_fixture() {

@@ -160,7 +160,7 @@ mod tests {
     use super::*;
 
     const TEXT: &str =
-        include_str!("../../../../shared/fixtures/agents/opencode-1.18.33-text.jsonl");
+        include_str!("../../../tests/fixtures/agents/opencode-1.18.33-text.jsonl");
     const SESSION: &str = "ses_df4a211dcffeQqg4uBOIY97iDM";
 
     #[test]
