@@ -124,8 +124,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const TEXT: &str =
-        include_str!("../../../tests/fixtures/agents/gemini-cli-0.61.0-text.jsonl");
+    const TEXT: &str = include_str!("../../../tests/fixtures/agents/gemini-cli-0.61.0-text.jsonl");
 
     #[test]
     fn text_fixture() {

@@ -159,8 +159,7 @@ mod tests {
     use super::super::test_util::{parse_all, reordered_keys, spec, strings};
     use super::*;
 
-    const TEXT: &str =
-        include_str!("../../../tests/fixtures/agents/opencode-1.18.33-text.jsonl");
+    const TEXT: &str = include_str!("../../../tests/fixtures/agents/opencode-1.18.33-text.jsonl");
     const SESSION: &str = "ses_df4a211dcffeQqg4uBOIY97iDM";
 
     #[test]
