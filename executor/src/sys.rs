@@ -471,6 +471,40 @@ struct Prepared<'s> {
     keep_fds: Vec<RawFd>,
 }
 
+impl<'s> Prepared<'s> {
+    /// For a child that execs nothing (a directory check, a signal): the identity change
+    /// alone, no fds kept, no limits, no working directory.
+    fn bare(identity: Option<&'s Identity>) -> Result<Prepared<'s>, SpawnError> {
+        let mut groups_sorted = identity.map(|id| id.groups.clone()).unwrap_or_default();
+        groups_sorted.sort_unstable();
+        groups_sorted.dedup();
+        Ok(Prepared {
+            argv: Vec::new(),
+            env: Vec::new(),
+            fd_sources: [-1; MAX_CHILD_FDS],
+            fd_targets: [-1; MAX_CHILD_FDS],
+            fd_count: 0,
+            first_unkept_fd: 3,
+            exe: -1,
+            cgroup_procs: Vec::new(),
+            controlling_tty: false,
+            rlimits: Vec::new(),
+            identity,
+            groups_scratch: vec![0; identity.map_or(0, |id| id.groups.len()) + 1],
+            groups_sorted,
+            facts: process_facts().map_err(SpawnError::Setup)?,
+            umask: 0o077,
+            cwd: None,
+            cwd_id: None,
+            parent_death_signal: None,
+            // SAFETY: getpid has no preconditions.
+            parent_pid: unsafe { libc::getpid() },
+            report_fd: -1,
+            keep_fds: Vec::new(),
+        })
+    }
+}
+
 impl Prepared<'_> {
     fn report_fd_or(&self, original: RawFd) -> RawFd {
         if self.report_fd >= 0 {
@@ -633,34 +667,8 @@ fn wait_report(started: &Started, timeout: std::time::Duration) -> Result<ChildR
 /// step that failed. Whatever the path does (a hung FUSE mount, a stopped child), only
 /// this child waits on it.
 pub fn start_probe(identity: Option<&Identity>, path: &CStr) -> Result<Started, SpawnError> {
-    let groups_len = identity.map_or(0, |id| id.groups.len());
-    let mut groups_sorted = identity.map(|id| id.groups.clone()).unwrap_or_default();
-    groups_sorted.sort_unstable();
-    groups_sorted.dedup();
-    let prepared = Prepared {
-        argv: Vec::new(),
-        env: Vec::new(),
-        fd_sources: [-1; MAX_CHILD_FDS],
-        fd_targets: [-1; MAX_CHILD_FDS],
-        fd_count: 0,
-        first_unkept_fd: 3,
-        exe: -1,
-        cgroup_procs: Vec::new(),
-        controlling_tty: false,
-        rlimits: Vec::new(),
-        identity,
-        groups_scratch: vec![0; groups_len + 1],
-        groups_sorted,
-        facts: process_facts().map_err(SpawnError::Setup)?,
-        umask: 0o077,
-        cwd: Some(path),
-        cwd_id: None,
-        parent_death_signal: None,
-        // SAFETY: getpid has no preconditions.
-        parent_pid: unsafe { libc::getpid() },
-        report_fd: -1,
-        keep_fds: Vec::new(),
-    };
+    let mut prepared = Prepared::bare(identity)?;
+    prepared.cwd = Some(path);
     fork_with(prepared, probe_sequence)
 }
 
@@ -669,35 +677,11 @@ pub fn start_probe(identity: Option<&Identity>, path: &CStr) -> Result<Started, 
 /// reach only what that user could signal. The caller does not wait for it: a user who
 /// stops it stops only this signal. Its report is empty on success.
 pub fn start_signaller(identity: &Identity, pgid: i32, signal: i32) -> Result<Started, SpawnError> {
-    let mut groups_sorted = identity.groups.clone();
-    groups_sorted.sort_unstable();
-    groups_sorted.dedup();
-    let prepared = Prepared {
-        argv: Vec::new(),
-        env: Vec::new(),
-        fd_sources: [-1; MAX_CHILD_FDS],
-        fd_targets: [-1; MAX_CHILD_FDS],
-        fd_count: 0,
-        first_unkept_fd: 3,
-        // The target and the signal ride in fields this child has no other use for.
-        exe: pgid,
-        cgroup_procs: vec![signal],
-        controlling_tty: false,
-        rlimits: Vec::new(),
-        identity: Some(identity),
-        groups_scratch: vec![0; identity.groups.len() + 1],
-        groups_sorted,
-        facts: process_facts().map_err(SpawnError::Setup)?,
-        umask: 0o077,
-        cwd: None,
-        cwd_id: None,
-        parent_death_signal: None,
-        // SAFETY: getpid has no preconditions.
-        parent_pid: unsafe { libc::getpid() },
-        report_fd: -1,
-        // `exe` and `cgroup_procs` hold numbers here, not fds: nothing is kept.
-        keep_fds: Vec::new(),
-    };
+    let mut prepared = Prepared::bare(Some(identity))?;
+    // The target and the signal ride in fields this child has no other use for (they hold
+    // numbers here, not fds: nothing is kept).
+    prepared.exe = pgid;
+    prepared.cgroup_procs = vec![signal];
     fork_with(prepared, signal_sequence)
 }
 

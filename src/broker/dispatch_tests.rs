@@ -6,111 +6,25 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::handlers::{dirs, handles, launch};
 use super::os_double::{broker_for_tests, Call, ChildScript, RecordingOs};
-use super::{table, Broker};
+use super::table;
+use super::test_fixture::{self, error_kind, Fixture};
 use crate::wire::{
-    BrokerMessage, ErrorKind, Event, ExitStatus, Handle, Program, ReplyBody, Request, RequestBody,
-    Signal, SpawnRequest, PROTOCOL_VERSION,
+    BrokerMessage, ErrorKind, Event, ExitStatus, Handle, ReplyBody, Request, RequestBody, Signal,
+    PROTOCOL_VERSION,
 };
 
-struct Fixture {
-    broker: Broker,
-    os: RecordingOs,
-    admin: String,
-    dir: std::path::PathBuf,
-    next_id: u64,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn fixture(name: &str) -> Fixture {
-    let dir = std::env::temp_dir().join(format!("stoa-dispatch-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let os = RecordingOs::new(&[("alice", 2001), ("bob", 2002), ("root", 0), ("stoa", 999)]);
-    let (broker, admin) = broker_for_tests(os.clone(), &dir).unwrap();
-    let mut f = Fixture {
-        broker,
-        os,
-        admin,
-        dir,
-        next_id: 0,
-    };
-    f.send(RequestBody::Hello {
-        protocol: PROTOCOL_VERSION,
-    })
-    .unwrap();
-    f.replies();
-    f
+    test_fixture::fixture(&format!("dispatch-{name}"))
 }
 
-impl Fixture {
-    fn send(&mut self, body: RequestBody) -> Result<(), String> {
-        self.next_id += 1;
-        table::dispatch(
-            &mut self.broker,
-            Request {
-                id: self.next_id,
-                request_id: None,
-                body,
-            },
-        )
-    }
+trait SpawnAlice {
+    fn spawn_alice(&mut self) -> Handle;
+}
 
-    /// What went out, in order (replies and events).
-    fn replies(&mut self) -> Vec<BrokerMessage> {
-        std::mem::take(&mut self.broker.outbox)
-            .into_iter()
-            .map(|o| o.message)
-            .collect()
-    }
-
-    fn spawn_req(&self, credential: &str, user: &str, argv: Vec<String>) -> RequestBody {
-        RequestBody::Spawn(SpawnRequest {
-            credential: credential.into(),
-            unix_user: user.into(),
-            program: Program::Exec { argv },
-            cwd: None,
-            cwd_id: None,
-            env: vec![],
-            tty: None,
-            stdin: false,
-            secrets: false,
-        })
-    }
-
+impl SpawnAlice for Fixture {
     /// Spawns `true` as alice with the admin token; returns the handle.
     fn spawn_alice(&mut self) -> Handle {
-        let body = self.spawn_req(&self.admin.clone(), "alice", vec!["true".into()]);
-        self.send(body).unwrap();
-        launch::check_starting(&mut self.broker);
-        match self.replies().pop() {
-            Some(BrokerMessage::Reply {
-                body: ReplyBody::Spawned(info),
-                ..
-            }) => info.handle,
-            other => panic!("expected Spawned, got {other:?}"),
-        }
-    }
-
-    fn audit_bytes(&self) -> u64 {
-        std::fs::metadata(self.dir.join("audit.jsonl"))
-            .unwrap()
-            .len()
-    }
-}
-
-fn error_kind(m: &BrokerMessage) -> Option<ErrorKind> {
-    match m {
-        BrokerMessage::Reply {
-            body: ReplyBody::Error(e),
-            ..
-        } => Some(e.kind.clone()),
-        _ => None,
+        self.spawn_as("alice", &["true"])
     }
 }
 

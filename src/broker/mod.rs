@@ -123,6 +123,38 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// A broker with nothing running and no daemon yet.
+    pub fn new(
+        policy: Policy,
+        allowed_gids: Vec<u32>,
+        mode: Mode,
+        credentials: credentials::Credentials,
+        os: Box<dyn os::Os>,
+        audit: audit::Audit,
+    ) -> Broker {
+        Broker {
+            policy,
+            allowed_gids,
+            mode,
+            credentials,
+            os,
+            handles: HandleTable::new(),
+            probes: Vec::new(),
+            signallers: Vec::new(),
+            admission: Default::default(),
+            audit,
+            notifier: notify::Notifier::from_env(),
+            announced: false,
+            stats: BrokerStats::default(),
+            shutting_down: false,
+            link: 0,
+            link_state: LinkState::Fresh,
+            outbox: Vec::new(),
+            known_users: None,
+            cgroups_to_finish: Vec::new(),
+        }
+    }
+
     /// Empties and removes the cgroups of reaped runs.
     pub fn finish_cgroups(&mut self) {
         for cg in std::mem::take(&mut self.cgroups_to_finish) {
@@ -161,3 +193,5 @@ impl Broker {
 mod dispatch_tests;
 #[cfg(test)]
 mod red_team_tests;
+#[cfg(test)]
+mod test_fixture;

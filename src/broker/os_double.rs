@@ -15,11 +15,10 @@ use std::rc::Rc;
 use stoa_executor::sys::{encode_report, ChildReport, Started};
 
 use super::cgroup::SpawnCgroup;
-use super::handles::HandleTable;
 use super::os::{LaunchParams, Os};
 use super::policy::{CgroupLimits, Policy};
 use super::spawn::{Account, Launched};
-use super::{audit, credentials, notify, Broker, LinkState, Mode};
+use super::{audit, credentials, Broker, Mode};
 use crate::wire::{DirId, ExitStatus, FdLayout, LimitHit, Program, Signal, SpawnRequest};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,26 +287,8 @@ pub fn broker_for_tests(os: RecordingOs, state_dir: &Path) -> Result<(Broker, St
         require: super::policy::Require::Any,
         ..Policy::default()
     };
-    let broker = Broker {
-        policy,
-        allowed_gids: Vec::new(),
-        mode: Mode::Isolated { service },
-        credentials,
-        os: Box::new(os),
-        handles: HandleTable::new(),
-        probes: Vec::new(),
-        signallers: Vec::new(),
-        admission: Default::default(),
-        audit,
-        notifier: notify::Notifier::from_env(),
-        announced: false,
-        stats: Default::default(),
-        shutting_down: false,
-        link: 1,
-        link_state: LinkState::Fresh,
-        outbox: Vec::new(),
-        known_users: None,
-        cgroups_to_finish: Vec::new(),
-    };
+    let mode = Mode::Isolated { service };
+    let mut broker = Broker::new(policy, Vec::new(), mode, credentials, Box::new(os), audit);
+    broker.link = 1;
     Ok((broker, token))
 }

@@ -2,102 +2,24 @@
 //! dispatcher and the recording double (no root, no process started).
 #![cfg(test)]
 
-use std::os::unix::fs::PermissionsExt;
-
-use super::handlers::{dirs, launch};
-use super::os_double::{broker_for_tests, Call, ChildScript, RecordingOs};
-use super::{table, Broker};
-use crate::wire::{
-    BrokerMessage, ErrorKind, Handle, Program, ReplyBody, Request, RequestBody, Signal,
-    SpawnRequest, PROTOCOL_VERSION,
-};
-
-struct Fixture {
-    broker: Broker,
-    os: RecordingOs,
-    admin: String,
-    dir: std::path::PathBuf,
-    next_id: u64,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use super::handlers::dirs;
+use super::os_double::{Call, ChildScript};
+use super::test_fixture::{self, error_kind, Fixture};
+use crate::wire::{BrokerMessage, ErrorKind, Handle, ReplyBody, RequestBody, Signal};
 
 fn fixture(name: &str) -> Fixture {
-    let dir = std::env::temp_dir().join(format!("stoa-red-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let os = RecordingOs::new(&[("alice", 2001), ("bob", 2002)]);
-    let (broker, admin) = broker_for_tests(os.clone(), &dir).unwrap();
-    let mut f = Fixture {
-        broker,
-        os,
-        admin,
-        dir,
-        next_id: 0,
-    };
-    f.send(RequestBody::Hello {
-        protocol: PROTOCOL_VERSION,
-    })
-    .unwrap();
-    f.replies();
-    f
+    test_fixture::fixture(&format!("red-{name}"))
 }
 
-impl Fixture {
-    fn send(&mut self, body: RequestBody) -> Result<(), String> {
-        self.next_id += 1;
-        table::dispatch(
-            &mut self.broker,
-            Request {
-                id: self.next_id,
-                request_id: None,
-                body,
-            },
-        )
-    }
+trait Red {
+    fn spawn(&mut self, user: &str) -> Handle;
+    fn signallers_started(&self) -> usize;
+}
 
-    fn replies(&mut self) -> Vec<BrokerMessage> {
-        std::mem::take(&mut self.broker.outbox)
-            .into_iter()
-            .map(|o| o.message)
-            .collect()
-    }
-
+impl Red for Fixture {
     /// Spawns `sleep` as `user` with the admin token; returns the handle.
     fn spawn(&mut self, user: &str) -> Handle {
-        self.send(RequestBody::Spawn(SpawnRequest {
-            credential: self.admin.clone(),
-            unix_user: user.into(),
-            program: Program::Exec {
-                argv: vec!["sleep".into(), "1000".into()],
-            },
-            cwd: None,
-            cwd_id: None,
-            env: vec![],
-            tty: None,
-            stdin: false,
-            secrets: false,
-        }))
-        .unwrap();
-        launch::check_starting(&mut self.broker);
-        match self.replies().pop() {
-            Some(BrokerMessage::Reply {
-                body: ReplyBody::Spawned(info),
-                ..
-            }) => info.handle,
-            other => panic!("expected Spawned, got {other:?}"),
-        }
-    }
-
-    fn audit_bytes(&self) -> u64 {
-        std::fs::metadata(self.dir.join("audit.jsonl"))
-            .unwrap()
-            .len()
+        self.spawn_as(user, &["sleep", "1000"])
     }
 
     fn signallers_started(&self) -> usize {
@@ -109,20 +31,6 @@ impl Fixture {
     }
 }
 
-fn error_kind(m: &BrokerMessage) -> Option<ErrorKind> {
-    match m {
-        BrokerMessage::Reply {
-            body: ReplyBody::Error(e),
-            ..
-        } => Some(e.kind.clone()),
-        _ => None,
-    }
-}
-
-/// Each `Kill` forks a signalling child that nobody waits for. A daemon that sends a burst
-/// of them (one read of the link holds tens of thousands of `Kill` frames, all dispatched
-/// before any reap) made the broker fork that many processes, and a user who stops their signallers
-/// (they run as that user) kept them all, outside the user's cgroup, forever.
 #[test]
 fn a_kill_flood_starts_a_bounded_number_of_signallers() {
     let mut f = fixture("kill-flood");

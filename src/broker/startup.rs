@@ -16,10 +16,9 @@ use tracing::{info, warn};
 use stoa_executor::sys::Rlimit;
 
 use super::event_loop::Server;
-use super::handles::HandleTable;
 use super::policy::{self, Policy};
 use super::spawn::{self, Account};
-use super::{audit, cgroup, credentials, notify, os, Broker, LinkState, Mode, ServeOptions};
+use super::{audit, cgroup, credentials, os, Broker, Mode, ServeOptions};
 use crate::config::DaemonConfig;
 
 pub fn start(opts: ServeOptions) -> Result<Server, String> {
@@ -153,32 +152,13 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         .map_err(|e| format!("cannot create a signalfd: {e}"))?;
 
     let isolated = matches!(mode, Mode::Isolated { .. });
-    let broker = Broker {
-        policy,
-        allowed_gids,
-        mode,
-        credentials,
-        os: Box::new(os::RealOs {
-            isolated,
-            executor,
-            tty_gid,
-            cgroups,
-        }),
-        handles: HandleTable::new(),
-        probes: Vec::new(),
-        signallers: Vec::new(),
-        admission: Default::default(),
-        audit,
-        notifier: notify::Notifier::from_env(),
-        announced: false,
-        stats: crate::wire::BrokerStats::default(),
-        shutting_down: false,
-        link: 0,
-        link_state: LinkState::Fresh,
-        outbox: Vec::new(),
-        known_users: None,
-        cgroups_to_finish: Vec::new(),
-    };
+    let os = Box::new(os::RealOs {
+        isolated,
+        executor,
+        tty_gid,
+        cgroups,
+    });
+    let broker = Broker::new(policy, allowed_gids, mode, credentials, os, audit);
     Ok(Server {
         opts,
         broker,
