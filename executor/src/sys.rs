@@ -1,6 +1,6 @@
 //! Every `unsafe` system call in stoa, each behind a safe function.
 //!
-//! The heart of it is [`spawn_child`]: fork, then the spawn-as-user sequence of
+//! The heart of it is [`start_child`]: fork, then the spawn-as-user sequence of
 //! research/privsep.md §1 phase B, then exec. Everything the child needs is computed before
 //! the fork; between fork and exec the child makes only async-signal-safe system calls on
 //! that prepared data (no allocation, no locks, no NSS).
@@ -65,13 +65,7 @@ fn set_cloexec(fd: &OwnedFd) -> io::Result<()> {
 /// Duplicates fd `target` of process `pid` into this process (`pidfd_getfd(2)`, needs
 /// ptrace rights over `pid`: root). Used by the tests that play a compromised daemon.
 pub fn pidfd_getfd(pid: i32, target: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes plain integers and returns a new fd or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open returned a fresh descriptor that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    let pidfd = pidfd_open(pid)?;
     // SAFETY: pidfd_getfd takes plain integers and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
     if fd < 0 {
@@ -227,7 +221,7 @@ pub struct Rlimit {
 }
 
 /// What to start and as whom. Borrowed fds stay owned by the caller, who closes its copies
-/// of the child's ends after [`spawn_child`] returns.
+/// of the child's ends after [`start_child`] returns.
 pub struct ChildSpec<'a> {
     /// The program, opened by the caller (`O_PATH`); run with `execveat(AT_EMPTY_PATH)` so
     /// the file that was checked is the file that runs.
@@ -621,8 +615,9 @@ pub fn start_child(spec: &ChildSpec<'_>) -> Result<Started, SpawnError> {
     fork_with(prepared, child_sequence)
 }
 
-/// [`start_child`], then waits up to `timeout` for the exec (for the broker's own daemon,
-/// which no user can signal). On timeout the child is killed.
+/// [`start_child`], then waits up to `timeout` for the exec; on timeout the child is
+/// killed. For tests and tools only: the broker never waits for a child (whoever may
+/// signal it could stop it before its exec).
 pub fn spawn_child(spec: &ChildSpec<'_>, timeout: std::time::Duration) -> Result<i32, SpawnError> {
     let started = start_child(spec)?;
     match wait_report(&started, timeout)? {

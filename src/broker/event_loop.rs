@@ -19,8 +19,8 @@ use super::link::{LinkError, PARTIAL_FRAME_TIMEOUT};
 use super::policy::Policy;
 use super::shutdown::{self, Action, Facts, Stopping};
 use super::startup::resolve_gids;
-use super::supervise::Daemon;
-use super::{Broker, ServeOptions};
+use super::supervise::{Daemon, DAEMON_HELLO_DEADLINE};
+use super::{Broker, LinkState, ServeOptions};
 use crate::config::DaemonConfig;
 use crate::wire::{Event, FdLayout, Signal};
 
@@ -76,6 +76,7 @@ impl Server {
                 launch::next_deadline(&self.broker),
                 dirs::next_deadline(&self.broker),
                 handles::next_signaller_deadline(&self.broker),
+                self.hello_deadline(),
                 Some(self.next_user_check),
             ]
             .into_iter()
@@ -116,6 +117,12 @@ impl Server {
             }
             self.flush_outbox();
             self.broker.finish_cgroups();
+            if self.hello_deadline().is_some_and(|t| t <= Instant::now()) {
+                self.daemon_gone(
+                    &format!("it did not say Hello within {DAEMON_HELLO_DEADLINE:?}"),
+                    None,
+                );
+            }
             if let Some(d) = &self.daemon {
                 if d.link.deadline().is_some_and(|t| t <= Instant::now()) {
                     self.link_failed(LinkError::Violation(format!(
@@ -125,6 +132,12 @@ impl Server {
             }
         }
         self.finish_shutdown();
+    }
+
+    /// When the current daemon must have said `Hello` by, while it has not.
+    fn hello_deadline(&self) -> Option<Instant> {
+        let d = self.daemon.as_ref()?;
+        (self.broker.link_state == LinkState::Fresh).then(|| d.started + DAEMON_HELLO_DEADLINE)
     }
 
     /// One `poll`: (a signal is waiting, the daemon link's events). `None`: interrupted.

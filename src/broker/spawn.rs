@@ -1,6 +1,6 @@
 //! Spawning, broker side: research/privsep.md phase A (resolve the user, fresh group list,
 //! environment from empty, PTY or pipes, the job on the control socket), then
-//! [`sys::spawn_child`] for phase B.
+//! [`sys::start_child`] for phase B.
 #![forbid(unsafe_code)]
 
 use std::ffi::{CString, OsStr};

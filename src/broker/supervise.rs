@@ -28,8 +28,10 @@ const RESTART_MIN: Duration = Duration::from_millis(100);
 const RESTART_MAX: Duration = Duration::from_secs(10);
 /// A daemon that ran this long resets the restart backoff.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
-/// The daemon's start is the broker's own child before exec; nobody else can stop it.
-const DAEMON_START_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a new daemon has to say `Hello`. The broker does not wait for its exec (the
+/// service user, which a compromised daemon is, could stop the child before it): a daemon
+/// that failed before exec is reaped like any exit, one that never speaks is replaced.
+pub const DAEMON_HELLO_DEADLINE: Duration = Duration::from_secs(10);
 
 pub struct Daemon {
     pub pid: i32,
@@ -80,7 +82,9 @@ impl Server {
                 parent_death_signal: Some(libc::SIGTERM),
                 cgroup_procs: Vec::new(),
             };
-            let pid = sys::spawn_child(&spec, DAEMON_START_DEADLINE).map_err(|e| e.to_string())?;
+            // Not waited for: its report pipe is dropped; a failure before exec shows as its
+            // exit (127), and silence as the Hello deadline.
+            let pid = sys::start_child(&spec).map_err(|e| e.to_string())?.pid;
             let link = Link::new(ours).map_err(|e| e.to_string())?;
             Ok((pid, link))
         })();

@@ -333,6 +333,11 @@ pub fn signal_all(b: &mut Broker, signal: Signal) {
             }
         }
         if signal == Signal::Kill {
+            // The executor itself through its pidfd, as root: the stop must not depend on
+            // signalling children its owner could have stopped (nor on cgroups being on).
+            if let Some(e) = b.handles.get(handle) {
+                b.os.kill_pidfd(std::os::fd::AsFd::as_fd(&e.pidfd));
+            }
             if let Some(cg) = b.handles.get(handle).and_then(|e| e.cgroup.as_ref()) {
                 b.os.cgroup_kill(cg);
             }
