@@ -195,6 +195,19 @@ impl Viewer {
         String::from_utf8_lossy(&self.output).into_owned()
     }
 
+    /// Reads until the output contains `needle` at least `times` times.
+    fn wait_for_count(&mut self, needle: &str, times: usize, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while self.text().matches(needle).count() < times {
+            assert!(
+                Instant::now() < deadline,
+                "never saw {needle:?} {times} times in {:?}",
+                self.text()
+            );
+            self.next(Duration::from_millis(200));
+        }
+    }
+
     /// Reads until the output contains `needle`.
     fn wait_for(&mut self, needle: &str, wait: Duration) {
         let deadline = Instant::now() + wait;
@@ -541,7 +554,9 @@ fn flood() -> Result<(), Failed> {
     while Instant::now() < deadline {
         round += 1;
         echo.type_text(&format!("echo ping-{round}\n"));
-        echo.wait_for(&format!("\r\nping-{round}\r\n"), Duration::from_secs(2));
+        // Twice: once in the echoed command line, once as its output (which need not follow
+        // a newline: the shell's first prompt may come after the typed-ahead line).
+        echo.wait_for_count(&format!("ping-{round}\r\n"), 2, Duration::from_secs(2));
         rss_max = rss_max.max(vm_rss_kib(daemon));
         std::thread::sleep(Duration::from_millis(200));
     }
