@@ -35,7 +35,8 @@ pub struct DaemonConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TerminalConfig {
-    /// Output each terminal keeps for viewers that (re)attach, in bytes.
+    /// Output each terminal keeps for viewers that (re)attach, in bytes (at most 64 MiB
+    /// less 64: the ring is a memfd the broker creates, with a 64-byte header).
     pub ring_bytes: usize,
     /// Most bytes a viewer may have unacknowledged; a writing viewer out of credit pauses
     /// the program's output. At most `ring_bytes`.
@@ -197,6 +198,15 @@ impl DaemonConfig {
         self.listen
             .parse::<std::net::SocketAddr>()
             .map_err(|e| format!("listen {:?}: {e}", self.listen))?;
+        // The ring is a memfd the broker creates: its header and these bytes must be
+        // within the broker's limit.
+        let max_ring =
+            crate::wire::limits::MAX_RING_BYTES as usize - crate::daemon::ring::HEADER_BYTES;
+        if self.terminal.ring_bytes > max_ring {
+            return Err(format!(
+                "terminal.ring_bytes must be at most {max_ring} (64 MiB less the ring's header)"
+            ));
+        }
         if (self.terminal.window_bytes as usize) > self.terminal.ring_bytes
             || self.terminal.window_bytes < 4096
         {
@@ -298,6 +308,15 @@ pub fn default_daemon_config() -> PathBuf {
         "/etc/stoa/config.toml".into()
     } else {
         user_config_dir().join("config.toml")
+    }
+}
+
+/// Where the workers keep each user's store when the policy does not say.
+pub fn default_workers_dir() -> PathBuf {
+    if is_root() {
+        "/var/lib/stoa-workers".into()
+    } else {
+        user_state_dir().join("workers")
     }
 }
 

@@ -153,6 +153,206 @@ pub fn window_size(fd: BorrowedFd<'_>) -> io::Result<(u16, u16)> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Shared memory (terminal output rings)
+
+/// Largest memfd [`create_ring_memfd`] makes, and [`SharedMap`] maps.
+pub const MAX_SHARED_MAP_BYTES: usize = 1 << 30;
+
+/// A memfd of `bytes` (zero-filled), close-on-exec, sealed against shrinking and growing
+/// and against further seals: a mapping of it can never fault (`SIGBUS`) because someone
+/// truncated it, and nobody can seal it read-only under a writable mapping.
+pub fn create_ring_memfd(bytes: usize) -> io::Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    if bytes == 0 || bytes > MAX_SHARED_MAP_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a ring memfd must be 1 to {MAX_SHARED_MAP_BYTES} bytes, not {bytes}"),
+        ));
+    }
+    let fd = memfd_create(
+        c"stoa-ring",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    nix::unistd::ftruncate(&fd, bytes as libc::off_t)?;
+    fcntl(
+        &fd,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(fd)
+}
+
+/// A whole file (a memfd sealed against shrinking, as [`create_ring_memfd`] makes) mapped
+/// `MAP_SHARED` read/write: what is written here is in the file, seen by every other
+/// mapping of it, and outlives this process. Unmapped on drop.
+///
+/// Nothing here hands out a reference into the mapping: bytes are copied in and out by
+/// offset ([`SharedMap::write_at`], [`SharedMap::read_at`]) and header words go through
+/// atomics ([`SharedMap::load_u64`], [`SharedMap::store_u64`]), every access bounds-checked.
+/// Another process that holds the file (the broker, a later holder, any process of the
+/// same user that reaches the fd) may write it at any time, so what is read is data to
+/// validate, never something to trust.
+pub struct SharedMap {
+    ptr: ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value (no thread-local state); moving
+// it to another thread changes nothing about how it is accessed.
+unsafe impl Send for SharedMap {}
+// SAFETY: through `&SharedMap` the mapping is only read (byte copies out, atomic loads);
+// every write takes `&mut self`, so within this process a write never overlaps another
+// access. (Other processes are covered by the copy-only design, see `read_at`.)
+unsafe impl Sync for SharedMap {}
+
+impl SharedMap {
+    /// Maps all of `fd`, which must be sealed against shrinking (`F_GET_SEALS`); its size
+    /// comes from `fstat`.
+    pub fn new(fd: BorrowedFd<'_>) -> io::Result<SharedMap> {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let seals = SealFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GET_SEALS)?);
+        if !seals.contains(SealFlag::F_SEAL_SHRINK) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the file is not sealed against shrinking: a mapping of it could fault",
+            ));
+        }
+        let size = nix::sys::stat::fstat(fd)?.st_size;
+        let len = usize::try_from(size)
+            .ok()
+            .filter(|l| (1..=MAX_SHARED_MAP_BYTES).contains(l))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("cannot map a file of {size} bytes"),
+                )
+            })?;
+        let length = std::num::NonZeroUsize::new(len).expect("checked above");
+        // SAFETY: a fresh mapping at an address the kernel chooses (so it replaces nothing
+        // of ours), of `len` bytes of a file that cannot shrink below `len` (sealed, checked
+        // above), so every byte of it stays backed: no access inside it can fault. The
+        // pointer is only used through the bounds-checked copies below, and unmapped once,
+        // on drop.
+        let addr = unsafe {
+            mmap(
+                None,
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd,
+                0,
+            )
+        }?;
+        Ok(SharedMap {
+            ptr: addr.cast(),
+            len,
+        })
+    }
+
+    /// The mapping's size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, offset: usize, len: usize) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{len} bytes at {offset} are outside the {} byte mapping",
+                    self.len
+                ),
+            )),
+        }
+    }
+
+    /// Copies `bytes` into the mapping at `offset`.
+    pub fn write_at(&mut self, offset: usize, bytes: &[u8]) -> io::Result<()> {
+        self.check(offset, bytes.len())?;
+        // SAFETY: `offset + bytes.len() <= self.len` (checked), so the destination lies in
+        // the mapping, which stays mapped and backed while `self` lives (see `new`); it
+        // cannot overlap `bytes`, which is memory of ours outside any mapping we hand out.
+        // No reference into the mapping exists anywhere (we never create one), so this
+        // write invalidates no `&`/`&mut` the compiler reasons about. A concurrent writer
+        // in another process can only leave other bytes there, which later readers treat
+        // as untrusted data.
+        unsafe {
+            ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr().add(offset), bytes.len())
+        };
+        Ok(())
+    }
+
+    /// Copies `out.len()` bytes from the mapping at `offset` into `out`.
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> io::Result<()> {
+        self.check(offset, out.len())?;
+        // SAFETY: the source lies in the mapping (checked), mapped and backed while `self`
+        // lives, and `out` is our own memory, so the two cannot overlap. Another process of
+        // the same user may write these bytes while we copy them: we never form a
+        // reference to the mapping (whose "no one else writes this" promise that would
+        // break), we only copy raw bytes out of it into our own buffer, and every bit
+        // pattern is a valid `u8`. The worst a concurrent writer can do is make us copy
+        // a mix of old and new bytes, which callers treat as untrusted input (they check
+        // the header, and terminal output is opaque bytes).
+        unsafe {
+            ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), out.as_mut_ptr(), out.len())
+        };
+        Ok(())
+    }
+
+    /// The u64 at `offset` (a multiple of 8), loaded with `Acquire`: what was written before
+    /// a matching [`SharedMap::store_u64`] (in any process) is visible after it.
+    pub fn load_u64(&self, offset: usize) -> io::Result<u64> {
+        Ok(self.word(offset)?.load(Ordering::Acquire))
+    }
+
+    /// Stores `value` at `offset` (a multiple of 8) with `Release`: every write to the
+    /// mapping before it is visible to whoever loads this value.
+    pub fn store_u64(&mut self, offset: usize, value: u64) -> io::Result<()> {
+        self.word(offset)?.store(value, Ordering::Release);
+        Ok(())
+    }
+
+    fn word(&self, offset: usize) -> io::Result<&AtomicU64> {
+        self.check(offset, 8)?;
+        if offset % 8 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("offset {offset} is not 8-byte aligned"),
+            ));
+        }
+        // SAFETY: the 8 bytes lie in the mapping (checked), which starts on a page
+        // boundary, so `offset % 8 == 0` makes them 8-byte aligned as AtomicU64 requires;
+        // they stay mapped while `self` (and so the returned borrow) lives. An AtomicU64 may
+        // be written concurrently by anyone (other threads, other processes sharing the
+        // page: atomic instructions on shared memory are exactly that), so the reference
+        // promises nothing a concurrent writer can break, and it never leaves this module.
+        Ok(unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast::<u64>()) })
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range `new` mapped, unmapped once; no reference into it
+        // outlives `self` (`word`'s borrows end with the call that made them).
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+impl fmt::Debug for SharedMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedMap").field("len", &self.len).finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Spawning
 
 /// The identity a child takes, resolved by the caller (getpwnam_r, getgrouplist) before
@@ -1366,4 +1566,65 @@ pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd is an open descriptor that stays the same until the AsyncFd,
     // which now owns it, drops it.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
+#[cfg(test)]
+mod shared_map_tests {
+    use super::*;
+
+    #[test]
+    fn memfd_is_sealed_and_maps_shared() {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        let fd = create_ring_memfd(10_000).unwrap();
+        let seals = SealFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GET_SEALS).unwrap());
+        assert!(
+            seals.contains(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL)
+        );
+        // Sealed: it cannot be shrunk or grown, nor resealed.
+        assert!(nix::unistd::ftruncate(&fd, 10).is_err());
+        assert!(nix::unistd::ftruncate(&fd, 20_000).is_err());
+        assert!(fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).is_err());
+        let flags = fcntl(&fd, FcntlArg::F_GETFD).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+
+        let mut a = SharedMap::new(fd.as_fd()).unwrap();
+        assert_eq!(a.len(), 10_000);
+        a.write_at(9_990, b"0123456789").unwrap();
+        a.store_u64(8, 0xdead_beef).unwrap();
+        // A second mapping of the same file sees the same bytes, and its writes show here.
+        let mut b = SharedMap::new(fd.as_fd()).unwrap();
+        let mut out = [0u8; 10];
+        b.read_at(9_990, &mut out).unwrap();
+        assert_eq!(&out, b"0123456789");
+        assert_eq!(b.load_u64(8).unwrap(), 0xdead_beef);
+        b.write_at(0, b"hi").unwrap();
+        drop(b);
+        let mut two = [0u8; 2];
+        a.read_at(0, &mut two).unwrap();
+        assert_eq!(&two, b"hi");
+    }
+
+    #[test]
+    fn out_of_bounds_and_unaligned_are_refused() {
+        let fd = create_ring_memfd(64).unwrap();
+        let mut m = SharedMap::new(fd.as_fd()).unwrap();
+        assert!(m.write_at(60, b"12345").is_err());
+        assert!(m.write_at(usize::MAX, b"1").is_err());
+        assert!(m.read_at(64, &mut [0u8; 1]).is_err());
+        assert!(m.read_at(0, &mut [0u8; 64]).is_ok());
+        assert!(m.load_u64(60).is_err());
+        assert!(m.load_u64(4).is_err());
+        assert!(m.store_u64(64, 1).is_err());
+        assert!(m.store_u64(56, 1).is_ok());
+    }
+
+    #[test]
+    fn unsealed_files_and_bad_sizes_are_refused() {
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let plain = memfd_create(c"t", MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&plain, 4096).unwrap();
+        assert!(SharedMap::new(plain.as_fd()).is_err());
+        assert!(create_ring_memfd(0).is_err());
+        assert!(create_ring_memfd(MAX_SHARED_MAP_BYTES + 1).is_err());
+    }
 }

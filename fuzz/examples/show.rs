@@ -18,15 +18,17 @@ fn main() {
             println!("C {op:?}");
             continue;
         }
-        let frame = records::frame(r);
+        let (pick, frame) = records::frame_on(r);
+        // A structured request may pick its link; else it goes where the last `On` said.
+        let on = pick.map_or(String::new(), |l| format!(" on {l:?}"));
         let framed = reference_frames(&frame);
         for p in framed.payloads {
             match codec::decode::<Request>(p) {
                 Ok(req) => {
                     let body: String = format!("{:?}", req.body).chars().take(300).collect();
-                    println!("R id={} request_id={:?} {body}", req.id, req.request_id);
+                    println!("R{on} id={} request_id={:?} {body}", req.id, req.request_id);
                 }
-                Err(e) => println!("R {e}"),
+                Err(e) => println!("R{on} {e}"),
             }
         }
         if framed.end != End::Clean {

@@ -2,16 +2,47 @@
 //! strings can be long (a fill or a repeated piece) or picked from names that pass the
 //! broker's checks, so a few input bytes reach every limit in `wire::limits`; credentials
 //! can be the harness's real ones and handles the few an iteration issues. Also the
-//! control operations ([`Op`]) that interleave with the frames.
+//! control operations ([`Op`]) that interleave with the frames, and the links ([`ALink`])
+//! a request may come on.
 
 use arbitrary::Arbitrary;
 
 use stoa::wire::{
-    DirId, Handle, Program, Request, RequestBody, Signal, SpawnRequest, WindowSize,
+    limits, DirId, Handle, Program, Request, RequestBody, Signal, SpawnRequest, WindowSize,
     PROTOCOL_VERSION,
 };
 
 use crate::harness::{CREDENTIALS, USERS};
+
+/// The processes whose links the harness plays: the front and the workers of alice and
+/// bob (the first two users of [`USERS`]).
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ALink {
+    Front,
+    Alice,
+    Bob,
+}
+
+impl ALink {
+    pub const ALL: [ALink; 3] = [ALink::Front, ALink::Alice, ALink::Bob];
+
+    /// The Unix user of a worker's link (`None`: the front's).
+    pub fn user(self) -> Option<(&'static str, u32)> {
+        match self {
+            ALink::Front => None,
+            ALink::Alice => Some((USERS[0].name, USERS[0].uid)),
+            ALink::Bob => Some((USERS[1].name, USERS[1].uid)),
+        }
+    }
+
+    pub fn uid(self) -> Option<u32> {
+        self.user().map(|(_, uid)| uid)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
 
 /// Bytes of strings one structured request may hold in all: above the largest limit
 /// (`MAX_ARGV_BYTES`, 128 KiB), so every limit can be crossed, and small enough to keep
@@ -106,6 +137,17 @@ pub enum AEnv {
     },
 }
 
+/// A terminal's output ring: mostly at and around its limits.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum ARing {
+    Zero,
+    Min,
+    Max,
+    BelowMin,
+    AboveMax,
+    Any(u32),
+}
+
 #[derive(Arbitrary, Debug, Clone)]
 pub enum AProgram {
     Exec(AArgv),
@@ -121,6 +163,7 @@ pub struct ASpawn {
     pub cwd_id: Option<(u64, u64, u32)>,
     pub env: AEnv,
     pub tty: Option<(u16, u16)>,
+    pub ring: ARing,
     pub stdin: bool,
     pub secrets: bool,
 }
@@ -163,6 +206,17 @@ pub enum ABody {
     ListHandles,
     Adopt(AHandle),
     Stats,
+    OpenWorker {
+        credential: ACred,
+        unix_user: AName,
+        start: bool,
+    },
+    OpenWorkerAnonymous(AName),
+    ListAll {
+        credential: ACred,
+        after: Option<AHandle>,
+    },
+    Retire,
 }
 
 #[derive(Arbitrary, Debug, Clone)]
@@ -170,6 +224,9 @@ pub struct ARequest {
     pub id: u64,
     pub request_id: Option<AStr>,
     pub body: ABody,
+    /// The link it comes on (`None`, also when the input runs out here: the one the last
+    /// [`Op::On`] picked).
+    pub link: Option<ALink>,
 }
 
 /// Turns mirrors into wire values, spending at most [`BUDGET`] bytes on strings.
@@ -304,6 +361,14 @@ impl Builder {
             cwd_id: a.cwd_id.map(|(dev, ino, uid)| DirId { dev, ino, uid }),
             env: self.env(&a.env),
             tty: a.tty.map(|(rows, cols)| WindowSize { rows, cols }),
+            ring_bytes: match a.ring {
+                ARing::Zero => 0,
+                ARing::Min => limits::MIN_RING_BYTES,
+                ARing::Max => limits::MAX_RING_BYTES,
+                ARing::BelowMin => limits::MIN_RING_BYTES - 1,
+                ARing::AboveMax => limits::MAX_RING_BYTES + 1,
+                ARing::Any(n) => n,
+            },
             stdin: a.stdin,
             secrets: a.secrets,
         }
@@ -360,6 +425,23 @@ impl Builder {
                 handle: handle_of(h),
             },
             ABody::Stats => RequestBody::Stats,
+            ABody::OpenWorker {
+                credential,
+                unix_user,
+                start,
+            } => RequestBody::OpenWorker {
+                credential: self.credential(credential),
+                unix_user: self.name(unix_user),
+                start: *start,
+            },
+            ABody::OpenWorkerAnonymous(name) => RequestBody::OpenWorkerAnonymous {
+                unix_user: self.name(name),
+            },
+            ABody::ListAll { credential, after } => RequestBody::ListAll {
+                credential: self.credential(credential),
+                after: after.as_ref().map(handle_of),
+            },
+            ABody::Retire => RequestBody::Retire,
         }
     }
 
@@ -393,14 +475,18 @@ pub enum Op {
     Gone(u8),
     /// Every start and probe deadline passes, then the loop checks.
     Expire,
-    /// The daemon goes (closes its link) and a new one starts with a new link.
-    NewLink,
+    /// That process goes (its link is dropped) and a new one connects on a new link.
+    NewLink(ALink),
     /// SIGTERM: nothing new starts, the daemon is told.
     Shutdown,
     /// A shutdown phase: every running executor signalled (TERM, or KILL).
     SignalAll { kill: bool },
     /// An API user is removed from the user store, and the loop notices.
     Revoke(u8),
+    /// The next frames (those whose request picks no link) come on this link.
+    On(ALink),
+    /// That process goes and none replaces it (a worker that exited) until a `NewLink`.
+    Close(ALink),
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,24 +1,45 @@
 //! The real broker without root: `broker::table::dispatch` and the handlers over the
 //! recording double of the OS (`broker::os_double`), fed as the broker's loop feeds them
-//! (`supervise.rs`, `event_loop.rs`): frames through the real `Link`, decoded, dispatched;
-//! between them children report and exit, daemons come and go, shutdown starts. After
-//! every step the invariants below are checked against what the broker asked the OS to do
-//! (`RecordingOs::calls`) and what it queued for the daemon (`Broker::outbox`).
+//! (`supervise.rs`, `workers.rs`, `event_loop.rs`): frames through the real `Link`,
+//! decoded, dispatched with the broker's view set to the link they came on; between them
+//! children report and exit, processes come and go, shutdown starts. After every step the
+//! invariants below are checked against what the broker asked the OS to do
+//! (`RecordingOs::calls`), the connections it opened (`Broker::connects`) and what it
+//! queued for its links (`Broker::outbox`).
 //!
-//! * Nothing before Hello, Hello once; a violation ends the link (the input stops feeding
-//!   it) and leaves nothing launched, probed or signalled by that request.
-//! * A `Launch` only for a `Spawn` whose every field `spawn::validate` and `wire::limits`
-//!   allow (restated here), with no variable the policy's env deny-list names, for a user
-//!   the policy allows (never uid 0, the service user, a root-group or low uid), by a
-//!   valid, unrevoked credential that may act as that user, not while shutting down, with
-//!   that user's secrets only; its environment and job are what was checked.
-//! * A `StartProbe` only for a `CheckDir` of such a user, with an absolute bounded path.
+//! Three links are played ([`ALink`]): the front's, and the workers' of alice and of bob.
+//! Each has its own socketpair and its own conversation; a violation drops that link only.
+//!
+//! * Nothing before Hello, Hello once, on each link; a violation ends the link (the input
+//!   stops feeding it) and leaves nothing launched, probed or signalled by that request.
+//! * What a link may send goes by its kind (restated here from the table): the front
+//!   authenticates, opens connections and lists everything (with an admin's credential);
+//!   it spawns, checks, signals, adopts, releases, lists and touches secrets never. A
+//!   worker does the rest, for its own Unix user only: a request naming another user's
+//!   handle is a violation, and nothing runs, is probed or signalled for another user.
+//! * A `Launch` only for a `Spawn` on the worker of its user, whose every field
+//!   `spawn::validate` and `wire::limits` allow (restated here), with no variable the
+//!   policy's env deny-list names, for a user the policy allows (never uid 0, the service
+//!   user, a root-group or low uid), by a valid, unrevoked credential that may act as
+//!   that user, not while shutting down, with that user's secrets only; its environment
+//!   and job are what was checked.
+//! * A `StartProbe` only for a `CheckDir` of such a user on its worker, with an absolute
+//!   bounded path.
 //! * A `SignalGroup` only for an executor that reported its exec and whose exit was not fed
-//!   yet, as its own uid; nothing is adopted after its exit.
+//!   yet, as its own uid (from a `Kill`: on its user's worker); nothing is adopted after
+//!   its exit, nor by another user's worker.
+//! * A connection (`Connect`) only for an `OpenWorker` on the front by a valid, unrevoked
+//!   credential that may act as an allowed user (with that principal), or an
+//!   `OpenWorkerAnonymous` for an allowed user whose worker runs (no principal); one per
+//!   `Connection` reply, which carries one fd. Without `start`, or while shutting down,
+//!   only to a running worker.
 //! * Every message fits in a frame; every reply answers a request that was dispatched on
 //!   its link without a violation, with a body of that request's kind and the fds its
 //!   layout says, exactly once (at the end every deadline passes, so everything is
-//!   answered); events go to the current, welcomed link, `Exited` once per handle.
+//!   answered). Events go only to live, welcomed links: `Exited` once per handle, only to
+//!   its user's current worker (not a retired one), and there whenever that worker is
+//!   welcomed and the handle was not released; `ShuttingDown` and `Revoked` to every
+//!   welcomed link; nothing to a dropped link.
 //! * The audit log (`audit.jsonl`) never gains a line over 2 KiB, and every line is JSON.
 //!
 //! The state directory (admin token, `users.json` with API users, audit log) is made once
@@ -38,16 +59,16 @@ use stoa::broker::os_double::{broker_for_tests, Call, ChildScript, RecordingOs};
 use stoa::broker::policy::IDENTITY_VARS;
 use stoa::broker::spawn::{self, Account};
 use stoa::broker::users::{digest_hex, ApiUser, UserStore};
-use stoa::broker::{table, Broker, LinkState, Outgoing};
+use stoa::broker::{table, Broker, Connect, LinkState, Outgoing, PeerKind, Target};
 use stoa::wire::{
-    limits, BrokerMessage, Event, ExitStatus, Handle, Program, ReplyBody, Request, RequestBody,
-    Signal, SpawnRequest, PROTOCOL_VERSION,
+    limits, BrokerMessage, Event, ExitStatus, Handle, Principal, Program, ReplyBody, Request,
+    RequestBody, Signal, SpawnRequest, PROTOCOL_VERSION,
 };
 use stoa_executor::codec::{self, HEADER_LEN, MAX_FRAME};
 use stoa_executor::job::Job;
 use stoa_executor::sys::{ChildReport, ChildStage};
 
-use crate::arb::{AChild, AStatus, Op};
+use crate::arb::{AChild, ALink, AStatus, Op};
 use crate::records::{self, Record};
 use crate::stream::{FeedEnd, Feeder};
 
@@ -311,29 +332,47 @@ struct Mark {
 /// What a step was, for the checks of what it made the broker do.
 #[derive(Clone, Copy)]
 enum Step<'a> {
-    /// A request, dispatched with this result.
-    Request(&'a RequestBody, bool),
+    /// A request on that link, dispatched with this result.
+    Request(&'a RequestBody, bool, ALink),
     Control(Op),
+}
+
+/// One of the processes the harness plays, and its link.
+#[derive(Default)]
+struct Slot {
+    /// Its link, while it has one (`None`: it failed or went, and nothing replaced it).
+    link: Option<u64>,
+    /// The process's end of the link, made at its first frame; `None` while it is fed.
+    feeder: Option<Feeder>,
+    /// A worker whose `Retire` was granted: no event of its user goes to it any more.
+    retired: bool,
 }
 
 pub struct Harness {
     pub broker: Broker,
     pub os: RecordingOs,
     pub dir: PathBuf,
-    /// The current daemon's link; `None` once it failed (nothing more is fed to it), and
-    /// while it is being fed.
-    feeder: Option<Feeder>,
-    /// The current link failed.
-    dead: bool,
+    /// The front's, alice's worker's and bob's worker's (by [`ALink::index`]).
+    slots: [Slot; 3],
+    /// Every link ever made, and whose it was.
+    owners: HashMap<u64, ALink>,
+    /// Where frames go that pick no link.
+    on: ALink,
     seed: u8,
     /// Requests dispatched without a violation and not yet answered, by (link, id).
     pending: HashMap<(u64, u64), Vec<&'static str>>,
     /// The request being dispatched, until it is answered.
     current: Option<((u64, u64), &'static str)>,
+    /// The reply (body, fds) that answered it during its step.
+    answer: Option<(ReplyBody, usize)>,
     children: BTreeMap<i32, Child>,
     /// Handles answered `Spawned`, and their pids.
     issued: HashMap<Handle, i32>,
+    /// Handles whose `Release` was answered `Done`.
+    released: HashSet<Handle>,
     exit_events: HashSet<Handle>,
+    /// The events of the current step: (link, what).
+    events: Vec<(u64, &'static str)>,
     revoked: Vec<u64>,
     /// Counts of what happened (`outcomes` example); `None` while fuzzing.
     pub tally: Option<BTreeMap<String, usize>>,
@@ -342,7 +381,8 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// A broker over a fresh double, its first daemon link open (not yet welcomed).
+    /// A broker over a fresh double, with the front's link and alice's and bob's workers'
+    /// open (none welcomed yet).
     pub fn new() -> Harness {
         let dir = state_dir();
         let pairs: Vec<(&str, u32)> = USERS.iter().map(|u| (u.name, u.uid)).collect();
@@ -357,62 +397,156 @@ impl Harness {
         assert_eq!(token, ADMIN_TOKEN);
         // As the loop does before it first waits: what the store holds now is known.
         session::check_revocations(&mut broker);
-        Harness {
+        let mut h = Harness {
             broker,
             os,
             dir,
-            feeder: Some(Feeder::new()),
-            dead: false,
+            slots: Default::default(),
+            owners: HashMap::new(),
+            on: ALink::Alice,
             seed: 0,
             pending: HashMap::new(),
             current: None,
+            answer: None,
             children: BTreeMap::new(),
             issued: HashMap::new(),
+            released: HashSet::new(),
             exit_events: HashSet::new(),
+            events: Vec::new(),
             revoked: Vec::new(),
             tally: None,
             violations: 0,
             launches: 0,
+        };
+        // `broker_for_tests` made alice's worker's link; the others connect now.
+        let alice = h.broker.link;
+        assert_eq!(
+            h.broker.peers[&alice].kind,
+            kind_of(ALink::Alice),
+            "broker_for_tests starts on alice's worker"
+        );
+        h.slots[ALink::Alice.index()].link = Some(alice);
+        h.owners.insert(alice, ALink::Alice);
+        for at in [ALink::Front, ALink::Bob] {
+            h.connect(at);
         }
+        h
     }
 
-    /// One `broker_requests` input: frame records go through the link (consecutive ones
-    /// as one stream, split as `seed` says), control records happen in between; then every
-    /// deadline passes and the final checks run.
+    fn slot(&self, at: ALink) -> &Slot {
+        &self.slots[at.index()]
+    }
+
+    fn slot_mut(&mut self, at: ALink) -> &mut Slot {
+        &mut self.slots[at.index()]
+    }
+
+    /// A new process of `at` connects: a new link, from Hello.
+    fn connect(&mut self, at: ALink) {
+        let link = self.broker.add_link(kind_of(at));
+        self.owners.insert(link, at);
+        *self.slot_mut(at) = Slot {
+            link: Some(link),
+            feeder: None,
+            retired: false,
+        };
+        let (event, pid) = match at {
+            ALink::Front => {
+                self.broker.stats.daemon_starts += 1;
+                ("daemon_start", serde_json::json!({ "pid": 1 }))
+            }
+            _ => (
+                "worker_start",
+                serde_json::json!({ "pid": 1, "unix_user": at.user().map(|u| u.0) }),
+            ),
+        };
+        self.broker.audit.record(event, pid);
+    }
+
+    /// The process of `at` goes: its link is dropped (the loop sends nothing more on it).
+    fn disconnect(&mut self, at: ALink, reason: &str) {
+        let slot = self.slot_mut(at);
+        slot.feeder = None;
+        let Some(link) = slot.link.take() else {
+            return;
+        };
+        self.broker.drop_link(link);
+        let event = match at {
+            ALink::Front => "daemon_down",
+            _ => "worker_down",
+        };
+        self.broker
+            .audit
+            .record(event, serde_json::json!({ "pid": 1, "reason": reason }));
+    }
+
+    /// The live, not retired worker link of `uid`, as the harness played it.
+    fn worker_of(&self, uid: u32) -> Option<(ALink, u64)> {
+        ALink::ALL
+            .into_iter()
+            .filter(|at| at.uid() == Some(uid))
+            .find_map(|at| {
+                let slot = self.slot(at);
+                slot.link.filter(|_| !slot.retired).map(|l| (at, l))
+            })
+    }
+
+    fn ready(&self, link: u64) -> bool {
+        self.broker
+            .peers
+            .get(&link)
+            .is_some_and(|p| p.state == LinkState::Ready)
+    }
+
+    /// One `broker_requests` input: frame records go through their links (consecutive
+    /// ones for one link as one stream, split as `seed` says), control records happen in
+    /// between; then every deadline passes and the final checks run.
     pub fn run(&mut self, seed: u8, recs: &[Record<'_>]) {
         self.seed = seed;
         let mut stream = Vec::new();
+        let mut stream_on = self.on;
         for r in recs {
             match r {
                 Record::Control(op) => {
-                    self.feed(&std::mem::take(&mut stream));
+                    self.feed_on(stream_on, &std::mem::take(&mut stream));
                     self.control(*op);
                 }
-                r => stream.extend_from_slice(&records::frame(r)),
+                r => {
+                    let (pick, frame) = records::frame_on(r);
+                    let at = pick.unwrap_or(self.on);
+                    if at != stream_on {
+                        self.feed_on(stream_on, &std::mem::take(&mut stream));
+                    }
+                    stream_on = at;
+                    stream.extend_from_slice(&frame);
+                }
             }
         }
-        self.feed(&stream);
+        self.feed_on(stream_on, &stream);
         self.finish();
     }
 
-    /// Whether the current link still takes frames.
+    /// Whether the link frames go to now still takes them.
     pub fn link_alive(&self) -> bool {
-        !self.dead
+        self.slot(self.on).link.is_some()
     }
 
-    /// Bytes through the current link, each payload decoded and dispatched as the
-    /// broker's `read_daemon` does; a dead link reads nothing.
+    /// Bytes through the link frames go to now; see [`Harness::feed_on`].
     pub fn feed(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
+        self.feed_on(self.on, bytes);
+    }
+
+    /// Bytes through `at`'s link, each payload decoded and dispatched as the broker's
+    /// `read_daemon` and `read_worker` do; a link that failed or went reads nothing.
+    pub fn feed_on(&mut self, at: ALink, bytes: &[u8]) {
+        if bytes.is_empty() || self.slot(at).link.is_none() {
             return;
         }
-        let Some(mut feeder) = self.feeder.take() else {
-            return;
-        };
+        let mut feeder = self.slot_mut(at).feeder.take().unwrap_or_default();
         let mut failed = None;
         let end = feeder.feed(bytes, self.seed, |batch| {
             for payload in batch {
-                if let Err(why) = self.payload(payload) {
+                if let Err(why) = self.payload(at, payload) {
                     failed = Some(why);
                     return false;
                 }
@@ -420,19 +554,19 @@ impl Harness {
             true
         });
         match end {
-            FeedEnd::Done => self.feeder = Some(feeder),
-            FeedEnd::Stopped => self.violation(&failed.expect("stopped on a violation")),
+            FeedEnd::Done => self.slot_mut(at).feeder = Some(feeder),
+            FeedEnd::Stopped => self.violation(at, &failed.expect("stopped on a violation")),
             FeedEnd::Failed(what) => {
                 if let Some(t) = &mut self.tally {
                     *t.entry(format!("link: {}", gist(&what))).or_default() += 1;
                 }
-                self.violation(&what)
+                self.violation(at, &what)
             }
         }
     }
 
-    /// One payload off the link. `Err`: a violation (the link is dropped).
-    fn payload(&mut self, payload: &[u8]) -> Result<(), String> {
+    /// One payload off `at`'s link. `Err`: a violation (the link is dropped).
+    fn payload(&mut self, at: ALink, payload: &[u8]) -> Result<(), String> {
         assert!(
             payload.len() <= MAX_FRAME,
             "the link passed an oversized payload"
@@ -444,23 +578,66 @@ impl Harness {
             }
             e.to_string()
         })?;
-        self.request(request)
+        self.request_on(at, request)
     }
 
-    /// One decoded request through the real dispatcher, then the checks.
+    /// One decoded request on the link frames go to now; see [`Harness::request_on`].
     pub fn request(&mut self, request: Request) -> Result<(), String> {
-        assert!(self.link_alive(), "a request on a link that failed");
+        self.request_on(self.on, request)
+    }
+
+    /// From now on, frames and requests that pick no link go on `at`'s.
+    pub fn on(&mut self, at: ALink) {
+        self.on = at;
+    }
+
+    /// One decoded request on `at`'s link through the real dispatcher (the broker's view
+    /// set to that link, as `dispatch_on` does), then the checks.
+    pub fn request_on(&mut self, at: ALink, request: Request) -> Result<(), String> {
+        let link = self
+            .slot(at)
+            .link
+            .unwrap_or_else(|| panic!("a request on the {at:?} link, which is gone"));
         let mark = self.mark();
         let name = table::name(&request.body);
-        let (link, id) = (self.broker.link, request.id);
-        let before = self.broker.link_state;
+        let id = request.id;
+        let before = self.broker.peers[&link].state;
+        self.broker.link = link;
+        self.broker.link_state = before;
         let id_ok = request
             .request_id
             .as_deref()
             .is_none_or(stoa::wire::valid_request_id);
         let body = request.body.clone();
+        // What `start: false` and anonymous connections need: a worker that runs.
+        let worker_ran = |h: &Harness, user: &str| {
+            h.account(user)
+                .is_some_and(|a| h.worker_of(a.uid).is_some())
+        };
+        let ran = match &body {
+            RequestBody::OpenWorker { unix_user, .. }
+            | RequestBody::OpenWorkerAnonymous { unix_user } => worker_ran(self, unix_user),
+            _ => false,
+        };
         let result = table::dispatch(&mut self.broker, request);
+        if let Some(p) = self.broker.peers.get_mut(&link) {
+            p.state = self.broker.link_state;
+        }
         let is_hello = name == "Hello";
+        if !may_send(at, name) {
+            assert!(result.is_err(), "{name} accepted on the {at:?} link");
+        }
+        if let (Some(uid), Some(handle)) = (at.uid(), handle_named(&body)) {
+            if let Some(pid) = self.issued.get(&handle) {
+                if self.children[pid].uid != uid {
+                    assert!(
+                        result.is_err(),
+                        "{name} of a handle of uid {} accepted on the {at:?} link",
+                        self.children[pid].uid
+                    );
+                }
+            }
+        }
         match (&result, before) {
             (Ok(()), LinkState::Fresh) => {
                 assert!(is_hello, "{name} dispatched before Hello");
@@ -486,39 +663,114 @@ impl Harness {
             *t.entry(format!("violation: {name}: {}", gist(why)))
                 .or_default() += 1;
         }
-        self.after(mark, Step::Request(&body, result.is_ok()));
+        self.answer = None;
+        let step = Step::Request(&body, result.is_ok(), at);
+        self.after(mark, step);
         if let Some((key, name)) = self.current.take() {
             self.pending.entry(key).or_default().push(name);
         }
+        let answer = self.answer.take();
+        self.check_answer(at, &body, answer, ran);
         result
     }
 
-    /// The link failed as `supervise::link_failed` handles it: counted, audited, the daemon
-    /// gone (a new link number); nothing more is read from it.
-    fn violation(&mut self, what: &str) {
+    /// What a request answered at once says about who asked (the reply's own checks are
+    /// in `check_reply`).
+    fn check_answer(
+        &mut self,
+        at: ALink,
+        body: &RequestBody,
+        answer: Option<(ReplyBody, usize)>,
+        worker_ran: bool,
+    ) {
+        let Some((reply, _)) = answer else {
+            return;
+        };
+        let own = at.user().map(|u| u.0);
+        match (body, &reply) {
+            (RequestBody::Release { handle }, ReplyBody::Done) => {
+                self.released.insert(*handle);
+            }
+            (RequestBody::Retire, ReplyBody::Done) => {
+                let uid = at.uid().expect("only a worker retires");
+                let unreleased: Vec<&Handle> = self
+                    .issued
+                    .iter()
+                    .filter(|(h, pid)| {
+                        let c = &self.children[*pid];
+                        c.uid == uid && !c.orphaned && !self.released.contains(h)
+                    })
+                    .map(|(h, _)| h)
+                    .collect();
+                assert!(
+                    unreleased.is_empty(),
+                    "the {at:?} worker retired with handles {unreleased:?} unreleased"
+                );
+                self.slot_mut(at).retired = true;
+            }
+            (
+                RequestBody::SetSecret { credential, .. }
+                | RequestBody::DeleteSecret { credential, .. }
+                | RequestBody::ListSecrets { credential },
+                ReplyBody::Done | ReplyBody::Names(_),
+            ) => {
+                let api = self
+                    .api_user(credential)
+                    .expect("secrets with a credential that is no API user's");
+                assert_eq!(
+                    Some(api.unix_user),
+                    own,
+                    "{}'s secrets on the {at:?} link",
+                    api.name
+                );
+            }
+            (RequestBody::ListAll { credential, .. }, ReplyBody::Handles { .. }) => {
+                assert!(
+                    credential == ADMIN_TOKEN || self.api_user(credential).is_some_and(|u| u.admin),
+                    "ListAll for a credential that is no admin's"
+                );
+            }
+            (RequestBody::OpenWorker { start, .. }, ReplyBody::Connection) => {
+                assert!(*start || worker_ran, "a worker started without `start`");
+                assert!(
+                    worker_ran || !self.broker.shutting_down,
+                    "a worker started while shutting down"
+                );
+            }
+            (RequestBody::OpenWorkerAnonymous { .. }, ReplyBody::Connection) => {
+                assert!(worker_ran, "an anonymous connection started a worker");
+            }
+            _ => {}
+        }
+    }
+
+    /// A valid, unrevoked API user's credential.
+    fn api_user(&self, credential: &str) -> Option<&'static ApiUserDef> {
+        API_USERS
+            .iter()
+            .find(|u| u.token == credential && !self.revoked.contains(&u.id))
+    }
+
+    /// The link failed as `supervise::link_failed` and `workers::worker_link_failed`
+    /// handle it: counted, audited, the link dropped; nothing more is read from it (its
+    /// process comes back with a `NewLink`).
+    fn violation(&mut self, at: ALink, what: &str) {
         self.violations += 1;
         self.broker.stats.protocol_violations += 1;
         self.broker.audit.record(
             "violation",
-            serde_json::json!({ "what": table::clip(what, 512), "daemon_pid": 1 }),
+            serde_json::json!({ "what": table::clip(what, 512), "pid": 1, "link": format!("{at:?}") }),
         );
-        assert!(!self.dead, "a link failed twice");
-        self.dead = true;
-        self.feeder = None;
-        self.daemon_gone();
-    }
-
-    fn daemon_gone(&mut self) {
-        self.broker.new_link();
-        self.broker.audit.record(
-            "daemon_down",
-            serde_json::json!({ "pid": 1, "reason": "fuzz" }),
-        );
+        assert!(self.slot(at).link.is_some(), "a link failed twice");
+        self.disconnect(at, "protocol violation");
     }
 
     /// Something that happens between frames.
     pub fn control(&mut self, op: Op) {
         let mark = self.mark();
+        // Events this step must send to every welcomed link, or to one.
+        let mut expect_everywhere = None;
+        let mut expect_exit = None;
         if let Some(t) = &mut self.tally {
             let what = format!("{op:?}");
             let what = what.split([' ', '(']).next().unwrap_or("").to_string();
@@ -550,7 +802,19 @@ impl Harness {
                     .collect();
                 if !live.is_empty() {
                     let pid = live[child as usize % live.len()];
-                    self.children.get_mut(&pid).expect("listed").exited = true;
+                    let c = self.children.get_mut(&pid).expect("listed");
+                    c.exited = true;
+                    // An executor whose spawn was answered, not released: its user's
+                    // worker hears of its exit if it has said Hello.
+                    if let (Some(handle), false) = (c.handle, c.orphaned) {
+                        let uid = c.uid;
+                        if !self.released.contains(&handle) {
+                            expect_exit = self
+                                .worker_of(uid)
+                                .filter(|(_, l)| self.ready(*l))
+                                .map(|(_, l)| (handle, l));
+                        }
+                    }
                     self.reap(pid, status);
                 }
             }
@@ -564,18 +828,12 @@ impl Harness {
                 }
             }
             Op::Expire => self.expire(),
-            Op::NewLink => {
-                if !self.dead {
-                    self.daemon_gone();
-                }
-                self.dead = false;
-                self.broker.stats.daemon_starts += 1;
-                self.broker.new_link();
-                self.broker
-                    .audit
-                    .record("daemon_start", serde_json::json!({ "pid": 1 }));
-                self.feeder = Some(Feeder::new());
+            Op::NewLink(at) => {
+                self.disconnect(at, "fuzz");
+                self.connect(at);
             }
+            Op::Close(at) => self.disconnect(at, "fuzz"),
+            Op::On(at) => self.on = at,
             Op::Shutdown => {
                 if !self.broker.shutting_down {
                     let grace = self.broker.policy.shutdown_grace_secs;
@@ -585,7 +843,8 @@ impl Harness {
                     );
                     self.broker.shutting_down = true;
                     self.broker
-                        .send_event(Event::ShuttingDown { grace_secs: grace });
+                        .send_event(Target::All, Event::ShuttingDown { grace_secs: grace });
+                    expect_everywhere = Some("ShuttingDown");
                 }
             }
             Op::SignalAll { kill } => {
@@ -604,11 +863,35 @@ impl Harness {
                         })
                         .expect("update the user store");
                     self.revoked.push(u.id);
+                    expect_everywhere = Some("Revoked");
                 }
                 session::check_revocations(&mut self.broker);
             }
         }
         self.after(mark, Step::Control(op));
+        if let Some(what) = expect_everywhere {
+            let mut got: Vec<u64> = self
+                .events
+                .iter()
+                .filter(|(_, w)| *w == what)
+                .map(|(l, _)| *l)
+                .collect();
+            got.sort();
+            let ready: Vec<u64> = self
+                .broker
+                .peers
+                .keys()
+                .copied()
+                .filter(|l| self.ready(*l))
+                .collect();
+            assert_eq!(got, ready, "{what} to links {got:?}, welcomed: {ready:?}");
+        }
+        if let Some((handle, link)) = expect_exit {
+            assert!(
+                self.events.contains(&(link, "Exited")),
+                "the exit of handle {handle:?} was not sent to its worker's link {link}"
+            );
+        }
     }
 
     /// The loop's look at the report pipes.
@@ -695,11 +978,15 @@ impl Harness {
         }
     }
 
-    /// The checks of one step: what it queued, then what it asked the OS.
+    /// The checks of one step: what it queued, the connections it opened, then what it
+    /// asked the OS.
     fn after(&mut self, mark: Mark, step: Step<'_>) {
+        self.events.clear();
         for out in std::mem::take(&mut self.broker.outbox) {
             self.message(out);
         }
+        let connects = std::mem::take(&mut self.broker.connects);
+        self.check_connects(step, connects);
         let (calls, next_pid) = {
             let s = self.os.0.borrow();
             (s.calls[mark.calls..].to_vec(), s.next_pid)
@@ -715,10 +1002,15 @@ impl Harness {
                     cwd_id,
                     secrets,
                 } => {
-                    let Step::Request(RequestBody::Spawn(req), ok) = step else {
+                    let Step::Request(RequestBody::Spawn(req), ok, at) = step else {
                         panic!("a launch outside a Spawn: {call:?}");
                     };
                     assert!(ok, "a Spawn that was a violation launched");
+                    assert_eq!(
+                        at.user().map(|u| u.0),
+                        Some(user.as_str()),
+                        "{user} launched from the {at:?} link"
+                    );
                     assert_eq!(
                         (user, program, cwd, cwd_id),
                         (&req.unix_user, &req.program, &req.cwd, &req.cwd_id),
@@ -747,11 +1039,17 @@ impl Harness {
                             path: asked,
                         },
                         ok,
+                        at,
                     ) = step
                     else {
                         panic!("a probe outside a CheckDir: {call:?}");
                     };
                     assert!(ok, "a CheckDir that was a violation started a probe");
+                    assert_eq!(
+                        at.user().map(|u| u.0),
+                        Some(user.as_str()),
+                        "{user}'s directory checked from the {at:?} link"
+                    );
                     assert_eq!((user, path), (unix_user, asked));
                     assert!(
                         path.starts_with('/')
@@ -775,12 +1073,13 @@ impl Harness {
                     started += 1;
                 }
                 Call::SignalGroup { uid, pgid, .. } => {
-                    if let Step::Request(body, ok) = step {
+                    if let Step::Request(body, ok, at) = step {
                         assert!(
                             ok && matches!(body, RequestBody::Kill { .. }),
                             "{call:?} for a {}",
                             table::name(body)
                         );
+                        assert_eq!(Some(*uid), at.uid(), "{call:?} from the {at:?} link");
                     }
                     let child = self
                         .children
@@ -800,8 +1099,8 @@ impl Harness {
                 }
                 Call::CgroupPrepare { uid } => {
                     assert!(
-                        matches!(step, Step::Request(RequestBody::Spawn(_), true)),
-                        "{call:?} outside a Spawn"
+                        matches!(step, Step::Request(RequestBody::Spawn(_), true, at) if at.uid() == Some(*uid)),
+                        "{call:?} outside a Spawn on its user's worker"
                     );
                     assert!(*uid != 0 && *uid != SERVICE_UID);
                 }
@@ -874,11 +1173,54 @@ impl Harness {
         a.uid
     }
 
+    /// The connections a step opened: one per `Connection` reply to an `OpenWorker` (for
+    /// the credential's principal) or `OpenWorkerAnonymous` (for nobody) on the front, for
+    /// an allowed user; none otherwise.
+    fn check_connects(&mut self, step: Step<'_>, connects: Vec<Connect>) {
+        let connection = matches!(self.answer, Some((ReplyBody::Connection, _)));
+        let (Step::Request(body, true, ALink::Front), true) = (step, connection) else {
+            assert!(connects.is_empty(), "a connection opened by {step:?}");
+            return;
+        };
+        assert_eq!(
+            connects.len(),
+            1,
+            "{} connections for one reply",
+            connects.len()
+        );
+        let c = &connects[0];
+        let user = match body {
+            RequestBody::OpenWorker {
+                credential,
+                unix_user,
+                ..
+            } => {
+                self.check_user(unix_user, credential);
+                assert_eq!(c.principal, Some(principal_of(credential)), "principal");
+                unix_user
+            }
+            RequestBody::OpenWorkerAnonymous { unix_user } => {
+                assert_eq!(
+                    c.principal, None,
+                    "an anonymous connection with a principal"
+                );
+                unix_user
+            }
+            other => panic!("a connection opened by {}", table::name(other)),
+        };
+        let a = self.account(user).expect("a connection for a known user");
+        assert_eq!(c.account, a, "a connection to another user's worker");
+        assert!(
+            allowed(a.uid, a.gid, &a.groups),
+            "a connection to {user}'s worker"
+        );
+    }
+
     fn account(&self, user: &str) -> Option<Account> {
         self.os.0.borrow().users.get(user).cloned()
     }
 
-    /// One message the broker queued for a daemon.
+    /// One message the broker queued for one of its links.
     fn message(&mut self, out: Outgoing) {
         let frame = codec::encode(&out.message);
         assert!(
@@ -887,33 +1229,62 @@ impl Harness {
             frame.unwrap_err(),
             describe(&out.message)
         );
-        assert!(out.link <= self.broker.link, "a message for a future link");
+        let at = *self
+            .owners
+            .get(&out.link)
+            .unwrap_or_else(|| panic!("a message for link {}, never made", out.link));
         match out.message {
             BrokerMessage::Reply { id, body } => self.reply(out.link, id, body, out.fds.len()),
             BrokerMessage::Event(event) => {
-                assert_eq!(out.link, self.broker.link, "an event for an old link");
-                assert_eq!(
-                    self.broker.link_state,
-                    LinkState::Ready,
-                    "an event before Hello"
+                assert!(
+                    self.broker.peers.contains_key(&out.link),
+                    "an event for the {at:?} link {} that was dropped: {event:?}",
+                    out.link
                 );
+                assert_eq!(
+                    self.slot(at).link,
+                    Some(out.link),
+                    "an event for an old link"
+                );
+                assert!(self.ready(out.link), "an event before Hello");
                 assert!(out.fds.is_empty(), "fds with an event");
-                match event {
+                let what = match event {
                     Event::Exited { handle, .. } => {
                         let pid = self
                             .issued
                             .get(&handle)
                             .unwrap_or_else(|| panic!("Exited for unissued handle {handle:?}"));
-                        assert!(self.children[pid].exited, "Exited before it was reaped");
+                        let child = &self.children[pid];
+                        assert!(child.exited, "Exited before it was reaped");
+                        assert_eq!(
+                            at.uid(),
+                            Some(child.uid),
+                            "Exited of a handle of uid {} to the {at:?} link",
+                            child.uid
+                        );
+                        assert!(!self.slot(at).retired, "Exited to a retired worker");
+                        assert!(!self.released.contains(&handle), "Exited after Release");
                         assert!(self.exit_events.insert(handle), "Exited twice");
+                        "Exited"
                     }
-                    Event::ShuttingDown { .. } => assert!(self.broker.shutting_down),
+                    Event::ShuttingDown { .. } => {
+                        assert!(self.broker.shutting_down);
+                        "ShuttingDown"
+                    }
                     Event::Revoked { api_users } => {
                         for id in api_users {
                             assert!(self.revoked.contains(&id), "user {id} revoked");
                         }
+                        "Revoked"
                     }
+                    Event::Connection { .. } => {
+                        panic!("a Connection event from a handler (the loop delivers those)")
+                    }
+                };
+                if let Some(t) = &mut self.tally {
+                    *t.entry(format!("event: {what} -> {at:?}")).or_default() += 1;
                 }
+                self.events.push((out.link, what));
             }
         }
     }
@@ -929,6 +1300,7 @@ impl Harness {
                     describe_body(&body)
                 );
                 self.current = None;
+                self.answer = Some((body.clone(), fds));
                 name
             }
             _ => self.waiting(link, id, &body),
@@ -958,6 +1330,7 @@ impl Harness {
     }
 
     fn check_reply(&mut self, body: ReplyBody, fds: usize, link: u64) {
+        let at = self.owners[&link];
         match body {
             ReplyBody::Spawned(info) => {
                 assert_eq!(fds, info.fds.count(), "fds of {:?}", info.fds);
@@ -967,9 +1340,11 @@ impl Harness {
                     .expect("Spawned names a child the broker launched");
                 assert_eq!(child.kind, Kind::Executor);
                 assert_eq!(child.uid, info.uid);
+                assert_eq!(Some(child.uid), at.uid(), "Spawned to the {at:?} link");
                 assert!(child.handle.is_none(), "one child, two handles");
                 child.handle = Some(info.handle);
-                child.orphaned = link != self.broker.link;
+                // The broker ends a run whose worker went before it was answered.
+                child.orphaned = !self.broker.peers.contains_key(&link);
                 assert!(
                     self.issued.insert(info.handle, info.pid).is_none(),
                     "handle {:?} issued twice",
@@ -983,12 +1358,28 @@ impl Harness {
                     .get(&info.handle)
                     .expect("adopted an issued handle");
                 assert!(!self.children[pid].exited, "adopted after its exit");
+                assert_eq!(
+                    Some(self.children[pid].uid),
+                    at.uid(),
+                    "adopted by the {at:?} link"
+                );
             }
             ReplyBody::Handles { list, .. } => {
                 assert_eq!(fds, 0);
                 for info in list {
-                    assert!(self.issued.contains_key(&info.handle), "listed {info:?}");
+                    let pid = self
+                        .issued
+                        .get(&info.handle)
+                        .unwrap_or_else(|| panic!("listed {info:?}"));
+                    // A worker sees its own user's; the front (`ListAll`) everyone's.
+                    if let Some(uid) = at.uid() {
+                        assert_eq!(self.children[pid].uid, uid, "listed to the {at:?} link");
+                    }
                 }
+            }
+            ReplyBody::Connection => {
+                assert_eq!(at, ALink::Front, "a connection to the {at:?} link");
+                assert_eq!(fds, 1, "a connection with {fds} fds");
             }
             _ => assert_eq!(fds, 0, "fds with {}", describe_body(&body)),
         }
@@ -1015,7 +1406,82 @@ fn answers(name: &str, body: &ReplyBody) -> bool {
         "ListHandles" => matches!(body, ReplyBody::Handles { .. }),
         "Adopt" => error || matches!(body, ReplyBody::Adopted(_)),
         "Stats" => matches!(body, ReplyBody::Stats(_)),
+        "OpenWorker" | "OpenWorkerAnonymous" => error || matches!(body, ReplyBody::Connection),
+        "ListAll" => error || matches!(body, ReplyBody::Handles { .. }),
+        "Retire" => error || matches!(body, ReplyBody::Done),
         _ => false,
+    }
+}
+
+/// The kind of `at`'s link, as the loop makes it.
+pub fn kind_of(at: ALink) -> PeerKind {
+    match at.user() {
+        None => PeerKind::Front,
+        Some((name, uid)) => PeerKind::Worker {
+            uid,
+            name: name.into(),
+        },
+    }
+}
+
+/// What `at`'s link may send at all, restated from the request table (`Who`).
+pub fn may_send(at: ALink, name: &str) -> bool {
+    let front = matches!(
+        name,
+        "Hello"
+            | "Ready"
+            | "Stats"
+            | "Authenticate"
+            | "OpenWorker"
+            | "OpenWorkerAnonymous"
+            | "ListAll"
+    );
+    let worker = matches!(
+        name,
+        "Hello"
+            | "Ready"
+            | "Stats"
+            | "Spawn"
+            | "CheckDir"
+            | "SetSecret"
+            | "DeleteSecret"
+            | "ListSecrets"
+            | "Kill"
+            | "Release"
+            | "ListHandles"
+            | "Adopt"
+            | "Retire"
+    );
+    match at {
+        ALink::Front => front,
+        _ => worker,
+    }
+}
+
+/// The handle a request names, if it names one.
+fn handle_named(body: &RequestBody) -> Option<Handle> {
+    match body {
+        RequestBody::Kill { handle, .. }
+        | RequestBody::Release { handle }
+        | RequestBody::Adopt { handle } => Some(*handle),
+        _ => None,
+    }
+}
+
+/// The principal a valid credential is (the admin token, or an API user).
+fn principal_of(credential: &str) -> Principal {
+    if credential == ADMIN_TOKEN {
+        return Principal::Admin;
+    }
+    let u = API_USERS
+        .iter()
+        .find(|u| u.token == credential)
+        .expect("a known credential");
+    Principal::User {
+        id: u.id,
+        name: u.name.into(),
+        unix_user: u.unix_user.into(),
+        admin: u.admin,
     }
 }
 
@@ -1058,7 +1524,9 @@ pub fn gist(why: &str) -> String {
 impl std::fmt::Debug for Step<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Step::Request(body, ok) => write!(f, "{} (ok: {ok})", table::name(body)),
+            Step::Request(body, ok, at) => {
+                write!(f, "{} on the {at:?} link (ok: {ok})", table::name(body))
+            }
             Step::Control(op) => write!(f, "{op:?}"),
         }
     }
@@ -1130,6 +1598,13 @@ pub fn assert_within_limits(req: &SpawnRequest) {
         for d in [ws.rows, ws.cols] {
             assert!((1..=limits::MAX_TTY_DIMENSION).contains(&d), "tty {ws:?}");
         }
+        assert!(
+            (limits::MIN_RING_BYTES..=limits::MAX_RING_BYTES).contains(&req.ring_bytes),
+            "a ring of {} bytes",
+            req.ring_bytes
+        );
+    } else {
+        assert_eq!(req.ring_bytes, 0, "a ring without a tty");
     }
 }
 

@@ -6,8 +6,9 @@
 //!   reference framer, and the broker's real [`stoa::broker::link::Link`] driven over a
 //!   socketpair.
 //! * [`harness`]: the real broker (`broker::table::dispatch` and its handlers) over the
-//!   recording double of the OS, fed frames, child reports, exits and new daemon links,
-//!   with the invariants checked after every step.
+//!   recording double of the OS, fed frames on the front's and two workers' links, child
+//!   reports, exits and processes coming and going, with the invariants checked after
+//!   every step.
 //! * [`arb`]: structured requests (`arbitrary`) that reach the request limits with small
 //!   inputs, and the control operations; [`records`]: the input format of
 //!   `broker_requests`.

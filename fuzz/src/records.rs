@@ -6,10 +6,13 @@
 //! * `C`: an [`Op`] built with `arbitrary` from the rest (a child reports or exits, a new
 //!   daemon link, a shutdown…);
 //! * `S`: an [`ARequest`] built with `arbitrary` from the rest, encoded (even past the
-//!   frame limit, which the link must refuse);
+//!   frame limit, which the link must refuse), on the link it picks if it picks one;
 //! * `H`: four header bytes taken as they are, then the rest as they are (a lying or
 //!   oversized length);
 //! * anything else (`R` in the seeds): the rest is one payload, framed with its true length.
+//!
+//! Frames go on the link the last `C` record's [`Op::On`] picked (alice's worker's at the
+//! start), unless a structured request picks its own ([`ARequest::link`]).
 //!
 //! A separator keeps the records apart under mutation far better than lengths would.
 
@@ -17,7 +20,7 @@ use arbitrary::{Arbitrary, Unstructured};
 
 use stoa_executor::codec;
 
-use crate::arb::{ARequest, Builder, Op};
+use crate::arb::{ALink, ARequest, Builder, Op};
 use crate::stream::frame_of;
 
 pub const SEP: &[u8] = b"\xA7FR\xA7";
@@ -77,9 +80,15 @@ pub fn stream(records: &[Record<'_>]) -> Vec<u8> {
 
 /// The bytes a record puts on the wire.
 pub fn frame(record: &Record<'_>) -> Vec<u8> {
+    frame_on(record).1
+}
+
+/// The link a record picks for itself (only a structured request may) and the bytes it
+/// puts on the wire.
+pub fn frame_on(record: &Record<'_>) -> (Option<ALink>, Vec<u8>) {
     match record {
-        Record::Control(_) => Vec::new(),
-        Record::Raw(payload) => frame_of(payload),
+        Record::Control(_) => (None, Vec::new()),
+        Record::Raw(payload) => (None, frame_of(payload)),
         Record::Structured(bytes) => {
             let mut u = Unstructured::new(bytes);
             match ARequest::arbitrary(&mut u) {
@@ -87,15 +96,15 @@ pub fn frame(record: &Record<'_>) -> Vec<u8> {
                     let req = Builder::default().request(&a);
                     let payload = bincode::encode_to_vec(&req, codec::config())
                         .expect("a request always encodes");
-                    frame_of(&payload)
+                    (a.link, frame_of(&payload))
                 }
-                Err(_) => frame_of(bytes),
+                Err(_) => (None, frame_of(bytes)),
             }
         }
         Record::Header(header, rest) => {
             let mut out = header.to_vec();
             out.extend_from_slice(rest);
-            out
+            (None, out)
         }
     }
 }

@@ -7,7 +7,7 @@ use stoa::wire::{
 use stoa_executor::codec::{self, HEADER_LEN, MAX_FRAME};
 use stoa_executor::job::{Job, Report};
 
-use crate::arb::{AChild, AStatus, Op};
+use crate::arb::{AChild, ALink, AStatus, Op};
 use crate::harness::{ADMIN_TOKEN, API_USERS};
 use crate::records;
 use crate::request;
@@ -40,6 +40,7 @@ pub fn spawn_exec() -> SpawnRequest {
             ("LANG".into(), "en_US.UTF-8".into()),
         ],
         tty: None,
+        ring_bytes: 0,
         stdin: true,
         secrets: true,
     }
@@ -55,19 +56,20 @@ pub fn spawn_shell() -> SpawnRequest {
         cwd_id: None,
         env: Vec::new(),
         tty: Some(WindowSize { rows: 24, cols: 80 }),
+        ring_bytes: 1 << 20,
         stdin: false,
         secrets: false,
     }
 }
 
 /// A spawn right at every limit (accepted by `validate`; about 170 KiB, too big for a seed
-/// with the targets' `-max_len`, so `tests/harness.rs` uses it).
+/// with the targets' `-max_len`, so `tests/harness.rs` uses it), for alice (on her worker).
 pub fn spawn_at_limits() -> SpawnRequest {
     let arg = "a".repeat(limits::MAX_ARGV_BYTES / limits::MAX_ARGS - 1);
     let value_len = limits::MAX_ENV_BYTES / limits::MAX_ENV_VARS - 2 - 3;
     SpawnRequest {
         credential: ADMIN_TOKEN.into(),
-        unix_user: "carol".into(),
+        unix_user: "alice".into(),
         program: Program::Exec {
             argv: vec![arg; limits::MAX_ARGS],
         },
@@ -80,6 +82,7 @@ pub fn spawn_at_limits() -> SpawnRequest {
             rows: limits::MAX_TTY_DIMENSION,
             cols: limits::MAX_TTY_DIMENSION,
         }),
+        ring_bytes: limits::MAX_RING_BYTES,
         stdin: false,
         secrets: false,
     }
@@ -92,20 +95,34 @@ pub enum Step {
     Op(Op),
 }
 
-/// A whole well-behaved session, in order: spawns answered once their children report,
-/// a directory pinned, secrets, a signal, an adoption, an exit, a release. Every request
+/// A whole well-behaved session, in order, each request on the link it belongs to: the
+/// front authenticates and opens a connection to alice's worker; the workers pin a
+/// directory, set secrets, spawn (answered once their children report), signal, adopt;
+/// an exit, a release, alice's worker retires, the front lists everything. Every request
 /// is answered and none is a violation.
 pub fn session() -> Vec<Step> {
     let alice = || API_USERS[0].token.to_string();
-    let steps = vec![
+    let hello = || {
         Ok(RequestBody::Hello {
             protocol: PROTOCOL_VERSION,
-        }),
+        })
+    };
+    let steps = vec![
+        Err(Op::On(ALink::Front)),
+        hello(),
         Ok(RequestBody::Ready),
         Ok(RequestBody::Authenticate {
             credential: alice(),
             peer: Some("192.0.2.7:50000".into()),
         }),
+        Ok(RequestBody::OpenWorker {
+            credential: alice(),
+            unix_user: "alice".into(),
+            start: true,
+        }),
+        Err(Op::On(ALink::Alice)),
+        hello(),
+        Ok(RequestBody::Ready),
         Ok(RequestBody::SetSecret {
             credential: alice(),
             name: "ANTHROPIC_API_KEY".into(),
@@ -118,8 +135,11 @@ pub fn session() -> Vec<Step> {
         }),
         Err(Op::Check),
         Ok(RequestBody::Spawn(spawn_exec())),
+        Err(Op::On(ALink::Bob)),
+        hello(),
         Ok(RequestBody::Spawn(spawn_shell())),
         Err(Op::Check),
+        Err(Op::On(ALink::Alice)),
         Ok(RequestBody::ListSecrets {
             credential: alice(),
         }),
@@ -129,15 +149,24 @@ pub fn session() -> Vec<Step> {
             handle: Handle(1),
             signal: Signal::Term,
         }),
+        Err(Op::On(ALink::Bob)),
         Ok(RequestBody::Adopt { handle: Handle(2) }),
+        // Alice's executor (the probe is child 0): the Exited goes to her worker.
         Err(Op::Exit {
             child: 1,
             status: AStatus::Signal(15),
         }),
+        Err(Op::On(ALink::Alice)),
         Ok(RequestBody::Release { handle: Handle(1) }),
         Ok(RequestBody::DeleteSecret {
             credential: alice(),
             name: "ANTHROPIC_API_KEY".into(),
+        }),
+        Ok(RequestBody::Retire),
+        Err(Op::On(ALink::Front)),
+        Ok(RequestBody::ListAll {
+            credential: ADMIN_TOKEN.into(),
+            after: None,
         }),
     ];
     let mut id = 0;
@@ -154,7 +183,7 @@ pub fn session() -> Vec<Step> {
         .collect()
 }
 
-/// The requests of [`session`] alone.
+/// The requests of [`session`] alone (on whichever link).
 pub fn session_requests() -> Vec<Request> {
     session()
         .into_iter()
@@ -171,6 +200,11 @@ pub fn op_bytes(op: Op) -> Vec<u8> {
     fn variant(out: &mut Vec<u8>, i: u64, n: u64) {
         out.extend_from_slice(&(((i << 32).div_ceil(n)) as u32).to_le_bytes());
     }
+    let link = |at: ALink| {
+        let mut f = Vec::new();
+        variant(&mut f, at as u64, 3);
+        f
+    };
     let mut out = Vec::new();
     let (i, fields): (u64, Vec<u8>) = match op {
         Op::Check => (0, vec![]),
@@ -201,23 +235,25 @@ pub fn op_bytes(op: Op) -> Vec<u8> {
         Op::StrayExit(n) => (3, n.to_le_bytes().to_vec()),
         Op::Gone(c) => (4, vec![c]),
         Op::Expire => (5, vec![]),
-        Op::NewLink => (6, vec![]),
+        Op::NewLink(at) => (6, link(at)),
         Op::Shutdown => (7, vec![]),
         Op::SignalAll { kill } => (8, vec![u8::from(kill)]),
         Op::Revoke(i) => (9, vec![i]),
+        Op::On(at) => (10, link(at)),
+        Op::Close(at) => (11, link(at)),
     };
-    variant(&mut out, i, 10);
+    variant(&mut out, i, 12);
     out.extend_from_slice(&fields);
     out
 }
 
-/// The known finding: a spawn whose daemon goes before its child's exec is read, and
+/// The known finding: a spawn whose worker goes before its child's exec is read, and
 /// the child is reaped before the loop reads it; the broker signals the reaped pid's group.
 pub fn orphan_reaped() -> Vec<Step> {
     vec![
         Step::Req(hello()),
         Step::Req(request(2, None, RequestBody::Spawn(spawn_exec()))),
-        Step::Op(Op::NewLink),
+        Step::Op(Op::NewLink(ALink::Alice)),
         Step::Op(Op::Exit {
             child: 0,
             status: AStatus::Code(0),
@@ -326,6 +362,7 @@ pub fn broker_requests() -> Vec<(&'static str, Vec<u8>)> {
     let hello_step = || Step::Req(hello());
     let req = |id: u64, body: RequestBody| Step::Req(request(id, None, body));
     let spawn_step = |id: u64| req(id, RequestBody::Spawn(spawn_exec()));
+    let on = |at: ALink| Step::Op(Op::On(at));
     vec![
         ("session", input_of(0, &session())),
         ("regression-orphan-reaped", input_of(0, &orphan_reaped())),
@@ -367,7 +404,7 @@ pub fn broker_requests() -> Vec<(&'static str, Vec<u8>)> {
                     hello_step(),
                     spawn_step(2),
                     Step::Op(Op::Check),
-                    Step::Op(Op::NewLink),
+                    Step::Op(Op::NewLink(ALink::Alice)),
                     hello_step(),
                     req(2, RequestBody::ListHandles { after: None }),
                     req(3, RequestBody::Adopt { handle: Handle(1) }),
@@ -395,6 +432,126 @@ pub fn broker_requests() -> Vec<(&'static str, Vec<u8>)> {
                     Step::Op(Op::Shutdown),
                     spawn_step(3),
                     Step::Op(Op::SignalAll { kill: true }),
+                ],
+            ),
+        ),
+        (
+            "front",
+            input_of(
+                2,
+                &[
+                    on(ALink::Front),
+                    hello_step(),
+                    req(
+                        2,
+                        RequestBody::Authenticate {
+                            credential: API_USERS[1].token.into(),
+                            peer: None,
+                        },
+                    ),
+                    req(
+                        3,
+                        RequestBody::OpenWorker {
+                            credential: API_USERS[1].token.into(),
+                            unix_user: "alice".into(),
+                            start: false,
+                        },
+                    ),
+                    req(
+                        4,
+                        RequestBody::OpenWorkerAnonymous {
+                            unix_user: "bob".into(),
+                        },
+                    ),
+                    req(
+                        5,
+                        RequestBody::ListAll {
+                            credential: API_USERS[0].token.into(),
+                            after: None,
+                        },
+                    ),
+                    req(
+                        6,
+                        RequestBody::ListAll {
+                            credential: API_USERS[1].token.into(),
+                            after: None,
+                        },
+                    ),
+                    // Not the front's to ask: the link is dropped.
+                    spawn_step(7),
+                    Step::Op(Op::NewLink(ALink::Front)),
+                    hello_step(),
+                ],
+            ),
+        ),
+        (
+            "other-users-worker",
+            input_of(
+                0,
+                &[
+                    on(ALink::Bob),
+                    hello_step(),
+                    req(2, RequestBody::Spawn(spawn_shell())),
+                    Step::Op(Op::Check),
+                    on(ALink::Alice),
+                    hello_step(),
+                    req(
+                        2,
+                        RequestBody::Spawn(SpawnRequest {
+                            unix_user: "bob".into(),
+                            ..spawn_exec()
+                        }),
+                    ),
+                    req(
+                        3,
+                        RequestBody::CheckDir {
+                            credential: ADMIN_TOKEN.into(),
+                            unix_user: "bob".into(),
+                            path: "/home/bob".into(),
+                        },
+                    ),
+                    req(
+                        4,
+                        RequestBody::Kill {
+                            handle: Handle(1),
+                            signal: Signal::Kill,
+                        },
+                    ),
+                ],
+            ),
+        ),
+        (
+            "worker-retires",
+            input_of(
+                0,
+                &[
+                    hello_step(),
+                    spawn_step(2),
+                    Step::Op(Op::Check),
+                    req(3, RequestBody::Retire),
+                    req(4, RequestBody::Release { handle: Handle(1) }),
+                    req(5, RequestBody::Retire),
+                    on(ALink::Front),
+                    hello_step(),
+                    req(
+                        2,
+                        RequestBody::OpenWorkerAnonymous {
+                            unix_user: "alice".into(),
+                        },
+                    ),
+                    Step::Op(Op::Close(ALink::Alice)),
+                    req(
+                        3,
+                        RequestBody::OpenWorker {
+                            credential: API_USERS[0].token.into(),
+                            unix_user: "alice".into(),
+                            start: true,
+                        },
+                    ),
+                    Step::Op(Op::NewLink(ALink::Alice)),
+                    on(ALink::Alice),
+                    hello_step(),
+                    req(2, RequestBody::ListHandles { after: None }),
                 ],
             ),
         ),

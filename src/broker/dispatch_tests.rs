@@ -209,7 +209,7 @@ fn a_spawn_finished_after_its_daemon_went_is_ended_not_handed_to_the_next() {
     let mut f = fixture("orphan");
     let body = f.spawn_req(&f.admin.clone(), "alice", vec!["sleep".into(), "9".into()]);
     f.send(body).unwrap();
-    f.broker.new_link();
+    f.replace_worker();
     launch::check_starting(&mut f.broker);
     let out = std::mem::take(&mut f.broker.outbox);
     assert!(out.iter().all(|o| o.link != f.broker.link));
@@ -279,6 +279,34 @@ fn removed_and_rotated_users_are_revoked_to_the_daemon() {
         ..UserStore::default()
     };
     store.save(&f.dir).unwrap();
+    // Revocations go to every link that said Hello: the front (which authenticates) and
+    // each worker (which holds its connections' principals); not to a fresh one.
+    let alice = f.broker.link;
+    f.on_worker(None);
+    let front = f.broker.link;
+    let fresh = f.broker.add_link(super::PeerKind::Worker {
+        uid: 2002,
+        name: "bob".into(),
+    });
+    // Each Ready link got exactly one `Revoked`, of these users.
+    let revoked_to_every_ready_link = |f: &mut Fixture, users: Vec<u64>| {
+        let out = std::mem::take(&mut f.broker.outbox);
+        let mut links: Vec<u64> = out
+            .iter()
+            .map(|o| match &o.message {
+                BrokerMessage::Event(Event::Revoked { api_users }) => {
+                    let mut got = api_users.clone();
+                    got.sort();
+                    assert_eq!(got, users);
+                    o.link
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        links.sort();
+        assert_eq!(links, vec![alice, front]);
+        assert!(!links.contains(&fresh));
+    };
     check_revocations(&mut f.broker);
     assert!(f.replies().is_empty());
     // b removed, c's token rotated, a untouched.
@@ -286,14 +314,9 @@ fn removed_and_rotated_users_are_revoked_to_the_daemon() {
     store.users = vec![user(5, "a", "aa"), user(7, "c", "cc2")];
     store.save(&f.dir).unwrap();
     check_revocations(&mut f.broker);
-    let replies = f.replies();
-    let Some(BrokerMessage::Event(Event::Revoked { mut api_users })) = replies.into_iter().next()
-    else {
-        panic!("no Revoked event")
-    };
-    api_users.sort();
-    assert_eq!(api_users, vec![6, 7]);
-    // A user added and removed between two looks, whose token was used meanwhile.
+    revoked_to_every_ready_link(&mut f, vec![6, 7]);
+    // A user added and removed between two looks, whose token was used meanwhile (the
+    // front authenticates: it is the one link that may).
     let token = super::users::new_token().unwrap();
     store
         .users
@@ -305,19 +328,20 @@ fn removed_and_rotated_users_are_revoked_to_the_daemon() {
     })
     .unwrap();
     assert!(matches!(
-        f.replies().as_slice(),
-        [BrokerMessage::Reply {
-            body: ReplyBody::Principal(_),
+        std::mem::take(&mut f.broker.outbox).as_slice(),
+        [super::Outgoing {
+            message: BrokerMessage::Reply {
+                body: ReplyBody::Principal(_),
+                ..
+            },
+            link,
             ..
-        }]
+        }] if *link == front
     ));
     store.users.pop();
     store.save(&f.dir).unwrap();
     check_revocations(&mut f.broker);
-    assert!(matches!(
-        f.replies().as_slice(),
-        [BrokerMessage::Event(Event::Revoked { api_users })] if api_users == &vec![8]
-    ));
+    revoked_to_every_ready_link(&mut f, vec![8]);
 }
 
 #[test]
@@ -325,7 +349,7 @@ fn a_spawn_whose_daemon_went_and_whose_child_is_reaped_signals_nothing() {
     let mut f = fixture("orphan-reaped");
     let body = f.spawn_req(&f.admin.clone(), "alice", vec!["true".into()]);
     f.send(body).unwrap();
-    f.broker.new_link();
+    f.replace_worker();
     // The child exec'd and exited before its report was read.
     let handle = f.broker.handles.starting()[0];
     let pid = f.broker.handles.get(handle).unwrap().info.pid;
@@ -376,4 +400,76 @@ fn handles_are_listed_a_page_at_a_time_within_the_frame_limit() {
     assert_eq!(seen.len(), 20);
     assert!(pages > 1);
     assert!(seen.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[test]
+fn a_terminal_needs_a_ring_within_the_limits_and_gets_its_fds_back_on_adopt() {
+    use crate::wire::{limits, FdLayout, WindowSize};
+    let mut f = fixture("ring");
+    let admin = f.admin.clone();
+    let spawn = |f: &Fixture, tty: bool, ring_bytes: u32| {
+        let RequestBody::Spawn(mut req) = f.spawn_req(&admin, "alice", vec!["sh".into()]) else {
+            unreachable!()
+        };
+        req.tty = tty.then_some(WindowSize { rows: 24, cols: 80 });
+        req.ring_bytes = ring_bytes;
+        RequestBody::Spawn(req)
+    };
+    let refused = [
+        (true, 0),
+        (true, limits::MIN_RING_BYTES - 1),
+        (true, limits::MAX_RING_BYTES + 1),
+        (false, limits::MIN_RING_BYTES),
+    ];
+    for (tty, ring_bytes) in refused {
+        let body = spawn(&f, tty, ring_bytes);
+        f.send(body).unwrap();
+        match &f.replies()[..] {
+            [m @ BrokerMessage::Reply {
+                body: ReplyBody::Error(e),
+                ..
+            }] => {
+                assert_eq!(error_kind(m), Some(ErrorKind::BadRequest));
+                assert!(e.message.contains("ring_bytes"), "{}", e.message);
+            }
+            other => panic!("tty {tty}, ring {ring_bytes}: {other:?}"),
+        }
+    }
+    assert!(!f
+        .os
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::Launch { .. })));
+    // In range: a terminal with three fds, and three again (duplicates) on Adopt.
+    let body = spawn(&f, true, limits::MIN_RING_BYTES);
+    f.send(body).unwrap();
+    launch::check_starting(&mut f.broker);
+    let handle = match f.broker.outbox.pop() {
+        Some(super::Outgoing {
+            message:
+                BrokerMessage::Reply {
+                    body: ReplyBody::Spawned(info),
+                    ..
+                },
+            fds,
+            ..
+        }) => {
+            assert_eq!((info.fds, fds.len()), (FdLayout::Pty, 3));
+            info.handle
+        }
+        _ => panic!("expected Spawned"),
+    };
+    f.send(RequestBody::Adopt { handle }).unwrap();
+    match f.broker.outbox.pop() {
+        Some(super::Outgoing {
+            message:
+                BrokerMessage::Reply {
+                    body: ReplyBody::Adopted(info),
+                    ..
+                },
+            fds,
+            ..
+        }) => assert_eq!((info.fds, fds.len()), (FdLayout::Pty, 3)),
+        _ => panic!("expected Adopted"),
+    }
 }

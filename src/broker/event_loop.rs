@@ -49,6 +49,7 @@ pub struct Server {
     pub signals: SignalFd,
     pub shutdown: Option<Shutdown>,
     pub next_user_check: Instant,
+    pub workers: super::workers::Workers,
 }
 
 impl Server {
@@ -57,7 +58,7 @@ impl Server {
         loop {
             self.advance_shutdown();
             let stopping_daemon = self.shutdown.map(|s| s.phase) == Some(Stopping::Daemon);
-            if stopping_daemon && self.daemon.is_none() {
+            if stopping_daemon && self.daemon.is_none() && self.workers.by_link.is_empty() {
                 break;
             }
             let now = Instant::now();
@@ -77,6 +78,7 @@ impl Server {
                 dirs::next_deadline(&self.broker),
                 handles::next_signaller_deadline(&self.broker),
                 self.hello_deadline(),
+                self.worker_deadline(),
                 Some(self.next_user_check),
             ]
             .into_iter()
@@ -89,7 +91,7 @@ impl Server {
                 }
                 None => PollTimeout::NONE,
             };
-            let (signalled, daemon_events) = match self.wait(timeout) {
+            let (signalled, daemon_events, worker_events) = match self.wait(timeout) {
                 Some(r) => r,
                 None => continue,
             };
@@ -108,6 +110,19 @@ impl Server {
                     }
                 }
             }
+            for (link, ev) in worker_events {
+                if ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+                    self.read_worker(link);
+                }
+                if ev.contains(PollFlags::POLLOUT) {
+                    if let Some(w) = self.workers.by_link.get_mut(&link) {
+                        if let Err(e) = w.link.flush() {
+                            self.worker_link_failed(link, e);
+                        }
+                    }
+                }
+            }
+            self.check_worker_deadlines();
             launch::check_starting(&mut self.broker);
             dirs::check_probes(&mut self.broker);
             handles::check_signallers(&mut self.broker);
@@ -137,11 +152,21 @@ impl Server {
     /// When the current daemon must have said `Hello` by, while it has not.
     fn hello_deadline(&self) -> Option<Instant> {
         let d = self.daemon.as_ref()?;
-        (self.broker.link_state == LinkState::Fresh).then(|| d.started + DAEMON_HELLO_DEADLINE)
+        let fresh = self
+            .broker
+            .peers
+            .get(&d.generation)
+            .is_some_and(|p| p.state == LinkState::Fresh);
+        fresh.then(|| d.started + DAEMON_HELLO_DEADLINE)
     }
 
-    /// One `poll`: (a signal is waiting, the daemon link's events). `None`: interrupted.
-    fn wait(&self, timeout: PollTimeout) -> Option<(bool, Option<PollFlags>)> {
+    /// One `poll`: (a signal is waiting, the front link's events, each worker link's
+    /// events). `None`: interrupted.
+    #[allow(clippy::type_complexity)]
+    fn wait(
+        &self,
+        timeout: PollTimeout,
+    ) -> Option<(bool, Option<PollFlags>, Vec<(u64, PollFlags)>)> {
         let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
         if let Some(d) = &self.daemon {
             let mut events = PollFlags::POLLIN;
@@ -151,6 +176,15 @@ impl Server {
             fds.push(PollFd::new(d.link.socket().as_fd(), events));
         }
         let link_at = fds.len() - 1;
+        let workers_at = fds.len();
+        let worker_links: Vec<u64> = self.workers.by_link.keys().copied().collect();
+        for w in self.workers.by_link.values() {
+            let mut events = PollFlags::POLLIN;
+            if w.link.wants_write() {
+                events |= PollFlags::POLLOUT;
+            }
+            fds.push(PollFd::new(w.link.socket().as_fd(), events));
+        }
         for (_, e) in self.broker.handles.iter() {
             if let super::handles::Life::Starting(s) = &e.life {
                 fds.push(PollFd::new(s.report.as_fd(), PollFlags::POLLIN));
@@ -170,7 +204,17 @@ impl Server {
         }
         let revents = |f: &PollFd| f.revents().unwrap_or(PollFlags::empty());
         let daemon = self.daemon.as_ref().map(|_| revents(&fds[link_at]));
-        Some((revents(&fds[0]).contains(PollFlags::POLLIN), daemon))
+        let workers = worker_links
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| (l, revents(&fds[workers_at + i])))
+            .filter(|(_, e)| !e.is_empty())
+            .collect();
+        Some((
+            revents(&fds[0]).contains(PollFlags::POLLIN),
+            daemon,
+            workers,
+        ))
     }
 
     fn handle_signals(&mut self) {
@@ -190,14 +234,14 @@ impl Server {
         for (pid, status) in self.broker.os.reap() {
             if self.daemon.as_ref().is_some_and(|d| d.pid == pid) {
                 self.daemon_gone(&format!("daemon exited ({status:?})"), Some(status));
-            } else {
+            } else if !self.reaped_worker(pid, status) {
                 handles::on_reaped(&mut self.broker, pid, status);
             }
         }
     }
 
-    /// SIGHUP: reread the policy, and apply the daemon's config by replacing the daemon
-    /// (gracefully; running work survives, as on any daemon restart).
+    /// SIGHUP: reread the policy, and apply the daemon config by replacing the front and the
+    /// workers (gracefully; running work survives, as on any restart).
     fn reload(&mut self) {
         let euid = nix::unistd::geteuid().as_raw();
         match Policy::load(&self.opts.broker_config, euid) {
@@ -219,6 +263,13 @@ impl Server {
                     self.planned_restart = true;
                     let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGTERM);
                 }
+                // Workers got the config at start: each is replaced too (a worker with live
+                // work is started again at once and takes it back; an idle one on demand).
+                info!(
+                    workers = self.workers.by_link.len(),
+                    "replacing the workers to apply the config"
+                );
+                self.signal_workers(NixSignal::SIGTERM);
             }
             Err(e) => error!("config not applied, the daemon keeps the old one: {e}"),
         }
@@ -252,9 +303,12 @@ impl Server {
             phase: Stopping::Grace,
             until: Instant::now() + grace,
         });
-        b.send_event(Event::ShuttingDown {
-            grace_secs: grace.as_secs(),
-        });
+        b.send_event(
+            super::Target::All,
+            Event::ShuttingDown {
+                grace_secs: grace.as_secs(),
+            },
+        );
         // Terminals do not finish by themselves: hang them up now.
         let terminals: Vec<_> = b
             .handles
@@ -307,8 +361,14 @@ impl Server {
                         // It is asked to go: let it finish (see daemon_gone).
                         self.planned_restart = true;
                     }
+                    self.signal_workers(NixSignal::SIGTERM);
                 }
                 Action::KillDaemon => {
+                    self.signal_workers(NixSignal::SIGKILL);
+                    let links: Vec<u64> = self.workers.by_link.keys().copied().collect();
+                    for link in links {
+                        self.worker_gone(link, "shutdown: it did not exit in time", None);
+                    }
                     if let Some(d) = self.daemon.take() {
                         warn!(
                             pid = d.pid,

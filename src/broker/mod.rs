@@ -4,7 +4,8 @@
 //! |-----------------|-----------------------------------------------------------------------|
 //! | `startup.rs`    | checks and setup before the loop (policy, accounts, dirs, capabilities) |
 //! | `event_loop.rs` | the one thread's `poll` loop: signals, the daemon link, child reports  |
-//! | `supervise.rs`  | the daemon process: start, restart with backoff, its link             |
+//! | `supervise.rs`  | the front (`__daemon`) process: start, restart with backoff, its link |
+//! | `workers.rs`    | the per-user workers: start on demand, connections, restart, retire   |
 //! | `table.rs`      | **the request table**: what the daemon may ask, when, what it must prove, who answers |
 //! | `handlers/`     | one file per family of requests                                        |
 //! | `admission.rs`  | quotas and rates                                                       |
@@ -12,6 +13,7 @@
 //! | `shutdown.rs`   | the SIGTERM phases, a pure transition function                         |
 //! | `os.rs`         | every OS call the handlers make, behind a trait (`os_double.rs`: the recording double) |
 //! | `spawn.rs`      | building a spawn: account, environment, PTY or pipes, the job          |
+//! | `legacy_store.rs` | splitting the one daemon's old store into the users' worker stores, once |
 //! | `cgroup/`, `policy.rs`, `credentials.rs`, `users.rs`, `audit.rs`, `link.rs`, `notify.rs` | as named |
 //!
 //! One thread, never a runtime: being single-threaded is what makes `fork` safe here. The
@@ -30,6 +32,7 @@ pub mod credentials;
 mod event_loop;
 pub mod handlers;
 pub mod handles;
+pub mod legacy_store;
 pub mod link;
 pub mod notify;
 pub mod os;
@@ -41,6 +44,7 @@ mod startup;
 mod supervise;
 pub mod table;
 pub mod users;
+mod workers;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -82,6 +86,40 @@ pub enum LinkState {
     Ready,
 }
 
+/// Which process a link belongs to: what it may ask depends on it (`table.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerKind {
+    /// The network-facing front (`stoa __daemon`, the service user).
+    Front,
+    /// The worker of one Unix user (`stoa __worker`, running as that user).
+    Worker { uid: u32, name: String },
+}
+
+/// A live link: whose it is and where it is in its conversation.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub kind: PeerKind,
+    pub state: LinkState,
+    /// A worker whose `Retire` was granted: new connections go to a new worker.
+    pub retiring: bool,
+}
+
+/// A connection the front opened, for the loop to hand to the user's worker.
+pub struct Connect {
+    pub account: Account,
+    pub principal: Option<crate::wire::Principal>,
+    pub fd: OwnedFd,
+}
+
+/// Where an event goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every link that has said Hello.
+    All,
+    /// The current worker of this uid, if it has said Hello.
+    User(u32),
+}
+
 /// A message for the daemon, on the link it is meant for.
 pub struct Outgoing {
     pub link: u64,
@@ -110,9 +148,16 @@ pub struct Broker {
     pub stats: BrokerStats,
     /// SIGTERM came: nothing new starts.
     pub shutting_down: bool,
-    /// The current daemon link: its number and where it is.
+    /// The link whose request is being answered: its number and where it is (set by the
+    /// loop from `peers` before each request, written back after).
     pub link: u64,
     pub link_state: LinkState,
+    /// Every live link (front and workers), by number.
+    pub peers: std::collections::BTreeMap<u64, Peer>,
+    /// The last link number given out.
+    pub last_link: u64,
+    /// Connections opened by the front since the loop last looked.
+    pub connects: Vec<Connect>,
     pub outbox: Vec<Outgoing>,
     /// API users and their token digests as last seen, to tell the daemon whose
     /// credentials stopped working.
@@ -149,6 +194,9 @@ impl Broker {
             shutting_down: false,
             link: 0,
             link_state: LinkState::Fresh,
+            peers: Default::default(),
+            last_link: 0,
+            connects: Vec::new(),
             outbox: Vec::new(),
             known_users: None,
             cgroups_to_finish: Vec::new(),
@@ -168,24 +216,61 @@ impl Broker {
         matches!(self.mode, Mode::Isolated { .. })
     }
 
-    /// Queues an event for the current daemon, if it has said Hello (a later daemon learns
-    /// what it needs from `ListHandles`).
-    pub fn send_event(&mut self, event: Event) {
-        if self.link_state != LinkState::Ready {
-            return;
+    /// Queues an event for the links it is meant for that have said Hello (a later
+    /// process learns what it needs from `ListHandles`).
+    pub fn send_event(&mut self, target: Target, event: Event) {
+        let links: Vec<u64> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.state == LinkState::Ready)
+            .filter(|(_, p)| match (target, &p.kind) {
+                (Target::All, _) => true,
+                (Target::User(uid), PeerKind::Worker { uid: u, .. }) => uid == *u && !p.retiring,
+                (Target::User(_), PeerKind::Front) => false,
+            })
+            .map(|(l, _)| *l)
+            .collect();
+        for link in links {
+            self.outbox.push(Outgoing {
+                link,
+                message: BrokerMessage::Event(event.clone()),
+                fds: Vec::new(),
+            });
         }
-        self.outbox.push(Outgoing {
-            link: self.link,
-            message: BrokerMessage::Event(event),
-            fds: Vec::new(),
-        });
     }
 
-    /// A new daemon link: it starts from `Hello`.
-    pub fn new_link(&mut self) -> u64 {
-        self.link += 1;
-        self.link_state = LinkState::Fresh;
-        self.link
+    /// A new link of `kind`: it starts from `Hello`.
+    pub fn add_link(&mut self, kind: PeerKind) -> u64 {
+        self.last_link += 1;
+        self.peers.insert(
+            self.last_link,
+            Peer {
+                kind,
+                state: LinkState::Fresh,
+                retiring: false,
+            },
+        );
+        self.last_link
+    }
+
+    /// A link is gone: nothing more is sent on it.
+    pub fn drop_link(&mut self, link: u64) {
+        self.peers.remove(&link);
+    }
+
+    /// The current worker link of `uid` (not one that is retiring).
+    pub fn worker_link(&self, uid: u32) -> Option<u64> {
+        self.peers
+            .iter()
+            .find(|(_, p)| {
+                !p.retiring && matches!(p.kind, PeerKind::Worker { uid: u, .. } if u == uid)
+            })
+            .map(|(l, _)| *l)
+    }
+
+    /// The kind of the link being answered.
+    pub fn peer_kind(&self) -> Option<&PeerKind> {
+        self.peers.get(&self.link).map(|p| &p.kind)
     }
 }
 
@@ -195,3 +280,5 @@ mod dispatch_tests;
 mod red_team_tests;
 #[cfg(test)]
 mod test_fixture;
+#[cfg(test)]
+mod worker_link_tests;

@@ -6,7 +6,7 @@
 //! | call             | real                                                             |
 //! |------------------|------------------------------------------------------------------|
 //! | `lookup_user`    | `getpwnam_r`, fresh `getgrouplist`                               |
-//! | `launch`         | PTY or pipes, the job on the control socket, fork (no wait)      |
+//! | `launch`         | PTY (and its output ring's memfd) or pipes, the job on the control socket, fork (no wait) |
 //! | `start_probe`    | fork a child that becomes the user and enters a directory        |
 //! | `signal_group`   | a child with all the owner's ids sends `killpg` (not waited for; tracked by the caller) |
 //! | `kill_pidfd`     | `pidfd_send_signal(SIGKILL)` (a child that did not reach exec)   |
@@ -61,10 +61,12 @@ pub trait Os {
     fn kill_pidfd(&mut self, pidfd: BorrowedFd<'_>);
     /// Every child that has ended since the last call.
     fn reap(&mut self) -> Vec<(i32, ExitStatus)>;
+    /// The cgroup `leaf` below the user's (`h<handle>` for a spawn, `worker-<link>` for a
+    /// worker), with its `cgroup.procs` files open for the child to join.
     fn cgroup_prepare(
         &mut self,
         uid: u32,
-        handle: u64,
+        leaf: &str,
     ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String>;
     fn cgroup_kill(&mut self, cgroup: &SpawnCgroup);
     /// The limit the run hit (read before what it left is killed).
@@ -160,9 +162,9 @@ impl Os for RealOs {
     fn cgroup_prepare(
         &mut self,
         uid: u32,
-        handle: u64,
+        leaf: &str,
     ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String> {
-        self.cgroups.prepare(uid, handle)
+        self.cgroups.prepare(uid, leaf)
     }
 
     fn cgroup_kill(&mut self, cgroup: &SpawnCgroup) {

@@ -173,10 +173,9 @@ impl Os for RecordingOs {
             Some(_) => FdLayout::Pty,
             None => FdLayout::Pipes { stdin: req.stdin },
         };
-        let kept = match layout {
-            FdLayout::Pty => 2,
-            FdLayout::Pipes { .. } => 3,
-        };
+        // Kept: `[control, master, ring]` or `[control, stdout, stderr]`; pipes stand in
+        // for every fd, the ring's memfd too.
+        let kept = 3;
         Ok(Launched {
             started: self.child(ChildReport::Execed).map_err(|e| e.to_string())?,
             layout,
@@ -235,7 +234,7 @@ impl Os for RecordingOs {
     fn cgroup_prepare(
         &mut self,
         uid: u32,
-        _handle: u64,
+        _leaf: &str,
     ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String> {
         self.record(Call::CgroupPrepare { uid });
         Ok(None)
@@ -289,6 +288,11 @@ pub fn broker_for_tests(os: RecordingOs, state_dir: &Path) -> Result<(Broker, St
     };
     let mode = Mode::Isolated { service };
     let mut broker = Broker::new(policy, Vec::new(), mode, credentials, Box::new(os), audit);
-    broker.link = 1;
+    // The requests of a test come on alice's worker link unless it picks another
+    // (`test_fixture::Fixture::on_worker`).
+    broker.link = broker.add_link(super::PeerKind::Worker {
+        uid: 2001,
+        name: "alice".into(),
+    });
     Ok((broker, token))
 }

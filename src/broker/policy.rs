@@ -169,6 +169,9 @@ pub struct Policy {
     pub state_dir: PathBuf,
     /// The audit log (JSON lines, root-only). Unset: `audit.jsonl` in `state_dir`.
     pub audit_log: Option<PathBuf>,
+    /// Where each Unix user's worker keeps its store: `<workers_dir>/<uid>/`, owned by that
+    /// user, mode 0700 (the directory itself is root's, 0755).
+    pub workers_dir: PathBuf,
     pub allow_groups: Vec<String>,
     pub min_uid: u32,
     pub max_uid: u32,
@@ -201,6 +204,7 @@ impl Default for Policy {
             executor_path: None,
             state_dir: crate::config::default_broker_state_dir(),
             audit_log: None,
+            workers_dir: crate::config::default_workers_dir(),
             allow_groups: vec!["stoa-users".into()],
             min_uid: 1000,
             max_uid: 4_294_967_293,

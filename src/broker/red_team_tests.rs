@@ -154,6 +154,8 @@ fn one_user_cannot_take_every_directory_check_slot() {
         .unwrap();
     }
     f.replies();
+    // Bob's checks come from his own worker (alice's would refuse them: `worker-user`).
+    f.on_worker(Some(("bob", 2002)));
     f.send(RequestBody::CheckDir {
         credential: f.admin.clone(),
         unix_user: "bob".into(),

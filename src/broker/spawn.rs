@@ -199,6 +199,19 @@ pub fn validate(req: &SpawnRequest) -> Result<(), String> {
                 ws.rows, ws.cols
             ));
         }
+        if !(limits::MIN_RING_BYTES..=limits::MAX_RING_BYTES).contains(&req.ring_bytes) {
+            return Err(format!(
+                "ring_bytes {} out of range: a terminal's output ring must be {} to {} bytes",
+                req.ring_bytes,
+                limits::MIN_RING_BYTES,
+                limits::MAX_RING_BYTES
+            ));
+        }
+    } else if req.ring_bytes != 0 {
+        return Err(format!(
+            "ring_bytes {} without a tty: only a terminal has an output ring (send 0)",
+            req.ring_bytes
+        ));
     }
     Ok(())
 }
@@ -346,15 +359,22 @@ impl Launcher<'_> {
                 )
                 .map_err(|e| other("cannot chown the tty", &e))?;
             }
+            // The terminal's output ring (`daemon::ring`): the broker's and the daemon's
+            // only. Close-on-exec, and not among the fds the child keeps (`start_child`
+            // closes every other fd before anything runs as the user), so the executor
+            // never has it.
+            let ring = sys::create_ring_memfd(req.ring_bytes as usize)
+                .map_err(|e| other("cannot create the terminal's output ring", &e))?;
             let s = pty.slave.as_fd();
             let started = sys::start_child(&spec_base([s, s, s], true))
                 .map_err(|e| other("cannot start the executor", &e))?;
             let master_kept = pty.master.try_clone().map_err(|e| other("dup", &e))?;
+            let ring_kept = ring.try_clone().map_err(|e| other("dup", &e))?;
             Launched {
                 started,
                 layout: FdLayout::Pty,
-                for_daemon: vec![control_copy, pty.master],
-                kept: vec![control_kept, master_kept],
+                for_daemon: vec![control_copy, pty.master, ring],
+                kept: vec![control_kept, master_kept, ring_kept],
             }
         } else {
             let pipe = || {

@@ -86,6 +86,18 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         Mode::SingleUser { me } => (me.uid, me.gid),
     };
     ensure_dir(&daemon_config.state_dir, svc_uid, svc_gid, 0o700)?;
+    // Each user's worker keeps its store in a directory of its own below this one.
+    ensure_dir(
+        &policy.workers_dir,
+        euid,
+        nix::unistd::getegid().as_raw(),
+        0o755,
+    )?;
+    policy::check_trusted_path(&policy.workers_dir, euid)?;
+    // Before capabilities are dropped: the old store is the service user's.
+    if let Err(e) = super::legacy_store::split(&daemon_config.state_dir, &policy.workers_dir) {
+        warn!("the old store was not split into the users' stores: {e}");
+    }
 
     let executor_path = policy
         .executor_path
@@ -172,6 +184,7 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         signals,
         shutdown: None,
         next_user_check: Instant::now(),
+        workers: Default::default(),
     })
 }
 

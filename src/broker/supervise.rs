@@ -41,6 +41,23 @@ pub struct Daemon {
     pub started: Instant,
 }
 
+/// The limits of the processes stoa runs of itself (the front, the workers): no core dumps
+/// (they hold credentials and users' output), plenty of fds (connections, terminals).
+pub fn service_rlimits() -> Vec<Rlimit> {
+    fit_rlimits(vec![
+        Rlimit {
+            resource: Resource::Core,
+            soft: 0,
+            hard: 0,
+        },
+        Rlimit {
+            resource: Resource::NoFile,
+            soft: 65536,
+            hard: 65536,
+        },
+    ])
+}
+
 impl Server {
     pub fn start_daemon(&mut self) {
         self.restart_at = None;
@@ -64,18 +81,7 @@ impl Server {
                 extra_fds: vec![theirs.as_fd(), self.listener.as_fd()],
                 controlling_tty: false,
                 identity,
-                rlimits: fit_rlimits(vec![
-                    Rlimit {
-                        resource: Resource::Core,
-                        soft: 0,
-                        hard: 0,
-                    },
-                    Rlimit {
-                        resource: Resource::NoFile,
-                        soft: 65536,
-                        hard: 65536,
-                    },
-                ]),
+                rlimits: service_rlimits(),
                 umask: 0o077,
                 cwd: Some(c"/".into()),
                 cwd_id: None,
@@ -91,7 +97,7 @@ impl Server {
         match result {
             Ok((pid, link)) => {
                 self.broker.stats.daemon_starts += 1;
-                let generation = self.broker.new_link();
+                let generation = self.broker.add_link(super::PeerKind::Front);
                 info!(pid, "daemon started");
                 self.broker
                     .audit
@@ -124,7 +130,7 @@ impl Server {
     pub fn daemon_gone(&mut self, reason: &str, reaped: Option<ExitStatus>) {
         let Some(d) = self.daemon.take() else { return };
         // Its link is gone: nothing queued for it is sent to the next one.
-        self.broker.new_link();
+        self.broker.drop_link(d.generation);
         warn!(pid = d.pid, "daemon down: {reason}");
         self.broker.audit.record(
             "daemon_down",
@@ -182,6 +188,7 @@ impl Server {
     /// Reads what the daemon sent and answers it through the request table.
     pub fn read_daemon(&mut self) {
         let Some(d) = &mut self.daemon else { return };
+        let generation = d.generation;
         let payloads = match d.link.read_payloads() {
             Ok(p) => p,
             Err(e) => return self.link_failed(e),
@@ -192,7 +199,7 @@ impl Server {
                 Ok(r) => r,
                 Err(e) => return self.link_failed(LinkError::Violation(e.to_string())),
             };
-            if let Err(what) = table::dispatch(&mut self.broker, request) {
+            if let Err(what) = self.dispatch_on(generation, request) {
                 return self.link_failed(LinkError::Violation(what));
             }
             self.flush_outbox();
@@ -202,19 +209,44 @@ impl Server {
         }
     }
 
-    /// Sends what the broker queued for the current daemon; drops what was meant for a
-    /// daemon that is gone.
+    /// Answers one request that came on `link`, with the broker's view set to that link.
+    pub fn dispatch_on(&mut self, link: u64, request: Request) -> Result<(), String> {
+        let b = &mut self.broker;
+        let Some(peer) = b.peers.get(&link) else {
+            return Err(format!("a request on link {link}, which is gone"));
+        };
+        b.link = link;
+        b.link_state = peer.state;
+        let result = table::dispatch(b, request);
+        if let Some(p) = b.peers.get_mut(&link) {
+            p.state = b.link_state;
+        }
+        result
+    }
+
+    /// Sends what the broker queued, each message on its link; drops what was meant for a
+    /// link that is gone.
     pub fn flush_outbox(&mut self) {
+        self.deliver_connects();
         for out in std::mem::take(&mut self.broker.outbox) {
-            let Some(d) = &mut self.daemon else { continue };
-            if out.link != d.generation {
-                continue;
+            if let Some(d) = &mut self.daemon {
+                if out.link == d.generation {
+                    let result = codec::encode(&out.message)
+                        .map_err(LinkError::Io)
+                        .and_then(|frame| d.link.send(frame, out.fds));
+                    if let Err(e) = result {
+                        self.link_failed(e);
+                    }
+                    continue;
+                }
             }
-            let result = codec::encode(&out.message)
-                .map_err(LinkError::Io)
-                .and_then(|frame| d.link.send(frame, out.fds));
-            if let Err(e) = result {
-                self.link_failed(e);
+            if let Some(w) = self.workers.by_link.get_mut(&out.link) {
+                let result = codec::encode(&out.message)
+                    .map_err(LinkError::Io)
+                    .and_then(|frame| w.link.send(frame, out.fds));
+                if let Err(e) = result {
+                    self.worker_link_failed(out.link, e);
+                }
             }
         }
     }

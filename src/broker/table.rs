@@ -1,24 +1,34 @@
-//! The request table: the whole of what the daemon may ask (after OpenSSH's `monitor.c`
-//! dispatch table). Each row is a request, when it is permitted, what it must prove before
-//! its handler runs, the handler, and what is audited. A request without a row, out of
-//! its time, or naming a handle the daemon was never given is a protocol violation: the
-//! link is dropped and the daemon restarted; executors are untouched.
+//! The request table: the whole of what the front and the workers may ask (after
+//! OpenSSH's `monitor.c` dispatch table). Each row is a request, which kind of link may
+//! send it, when, what it must prove before its handler runs, the handler, and what is
+//! audited. A request without a row, from the other kind of link, out of its time, or
+//! naming a handle of another user is a protocol violation: the link is dropped and its
+//! process restarted; executors are untouched.
 //!
-//! | request        | when        | must prove                                     | handler                 | audited |
-//! |----------------|-------------|------------------------------------------------|-------------------------|---------|
-//! | `Hello`        | first, once | the protocol version                           | `session::hello`        | – (`daemon_start` by the loop) |
-//! | `Ready`        | after Hello | –                                              | `session::ready`        | – |
-//! | `Authenticate` | after Hello | – (it is the check)                            | `session::authenticate` | `auth_failed` (rate-limited) |
-//! | `Spawn`        | after Hello | credential may act as the Unix user, policy allows that user | `launch::spawn` | `spawn`, `refused` |
-//! | `CheckDir`     | after Hello | credential may act as the Unix user, policy allows that user | `dirs::check_dir` | `refused` |
-//! | `SetSecret`    | after Hello | a user credential (its own Unix user's secrets)| `secrets::set`          | `secret_set` |
-//! | `DeleteSecret` | after Hello | a user credential                              | `secrets::delete`       | `secret_deleted` |
-//! | `ListSecrets`  | after Hello | a user credential                              | `secrets::list`         | – |
-//! | `Kill`         | after Hello | a handle it was given and has not released     | `handles::kill`         | `signal` (with owner) |
-//! | `Release`      | after Hello | a handle it was given and has not released     | `handles::release`      | `release` (with owner) |
-//! | `ListHandles`  | after Hello | – (a page at a time)                           | `handles::list`         | – |
-//! | `Adopt`        | after Hello | a handle it was given and has not released     | `handles::adopt`        | `adopt` (with owner) |
-//! | `Stats`        | after Hello | –                                              | `session::stats`        | – |
+//! A worker's link is bound to its Unix user: whatever it asks can concern only that user
+//! (a credential for another user is refused with `worker-user`). The front's link can
+//! authenticate, and with a credential obtain a connection to that user's worker; it can
+//! spawn, signal or adopt nothing.
+//!
+//! | request        | from   | when        | must prove                                     | handler                 | audited |
+//! |----------------|--------|-------------|------------------------------------------------|-------------------------|---------|
+//! | `Hello`        | both   | first, once | the protocol version                           | `session::hello`        | – (`daemon_start`/`worker_start` by the loop) |
+//! | `Ready`        | both   | after Hello | –                                              | `session::ready`        | – |
+//! | `Stats`        | both   | after Hello | –                                              | `session::stats`        | – |
+//! | `Authenticate` | front  | after Hello | – (it is the check)                            | `session::authenticate` | `auth_failed` (rate-limited) |
+//! | `OpenWorker`   | front  | after Hello | credential may act as the Unix user, policy allows that user | `workers::open` | `refused` |
+//! | `OpenWorkerAnonymous` | front | after Hello | – (only a running worker; it checks what comes) | `workers::open_anonymous` | – |
+//! | `ListAll`      | front  | after Hello | a valid credential (the handler: an admin's)   | `workers::list_all`     | `refused` |
+//! | `Spawn`        | worker | after Hello | credential may act as the Unix user, policy allows that user, the worker's own | `launch::spawn` | `spawn`, `refused` |
+//! | `CheckDir`     | worker | after Hello | as `Spawn`                                     | `dirs::check_dir`       | `refused` |
+//! | `SetSecret`    | worker | after Hello | a user credential of the worker's own Unix user| `secrets::set`          | `secret_set` |
+//! | `DeleteSecret` | worker | after Hello | as `SetSecret`                                 | `secrets::delete`       | `secret_deleted` |
+//! | `ListSecrets`  | worker | after Hello | as `SetSecret`                                 | `secrets::list`         | – |
+//! | `Kill`         | worker | after Hello | a handle of its own user it has not released   | `handles::kill`         | `signal` (with owner) |
+//! | `Release`      | worker | after Hello | as `Kill`                                      | `handles::release`      | `release` (with owner) |
+//! | `ListHandles`  | worker | after Hello | – (its own user's, a page at a time)           | `handles::list`         | – |
+//! | `Adopt`        | worker | after Hello | as `Kill`                                      | `handles::adopt`        | `adopt` (with owner) |
+//! | `Retire`       | worker | after Hello | – (refused while its user has live handles)    | `workers::retire`       | `worker_retire` |
 //!
 //! Refusals (bad credential, another user's credential, a user the policy refuses) are
 //! answered with the rule and audited at most at the principal's refusal rate
@@ -29,10 +39,10 @@ use std::os::fd::OwnedFd;
 
 use tracing::warn;
 
-use super::handlers::{dirs, handles, launch, secrets, session};
+use super::handlers::{dirs, handles, launch, secrets, session, workers};
 use super::policy::{Refusal, UserFacts};
 use super::spawn::Account;
-use super::{Broker, LinkState, Mode, Outgoing};
+use super::{Broker, LinkState, Mode, Outgoing, PeerKind};
 use crate::wire::{
     BrokerError, BrokerMessage, ErrorKind, Handle, Principal, ReplyBody, Request, RequestBody,
 };
@@ -44,6 +54,23 @@ pub enum When {
     AfterHello,
 }
 
+/// Which kind of link may send a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    Front,
+    Worker,
+    Both,
+}
+
+impl Who {
+    fn admits(self, kind: &PeerKind) -> bool {
+        matches!(
+            (self, kind),
+            (Who::Both, _) | (Who::Front, PeerKind::Front) | (Who::Worker, PeerKind::Worker { .. })
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proof {
     Nothing,
@@ -51,6 +78,8 @@ pub enum Proof {
     ActAsUser,
     /// A valid credential of an API user (not the admin token: it has no Unix user).
     UserCredential,
+    /// Any valid credential (the handler decides what it may see).
+    AnyCredential,
     /// A handle the daemon was given and has not released.
     GivenHandle,
 }
@@ -79,14 +108,16 @@ pub type Handler = fn(&mut Broker, &Ctx, RequestBody) -> Outcome;
 
 pub struct Row {
     pub request: &'static str,
+    pub who: Who,
     pub when: When,
     pub proof: Proof,
     pub handler: Handler,
 }
 
-const fn row(request: &'static str, when: When, proof: Proof, handler: Handler) -> Row {
+const fn row(request: &'static str, who: Who, when: When, proof: Proof, handler: Handler) -> Row {
     Row {
         request,
+        who,
         when,
         proof,
         handler,
@@ -97,19 +128,89 @@ use Proof::*;
 use When::*;
 
 pub const TABLE: &[Row] = &[
-    row("Hello", First, Nothing, session::hello),
-    row("Ready", AfterHello, Nothing, session::ready),
-    row("Authenticate", AfterHello, Nothing, session::authenticate),
-    row("Spawn", AfterHello, ActAsUser, launch::spawn),
-    row("CheckDir", AfterHello, ActAsUser, dirs::check_dir),
-    row("SetSecret", AfterHello, UserCredential, secrets::set),
-    row("DeleteSecret", AfterHello, UserCredential, secrets::delete),
-    row("ListSecrets", AfterHello, UserCredential, secrets::list),
-    row("Kill", AfterHello, GivenHandle, handles::kill),
-    row("Release", AfterHello, GivenHandle, handles::release),
-    row("ListHandles", AfterHello, Nothing, handles::list),
-    row("Adopt", AfterHello, GivenHandle, handles::adopt),
-    row("Stats", AfterHello, Nothing, session::stats),
+    row("Hello", Who::Both, First, Nothing, session::hello),
+    row("Ready", Who::Both, AfterHello, Nothing, session::ready),
+    row("Stats", Who::Both, AfterHello, Nothing, session::stats),
+    row(
+        "Authenticate",
+        Who::Front,
+        AfterHello,
+        Nothing,
+        session::authenticate,
+    ),
+    row(
+        "OpenWorker",
+        Who::Front,
+        AfterHello,
+        ActAsUser,
+        workers::open,
+    ),
+    row(
+        "OpenWorkerAnonymous",
+        Who::Front,
+        AfterHello,
+        Nothing,
+        workers::open_anonymous,
+    ),
+    row(
+        "ListAll",
+        Who::Front,
+        AfterHello,
+        AnyCredential,
+        workers::list_all,
+    ),
+    row("Spawn", Who::Worker, AfterHello, ActAsUser, launch::spawn),
+    row(
+        "CheckDir",
+        Who::Worker,
+        AfterHello,
+        ActAsUser,
+        dirs::check_dir,
+    ),
+    row(
+        "SetSecret",
+        Who::Worker,
+        AfterHello,
+        UserCredential,
+        secrets::set,
+    ),
+    row(
+        "DeleteSecret",
+        Who::Worker,
+        AfterHello,
+        UserCredential,
+        secrets::delete,
+    ),
+    row(
+        "ListSecrets",
+        Who::Worker,
+        AfterHello,
+        UserCredential,
+        secrets::list,
+    ),
+    row("Kill", Who::Worker, AfterHello, GivenHandle, handles::kill),
+    row(
+        "Release",
+        Who::Worker,
+        AfterHello,
+        GivenHandle,
+        handles::release,
+    ),
+    row(
+        "ListHandles",
+        Who::Worker,
+        AfterHello,
+        Nothing,
+        handles::list,
+    ),
+    row(
+        "Adopt",
+        Who::Worker,
+        AfterHello,
+        GivenHandle,
+        handles::adopt,
+    ),
+    row("Retire", Who::Worker, AfterHello, Nothing, workers::retire),
 ];
 
 pub fn name(body: &RequestBody) -> &'static str {
@@ -127,6 +228,10 @@ pub fn name(body: &RequestBody) -> &'static str {
         RequestBody::ListHandles { .. } => "ListHandles",
         RequestBody::Adopt { .. } => "Adopt",
         RequestBody::Stats => "Stats",
+        RequestBody::OpenWorker { .. } => "OpenWorker",
+        RequestBody::OpenWorkerAnonymous { .. } => "OpenWorkerAnonymous",
+        RequestBody::ListAll { .. } => "ListAll",
+        RequestBody::Retire => "Retire",
     }
 }
 
@@ -141,7 +246,13 @@ fn credential_of(body: &RequestBody) -> Option<(&str, Option<&str>)> {
         } => Some((credential, Some(unix_user))),
         RequestBody::SetSecret { credential, .. }
         | RequestBody::DeleteSecret { credential, .. }
-        | RequestBody::ListSecrets { credential } => Some((credential, None)),
+        | RequestBody::ListSecrets { credential }
+        | RequestBody::ListAll { credential, .. } => Some((credential, None)),
+        RequestBody::OpenWorker {
+            credential,
+            unix_user,
+            ..
+        } => Some((credential, Some(unix_user))),
         _ => None,
     }
 }
@@ -172,6 +283,13 @@ pub fn dispatch(b: &mut Broker, request: Request) -> Result<(), String> {
         .iter()
         .find(|r| r.request == what)
         .ok_or_else(|| format!("{what} has no row in the request table"))?;
+    let kind = b
+        .peer_kind()
+        .cloned()
+        .ok_or_else(|| format!("{what} on link {} that is gone", b.link))?;
+    if !row.who.admits(&kind) {
+        return Err(format!("{what} is not for a {} link", kind_name(&kind)));
+    }
     permitted(row, b.link_state).map_err(|why| format!("{what} not permitted: {why}"))?;
     if let Some(id) = &request.request_id {
         if !crate::wire::valid_request_id(id) {
@@ -193,15 +311,28 @@ pub fn dispatch(b: &mut Broker, request: Request) -> Result<(), String> {
         Nothing => Ok(()),
         GivenHandle => {
             let handle = handle_of(&request.body).expect("rows with Handle name one");
-            match b.handles.visible(handle) {
-                Some(_) => Ok(()),
-                None => return Err(format!("{what} of unknown handle {}", handle.0)),
+            match (b.handles.visible(handle), &kind) {
+                (Some(e), PeerKind::Worker { uid, .. }) if e.account.uid == *uid => Ok(()),
+                (Some(_), _) => {
+                    return Err(format!("{what} of handle {} of another user", handle.0))
+                }
+                (None, _) => return Err(format!("{what} of unknown handle {}", handle.0)),
             }
         }
-        ActAsUser | UserCredential => {
+        ActAsUser | UserCredential | AnyCredential => {
             let (credential, user) = credential_of(&request.body).expect("rows with credentials");
             prove_credential(b, &mut ctx, what, credential, user, row.proof)
+                .and_then(|()| own_user_only(b, &ctx, what, &kind, row.proof))
         }
+    };
+    // A worker that retired starts nothing new: its user's next work goes to a new worker.
+    let retiring = b.peers.get(&b.link).is_some_and(|p| p.retiring);
+    let proven = match proven {
+        Ok(()) if retiring && what == "Spawn" => Err(BrokerError {
+            kind: ErrorKind::Unavailable,
+            message: "this worker is retiring: it starts nothing new".into(),
+        }),
+        other => other,
     };
     let outcome = match proven {
         Ok(()) => (row.handler)(b, &ctx, request.body),
@@ -222,6 +353,58 @@ pub fn dispatch(b: &mut Broker, request: Request) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn kind_name(kind: &PeerKind) -> &'static str {
+    match kind {
+        PeerKind::Front => "front",
+        PeerKind::Worker { .. } => "worker",
+    }
+}
+
+/// On a worker's link, what a credential proved must concern the worker's own Unix user.
+fn own_user_only(
+    b: &mut Broker,
+    ctx: &Ctx,
+    what: &str,
+    kind: &PeerKind,
+    proof: Proof,
+) -> Result<(), BrokerError> {
+    let PeerKind::Worker { uid, name } = kind else {
+        return Ok(());
+    };
+    let own = match proof {
+        ActAsUser => ctx.account.as_ref().is_some_and(|a| a.uid == *uid),
+        UserCredential => ctx
+            .principal
+            .as_ref()
+            .is_some_and(|p| p.unix_user() == Some(name.as_str())),
+        _ => true,
+    };
+    if own {
+        return Ok(());
+    }
+    let r = Refusal::new(
+        "worker-user",
+        format!("this is the worker of '{name}': it acts for no other Unix user"),
+    );
+    let key = ctx
+        .principal
+        .as_ref()
+        .map_or("anonymous".into(), |p| p.owner());
+    session::audit_refusal(
+        b,
+        &key,
+        what,
+        ctx.request_id.as_deref(),
+        None,
+        &refused_kind(&r),
+        &r.message,
+    );
+    Err(BrokerError {
+        kind: refused_kind(&r),
+        message: r.to_string(),
+    })
 }
 
 /// The credential is valid, its principal may act as `user` (if named), which the policy
@@ -266,6 +449,11 @@ fn prove_credential(
         session::audit_auth_failure(b, None, what);
         return fail(b, ErrorKind::Unauthorized, "invalid credential".into());
     };
+    if proof == AnyCredential {
+        session::note_seen(b, &principal, credential);
+        ctx.principal = Some(principal);
+        return Ok(());
+    }
     if proof == UserCredential {
         if principal.unix_user().is_none() {
             return fail(
@@ -380,6 +568,10 @@ mod tests {
             "ListHandles",
             "Adopt",
             "Stats",
+            "OpenWorker",
+            "OpenWorkerAnonymous",
+            "ListAll",
+            "Retire",
         ] {
             assert_eq!(
                 TABLE.iter().filter(|r| r.request == name).count(),
@@ -387,7 +579,7 @@ mod tests {
                 "{name}"
             );
         }
-        assert_eq!(TABLE.len(), 13);
+        assert_eq!(TABLE.len(), 17);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::handlers::launch;
 use super::os_double::{broker_for_tests, RecordingOs};
-use super::{table, Broker};
+use super::{table, Broker, LinkState, PeerKind};
 use crate::wire::{
     BrokerMessage, ErrorKind, Handle, Program, ReplyBody, Request, RequestBody, SpawnRequest,
     PROTOCOL_VERSION,
@@ -51,16 +51,72 @@ pub fn fixture(name: &str) -> Fixture {
 }
 
 impl Fixture {
+    /// From now on, requests come on `user`'s worker link (made and greeted on first use);
+    /// `None`: on the front's.
+    pub fn on_worker(&mut self, user: Option<(&str, u32)>) {
+        let kind = match user {
+            Some((name, uid)) => PeerKind::Worker {
+                uid,
+                name: name.into(),
+            },
+            None => PeerKind::Front,
+        };
+        let found = self
+            .broker
+            .peers
+            .iter()
+            .find(|(_, p)| p.kind == kind)
+            .map(|(l, _)| *l);
+        match found {
+            Some(l) => {
+                self.broker.link = l;
+                self.broker.link_state = self.broker.peers[&l].state;
+            }
+            None => {
+                self.broker.link = self.broker.add_link(kind);
+                self.broker.link_state = LinkState::Fresh;
+                self.send(RequestBody::Hello {
+                    protocol: PROTOCOL_VERSION,
+                })
+                .unwrap();
+                self.replies();
+            }
+        }
+    }
+
+    /// The current worker's link is gone and a new one took its place (a worker restart).
+    pub fn replace_worker(&mut self) {
+        let old = self.broker.link;
+        let kind = self.broker.peers[&old].kind.clone();
+        self.broker.drop_link(old);
+        self.broker.link = self.broker.add_link(kind);
+        self.broker.link_state = LinkState::Fresh;
+        self.send(RequestBody::Hello {
+            protocol: PROTOCOL_VERSION,
+        })
+        .unwrap();
+        self.replies();
+    }
+
     pub fn send(&mut self, body: RequestBody) -> Result<(), String> {
         self.next_id += 1;
-        table::dispatch(
+        let link = self.broker.link;
+        if let Some(p) = self.broker.peers.get(&link) {
+            self.broker.link_state = p.state;
+        }
+        let result = table::dispatch(
             &mut self.broker,
             Request {
                 id: self.next_id,
                 request_id: None,
                 body,
             },
-        )
+        );
+        let state = self.broker.link_state;
+        if let Some(p) = self.broker.peers.get_mut(&link) {
+            p.state = state;
+        }
+        result
     }
 
     /// What went out, in order (replies and events).
@@ -82,11 +138,19 @@ impl Fixture {
             tty: None,
             stdin: false,
             secrets: false,
+            ring_bytes: 0,
         })
     }
 
     /// Spawns `argv` as `user` with the admin token, lets it exec; returns the handle.
     pub fn spawn_as(&mut self, user: &str, argv: &[&str]) -> Handle {
+        let uid = match user {
+            "alice" => 2001,
+            "bob" => 2002,
+            "root" => 0,
+            _ => 999,
+        };
+        self.on_worker(Some((user, uid)));
         let argv = argv.iter().map(|a| a.to_string()).collect();
         let body = self.spawn_req(&self.admin.clone(), user, argv);
         self.send(body).unwrap();

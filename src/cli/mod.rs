@@ -98,6 +98,13 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// A user's worker (started by the broker as that user, not by hand).
+    #[command(name = "__worker", hide = true)]
+    InternalWorker {
+        /// The user's store directory the broker made.
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -127,7 +134,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::InternalDaemon { config, state_dir } => {
-            match crate::daemon::run(&config, state_dir) {
+            match crate::daemon::front_main::run(&config, state_dir) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("daemon: {e}");
@@ -135,6 +142,13 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::InternalWorker { state_dir } => match crate::daemon::worker::run(state_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("worker: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Doctor => doctor::run(),
         Command::User(cmd) => users::run(cmd),
         Command::Session(cmd) => sessions::session(cmd),

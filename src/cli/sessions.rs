@@ -66,8 +66,14 @@ pub enum SecretCommand {
 pub enum DaemonCommand {
     /// Is the daemon up, with its broker?
     Status,
-    /// Start a fresh daemon; running tasks and terminals survive.
+    /// Start a fresh front (the network-facing process); running tasks and terminals live
+    /// in the users' workers and are not touched.
     Restart,
+    /// Replace a Unix user's worker (admin); its running tasks and terminals survive.
+    RestartWorker {
+        /// The Unix user whose worker to replace.
+        user: String,
+    },
 }
 
 fn client() -> Result<Client, String> {
@@ -296,6 +302,15 @@ pub fn daemon(cmd: DaemonCommand) -> ExitCode {
                     }
                 }
                 return Err("no daemon answered within 10 s after the restart".into());
+            }
+            DaemonCommand::RestartWorker { user } => {
+                let v = c
+                    .post(&format!("/workers/{user}/restart"), &json!({}))
+                    .map_err(|e| e.message)?;
+                eprintln!(
+                    "the worker of {user} (pid {}) is being replaced; its work survives",
+                    v["pid"]
+                );
             }
         }
         Ok(())

@@ -55,7 +55,8 @@ pub struct BrokerLink {
 /// each event. Used to record handles before anyone can see their exit.
 pub trait LinkObserver: Send + Sync + 'static {
     fn reply(&self, body: &ReplyBody);
-    fn event(&self, event: Event);
+    /// `fds`: what came with it (a `Connection`'s socket).
+    fn event(&self, event: Event, fds: Vec<OwnedFd>);
 }
 
 impl BrokerLink {
@@ -141,7 +142,7 @@ impl BrokerLink {
                         let _ = w.send(Reply { body, fds });
                     }
                 }
-                Ok((BrokerMessage::Event(event), _)) => observer.event(event),
+                Ok((BrokerMessage::Event(event), fds)) => observer.event(event, fds),
                 Err(e) => {
                     self.connected.store(false, Ordering::SeqCst);
                     self.pending.lock().expect("pending lock").clear();
@@ -207,6 +208,11 @@ impl FrameReader {
                 body: ReplyBody::Spawned(info) | ReplyBody::Adopted(info),
                 ..
             } => info.fds.count(),
+            BrokerMessage::Reply {
+                body: ReplyBody::Connection,
+                ..
+            }
+            | BrokerMessage::Event(Event::Connection { .. }) => 1,
             _ => 0,
         };
         // The fds of a frame arrive with its first byte, which is already read.
@@ -217,7 +223,7 @@ impl FrameReader {
             )));
         }
         let fds = self.fds.drain(..wanted).collect();
-        if wanted > 0 {
+        if wanted > 1 {
             info!(count = wanted, "received fds from the broker");
         }
         Ok((msg, fds))

@@ -71,6 +71,23 @@ async fn collect_into(reader: Option<FdReader>, limit: usize, out: &mut Collecte
     }
 }
 
+/// `POST /exec` (any principal: the broker decides which Unix users its credential may act
+/// as).
+pub async fn handler(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: Result<axum::Json<ExecRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    let (_principal, credential) = super::worker::authenticate(&state, &headers).await?;
+    state.accepting_work()?;
+    let axum::Json(req) =
+        body.map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, e.body_text()))?;
+    let result = run(state, credential, req).await?;
+    Ok(axum::response::IntoResponse::into_response(axum::Json(
+        result,
+    )))
+}
+
 pub async fn run(
     state: Arc<AppState>,
     credential: String,
@@ -89,6 +106,13 @@ pub async fn run(
         tty: req.tty,
         stdin: has_stdin && req.tty.is_none(),
         secrets: false,
+        // A tty comes with an output ring; this run reads the master itself and leaves the
+        // ring unused, so it asks for the smallest.
+        ring_bytes: if req.tty.is_some() {
+            crate::wire::limits::MIN_RING_BYTES
+        } else {
+            0
+        },
     };
     // Dropped before the end (the client went away, an error): the guard kills and
     // releases what was spawned.

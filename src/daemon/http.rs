@@ -2,18 +2,25 @@
 //!
 //! | route             | auth  | what                                                    |
 //! |-------------------|-------|---------------------------------------------------------|
-//! | `GET /health`     | none  | status and version; with a valid token the full report  |
-//! | `POST /exec`      | any   | run a command as a user to completion (see `exec.rs`)   |
-//! | `GET /processes`  | admin | what the broker runs for this daemon, and recent exits  |
-//! | `POST /daemon/restart` | admin | a fresh daemon; running work survives             |
+//! The front's own routes (everything else goes to a worker, `proxy.rs`):
 //!
-//! Sessions, tasks and secrets: see `sessions.rs`.
+//! | route             | auth  | what                                                    |
+//! |-------------------|-------|---------------------------------------------------------|
+//! | `GET /health`     | none  | status and version; with a valid token the full report  |
+//! | `GET /users/me`   | any   | who the token is                                        |
+//! | `GET /processes`  | admin | what the broker runs, for every user                    |
+//! | `GET /metrics`    | admin | the front's and every running worker's metrics          |
+//! | `POST /daemon/restart` | admin | a fresh front; running work (in the workers) is untouched |
+//! | `POST /workers/:user/restart` | admin | a fresh worker for that user; its work survives |
+//! | `GET /`, `/static/…` | none | the web page                                         |
+//!
+//! Sessions, tasks, secrets, terminals and `POST /exec` are served by the user's worker:
+//! see `sessions.rs`, `terminals.rs`, `exec.rs`.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -23,8 +30,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::broker_link::LinkDown;
-use super::exec::{self, ExecRequest};
-use super::AppState;
+use super::front_main::FrontState;
 use crate::wire::{BrokerError, ErrorKind, Principal, ReplyBody, RequestBody};
 
 #[derive(Debug)]
@@ -82,20 +88,22 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<FrontState>) -> Router {
     Router::new()
         .route("/health", get(health))
-        .route("/exec", post(exec_handler))
+        .route("/users/me", get(me))
         .route("/processes", get(processes))
         .route("/daemon/restart", post(restart))
+        .route(
+            "/workers/{user}/restart",
+            post(super::proxy::restart_worker),
+        )
         .route("/metrics", get(metrics))
-        .merge(super::sessions::routes())
-        .merge(super::terminals::routes())
         .merge(web_routes(&state.config))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .fallback(super::proxy::forward)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            super::front::layer,
+            super::guard::layer,
         ))
         .layer(axum::middleware::from_fn(with_request_id))
         .with_state(state)
@@ -105,7 +113,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// fresh one. It is echoed in the response, set on the request's log lines, and carried
 /// in every broker request made while serving it (so it reaches the broker's log and
 /// audit lines).
-async fn with_request_id(
+pub async fn with_request_id(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -145,7 +153,7 @@ pub fn new_request_id() -> String {
 /// Least free space in the state directory before `/health` says degraded.
 const MIN_FREE_BYTES: u64 = 256 << 20;
 
-async fn health(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+async fn health(State(state): State<Arc<FrontState>>, headers: HeaderMap) -> Response {
     // Without a valid token: only whether it is up, and the version. The rest (paths,
     // limits, free space) is for users.
     let full =
@@ -159,28 +167,21 @@ async fn health(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
     if !connected {
         problems.push("the broker is not connected".to_string());
     }
-    if state.processes.shutting_down() {
+    if state.shutting_down() {
         problems.push("stoa is shutting down".to_string());
     }
-    // The store must take a write lock (not just be readable).
-    let writable = state
-        .store
-        .with(|c| c.execute_batch("BEGIN IMMEDIATE; ROLLBACK;"))
-        .await;
-    if let Err(e) = &writable {
-        problems.push(format!("the store is not writable: {e}"));
-    }
-    let free = nix::sys::statvfs::statvfs(&state.config.state_dir)
-        .map(|s| s.blocks_available() * s.fragment_size());
+    // The users' stores are their workers' (each checks its own on every write); the
+    // disk they are on is checked here.
+    let stores = std::path::PathBuf::from(&welcome.workers_dir);
+    let free =
+        nix::sys::statvfs::statvfs(&stores).map(|s| s.blocks_available() * s.fragment_size());
     match free {
-        Ok(b) if b < MIN_FREE_BYTES => problems.push(format!(
-            "only {} MiB free in {}",
-            b >> 20,
-            state.config.state_dir.display()
-        )),
+        Ok(b) if b < MIN_FREE_BYTES => {
+            problems.push(format!("only {} MiB free in {}", b >> 20, stores.display()))
+        }
         Err(e) => problems.push(format!(
             "cannot check free space in {}: {e}",
-            state.config.state_dir.display()
+            stores.display()
         )),
         Ok(_) => {}
     }
@@ -202,7 +203,7 @@ async fn health(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
         "isolation": welcome.isolation,
         "mode": if welcome.isolation { "multi-user" } else { "single-user" },
         "broker_connected": connected,
-        "store_writable": writable.is_ok(),
+        "workers_dir": welcome.workers_dir,
         "state_dir_free_bytes": free.ok(),
         "limits": limits,
         "version": env!("CARGO_PKG_VERSION"),
@@ -222,7 +223,7 @@ async fn health(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
 
 /// The bearer token and who the broker says it belongs to.
 pub async fn authenticate(
-    state: &AppState,
+    state: &FrontState,
     headers: &HeaderMap,
 ) -> Result<(Principal, String), ApiError> {
     let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
@@ -294,7 +295,7 @@ pub async fn authenticate(
     }
 }
 
-fn require_admin(principal: &Principal) -> Result<(), ApiError> {
+pub fn require_admin(principal: &Principal) -> Result<(), ApiError> {
     if principal.is_admin() {
         Ok(())
     } else {
@@ -305,38 +306,78 @@ fn require_admin(principal: &Principal) -> Result<(), ApiError> {
     }
 }
 
-async fn exec_handler(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Json<ExecRequest>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    // Any principal: the broker decides which Unix users its credential may act as.
-    let (_principal, credential) = authenticate(&state, &headers).await?;
-    state.accepting_work()?;
-    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let result = exec::run(state, credential, req).await?;
-    Ok(Json(result).into_response())
-}
-
-async fn processes(
-    State(state): State<Arc<AppState>>,
+/// Who the token is (answered here: it needs no worker).
+async fn me(
+    State(state): State<Arc<FrontState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (principal, _) = authenticate(&state, &headers).await?;
-    require_admin(&principal)?;
-    Ok(Json(state.processes.list()).into_response())
+    Ok(Json(json!({
+        "name": principal.name(),
+        "unix_user": principal.unix_user(),
+        "admin": principal.is_admin(),
+    }))
+    .into_response())
 }
 
-/// Restarts the daemon: it answers, then exits; the broker starts a new one, which takes
-/// running work back.
+/// Every handle the broker has, for every user (admin): the broker checks the credential.
+async fn processes(
+    State(state): State<Arc<FrontState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (principal, credential) = authenticate(&state, &headers).await?;
+    require_admin(&principal)?;
+    let list = all_handles(&state, &credential).await?;
+    let views: Vec<_> = list
+        .iter()
+        .map(|i| super::processes::view_of(i, i.exited))
+        .collect();
+    Ok(Json(views).into_response())
+}
+
+/// Every handle, page by page (`ListAll`, which needs an admin credential).
+pub async fn all_handles(
+    state: &FrontState,
+    credential: &str,
+) -> Result<Vec<crate::wire::HandleInfo>, ApiError> {
+    let (mut list, mut after) = (Vec::new(), None);
+    loop {
+        let reply = state
+            .link
+            .request(RequestBody::ListAll {
+                credential: credential.to_string(),
+                after,
+            })
+            .await
+            .map_err(ApiError::broker_down)?;
+        match reply.body {
+            ReplyBody::Handles { list: page, more } => {
+                after = page.last().map(|i| i.handle);
+                list.extend(page);
+                if !more || after.is_none() {
+                    return Ok(list);
+                }
+            }
+            ReplyBody::Error(e) => return Err(ApiError::from_broker(e)),
+            other => {
+                return Err(ApiError::internal(format!(
+                    "unexpected broker reply {other:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// Restarts the front: it answers, then exits; the broker starts a new one. Running work
+/// lives in the workers and is not touched.
 async fn restart(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<FrontState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (principal, _) = authenticate(&state, &headers).await?;
     require_admin(&principal)?;
     tracing::info!(by = %principal.name(), "restart requested");
-    tokio::spawn(async {
+    tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(100)).await;
         std::process::exit(0);
     });
@@ -348,7 +389,7 @@ async fn restart(
 }
 
 /// The web page: `GET /` is `index.html` of the web directory, `/static/…` its files.
-fn web_routes(config: &crate::config::DaemonConfig) -> Router<Arc<AppState>> {
+fn web_routes(config: &crate::config::DaemonConfig) -> Router<Arc<FrontState>> {
     let dir = config.web_dir.clone().or_else(|| {
         let installed = std::path::PathBuf::from("/usr/share/stoa/web");
         installed.join("index.html").exists().then_some(installed)
@@ -372,40 +413,24 @@ fn web_routes(config: &crate::config::DaemonConfig) -> Router<Arc<AppState>> {
     }
 }
 
-/// Prometheus text format (admin: the labels name users).
+/// Prometheus text format (admin: the labels name users): the front's own counters and the
+/// broker's, summed with every running worker's (`proxy::worker_metrics`).
 async fn metrics(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<FrontState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (principal, _) = authenticate(&state, &headers).await?;
+    let (principal, credential) = authenticate(&state, &headers).await?;
     require_admin(&principal)?;
     let m = &state.metrics;
     m.live_executors.clear();
-    for p in state.processes.list().into_iter().filter(|p| p.running) {
-        m.live_executors
-            .get_or_create(&super::metrics::UserLabels {
-                unix_user: p.unix_user,
-            })
-            .inc();
-    }
-    m.live_terminals.clear();
-    for (user, running) in state.terminals.users() {
-        if running {
-            m.live_terminals
-                .get_or_create(&super::metrics::UserLabels { unix_user: user })
+    for i in all_handles(&state, &credential).await? {
+        if i.exited.is_none() {
+            m.live_executors
+                .get_or_create(&super::metrics::UserLabels {
+                    unix_user: i.unix_user,
+                })
                 .inc();
         }
-    }
-    m.tasks.clear();
-    for (task_state, n) in state
-        .store
-        .task_counts()
-        .await
-        .map_err(ApiError::internal)?
-    {
-        m.tasks
-            .get_or_create(&super::metrics::StateLabels { state: task_state })
-            .set(n);
     }
     if let Ok(reply) = state.link.request(RequestBody::Stats).await {
         if let ReplyBody::Stats(stats) = reply.body {
@@ -425,7 +450,9 @@ async fn metrics(
             mirror(&m.daemon_starts, stats.daemon_starts);
         }
     }
-    let text = m.encode().map_err(|e| ApiError::internal(e.to_string()))?;
+    let own = m.encode().map_err(|e| ApiError::internal(e.to_string()))?;
+    let workers = super::proxy::worker_metrics(&state, &principal, &credential, &headers).await;
+    let text = super::metrics::sum_texts(&own, &workers);
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -132,3 +132,63 @@ impl Metrics {
         Ok(out)
     }
 }
+
+/// Sums Prometheus texts of the same registry layout (the front's and each worker's): the
+/// comment lines of the first text, then each series once, with the sum of its values, in
+/// the order first seen. `# EOF` stays last.
+pub fn sum_texts(own: &str, others: &[String]) -> String {
+    let mut order: Vec<String> = Vec::new();
+    let mut values: std::collections::HashMap<String, f64> = Default::default();
+    let mut comments: std::collections::HashSet<String> = Default::default();
+    for text in std::iter::once(own).chain(others.iter().map(String::as_str)) {
+        for line in text.lines() {
+            if line == "# EOF" || line.is_empty() {
+                continue;
+            }
+            if line.starts_with('#') {
+                if comments.insert(line.to_string()) {
+                    order.push(line.to_string());
+                }
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(v) = value.parse::<f64>() else {
+                continue;
+            };
+            match values.get_mut(series) {
+                Some(sum) => *sum += v,
+                None => {
+                    values.insert(series.to_string(), v);
+                    order.push(series.to_string());
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    for key in order {
+        match values.get(&key) {
+            Some(v) => out.push_str(&format!("{key} {v}\n")),
+            None => {
+                out.push_str(&key);
+                out.push('\n');
+            }
+        }
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
+#[cfg(test)]
+mod sum_tests {
+    #[test]
+    fn series_are_summed_and_comments_kept_once() {
+        let a = "# TYPE x counter\nx_total{k=\"a\"} 1\n# EOF\n";
+        let b = "# TYPE x counter\nx_total{k=\"a\"} 2\nx_total{k=\"b\"} 5\n# EOF\n".to_string();
+        assert_eq!(
+            super::sum_texts(a, &[b]),
+            "# TYPE x counter\nx_total{k=\"a\"} 3\nx_total{k=\"b\"} 5\n# EOF\n"
+        );
+    }
+}

@@ -1,43 +1,56 @@
-//! The daemon: `stoa __daemon`, started by the broker as the service user with no
-//! capabilities and no_new_privs. Everything from the network lands here; it never decides
-//! which Unix user runs anything without the broker's say.
+//! The two unprivileged processes that serve HTTP, and what they share.
 //!
-//! fd 3 is its end of the broker link, fd 4 the HTTP listener the broker bound (so a
-//! restart loses no connection attempts: they wait in the listen backlog).
+//! * The **front** (`stoa __daemon`, the service user, no capabilities): every network
+//!   connection lands here (fd 4 is the listener the broker bound). It parses HTTP, checks
+//!   `Host`, authenticates through the broker, serves the web page, `/health` and the admin
+//!   views, and forwards everything else to the worker of the Unix user it concerns
+//!   (`proxy.rs`), over a connection the broker opens for a credential the front shows. It
+//!   holds no PTY, no pipe, no store.
+//! * A **worker** per Unix user (`stoa __worker`, that user): terminals, tasks, sessions and
+//!   its store (`worker.rs`, which owns [`AppState`]).
+//!
+//! | file              | process | owns                                                    |
+//! |-------------------|---------|---------------------------------------------------------|
+//! | `front_main.rs`   | front   | start-up, [`front_main::FrontState`], the broker's events |
+//! | `serve.rs`, `guard.rs` | front | the accept loop and its limits; Host, security headers |
+//! | `auth.rs`         | both    | the credential cache, revocations, the failure throttle |
+//! | `http.rs`         | both    | errors, request ids; the front's own routes             |
+//! | `proxy.rs`        | front   | which worker a request is for, and forwarding it        |
+//! | `worker_pool.rs`  | front   | kept-alive connections to the workers, per credential   |
+//! | `worker.rs`       | worker  | start-up, the connections the broker hands over, idling |
+//! | `sessions.rs`, `tasks.rs`, `terminals.rs`, `exec.rs`, `store.rs`, `processes.rs`, `fdio.rs` | worker | as named |
+//! | `broker_link.rs`, `metrics.rs` | both | the broker link; Prometheus metrics      |
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod broker_link;
 pub mod exec;
 pub mod fdio;
-pub mod front;
+pub mod front_main;
+pub mod guard;
 pub mod http;
 pub mod metrics;
 pub mod processes;
+pub mod proxy;
+pub mod ring;
 pub mod serve;
 pub mod sessions;
 pub mod store;
 pub mod tasks;
 pub mod terminals;
+pub mod worker;
+pub mod worker_pool;
 
 use std::collections::HashMap;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
 
-use stoa_executor::sys;
-
-use crate::broker::{DAEMON_LINK_FD, DAEMON_LISTENER_FD};
 use crate::config::DaemonConfig;
-use crate::wire::{Event, HandleInfo, ReplyBody, RequestBody};
+use crate::wire::{HandleInfo, ReplyBody, RequestBody};
 use broker_link::BrokerLink;
 use fdio::FdReader;
 use processes::Processes;
-
-/// How long requests in flight get after SIGTERM.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct AppState {
     pub link: Arc<BrokerLink>,
@@ -45,8 +58,6 @@ pub struct AppState {
     pub config: DaemonConfig,
     /// The auth cache, revocations and the failed-authentication throttle.
     pub auth: Arc<auth::Auth>,
-    /// Open HTTP connections (see `serve.rs`).
-    pub connections: Arc<serve::Connections>,
     pub store: store::Store,
     /// Running tasks, by task id: send a reason to end one.
     pub running: Mutex<HashMap<String, tokio::sync::watch::Sender<Option<tasks::StopReason>>>>,
@@ -54,6 +65,9 @@ pub struct AppState {
     pub notices: tokio::sync::broadcast::Sender<Notice>,
     pub terminals: terminals::Terminals,
     pub metrics: metrics::Metrics,
+    /// The worker's Unix user: the ids it gives out start with it (`store::object_id`),
+    /// so the front knows whose worker an id belongs to.
+    pub uid: u32,
 }
 
 /// A spawn that failed: the broker is gone, or it said no (with its reason).
@@ -214,134 +228,13 @@ impl AppState {
     }
 }
 
-pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<(), String> {
-    let mut config = DaemonConfig::load(config_path)?;
-    if let Some(dir) = state_dir {
-        config.state_dir = dir;
-    }
-    let link_fd = sys::take_inherited_fd(DAEMON_LINK_FD).map_err(|e| {
-        format!(
-            "no broker link on fd {DAEMON_LINK_FD} ({e}): the daemon is started by `stoa serve`"
-        )
-    })?;
-    let listener_fd = sys::take_inherited_fd(DAEMON_LISTENER_FD)
-        .map_err(|e| format!("no listener on fd {DAEMON_LISTENER_FD}: {e}"))?;
-    let processes = Arc::new(Processes::default());
-    let auth = Arc::new(auth::Auth::new(config.http.auth_failures_per_minute));
-    let observer = Arc::new(Observer {
-        processes: processes.clone(),
-        auth: auth.clone(),
-    });
-    let link = BrokerLink::connect(UnixStream::from(link_fd), observer)
-        .map_err(|e| format!("cannot greet the broker: {e}"))?;
-    if link.welcome().isolation && nix::unistd::geteuid().is_root() {
-        return Err("the daemon must not run as root".into());
-    }
-    info!(
-        uid = nix::unistd::geteuid().as_raw(),
-        isolation = link.welcome().isolation,
-        "daemon connected to the broker"
-    );
-    let store = store::Store::open(&config.state_dir.join("stoa.db"))?;
-    let (notices, _) = tokio::sync::broadcast::channel(1024);
-    let state = Arc::new(AppState {
-        link,
-        processes,
-        config: config.clone(),
-        auth,
-        connections: Arc::new(serve::Connections::new(config.http.clone())),
-        store,
-        running: Mutex::new(HashMap::new()),
-        notices,
-        terminals: terminals::Terminals::default(),
-        metrics: metrics::Metrics::default(),
-    });
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime.block_on(async move {
-        let adopted = adopt_all(&state).await;
-        let adopted = tasks::recover(&state, adopted).await;
-        for (info, fds) in terminals::recover(&state, adopted).await {
-            tokio::spawn(drain_orphan(state.clone(), info, fds));
-        }
-        let std_listener = std::net::TcpListener::from(listener_fd);
-        std_listener
-            .set_nonblocking(true)
-            .map_err(|e| e.to_string())?;
-        let listener =
-            tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
-        let app = http::router(state.clone());
-        if let Err(e) = state.link.request(RequestBody::Ready).await {
-            return Err(format!("cannot tell the broker we are ready: {e}"));
-        }
-        // On SIGTERM: stop accepting, give requests in flight a moment, then go; keep-alive
-        // connections must not hold a restart or shutdown hostage.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-        tokio::spawn(async move {
-            term.recv().await;
-            info!("daemon stopping (SIGTERM)");
-            let _ = stop_tx.send(true);
-        });
-        let mut stopped = stop_rx.clone();
-        let finishing = state.clone();
-        let server = serve::serve(
-            listener,
-            app,
-            state.config.http.clone(),
-            state.connections.clone(),
-            stop_rx,
-        );
-        tokio::select! {
-            _ = server => {}
-            _ = async {
-                let _ = stopped.wait_for(|s| *s).await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => {}
-        }
-        // Runs still being recorded get to finish writing how they ended.
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-        while !finishing.running.lock().expect("running lock").is_empty()
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        Ok(())
-    })
-}
-
-/// What the broker tells the daemon unasked: revocations here, the rest for the process
-/// table.
-struct Observer {
-    processes: Arc<Processes>,
-    auth: Arc<auth::Auth>,
-}
-
-impl broker_link::LinkObserver for Observer {
-    fn reply(&self, body: &ReplyBody) {
-        self.processes.reply(body);
-    }
-
-    fn event(&self, event: Event) {
-        match event {
-            Event::Revoked { api_users } => {
-                info!(?api_users, "credentials revoked: ending their connections");
-                self.auth.revoke(&api_users);
-            }
-            other => self.processes.event(other),
-        }
-    }
-}
-
 /// Takes back everything an earlier daemon left running: each handle's fds come again
 /// from the broker's duplicates. Tasks take theirs over (`tasks::recover`); the rest, with
 /// nobody waiting on them any more, are drained (so they never block on a full pipe) and
 /// their exit recorded, then released.
-async fn adopt_all(state: &Arc<AppState>) -> Vec<(HandleInfo, Vec<std::os::fd::OwnedFd>)> {
+pub(crate) async fn adopt_all(
+    state: &Arc<AppState>,
+) -> Vec<(HandleInfo, Vec<std::os::fd::OwnedFd>)> {
     let mut adopted = Vec::new();
     // The broker answers a page at a time.
     let (mut list, mut after) = (Vec::new(), None);
@@ -391,11 +284,20 @@ async fn adopt_all(state: &Arc<AppState>) -> Vec<(HandleInfo, Vec<std::os::fd::O
     adopted
 }
 
-async fn drain_orphan(state: Arc<AppState>, info: HandleInfo, fds: Vec<std::os::fd::OwnedFd>) {
-    // fds[0] is the control socket; the rest (pty master, or stdout and stderr) carry
-    // output.
+pub(crate) async fn drain_orphan(
+    state: Arc<AppState>,
+    info: HandleInfo,
+    fds: Vec<std::os::fd::OwnedFd>,
+) {
+    // fds[0] is the control socket; the pty master, or stdout and stderr, carry output (a
+    // terminal's third fd is its ring's memfd: nothing to read there).
+    let outputs = if info.fds == crate::wire::FdLayout::Pty {
+        1
+    } else {
+        usize::MAX
+    };
     let mut drains = Vec::new();
-    for fd in fds.into_iter().skip(1) {
+    for fd in fds.into_iter().skip(1).take(outputs) {
         if let Ok(reader) = FdReader::new(fd) {
             drains.push(tokio::spawn(async move {
                 let _ = reader.collect(0).await;

@@ -55,18 +55,25 @@ pub struct ProcessView {
 }
 
 fn view(t: &Tracked) -> ProcessView {
-    let status = *t.exit.borrow();
-    let (kind, argv) = match &t.info.program {
+    let mut v = view_of(&t.info, *t.exit.borrow());
+    v.adopted = t.adopted;
+    v
+}
+
+/// What `GET /processes` shows of a handle (`status`: its exit, if seen).
+pub fn view_of(info: &HandleInfo, status: Option<ExitStatus>) -> ProcessView {
+    let t = info;
+    let (kind, argv) = match &t.program {
         Program::Exec { argv } => ("exec", Some(argv.clone())),
         Program::Shell => ("shell", None),
     };
     ProcessView {
-        handle: t.info.handle.0,
-        pid: t.info.pid,
-        unix_user: t.info.unix_user.clone(),
+        handle: t.handle.0,
+        pid: t.pid,
+        unix_user: t.unix_user.clone(),
         kind,
         argv,
-        tty: t.info.fds == FdLayout::Pty,
+        tty: t.fds == FdLayout::Pty,
         running: status.is_none(),
         exit_code: match status {
             Some(ExitStatus::Code(c)) => Some(c),
@@ -76,9 +83,9 @@ fn view(t: &Tracked) -> ProcessView {
             Some(ExitStatus::Signal(s)) => Some(s),
             _ => None,
         },
-        limit_hit: t.info.limit_hit.map(|l| l.to_string()),
-        adopted: t.adopted,
-        started_at: t.info.started_at,
+        limit_hit: t.limit_hit.map(|l| l.to_string()),
+        adopted: false,
+        started_at: t.started_at,
     }
 }
 
@@ -164,7 +171,7 @@ impl LinkObserver for Processes {
         }
     }
 
-    fn event(&self, event: Event) {
+    fn event(&self, event: Event, _fds: Vec<std::os::fd::OwnedFd>) {
         match event {
             Event::Exited {
                 handle,
@@ -183,6 +190,8 @@ impl LinkObserver for Processes {
             // Not a process matter: `daemon::Observer` hands revocations to `auth.rs`, which
             // purges the cache and ends the users' live connections.
             Event::Revoked { .. } => {}
+            // Connections are the worker's (`worker.rs`), never the process table's.
+            Event::Connection { .. } => {}
         }
     }
 }

@@ -35,9 +35,10 @@ use serde_json::json;
 
 use stoa_executor::agents::Tool;
 
-use super::http::{authenticate, ApiError};
-use super::store::{new_id, now, Session, Task};
+use super::http::ApiError;
+use super::store::{now, Session, Task};
 use super::tasks::{self, StopReason};
+use super::worker::authenticate;
 use super::{AppState, Notice};
 use crate::wire::{Principal, ReplyBody, RequestBody};
 
@@ -51,7 +52,6 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/sessions/{id}/messages", get(messages))
         .route("/sessions/{id}/events", get(events))
         .route("/tasks/{id}", get(task))
-        .route("/users/me", get(me))
         .route("/users/me/secrets", get(list_secrets))
         .route(
             "/users/me/secrets/{name}",
@@ -175,7 +175,7 @@ async fn create(
     };
     let at = now();
     let session = Session {
-        session_id: new_id(),
+        session_id: super::store::object_id(state.uid),
         owner: principal.owner(),
         unix_user,
         agentic_tool: req.agentic_tool,
@@ -291,7 +291,7 @@ async fn prompt(
         ));
     }
     let task = Task {
-        task_id: new_id(),
+        task_id: super::store::object_id(state.uid),
         session_id: session.session_id.clone(),
         prompt: req.prompt,
         status: "queued".into(),
@@ -481,16 +481,6 @@ async fn events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
-}
-
-async fn me(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let (principal, _) = authenticate(&state, &headers).await?;
-    Ok(Json(json!({
-        "name": principal.name(),
-        "unix_user": principal.unix_user(),
-        "admin": principal.is_admin(),
-    }))
-    .into_response())
 }
 
 async fn list_secrets(

@@ -213,6 +213,17 @@ pub fn now() -> String {
 }
 
 /// A random id in UUID form.
+/// An id for something a worker stores, starting with its user's uid (`u1000-…`): the
+/// front sends requests naming it to that user's worker.
+pub fn object_id(uid: u32) -> String {
+    format!("u{uid}-{}", new_id())
+}
+
+/// The uid an [`object_id`] starts with (`None`: an id from before workers).
+pub fn uid_of_id(id: &str) -> Option<u32> {
+    id.strip_prefix('u')?.split_once('-')?.0.parse().ok()
+}
+
 pub fn new_id() -> String {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).expect("randomness");

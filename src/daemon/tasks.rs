@@ -1,6 +1,7 @@
 //! Running a prompt: the session's agent, through the broker and `stoa-executor` as the
-//! session's Unix user (or, on the direct path, by the daemon itself), its streaming JSON
-//! parsed into messages and stored as they come, its end recorded as the task's state.
+//! session's Unix user (or, on the direct path, by the session's worker itself), its
+//! streaming JSON parsed into messages and stored as they come, its end recorded as the
+//! task's state.
 //!
 //! Every way a run ends is a final state: `completed`; `stopped` (asked to); `failed` with
 //! a reason a person can read (timeout, binary missing, crash, non-JSON output, non-zero
@@ -292,6 +293,7 @@ async fn spawn_through_broker(
         tty: None,
         stdin: stdin.is_some(),
         secrets: true,
+        ring_bytes: 0,
     };
     let super::Spawned {
         info,
@@ -348,7 +350,8 @@ fn run_from_fds(
     })
 }
 
-/// The direct (legacy) path: the daemon runs the agent itself, as its own user.
+/// The direct (legacy) path: the worker runs the agent itself, as its own user, which is the
+/// session's Unix user (no executor).
 fn spawn_direct(
     session: &Session,
     argv: &[String],

@@ -2,17 +2,24 @@
 //! streamed over WebSockets in `stoa.term.v1` (see `crate::terminal::protocol`).
 //!
 //! Each terminal has one reader: it reads the master (coalescing what is ready, up to 64
-//! KiB) into a bounded ring with byte offsets. Viewers send from the ring and acknowledge
-//! what they processed; a *writing* viewer may be at most one window ahead of its acks, and
-//! while one is out of credit the reader stops reading, so a flood blocks in the kernel
-//! (and ^C, on the separate input path, still works at once). Read-only viewers never hold
-//! the program up: one that falls behind the ring gets a SNAPSHOT (a reset) and continues
-//! from what is kept. Memory per terminal is the ring plus one window per viewer.
+//! KiB) into a bounded ring with byte offsets. The ring is not this process's memory but a
+//! memfd the broker created with the PTY and keeps with the handle (`super::ring`). Viewers
+//! send from the ring and acknowledge what they processed; a *writing* viewer may be at
+//! most one window ahead of its acks, and while one is out of credit the reader stops
+//! reading, so a flood blocks in the kernel (and ^C, on the separate input path, still
+//! works at once). Read-only viewers never hold the program up: one that falls behind the
+//! ring gets a SNAPSHOT (a reset) and continues from what is kept. Memory per terminal is
+//! the ring plus one window per viewer.
 //!
 //! Exit is reported only once the master read end-of-file (EIO), so no output is lost;
 //! processes that keep the PTY open past the drain timeout get their group killed. The
-//! broker keeps a duplicate of the master: a restarted daemon takes the terminal back,
-//! with the output since the restart.
+//! broker keeps a duplicate of the master and of the ring's memfd: a restarted daemon takes
+//! the terminal back with its ring and end offset as they were (`recover`), so a viewer
+//! resuming from its last acknowledged offset gets exactly the bytes after it. Only when
+//! the ring's header is not valid does it start a new ring 4 GiB past the offsets the last
+//! daemon recorded (a resuming viewer then gets a SNAPSHOT). A planned restart
+//! (`POST /daemon/restart`) first stops the readers between reads (`Terminals::quiesce`),
+//! so not even a byte read but not yet in the ring is lost.
 //!
 //! | route                            | what                                                    |
 //! |----------------------------------|---------------------------------------------------------|
@@ -23,7 +30,7 @@
 //! | `GET /terminals/:id/ws`          | the WebSocket (`?mode=view`: read-only; `?ticket=`)     |
 #![forbid(unsafe_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,8 +52,10 @@ use tracing::{info, warn};
 use stoa_executor::sys;
 
 use super::fdio::{FdReader, FdWriter};
-use super::http::{authenticate, ApiError};
+use super::http::ApiError;
+use super::ring::Ring;
 use super::store::{new_id, now, TerminalRow};
+use super::worker::authenticate;
 use super::AppState;
 use crate::terminal::protocol::{error, ClientFrame, Exit, ServerFrame, FROM_NOW, SUBPROTOCOL};
 use crate::wire::{
@@ -72,9 +81,8 @@ struct Viewer {
 }
 
 struct Inner {
-    ring: VecDeque<u8>,
-    /// Offset of `ring[0]`.
-    ring_start: u64,
+    /// The output kept, in the broker's memfd: offsets `ring.start()..ring.end()`.
+    ring: Ring,
     cols: u16,
     rows: u16,
     viewers: HashMap<u64, Viewer>,
@@ -82,11 +90,17 @@ struct Inner {
     /// The master reported end-of-file: every byte the program wrote is in the ring.
     drained: bool,
     last_viewer_left: Option<Instant>,
+    /// The reader stopped between reads for a planned restart (`Terminals::quiesce`).
+    reader_parked: bool,
 }
 
 impl Inner {
     fn end(&self) -> u64 {
-        self.ring_start + self.ring.len() as u64
+        self.ring.end()
+    }
+
+    fn ring_start(&self) -> u64 {
+        self.ring.start()
     }
 }
 
@@ -113,7 +127,6 @@ pub struct Terminal {
     input_pending: Arc<std::sync::atomic::AtomicUsize>,
     /// The master, for window-size changes, urgent keys and unqueued input.
     master: FdWriter,
-    ring_bytes: usize,
     window: u32,
     next_viewer: AtomicU64,
 }
@@ -210,15 +223,11 @@ impl Terminal {
             .fold(buffer, usize::min)
     }
 
+    /// Into the ring (data, then its end offset: see `super::ring`), then to the viewers:
+    /// a viewer is never sent a byte the ring has not published, so a holder that dies
+    /// never leaves a viewer ahead of the ring its successor finds.
     fn append(&self, bytes: &[u8]) {
-        let mut inner = self.inner.lock().expect("terminal lock");
-        inner.ring.extend(bytes);
-        let over = inner.ring.len().saturating_sub(self.ring_bytes);
-        if over > 0 {
-            inner.ring.drain(..over);
-            inner.ring_start += over as u64;
-        }
-        drop(inner);
+        self.inner.lock().expect("terminal lock").ring.append(bytes);
         self.bump();
     }
 }
@@ -228,6 +237,8 @@ impl Terminal {
 pub struct Terminals {
     live: Mutex<HashMap<String, Arc<Terminal>>>,
     tickets: Mutex<HashMap<String, Ticket>>,
+    /// Set before a planned restart: readers stop between reads.
+    pause: watch::Sender<bool>,
 }
 
 struct Ticket {
@@ -239,6 +250,35 @@ struct Ticket {
 }
 
 impl Terminals {
+    /// Before a planned restart: every reader stops between two reads, so each byte it
+    /// read from a PTY is in the ring (which outlives this process) and the rest stays in
+    /// the kernel for the next daemon. Returns once all have stopped (or ended), or after
+    /// `wait`. Nothing reads again in this process afterwards.
+    pub async fn quiesce(&self, wait: Duration) {
+        self.pause.send_replace(true);
+        let deadline = Instant::now() + wait;
+        loop {
+            let all: Vec<Arc<Terminal>> = self
+                .live
+                .lock()
+                .expect("terminals lock")
+                .values()
+                .cloned()
+                .collect();
+            let stopped = all.iter().all(|t| {
+                let inner = t.inner.lock().expect("terminal lock");
+                inner.reader_parked || inner.drained
+            });
+            if stopped || Instant::now() >= deadline {
+                if !stopped {
+                    warn!("not every terminal reader stopped before the restart");
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// (unix user, running) of every terminal, for metrics.
     pub fn users(&self) -> Vec<(String, bool)> {
         self.live
@@ -362,6 +402,7 @@ async fn create(
         }),
         stdin: false,
         secrets: false,
+        ring_bytes: ring_memfd_bytes(state.config.terminal.ring_bytes),
     };
     // Until the terminal runs, an error drops the guard, which kills and releases it.
     let super::Spawned {
@@ -369,7 +410,7 @@ async fn create(
         fds,
         mut guard,
     } = state.spawn("terminal", spawn).await?;
-    let terminal_id = new_id();
+    let terminal_id = super::store::object_id(state.uid);
     let row = TerminalRow {
         terminal_id: terminal_id.clone(),
         owner: principal.owner(),
@@ -392,7 +433,12 @@ async fn create(
         .insert_terminal(row.clone())
         .await
         .map_err(ApiError::internal)?;
-    let terminal = match start(&state, row, &info, fds) {
+    let started = take_fds(&info, fds).and_then(|(master, map)| {
+        let ring = Ring::create(map, row.offset_base)
+            .map_err(|e| format!("cannot set the output ring up: {e}"))?;
+        start(&state, row, &info, master, ring)
+    });
+    let terminal = match started {
         Ok(t) => t,
         Err(e) => {
             let _ = state.store.delete_terminal(&terminal_id).await;
@@ -405,20 +451,38 @@ async fn create(
     Ok((StatusCode::CREATED, Json(terminal.view())).into_response())
 }
 
-/// Sets a terminal up from its handle's fds (`[control, pty master]`) and starts its
-/// reader and its lifecycle.
+/// The size of the memfd to ask the broker for: the ring's header and `capacity` data
+/// bytes (the config keeps it within the broker's limits).
+pub fn ring_memfd_bytes(capacity: usize) -> u32 {
+    u32::try_from(capacity + super::ring::HEADER_BYTES).unwrap_or(u32::MAX)
+}
+
+/// A terminal handle's fds (`[control, pty master, ring]`): the master, and the ring's
+/// memfd mapped (the mapping keeps it; the fd itself is closed, the broker holds one).
+fn take_fds(
+    info: &HandleInfo,
+    fds: Vec<OwnedFd>,
+) -> Result<(OwnedFd, stoa_executor::sys::SharedMap), String> {
+    if info.fds != FdLayout::Pty || fds.len() != 3 {
+        return Err("a terminal needs a pty and its output ring".into());
+    }
+    let mut fds = fds.into_iter();
+    let _control = fds.next();
+    let master = fds.next().expect("three fds");
+    let ring = fds.next().expect("three fds");
+    let map = Ring::map(ring.as_fd()).map_err(|e| format!("cannot map the output ring: {e}"))?;
+    Ok((master, map))
+}
+
+/// Sets a terminal up from its master and its ring and starts its reader and its
+/// lifecycle.
 fn start(
     state: &Arc<AppState>,
     row: TerminalRow,
     info: &HandleInfo,
-    fds: Vec<OwnedFd>,
+    master: OwnedFd,
+    ring: Ring,
 ) -> Result<Arc<Terminal>, String> {
-    if info.fds != FdLayout::Pty || fds.len() != 2 {
-        return Err("a terminal needs a pty".into());
-    }
-    let mut fds = fds.into_iter();
-    let _control = fds.next();
-    let master = fds.next().expect("two fds");
     let writer =
         FdWriter::new(master.try_clone().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     let control =
@@ -450,23 +514,24 @@ fn start(
         command: row.command,
         cwd: row.cwd,
         started_at: row.started_at,
+        // Never more than the ring holds: the reader keeps what a writer has not
+        // acknowledged in the ring (a ring taken back may be smaller than configured now).
+        window: (state.config.terminal.window_bytes as u64).min(ring.capacity()) as u32,
         inner: Mutex::new(Inner {
-            ring: VecDeque::new(),
-            ring_start: row.offset_base,
+            ring,
             cols,
             rows,
             viewers: HashMap::new(),
             exit: None,
             drained: false,
             last_viewer_left: Some(Instant::now()),
+            reader_parked: false,
         }),
         progress: watch::channel(0).0,
         credit: Notify::new(),
         input,
         input_pending,
         master: control,
-        ring_bytes: state.config.terminal.ring_bytes,
-        window: state.config.terminal.window_bytes,
         next_viewer: AtomicU64::new(1),
     });
     state
@@ -475,7 +540,8 @@ fn start(
         .lock()
         .expect("terminals lock")
         .insert(terminal.id.clone(), terminal.clone());
-    super::broker_link::spawn_traced(read_loop(terminal.clone(), reader));
+    let pause = state.terminals.pause.subscribe();
+    super::broker_link::spawn_traced(read_loop(terminal.clone(), reader, pause));
     super::broker_link::spawn_traced(record_offsets(state.clone(), terminal.clone()));
     super::broker_link::spawn_traced(lifecycle(state.clone(), terminal.clone()));
     Ok(terminal)
@@ -522,26 +588,44 @@ async fn record_offsets(state: Arc<AppState>, terminal: Arc<Terminal>) {
     }
 }
 
-/// PTY master → ring, pausing while a writing viewer is out of credit.
-async fn read_loop(terminal: Arc<Terminal>, reader: FdReader) {
+/// PTY master → ring, pausing while a writing viewer is out of credit, and stopping for
+/// good between two reads when `pause` is set (a planned restart).
+async fn read_loop(terminal: Arc<Terminal>, reader: FdReader, mut pause: watch::Receiver<bool>) {
     let mut buf = vec![0u8; MAX_FRAME_BYTES];
     loop {
-        loop {
-            let notified = terminal.credit.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if terminal.read_budget(buf.len()) > 0 {
-                break;
+        let ready = async {
+            loop {
+                let notified = terminal.credit.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if terminal.read_budget(buf.len()) > 0 {
+                    break;
+                }
+                notified.await;
             }
-            notified.await;
-        }
-        // Credit only grows while we read (acks), so this budget still holds after it.
-        let budget = terminal.read_budget(buf.len());
-        let buf = &mut buf[..budget];
-        let mut filled = match reader.read(buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+            // Credit only grows while we read (acks), so this budget still holds after it.
+            let budget = terminal.read_budget(buf.len());
+            reader.read(&mut buf[..budget]).await
         };
+        // `FdReader::read` takes bytes from the kernel only in the step that returns them:
+        // dropped while waiting (paused), it has read nothing.
+        let first = tokio::select! {
+            biased;
+            Ok(_) = pause.wait_for(|p| *p) => None,
+            r = ready => Some(r),
+        };
+        let mut filled = match first {
+            None => {
+                terminal.inner.lock().expect("terminal lock").reader_parked = true;
+                // The process is about to exit; the next daemon reads on.
+                std::future::pending::<()>().await;
+                return;
+            }
+            Some(Ok(0) | Err(_)) => break,
+            Some(Ok(n)) => n,
+        };
+        let budget = terminal.read_budget(buf.len()).max(filled);
+        let buf = &mut buf[..budget];
         // Take whatever else is ready now, up to one frame: fewer, larger frames.
         let mut ended = false;
         while filled < buf.len() {
@@ -914,14 +998,14 @@ async fn viewer(
         } else {
             resume
         };
-        let acked = start.max(inner.ring_start).min(end);
+        let acked = start.max(inner.ring_start()).min(end);
         inner.viewers.insert(id, Viewer { acked, can_write });
         inner.last_viewer_left = None;
         let exit = if inner.drained { inner.exit } else { None };
         let welcome = ServerFrame::Welcome {
             can_write,
             window: terminal.window,
-            oldest: inner.ring_start,
+            oldest: inner.ring_start(),
             current: end,
             cols: inner.cols,
             rows: inner.rows,
@@ -945,16 +1029,16 @@ async fn viewer(
         let (frames, size, done) = {
             let mut inner = terminal.inner.lock().expect("terminal lock");
             let mut frames = Vec::new();
-            if sent < inner.ring_start {
+            if sent < inner.ring_start() {
                 // What it missed is gone: a reset, then what is kept (all of it on a
                 // (re)attach, the recent tail for a viewer that fell behind).
                 let from = if streaming {
                     inner
                         .end()
                         .saturating_sub(CATCH_UP_BYTES)
-                        .max(inner.ring_start)
+                        .max(inner.ring_start())
                 } else {
-                    inner.ring_start
+                    inner.ring_start()
                 };
                 frames.push(ServerFrame::Snapshot {
                     offset: from,
@@ -972,8 +1056,7 @@ async fn viewer(
             while sent < end && sent - acked < terminal.window as u64 {
                 let room = (terminal.window as u64 - (sent - acked)).min(MAX_FRAME_BYTES as u64);
                 let len = (end - sent).min(room) as usize;
-                let at = (sent - inner.ring_start) as usize;
-                let bytes: Vec<u8> = inner.ring.range(at..at + len).copied().collect();
+                let bytes = inner.ring.read(sent, len);
                 state.metrics.terminal_bytes.inc_by(bytes.len() as u64);
                 frames.push(ServerFrame::Output {
                     offset: sent,
@@ -1193,6 +1276,37 @@ async fn handle(
     Ok(())
 }
 
+/// The ring a previous holder left in the terminal's memfd, as it was (offsets go on from
+/// its end). If its header is not valid, a new ring whose offsets continue past any the
+/// previous daemon gave out: its end is recorded every second, and a PTY cannot write 4 GiB
+/// in one. So a viewer resuming from an old offset then gets a SNAPSHOT, never silently
+/// skipped output. (Offsets stay far below 2^53, exact in a browser's numbers.)
+async fn take_ring_back(
+    state: &Arc<AppState>,
+    row: &mut TerminalRow,
+    map: stoa_executor::sys::SharedMap,
+) -> Result<Ring, String> {
+    let map = match Ring::resume(map) {
+        Ok(ring) => {
+            info!(terminal = %row.terminal_id, start = ring.start(), end = ring.end(), "output ring intact");
+            return Ok(ring);
+        }
+        Err((map, why)) => {
+            warn!(terminal = %row.terminal_id, "output ring not usable ({why}): starting a new one past the recorded offsets");
+            map
+        }
+    };
+    row.offset_base = row.offset_base.max(row.last_offset) + (1 << 32);
+    if let Err(e) = state
+        .store
+        .set_terminal_offset_base(&row.terminal_id, row.offset_base)
+        .await
+    {
+        warn!(terminal = %row.terminal_id, "cannot store the offset base: {e}");
+    }
+    Ring::create(map, row.offset_base).map_err(|e| format!("cannot set the output ring up: {e}"))
+}
+
 /// After a restart: terminals the previous daemon served whose PTYs the broker still holds
 /// are served again; the others are recorded as ended. Returns the adopted handles that
 /// belong to no terminal.
@@ -1207,7 +1321,7 @@ pub async fn recover(
             return adopted;
         }
     };
-    for row in rows {
+    for mut row in rows {
         let Some(position) = adopted
             .iter()
             .position(|(info, _)| info.handle.0 == row.handle)
@@ -1219,21 +1333,15 @@ pub async fn recover(
             continue;
         };
         let (info, fds) = adopted.swap_remove(position);
-        // This daemon's offsets for the terminal continue past any the previous one gave
-        // out: its end is recorded every second, and a PTY cannot write 4 GiB in one. So a
-        // viewer resuming from an old offset gets a SNAPSHOT, never silently skipped
-        // output. (Offsets stay far below 2^53, exact in a browser's numbers.)
-        let mut row = row;
-        row.offset_base = row.offset_base.max(row.last_offset) + (1 << 32);
-        if let Err(e) = state
-            .store
-            .set_terminal_offset_base(&row.terminal_id, row.offset_base)
-            .await
-        {
-            warn!(terminal = %row.terminal_id, "cannot store the offset base: {e}");
-        }
         let id = row.terminal_id.clone();
-        match start(state, row, &info, fds) {
+        let started = match take_fds(&info, fds) {
+            Ok((master, map)) => match take_ring_back(state, &mut row, map).await {
+                Ok(ring) => start(state, row, &info, master, ring),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(_) => info!(terminal = %id, handle = info.handle.0, "took a terminal back"),
             Err(e) => {
                 // Nobody could reach it again: end it rather than leave it unwatched.

@@ -31,10 +31,14 @@
 //! and a client that must not lose input sends it again (PING after INPUT tells it when to
 //! look).
 //!
-//! Offsets only grow, also across a daemon restart (a restarted daemon continues 4 GiB past
-//! the last offset it recorded, at most a second before), and stay below 2^53 (exact in a
-//! browser's numbers). So a client resuming from an offset the server no longer holds always
-//! gets a SNAPSHOT (a terminal reset, then the output still kept), never skipped output.
+//! Offsets only grow, also across a daemon restart, and stay below 2^53 (exact in a
+//! browser's numbers). The output kept lives in a ring the broker holds for the terminal,
+//! so a restarted daemon continues from the same offsets with the same bytes: a client
+//! resuming from the last offset it received gets exactly what followed. (Should that ring
+//! be unusable, the restarted daemon continues 4 GiB past the last offset it recorded, at
+//! most a second before.) A client resuming from an offset the server no longer holds
+//! always gets a SNAPSHOT (a terminal reset, then the output still kept), never skipped
+//! output.
 #![forbid(unsafe_code)]
 
 pub const SUBPROTOCOL: &str = "stoa.term.v1";

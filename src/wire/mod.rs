@@ -1,45 +1,57 @@
-//! The daemon <-> broker protocol.
+//! The protocol between the broker and its links: the **front** (`stoa __daemon`, the
+//! service user, all network input) and one **worker** per Unix user (`stoa __worker`,
+//! running as that user, holding its terminals, tasks and store).
 //!
 //! Frames are [`stoa_executor::codec`] frames (u32 big-endian length + bincode 2 payload,
 //! 1 MiB limit, no trailing bytes) on an `AF_UNIX` `SOCK_STREAM` socketpair. File
-//! descriptors travel only broker -> daemon, attached with `SCM_RIGHTS` to the first byte
-//! of the frame that announces them; the daemon never sends any.
+//! descriptors travel only broker -> front/worker, attached with `SCM_RIGHTS` to the first
+//! byte of the frame that announces them; the broker accepts none.
 //!
-//! | daemon -> broker (`Request.body`) | broker reply (`ReplyBody`)       | fds with the reply              |
-//! |-----------------------------------|----------------------------------|---------------------------------|
-//! | `Hello { protocol }` (first, once)| `Welcome { .. }`                 | –                               |
-//! | `Ready` (serving HTTP)            | `Done`                           | –                               |
-//! | `Authenticate { credential, peer }` | `Principal(..)` / `Error`      | –                               |
-//! | `Spawn(SpawnRequest)`             | `Spawned(HandleInfo)` / `Error`  | per [`FdLayout`]                |
-//! | `CheckDir { credential, .. }`     | `Dir(DirId)` / `Error`           | –                               |
-//! | `SetSecret { credential, .. }`    | `Done` / `Error`                 | –                               |
-//! | `DeleteSecret { credential, .. }` | `Done` / `Error`                 | –                               |
-//! | `ListSecrets { credential }`      | `Names(Vec<String>)` / `Error`   | –                               |
-//! | `Kill { handle, signal }`         | `Done` / `Error`                 | –                               |
-//! | `Release { handle }`              | `Done`                           | –                               |
-//! | `ListHandles { after }`           | `Handles { list, more }` (a page)| –                               |
-//! | `Adopt { handle }`                | `Adopted(HandleInfo)`            | per [`FdLayout`] (duplicates)   |
-//! | `Stats`                           | `Stats(BrokerStats)`             | –                               |
+//! | request (`Request.body`)          | from   | broker reply (`ReplyBody`)       | fds with the reply            |
+//! |-----------------------------------|--------|----------------------------------|-------------------------------|
+//! | `Hello { protocol }` (first, once)| both   | `Welcome { .. }`                 | –                             |
+//! | `Ready` (serving)                 | both   | `Done`                           | –                             |
+//! | `Stats`                           | both   | `Stats(BrokerStats)`             | –                             |
+//! | `Authenticate { credential, peer }` | front | `Principal(..)` / `Error`       | –                             |
+//! | `OpenWorker { credential, unix_user }` | front | `Connection` / `Error`       | the front's end               |
+//! | `OpenWorkerAnonymous { unix_user }` | front | `Connection` / `Error`          | the front's end               |
+//! | `ListAll { credential, after }`   | front  | `Handles { list, more }` / `Error` | –                           |
+//! | `Spawn(SpawnRequest)`             | worker | `Spawned(HandleInfo)` / `Error`  | per [`FdLayout`]              |
+//! | `CheckDir { credential, .. }`     | worker | `Dir(DirId)` / `Error`           | –                             |
+//! | `SetSecret { credential, .. }`    | worker | `Done` / `Error`                 | –                             |
+//! | `DeleteSecret { credential, .. }` | worker | `Done` / `Error`                 | –                             |
+//! | `ListSecrets { credential }`      | worker | `Names(Vec<String>)` / `Error`   | –                             |
+//! | `Kill { handle, signal }`         | worker | `Done` / `Error`                 | –                             |
+//! | `Release { handle }`              | worker | `Done`                           | –                             |
+//! | `ListHandles { after }`           | worker | `Handles { list, more }` (a page)| –                             |
+//! | `Adopt { handle }`                | worker | `Adopted(HandleInfo)`            | per [`FdLayout`] (duplicates) |
+//! | `Retire`                          | worker | `Done` / `Error`                 | –                             |
 //!
-//! | broker -> daemon event            | when                                                      |
-//! |-----------------------------------|-----------------------------------------------------------|
-//! | `Exited { handle, status, limit_hit }` | the broker reaped the executor's process (and ended what it left in its cgroup) |
-//! | `ShuttingDown { grace_secs }`     | SIGTERM: no new spawns; work gets `grace_secs`, then TERM, then KILL |
-//! | `Revoked { api_users }`           | those API users were removed or their tokens rotated      |
+//! A terminal's fds ([`FdLayout::Pty`]) are `[control, pty master, ring]`: the ring is a
+//! memfd of `SpawnRequest::ring_bytes` that the broker creates with the PTY, seals against
+//! shrinking and growing, keeps with the handle, and never gives the executor. The
+//! terminal's recent output lives there, so a restarted worker finds it.
+//!
+//! | broker event                      | to     | when                                                      |
+//! |-----------------------------------|--------|-----------------------------------------------------------|
+//! | `Exited { handle, status, limit_hit }` | the handle's worker | the broker reaped the executor's process (and ended what it left in its cgroup) |
+//! | `ShuttingDown { grace_secs }`     | all    | SIGTERM: no new spawns; work gets `grace_secs`, then TERM, then KILL |
+//! | `Revoked { api_users }`           | all    | those API users were removed or their tokens rotated      |
+//! | `Connection { principal }`        | worker | a connection the front opened (one fd: the worker's end)  |
 //!
 //! Requests carry an `id` that the reply echoes, and the HTTP request id they serve, if
 //! any (it appears in the broker's log and audit lines); events carry none. The broker owns all
-//! state: the daemon names processes only by the opaque [`Handle`]s it was given, never by
-//! pid or uid. Anything the daemon could not legitimately send (a frame before `Hello`, an
-//! unknown handle, fds, an undecodable payload) is a protocol violation: the broker drops
-//! the link and restarts the daemon. See `broker::permit` for the table of what is allowed
-//! when.
+//! state: a worker names processes only by the opaque [`Handle`]s of its own Unix user,
+//! never by pid or uid; the front names none. Anything a link could not legitimately send
+//! (a frame before `Hello`, a request of the other kind of link, a handle of another user,
+//! an undecodable payload) is a protocol violation: the broker drops the link and restarts
+//! that process. See `broker::table` for the table of what is allowed when.
 #![forbid(unsafe_code)]
 
 use bincode::{Decode, Encode};
 
 /// Bumped on every incompatible change; the broker refuses a daemon that speaks another.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Limits on what one request may carry, checked by the broker (the frame limit bounds the
 /// total; these bound each part so no single field can eat it).
@@ -55,6 +67,9 @@ pub mod limits {
     pub const MAX_TTY_DIMENSION: u16 = 4096;
     pub const MAX_REQUEST_ID_BYTES: usize = 64;
     pub const MAX_PEER_BYTES: usize = 64;
+    /// A terminal's output ring (`SpawnRequest::ring_bytes`), in bytes.
+    pub const MIN_RING_BYTES: u32 = 4 * 1024;
+    pub const MAX_RING_BYTES: u32 = 64 * 1024 * 1024;
 }
 
 /// An opaque name for something the broker spawned.
@@ -130,6 +145,29 @@ pub enum RequestBody {
     },
     /// The broker's counters, for metrics.
     Stats,
+    /// Front only: a connection to `unix_user`'s worker, for the principal whose
+    /// credential this is (the broker starts the worker if it is not running). The worker
+    /// is told who the connection was authenticated as.
+    OpenWorker {
+        credential: String,
+        unix_user: String,
+        /// Start the worker if it is not running (else: `Unavailable`).
+        start: bool,
+    },
+    /// Front only: an unauthenticated connection to `unix_user`'s worker, if it is
+    /// running, for what the worker authenticates itself (a terminal's one-time ticket).
+    OpenWorkerAnonymous {
+        unix_user: String,
+    },
+    /// Front only, with an admin credential: every handle, a page at a time (for the
+    /// admin's process view).
+    ListAll {
+        credential: String,
+        after: Option<Handle>,
+    },
+    /// Worker only: it has no live work and no connection and would like to exit. `Done`:
+    /// it may (new connections for its user go to a new worker); an error: it must stay.
+    Retire,
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]
@@ -149,6 +187,10 @@ pub struct SpawnRequest {
     pub tty: Option<WindowSize>,
     /// With pipes: give the daemon a pipe to the program's stdin (else /dev/null).
     pub stdin: bool,
+    /// With a tty: the size of the memfd the broker creates for the terminal's output ring
+    /// and keeps with the handle ([`limits::MIN_RING_BYTES`] to
+    /// [`limits::MAX_RING_BYTES`]); 0 with pipes.
+    pub ring_bytes: u32,
     /// Hand the Unix user's stored secrets to the program as environment variables (on
     /// the control socket, never in argv).
     pub secrets: bool,
@@ -240,6 +282,8 @@ pub enum ReplyBody {
     Stats(BrokerStats),
     /// `CheckDir`: the directory the user can enter, pinned.
     Dir(DirId),
+    /// `OpenWorker`: the front's end of a new connection to the worker (one fd).
+    Connection,
     Done,
     Error(BrokerError),
 }
@@ -251,6 +295,9 @@ pub struct Welcome {
     pub isolation: bool,
     /// The user everything runs as in single-user mode.
     pub single_user: Option<String>,
+    /// Where the workers keep each user's store (`<workers_dir>/<uid>`): the front lists it
+    /// to find every user's sessions for an admin.
+    pub workers_dir: String,
 }
 
 /// Counters the broker keeps across daemon restarts.
@@ -339,7 +386,9 @@ pub struct HandleInfo {
 /// Which fds ride with a `Spawned`/`Adopted` reply, in this order.
 #[derive(Encode, Decode, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FdLayout {
-    /// `[control, pty master]`
+    /// `[control, pty master, ring]`: the ring is a memfd of `ring_bytes` (sealed against
+    /// shrinking and growing) that holds the terminal's recent output, so whoever holds the
+    /// terminal next finds it (see `daemon::ring`). Never given to the executor.
     Pty,
     /// `[control, stdin write end (if `stdin`), stdout read end, stderr read end]`.
     /// A stdin pipe is handed out once and never kept, so the program sees end-of-file
@@ -350,7 +399,7 @@ pub enum FdLayout {
 impl FdLayout {
     pub fn count(self) -> usize {
         match self {
-            FdLayout::Pty => 2,
+            FdLayout::Pty => 3,
             FdLayout::Pipes { stdin } => 3 + usize::from(stdin),
         }
     }
@@ -401,6 +450,9 @@ pub enum Event {
     /// rotated): the daemon forgets what it cached for them and ends their live
     /// connections (WebSockets, terminal attachments, event streams) at once.
     Revoked { api_users: Vec<u64> },
+    /// To a worker: a new connection (one fd), authenticated by the broker as `principal`
+    /// (`None`: anonymous; only what the worker authenticates itself may be served on it).
+    Connection { principal: Option<Principal> },
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]

@@ -337,12 +337,51 @@ fn refusals() -> Result<(), Failed> {
         before,
         "a refused spawn left a handle"
     );
+    // The broker's children now include the workers of the users whose requests reached
+    // the broker's spawn check (alice's: env, cwd and argv are checked there). A worker is
+    // no spawned process (it retires by itself when idle), so it is not counted; but a user
+    // the policy refuses gets none, and nothing else is left.
+    let (workers, others): (Vec<i32>, Vec<i32>) = children_of(broker)
+        .into_iter()
+        .filter(|p| alive(*p))
+        .partition(|p| is_worker(*p));
     assert_eq!(
-        children_of(broker).len(),
+        others.len(),
         children_before,
-        "a refused spawn left a process"
+        "a refused spawn left a process: {:?}",
+        others.iter().map(|p| cmdline(*p)).collect::<Vec<_>>()
+    );
+    let alice = uid_of(ALICE).to_string();
+    for w in &workers {
+        assert_eq!(
+            status_field(*w, "Uid")
+                .as_deref()
+                .and_then(|u| u.split_whitespace().next()),
+            Some(alice.as_str()),
+            "a worker was started for a refused user"
+        );
+    }
+    assert!(
+        workers.len() <= 1,
+        "more than one worker for alice: {workers:?}"
     );
     Ok(())
+}
+
+/// Whether `pid` is a per-user worker (`stoa __worker`): a process of its user that holds
+/// that user's work, started by the broker, which retires by itself when idle.
+fn is_worker(pid: i32) -> bool {
+    cmdline(pid).get(1).map(String::as_str) == Some("__worker")
+}
+
+/// The pid of `user`'s running worker, if any.
+fn worker_of(stoa: &Instance, user: &str) -> Option<i32> {
+    let uid = uid_of(user).to_string();
+    children_of(stoa.broker_pid()).into_iter().find(|p| {
+        is_worker(*p)
+            && alive(*p)
+            && status_field(*p, "Uid").is_some_and(|u| u.split_whitespace().next() == Some(&uid))
+    })
 }
 
 fn bad_requests() -> Result<(), Failed> {
@@ -365,8 +404,22 @@ fn bad_requests() -> Result<(), Failed> {
     let (status, v) = stoa.exec(json!({ "user": ALICE }));
     assert_eq!(status, 400, "{v}");
     assert!(v["error"].is_string(), "{v}");
-    let (status, v) = stoa.request("GET", "/nowhere", None, None);
-    assert_eq!(status, 404, "{v}");
+    // A route that exists nowhere is a JSON 404, whoever asks: nobody, a user (whose
+    // request the front forwards to their worker) or the admin (who has no worker). The
+    // front knows its own routes and which ones are the workers', so neither a missing
+    // token nor "use a user token" is the answer to a typo.
+    let alice = stoa.api_user("alice", ALICE);
+    for (who, token) in [
+        ("nobody", None),
+        ("alice", Some(&alice)),
+        ("admin", Some(&stoa.token)),
+    ] {
+        for path in ["/nowhere", "/nowhere/at/all"] {
+            let (status, v) = stoa.request("GET", path, token.map(String::as_str), None);
+            assert_eq!(status, 404, "{who} GET {path}: {v}");
+            assert!(v["error"].is_string(), "{who} GET {path}: {v}");
+        }
+    }
     let health = stoa.health().expect("health");
     assert_eq!(health["status"], "ok");
     assert_eq!(health["isolation"], true);
@@ -466,8 +519,9 @@ fn cli_exec() -> Result<(), Failed> {
     Ok(())
 }
 
-/// Starts `argv` as `user` through `/exec` in the background (the request is expected to
-/// die with its daemon) and returns its pid once it runs.
+/// Starts `argv` as `user` through `/exec` in the background and returns its pid once it
+/// runs. It lives only as long as its request: it ends with its HTTP client, and so with the
+/// front that relayed it (use `start_terminal` for work that must outlive a restart).
 fn start_background(stoa: &Instance, user: &'static str, argv: &'static [&'static str]) -> i32 {
     let port = stoa.port;
     let token = stoa.token.clone();
@@ -489,6 +543,40 @@ fn start_background(stoa: &Instance, user: &'static str, argv: &'static [&'stati
     pids[0]
 }
 
+/// Starts `argv` as `user` in a terminal (admin token): work that outlives the request that
+/// started it, unlike `/exec`'s, which ends with its HTTP client. Returns the terminal's id
+/// and the program's pid once it runs.
+fn start_terminal(
+    stoa: &Instance,
+    user: &'static str,
+    argv: &'static [&'static str],
+) -> (String, i32) {
+    let (status, t) = stoa.request(
+        "POST",
+        "/terminals",
+        Some(&stoa.token),
+        Some(&json!({ "unix_user": user, "command": argv, "cols": 80, "rows": 24 })),
+    );
+    assert_eq!(status, 201, "{t}");
+    let id = t["terminal_id"].as_str().expect("terminal_id").to_string();
+    assert!(
+        id.starts_with(&format!("u{}-", uid_of(user))),
+        "a terminal id names its user's uid: {t}"
+    );
+    let pid = t["pid"].as_i64().expect("pid") as i32;
+    wait_until("the terminal's program", Duration::from_secs(10), || {
+        find_processes(user, argv).contains(&pid)
+    });
+    (id, pid)
+}
+
+/// A terminal as the new front shows it (admin token), asserting it answers.
+fn terminal(stoa: &Instance, id: &str) -> Value {
+    let (status, t) = stoa.request("GET", &format!("/terminals/{id}"), Some(&stoa.token), None);
+    assert_eq!(status, 200, "{t}");
+    t
+}
+
 fn frame(request: &Request) -> Vec<u8> {
     codec::encode(request).unwrap()
 }
@@ -496,7 +584,21 @@ fn frame(request: &Request) -> Vec<u8> {
 fn hostile_frames() -> Result<(), Failed> {
     let stoa = Instance::start();
     let broker = stoa.broker_pid();
-    let sleeper = start_background(&stoa, BOB, &["sleep", "60"]);
+    // Running work: terminals (they outlive their requests; an `/exec`'s process ends with
+    // its HTTP client, which a front restart drops). They live in their users' workers.
+    let (terminal_id, sleeper) = start_terminal(&stoa, BOB, &["sleep", "60"]);
+    let (alice_terminal, alice_sleeper) = start_terminal(&stoa, ALICE, &["sleep", "60"]);
+    let handle_of = |pid: i32| {
+        stoa.processes()
+            .iter()
+            .find(|p| p["pid"] == pid)
+            .and_then(|p| p["handle"].as_u64())
+            .unwrap_or_else(|| panic!("no handle for pid {pid}"))
+    };
+    let (bobs_handle, alices_handle) =
+        (Handle(handle_of(sleeper)), Handle(handle_of(alice_sleeper)));
+    let bobs_worker = worker_of(&stoa, BOB).expect("bob's worker");
+    let alices_worker = worker_of(&stoa, ALICE).expect("alice's worker");
 
     let spawn = Request {
         request_id: None,
@@ -512,6 +614,7 @@ fn hostile_frames() -> Result<(), Failed> {
             env: vec![],
             tty: None,
             stdin: false,
+            ring_bytes: 0,
             secrets: false,
         }),
     };
@@ -522,32 +625,29 @@ fn hostile_frames() -> Result<(), Failed> {
         f[..4].copy_from_slice(&len.to_be_bytes());
         f
     };
+    // A request the front may send (`Stats`), made hostile only by what surrounds it.
+    let stats = Request {
+        request_id: None,
+        id: 9,
+        body: RequestBody::Stats,
+    };
     let trailing = {
-        let mut f = frame(&Request {
-            request_id: None,
-            id: 9,
-            body: RequestBody::ListHandles { after: None },
-        });
+        let mut f = frame(&stats);
         f.push(0);
         let len = (f.len() - 4) as u32;
         f[..4].copy_from_slice(&len.to_be_bytes());
         f
     };
     let unknown_variant = vec![0, 0, 0, 2, 9, 200];
-    let unknown_handle = frame(&Request {
-        request_id: None,
-        id: 9,
-        body: RequestBody::Kill {
-            handle: Handle(987_654),
-            signal: Signal::Kill,
-        },
-    });
-    let second_hello = frame(&Request {
-        request_id: None,
-        id: 9,
-        body: RequestBody::Hello {
-            protocol: stoa::wire::PROTOCOL_VERSION,
-        },
+    let request = |body: RequestBody| {
+        frame(&Request {
+            request_id: None,
+            id: 9,
+            body,
+        })
+    };
+    let second_hello = request(RequestBody::Hello {
+        protocol: stoa::wire::PROTOCOL_VERSION,
     });
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
         (
@@ -558,21 +658,35 @@ fn hostile_frames() -> Result<(), Failed> {
         ("truncated payload", truncated, false),
         ("trailing bytes", trailing, false),
         ("unknown variant", unknown_variant, false),
-        ("unknown handle", unknown_handle, false),
-        ("second hello", second_hello, false),
+        // What only a worker may ask: the front can signal, list or adopt nothing, not even
+        // a handle that exists.
         (
-            "unexpected fds",
-            frame(&Request {
-                request_id: None,
-                id: 9,
-                body: RequestBody::ListHandles { after: None },
+            "Kill of a live handle from the front",
+            request(RequestBody::Kill {
+                handle: bobs_handle,
+                signal: Signal::Kill,
             }),
-            true,
+            false,
         ),
+        (
+            "ListHandles from the front",
+            request(RequestBody::ListHandles { after: None }),
+            false,
+        ),
+        (
+            "Adopt from the front",
+            request(RequestBody::Adopt {
+                handle: bobs_handle,
+            }),
+            false,
+        ),
+        ("second hello", second_hello, false),
+        ("unexpected fds", frame(&stats), true),
     ];
+    let front_cases = cases.len();
     for (what, bytes, with_fd) in cases {
         let daemon = stoa.daemon_pid().expect("daemon");
-        // Play the compromised daemon: take its end of the link and write to it.
+        // Play the compromised front: take its end of the link and write to it.
         let link = UnixStream::from(sys::pidfd_getfd(daemon, 3)?);
         if with_fd {
             let devnull = std::fs::File::open("/dev/null")?;
@@ -584,13 +698,61 @@ fn hostile_frames() -> Result<(), Failed> {
         assert_ne!(new_daemon, daemon, "{what}");
         assert!(alive(broker), "the broker died on {what}");
         assert!(alive(sleeper), "bob's sleep died on {what}: {}", stoa.log());
+        assert!(alive(alice_sleeper), "alice's sleep died on {what}");
         assert!(
             !alive(daemon) || state_and_ppid(daemon).map(|(_, p)| p) != Some(broker),
             "old daemon still there after {what}"
         );
+        // Only the front was restarted: the workers, which hold the work, were not touched.
+        assert_eq!(worker_of(&stoa, BOB), Some(bobs_worker), "{what}");
+        assert_eq!(worker_of(&stoa, ALICE), Some(alices_worker), "{what}");
     }
+
+    // A worker's link is bound to its user and to the handles it was given: bob's worker
+    // naming a handle that does not exist, or alice's, is a violation too. Only that worker
+    // is replaced (its user has live work, so at once); the new one takes bob's terminal
+    // back; alice's work, her worker and the front are untouched.
+    let front = stoa.daemon_pid().expect("daemon");
+    let mut worker = bobs_worker;
+    for (what, handle) in [
+        ("unknown handle", Handle(987_654)),
+        ("another user's handle", alices_handle),
+    ] {
+        let link = UnixStream::from(sys::pidfd_getfd(worker, 3)?);
+        (&link).write_all(&request(RequestBody::Kill {
+            handle,
+            signal: Signal::Kill,
+        }))?;
+        drop(link);
+        let old = worker;
+        wait_until(
+            &format!("bob's new worker after {what}"),
+            Duration::from_secs(20),
+            || {
+                worker_of(&stoa, BOB).is_some_and(|w| w != old)
+                    && terminal(&stoa, &terminal_id)["running"] == true
+            },
+        );
+        worker = worker_of(&stoa, BOB).expect("bob's worker");
+        assert!(!alive(old), "bob's old worker still runs after {what}");
+        assert!(alive(broker), "the broker died on {what}");
+        assert!(alive(sleeper), "bob's sleep died on {what}: {}", stoa.log());
+        assert!(alive(alice_sleeper), "alice's sleep died on {what}");
+        assert_eq!(worker_of(&stoa, ALICE), Some(alices_worker), "{what}");
+        assert_eq!(stoa.daemon_pid(), Some(front), "{what}");
+    }
+
     let log = stoa.log();
-    assert_eq!(log.matches("PROTOCOL VIOLATION").count(), 7, "{log}");
+    assert_eq!(
+        log.matches("PROTOCOL VIOLATION by the daemon").count(),
+        front_cases,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("PROTOCOL VIOLATION by a worker").count(),
+        2,
+        "{log}"
+    );
     // The root spawn inside the truncated frame never ran: no spawn of any kind as root.
     let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
     assert!(
@@ -600,17 +762,38 @@ fn hostile_frames() -> Result<(), Failed> {
             .all(|r| r["unix_user"] != "root"),
         "{audit}"
     );
-    // The new daemon still works and took bob's sleep over.
+    // The new front still works, and reaches the work that ran on: both terminals run, and
+    // through it bob's is ended. (The front adopts nothing any more, so no process shows as
+    // `adopted`: the workers kept their handles, or took them back.)
     let r = stoa.sh(ALICE, "id -un");
     assert_eq!(stdout(&r), format!("{ALICE}\n"));
     let procs = stoa.processes();
-    assert!(
-        procs
-            .iter()
-            .any(|p| p["pid"] == sleeper && p["adopted"] == true && p["running"] == true),
-        "{procs:?}"
+    for pid in [sleeper, alice_sleeper] {
+        assert!(
+            procs
+                .iter()
+                .any(|p| p["pid"] == pid && p["running"] == true),
+            "{pid}: {procs:?}"
+        );
+    }
+    assert_eq!(terminal(&stoa, &alice_terminal)["running"], true);
+    let (status, v) = stoa.request(
+        "DELETE",
+        &format!("/terminals/{terminal_id}"),
+        Some(&stoa.token),
+        None,
     );
-    run("kill", &["-KILL", &sleeper.to_string()]);
+    assert_eq!(status, 204, "{v}");
+    wait_until("bob's sleep ended", Duration::from_secs(10), || {
+        !alive(sleeper)
+    });
+    let (status, v) = stoa.request(
+        "DELETE",
+        &format!("/terminals/{alice_terminal}"),
+        Some(&stoa.token),
+        None,
+    );
+    assert_eq!(status, 204, "{v}");
     Ok(())
 }
 
@@ -657,27 +840,43 @@ fn thousand_spawns() -> Result<(), Failed> {
 
 fn daemon_kill_adopts() -> Result<(), Failed> {
     let stoa = Instance::start();
-    let sleeper = start_background(&stoa, ALICE, &["sleep", "3"]);
+    // Work that outlives its request (an `/exec`'s process ends with its HTTP client, which
+    // a killed front drops): a terminal, held by alice's worker.
+    let (id, sleeper) = start_terminal(&stoa, ALICE, &["sleep", "8"]);
+    let worker = worker_of(&stoa, ALICE).expect("alice's worker");
     let daemon = stoa.daemon_pid().expect("daemon");
     run("kill", &["-KILL", &daemon.to_string()]);
     let new_daemon = stoa.wait_new_daemon(daemon);
     assert_ne!(new_daemon, daemon);
     assert!(alive(sleeper), "the sleep died with the daemon");
-    let mut procs = Vec::new();
+    // The front held none of it: the worker that holds the work is the same one, and the
+    // new front reaches it (it adopts nothing; there is nothing to adopt).
+    assert_eq!(
+        worker_of(&stoa, ALICE),
+        Some(worker),
+        "the worker was replaced"
+    );
+    assert_eq!(terminal(&stoa, &id)["running"], true);
+    assert!(stoa.log().contains("daemon down"), "{}", stoa.log());
+
+    // Adopting running work is the workers' part now: a killed worker is replaced at once
+    // (its user has live work), and the new one takes the terminal back, up to its end.
+    run("kill", &["-KILL", &worker.to_string()]);
+    wait_until("alice's new worker", Duration::from_secs(20), || {
+        worker_of(&stoa, ALICE).is_some_and(|w| w != worker)
+    });
+    assert!(alive(sleeper), "the sleep died with its worker");
     wait_until(
-        "the sleep's exit at the new daemon",
-        Duration::from_secs(10),
+        "the sleep's exit at the new worker",
+        Duration::from_secs(20),
         || {
-            procs = stoa.processes();
-            procs.iter().any(|p| {
-                p["pid"] == sleeper
-                    && p["adopted"] == true
-                    && p["running"] == false
-                    && p["exit_code"] == 0
-            })
+            let t = terminal(&stoa, &id);
+            t["running"] == false && t["exit_code"] == 0
         },
     );
-    assert!(stoa.log().contains("daemon down"), "{}", stoa.log());
+    let log = stoa.log();
+    assert!(log.contains("worker down"), "{log}");
+    assert!(log.contains("took a terminal back"), "{log}");
     Ok(())
 }
 
@@ -961,14 +1160,20 @@ fn metrics() -> Result<(), Failed> {
     }
     stoa.exec(json!({ "unix_user": "root", "argv": ["id"] }));
     let sleeper = start_background(&stoa, BOB, &["sleep", "30"]);
+    // The front's `/metrics` sums its own and every running worker's: alice's counted her
+    // three execs, bob's his sleep, the front the refusal (at `OpenWorker`: root gets no
+    // worker).
     let during = scrape(&stoa);
     assert_eq!(ok(&during) - ok(&before), 4.0, "3 execs and the sleep");
-    assert_eq!(refused(&during) - refused(&before), 1.0);
+    assert_eq!(refused(&during) - refused(&before), 1.0, "root's refusal");
     assert_eq!(
         sample(&during, "stoa_live_executors", &[("unix_user", BOB)]),
-        1.0
+        1.0,
+        "bob's one sleep, counted once"
     );
-    assert!(sample(&during, "stoa_spawn_seconds_count", &[]) >= 5.0);
+    // Was `>= 5` (the refusal included): a refusal at `OpenWorker` never becomes a spawn
+    // request to the broker, so it has no spawn time; the four that did are timed.
+    assert!(sample(&during, "stoa_spawn_seconds_count", &[]) >= 4.0);
     assert!(
         sample(&during, "stoa_broker_frames_received_total", &[])
             > sample(&before, "stoa_broker_frames_received_total", &[])
@@ -984,14 +1189,23 @@ fn metrics() -> Result<(), Failed> {
         1.0
     );
     assert_eq!(sample(&after, "stoa_daemon_starts_total", &[]), 2.0);
-    run("kill", &["-KILL", &sleeper.to_string()]);
+    // A front restart touches no worker: the counts they keep carry on.
+    assert_eq!(ok(&after) - ok(&before), 4.0, "the workers' counts");
+    // The sleep's request went with the old front, and the sleep with it (an `/exec` ends
+    // with its client); if it still runs, end it.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sleeper),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     Ok(())
 }
 
 fn sighup() -> Result<(), Failed> {
     let stoa = Instance::start();
     assert_eq!(stdout(&stoa.sh(BOB, "echo hello world")), "hello world\n");
-    let sleeper = start_background(&stoa, ALICE, &["sleep", "5"]);
+    // Work that outlives its request (an `/exec`'s process would end with the front its
+    // request went through): a terminal of alice's.
+    let (terminal_id, sleeper) = start_terminal(&stoa, ALICE, &["sleep", "5"]);
     // bob's uid is above alice's: cap the range at alice; cut output to 5 bytes.
     let mut policy = std::fs::read_to_string(stoa.dir.join("broker.toml"))?;
     policy.push_str(&format!("max_uid = {}\n", uid_of(ALICE)));
@@ -1013,12 +1227,11 @@ fn sighup() -> Result<(), Failed> {
         (stdout(&r), r["truncated"].clone()),
         ("hello".to_string(), json!(true))
     );
-    // What ran meanwhile ran on, and its end reached the new daemon.
+    // What ran meanwhile ran on, and its end is seen through the new front.
     assert!(alive(sleeper));
     wait_until("the sleep's exit", Duration::from_secs(10), || {
-        stoa.processes()
-            .iter()
-            .any(|p| p["pid"] == sleeper && p["exit_code"] == 0)
+        let t = terminal(&stoa, &terminal_id);
+        t["running"] == false && t["exit_code"] == 0
     });
     // A planned replacement is not a crash: no backoff, and said so.
     let log = stoa.log();
@@ -1029,12 +1242,41 @@ fn sighup() -> Result<(), Failed> {
     Ok(())
 }
 
+/// A small tmpfs over a directory while it lives (unmounted on drop, even if the test fails).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "stoa-test-small",
+                dir.to_str().unwrap(),
+            ],
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 fn health_degraded() -> Result<(), Failed> {
     let stoa = Instance::start();
+    let workers_dir = stoa.dir.join("workers");
     let h = stoa.health().expect("healthy");
+    // The users' stores are their workers' (each checks its own on every write); the front
+    // reports where they are, and checks the disk they are on.
     assert_eq!(
-        (h["status"].clone(), h["store_writable"].clone()),
-        (json!("ok"), json!(true)),
+        (h["status"].clone(), h["workers_dir"].clone()),
+        (json!("ok"), json!(workers_dir.to_str().unwrap())),
         "{h}"
     );
     assert!(h["state_dir_free_bytes"].as_u64().unwrap_or(0) > 0, "{h}");
@@ -1048,9 +1290,10 @@ fn health_degraded() -> Result<(), Failed> {
         "{h}"
     );
     assert!(h["limits"]["cgroup_memory_max"].is_string(), "{h}");
-    // Another writer holds the store: the daemon cannot write, and says so.
-    let db = rusqlite::Connection::open(stoa.dir.join("daemon/stoa.db"))?;
-    db.execute_batch("BEGIN EXCLUSIVE;")?;
+    // The disk the users' stores are on runs low (was: another writer held the daemon's
+    // store, which the front no longer has): the front cannot promise the workers their
+    // writes, and says so, and why.
+    let disk = SmallDisk::mount(&workers_dir, "64m");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -1062,22 +1305,27 @@ fn health_degraded() -> Result<(), Failed> {
     let status = resp.status().as_u16();
     let body: Value = resp.body_mut().read_json()?;
     assert_eq!(
-        (
-            status,
-            body["status"].clone(),
-            body["store_writable"].clone()
-        ),
-        (503, json!("degraded"), json!(false)),
+        (status, body["status"].clone()),
+        (503, json!("degraded")),
         "{body}"
     );
     assert!(
-        body["problems"][0]
-            .as_str()
-            .unwrap_or("")
-            .contains("store is not writable"),
+        body["state_dir_free_bytes"].as_u64().unwrap_or(u64::MAX) <= 64 << 20,
         "{body}"
     );
-    db.execute_batch("ROLLBACK;")?;
+    let problem = body["problems"][0].as_str().unwrap_or("");
+    assert!(
+        problem.contains("MiB free in") && problem.contains(workers_dir.to_str().unwrap()),
+        "{body}"
+    );
+    // Without a token: only that it is degraded, not why (paths are for users).
+    let (status, brief) = stoa.request("GET", "/health", None, None);
+    assert_eq!(
+        (status, brief["status"].clone(), brief.get("problems")),
+        (503, json!("degraded"), None),
+        "{brief}"
+    );
+    drop(disk);
     assert_eq!(stoa.health().expect("healthy again")["status"], "ok");
     Ok(())
 }

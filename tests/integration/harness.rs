@@ -200,9 +200,10 @@ impl Instance {
             "shutdown_grace_secs = 2\n"
         };
         let policy = format!(
-            "executor_path = \"{}\"\nstate_dir = \"{}\"\nservice_user = \"{SERVICE}\"\nallow_groups = [\"{GROUP}\"]\nmin_uid = 1000\n{grace}{}\n",
+            "executor_path = \"{}\"\nstate_dir = \"{}\"\nworkers_dir = \"{}\"\nservice_user = \"{SERVICE}\"\nallow_groups = [\"{GROUP}\"]\nmin_uid = 1000\n{grace}{}\n",
             dir.join("bin/stoa-executor").display(),
             conf_dir.join("broker").display(),
+            conf_dir.join("workers").display(),
             opts.extra_policy
         );
         let config = format!(
@@ -286,6 +287,36 @@ impl Instance {
         children_of(self.broker_pid())
             .into_iter()
             .find(|p| cmdline(*p).iter().any(|a| a == "__daemon"))
+    }
+
+    /// The worker of `user` (a `stoa __worker` child of the broker running as that user).
+    pub fn worker_pid(&self, user: &str) -> Option<i32> {
+        let uid = uid_of(user).to_string();
+        children_of(self.broker_pid()).into_iter().find(|p| {
+            cmdline(*p).iter().any(|a| a == "__worker")
+                && status_field(*p, "Uid")
+                    .is_some_and(|u| u.split_whitespace().next() == Some(uid.as_str()))
+        })
+    }
+
+    /// Waits until a worker of `user` other than `old` runs and has adopted its user's work
+    /// (it says Ready to the broker after adopting).
+    pub fn wait_new_worker(&self, user: &str, old: i32) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(pid) = self.worker_pid(user).filter(|p| *p != old) {
+                // Ready comes after adoption; its log line is the signal.
+                if self.log().contains(&format!("worker {pid} ready")) {
+                    return pid;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new worker for {user}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `/health`, with the admin token once it is known (without one it says only status

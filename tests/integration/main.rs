@@ -16,6 +16,7 @@ mod sessions;
 mod terminal_browser;
 mod terminal_cli;
 mod terminals;
+mod workers;
 
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
@@ -42,6 +43,7 @@ fn main() {
         terminal_browser::TESTS,
         security_store::TESTS,
         security_front::TESTS,
+        workers::TESTS,
     ]
     .concat()
     .into_iter()

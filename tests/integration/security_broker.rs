@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,56 +89,118 @@ fn slow_path() -> String {
     format!("{home}/l0")
 }
 
-/// A `kill(-1, SIGSTOP)` loop: compiled C if `cc` works, else perl.
-fn stopper_program(dir: &std::path::Path) -> Vec<String> {
-    let src = dir.join("stopper.c");
-    let bin = dir.join("stopper");
-    let compiled = std::fs::write(
-        &src,
-        "#include <signal.h>\nint main(void) { for (;;) kill(-1, SIGSTOP); }\n",
-    )
-    .is_ok()
+/// A stop loop: compiled C if `cc` works, else perl. `spare` `None`: `kill(-1, SIGSTOP)`,
+/// every process of the user's. `Some(pid)`: every process of the user's but `pid` (and
+/// itself), found by scanning /proc (the kernel refuses the others' with EPERM).
+fn stopper_program(dir: &std::path::Path, spare: Option<i32>) -> Vec<String> {
+    let name = if spare.is_some() { "sparing" } else { "all" };
+    let src = dir.join(format!("stopper-{name}.c"));
+    let bin = dir.join(format!("stopper-{name}"));
+    let code = match spare {
+        None => "#include <signal.h>\nint main(void) { for (;;) kill(-1, SIGSTOP); }\n",
+        Some(_) => concat!(
+            "#include <dirent.h>\n#include <signal.h>\n#include <stdlib.h>\n#include <unistd.h>\n",
+            "int main(int argc, char **argv) {\n",
+            "  int spare = atoi(argv[1]), me = getpid();\n",
+            "  for (;;) {\n",
+            "    DIR *d = opendir(\"/proc\"); struct dirent *e;\n",
+            "    if (!d) continue;\n",
+            "    while ((e = readdir(d))) { int p = atoi(e->d_name);\n",
+            "      if (p > 1 && p != spare && p != me) kill(p, SIGSTOP); }\n",
+            "    closedir(d);\n",
+            "  }\n",
+            "}\n"
+        ),
+    };
+    let compiled = std::fs::write(&src, code).is_ok()
         && Command::new("cc")
             .args(["-O2", "-o"])
             .arg(&bin)
             .arg(&src)
             .status()
             .is_ok_and(|s| s.success());
-    if compiled {
+    let mut argv = if compiled {
         vec![bin.display().to_string()]
     } else {
-        ["perl", "-e", "while (1) { kill 'STOP', -1 }"]
-            .map(String::from)
-            .to_vec()
+        let script = match spare {
+            None => "while (1) { kill 'STOP', -1 }",
+            Some(_) => concat!(
+                "my $spare = shift; while (1) { opendir(my $d, '/proc') or next; ",
+                "for (readdir $d) { next unless /^\\d+$/; ",
+                "next if $_ <= 1 || $_ == $spare || $_ == $$; kill 'STOP', $_ } closedir $d }"
+            ),
+        };
+        vec!["perl".to_string(), "-e".to_string(), script.to_string()]
+    };
+    argv.extend(spare.map(|p| p.to_string()));
+    argv
+}
+
+/// Starts one stop loop as alice (two would stop each other: both are hers).
+fn start_stopper(argv: &[String]) -> std::io::Result<std::process::Child> {
+    Command::new("runuser")
+        .args(["-u", ALICE, "--"])
+        .args(argv)
+        .stdin(Stdio::null())
+        .spawn()
+}
+
+/// Alice's spawns, in waves of three (each with `timeout`), until `enough` or `waves`.
+fn alice_waves(
+    port: u16,
+    token: &str,
+    slow: &str,
+    waves: usize,
+    timeout: Duration,
+    enough: impl Fn(&[(u16, Value)]) -> bool,
+) -> Vec<(u16, Value)> {
+    let mut alice: Vec<(u16, Value)> = Vec::new();
+    for _ in 0..waves {
+        let wave: Vec<_> = (0..3)
+            .map(|_| {
+                let (token, slow) = (token.to_string(), slow.to_string());
+                std::thread::spawn(move || {
+                    post_exec(
+                        &agent(timeout),
+                        port,
+                        &token,
+                        &json!({ "unix_user": ALICE, "argv": ["true"], "cwd": slow }),
+                    )
+                })
+            })
+            .collect();
+        alice.extend(wave.into_iter().map(|t| t.join().unwrap()));
+        if enough(&alice) {
+            break;
+        }
     }
+    alice
 }
 
 /// Finding 1: alice's `kill(STOP, -1)` loop stops her spawn child after its identity
 /// change. The broker used to sit in the kernel (vfork) until the child exec'd; now it
 /// polls the child's report, kills it at its deadline, and serves everyone meanwhile.
+///
+/// Her worker is one of her processes too: her `kill(-1)` loop stops it, and the child the
+/// broker forks to start it, so her own requests fail (502: her worker did not answer, the
+/// broker killed it at its Hello deadline) or time out. That is her business; bob and
+/// `/health` are answered throughout. A loop that spares her worker catches her spawn
+/// child between its identity change and its exec, as before: answered as failed at the
+/// broker's deadline, everyone else served meanwhile.
 fn freeze() -> Result<(), Failed> {
     let stoa = Instance::start();
-    // One loop (two would stop each other: both are alice's), in C where a compiler is
-    // there: the faster it sends, the likelier a spawn child is caught between its
-    // identity change and its exec.
-    let stopper = stopper_program(&stoa.dir);
     let slow = slow_path();
-    let mut stoppers = (0..1)
-        .map(|_| {
-            Command::new("runuser")
-                .args(["-u", ALICE, "--"])
-                .args(&stopper)
-                .stdin(Stdio::null())
-                .spawn()
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // In C where a compiler is there: the faster it sends, the likelier a child is caught
+    // between its identity change and its exec.
+    let mut stopper = start_stopper(&stopper_program(&stoa.dir, None))?;
     std::thread::sleep(Duration::from_millis(300));
     let port = stoa.port;
     let token = stoa.token.clone();
     let done = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
     // Bob's spawns and /health, throughout: every one must be answered.
     let served = {
-        let (done, token) = (done.clone(), token.clone());
+        let (done, count, token) = (done.clone(), count.clone(), token.clone());
         std::thread::spawn(move || {
             let agent = agent(Duration::from_secs(5));
             let mut answers = Vec::new();
@@ -162,45 +224,86 @@ fn freeze() -> Result<(), Failed> {
                     reply["stdout"].as_str().unwrap_or("").to_string(),
                     health,
                 ));
+                count.fetch_add(1, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(100));
             }
             (answers, slowest)
         })
     };
-    // Alice's own spawns, in waves of three until one was caught before its exec (the
-    // loops race the child; one that exec'd first runs, or stops as her own process).
-    let mut alice: Vec<(u16, Value)> = Vec::new();
-    for _ in 0..8 {
-        let wave: Vec<_> = (0..3)
-            .map(|_| {
-                let (token, slow) = (token.clone(), slow.clone());
-                std::thread::spawn(move || {
-                    post_exec(
-                        &agent(Duration::from_secs(13)),
-                        port,
-                        &token,
-                        &json!({ "unix_user": ALICE, "argv": ["true"], "cwd": slow }),
-                    )
-                })
-            })
-            .collect();
-        alice.extend(wave.into_iter().map(|t| t.join().unwrap()));
-        if alice.iter().any(|(s, _)| *s == 500) {
-            break;
-        }
-    }
+    let failed_at_deadline = |reply: &Value| {
+        reply["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not start within")
+    };
+    let waited = |reply: &Value| reply["error"].as_str().unwrap_or("").contains("timeout");
+    let worker_unanswered = |reply: &Value| {
+        reply["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("the worker of '{ALICE}' did not answer"))
+    };
+
+    // 1. Every process of hers stopped, her worker included. Seen stopped: a process of
+    // hers the broker started (her worker, or the child starting it).
+    let broker = stoa.broker_pid();
+    let alice_uid = uid_of(ALICE).to_string();
+    let worker_stopped = Arc::new(AtomicBool::new(false));
+    let phase_one_done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (stopped, done) = (worker_stopped.clone(), phase_one_done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) && !stopped.load(Ordering::SeqCst) {
+                let seen = children_of(broker).into_iter().any(|p| {
+                    status_field(p, "Uid")
+                        .is_some_and(|u| u.split_whitespace().next() == Some(&alice_uid))
+                        && state_and_ppid(p).is_some_and(|(s, _)| s == "T")
+                });
+                stopped.store(seen, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let everything = alice_waves(port, &token, &slow, 4, Duration::from_secs(13), |_| {
+        worker_stopped.load(Ordering::SeqCst)
+    });
+    phase_one_done.store(true, Ordering::SeqCst);
+    sampler.join().unwrap();
+    let _ = stopper.kill();
+    let _ = stopper.wait();
+    run("pkill", &["-KILL", "-u", ALICE]);
+    let phase_one = count.load(Ordering::SeqCst);
+
+    // 2. Every process of hers stopped but her (running) worker.
+    wait_until("alice's worker", Duration::from_secs(30), || {
+        let (status, _) = post_exec(
+            &agent(Duration::from_secs(10)),
+            port,
+            &token,
+            &json!({ "unix_user": ALICE, "argv": ["true"] }),
+        );
+        status == 200
+    });
+    let worker = crate::sessions::worker_pid(&stoa, ALICE).expect("alice's worker");
+    let mut stopper = start_stopper(&stopper_program(&stoa.dir, Some(worker)))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let spared = alice_waves(port, &token, &slow, 8, Duration::from_secs(13), |a| {
+        a.iter().any(|(s, _)| *s == 500)
+    });
     done.store(true, Ordering::SeqCst);
     let (answers, slowest) = served.join().unwrap();
-    for stopper in &mut stoppers {
-        let _ = stopper.kill();
-        let _ = stopper.wait();
-    }
+    let _ = stopper.kill();
+    let _ = stopper.wait();
+    let worker_spared = crate::sessions::worker_pid(&stoa, ALICE) == Some(worker);
     run("pkill", &["-KILL", "-u", ALICE]);
+    let codes = |a: &[(u16, Value)]| a.iter().map(|(s, _)| *s).collect::<Vec<_>>();
     eprintln!(
-        "freeze: {} of bob's spawns and /health checks answered while alice's spawns were stopped; slowest pair {slowest:?}",
-        answers.len()
+        "freeze: {} of bob's spawns and /health checks answered while alice's processes were stopped ({phase_one} while her worker was too); slowest pair {slowest:?}; alice's answers {:?} then {:?}",
+        answers.len(),
+        codes(&everything),
+        codes(&spared)
     );
-    assert!(answers.len() >= 20, "{answers:?} {alice:?}");
+    assert!(answers.len() >= 20, "{answers:?} {everything:?} {spared:?}");
     let bob_ok = format!("{BOB}\n");
     assert!(
         answers
@@ -209,25 +312,37 @@ fn freeze() -> Result<(), Failed> {
         "{answers:?}\n{}",
         stoa.log()
     );
-    // Each of alice's spawns was stopped before its exec (answered as failed at the
-    // deadline), or reached exec first and ran, or runs on as her own stopped process
-    // (her request then waits on it: her business, nobody else's).
-    let failed_at_deadline = |reply: &Value| {
-        reply["error"]
-            .as_str()
-            .unwrap_or("")
-            .contains("did not start within")
-    };
-    let waited = |reply: &Value| reply["error"].as_str().unwrap_or("").contains("timeout");
+    // 1: her worker (or the child starting it) was stopped by her loop; each of her requests
+    // failed (her worker stopped before its Hello, killed by the broker at that deadline:
+    // 502), timed out (it had said Hello, then stopped), was refused at the spawn deadline,
+    // or ran.
     assert!(
-        alice.iter().all(|(s, r)| *s == 200
-            || (*s == 500 && failed_at_deadline(r))
-            || (*s == 0 && waited(r))),
-        "{alice:?}"
+        worker_stopped.load(Ordering::SeqCst),
+        "no stopped worker of alice's seen: {everything:?}"
     );
     assert!(
-        alice.iter().any(|(_, r)| failed_at_deadline(r)),
-        "{alice:?}"
+        everything.iter().all(|(s, r)| *s == 200
+            || (*s == 500 && failed_at_deadline(r))
+            || (*s == 502 && worker_unanswered(r))
+            || (*s == 0 && waited(r))),
+        "{everything:?}"
+    );
+    // 2: each of her spawns was stopped before its exec (answered as failed at the
+    // deadline), or reached exec first and ran, or runs on as her own stopped process
+    // (her request then waits on it: her business, nobody else's).
+    assert!(
+        worker_spared,
+        "alice's worker was replaced during the second loop"
+    );
+    assert!(
+        spared.iter().all(|(s, r)| *s == 200
+            || (*s == 500 && failed_at_deadline(r))
+            || (*s == 0 && waited(r))),
+        "{spared:?}"
+    );
+    assert!(
+        spared.iter().any(|(_, r)| failed_at_deadline(r)),
+        "{spared:?}"
     );
     Ok(())
 }
@@ -276,33 +391,12 @@ fn root_process_at(pid: i32) -> Option<std::process::Child> {
     None
 }
 
-/// Findings 2 and 6: a compromised daemon (here: its link taken with `pidfd_getfd`, the
-/// daemon stopped) names a handle whose process was reaped, after a root process took the
-/// pid over. Neither `Kill` nor `Adopt` reaches anything.
-fn stale_handle() -> Result<(), Failed> {
-    let stoa = Instance::start();
-    let sleeper = {
-        let (port, token) = (stoa.port, stoa.token.clone());
-        std::thread::spawn(move || {
-            post_exec(
-                &agent(Duration::from_secs(60)),
-                port,
-                &token,
-                &json!({ "unix_user": BOB, "argv": ["sleep", "59"] }),
-            )
-        });
-        let mut pids = Vec::new();
-        wait_until("bob's sleep", Duration::from_secs(10), || {
-            pids = find_processes(BOB, &["sleep", "59"]);
-            !pids.is_empty()
-        });
-        pids[0]
-    };
-    let daemon = stoa.daemon_pid().expect("daemon");
-    run("kill", &["-STOP", &daemon.to_string()]);
-    // Every thread stopped: none of them may still be reading the link.
-    wait_until("the daemon to stop", Duration::from_secs(5), || {
-        std::fs::read_dir(format!("/proc/{daemon}/task"))
+/// Stops `pid` and waits until every one of its threads is stopped: none of them may still
+/// be reading its broker link when the test takes it.
+fn stop_all_threads(pid: i32) {
+    run("kill", &["-STOP", &pid.to_string()]);
+    wait_until("the process to stop", Duration::from_secs(5), || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
             .map(|tasks| {
                 tasks.flatten().all(|t| {
                     std::fs::read_to_string(t.path().join("stat"))
@@ -317,7 +411,64 @@ fn stale_handle() -> Result<(), Failed> {
             })
             .unwrap_or(false)
     });
-    let mut link = UnixStream::from(sys::pidfd_getfd(daemon, 3)?);
+}
+
+/// A `sleep 59` of bob's through `POST /exec` (admin), its client kept open on a thread (an
+/// exec ends when its client goes away); its pid.
+fn bobs_sleep(stoa: &Instance) -> i32 {
+    let (port, token) = (stoa.port, stoa.token.clone());
+    std::thread::spawn(move || {
+        post_exec(
+            &agent(Duration::from_secs(60)),
+            port,
+            &token,
+            &json!({ "unix_user": BOB, "argv": ["sleep", "59"] }),
+        )
+    });
+    let mut pids = Vec::new();
+    wait_until("bob's sleep", Duration::from_secs(10), || {
+        pids = find_processes(BOB, &["sleep", "59"]);
+        !pids.is_empty()
+    });
+    pids[0]
+}
+
+/// Findings 2 and 6: a compromised process holding a broker link names a handle whose
+/// process was reaped, after a root process took the pid over. Neither `Kill` nor `Adopt`
+/// reaches anything.
+///
+/// Only a worker's link may name handles now, and only its own user's: the compromised
+/// process is bob's worker (its link taken with `pidfd_getfd`, the worker stopped), the
+/// handle bob's. Naming alice's handle on it is a protocol violation (link dropped, worker
+/// restarted, alice's process untouched); so is `ListHandles` on the front's link.
+fn stale_handle() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let sleeper = bobs_sleep(&stoa);
+    // Alice's process is a terminal's: it outlives the requests, so the front's restart
+    // below must leave it running.
+    let (status, terminal) = stoa.request(
+        "POST",
+        "/terminals",
+        Some(&stoa.token.clone()),
+        Some(&json!({ "unix_user": ALICE, "cols": 80, "rows": 24, "command": ["sleep", "58"] })),
+    );
+    assert_eq!(status, 201, "{terminal}");
+    let mut alices = Vec::new();
+    wait_until("alice's sleep", Duration::from_secs(10), || {
+        alices = find_processes(ALICE, &["sleep", "58"]);
+        !alices.is_empty()
+    });
+    let alices = alices[0];
+    let alice_handle = stoa
+        .processes()
+        .iter()
+        .find(|p| p["unix_user"] == ALICE && p["running"] == true)
+        .and_then(|p| p["handle"].as_u64())
+        .map(Handle)
+        .expect("alice's handle in GET /processes");
+    let worker = crate::sessions::worker_pid(&stoa, BOB).expect("bob's worker");
+    stop_all_threads(worker);
+    let mut link = UnixStream::from(sys::pidfd_getfd(worker, 3)?);
     let failed = |e: std::io::Error| -> Failed { format!("{e}\n{}", stoa.log()).into() };
     let ReplyBody::Handles { list, .. } = ask(
         &mut link,
@@ -328,12 +479,18 @@ fn stale_handle() -> Result<(), Failed> {
     else {
         panic!("ListHandles")
     };
+    // Bob's worker's link lists bob's handles only.
+    assert!(
+        list.iter()
+            .all(|h| h.unix_user == BOB && h.handle != alice_handle),
+        "{list:?}"
+    );
     let handle: Handle = list
         .iter()
         .find(|h| h.pid == sleeper)
         .map(|h| h.handle)
         .expect("bob's handle");
-    // The process ends; the broker reaps it. Its handle stays (the daemon has not seen the
+    // The process ends; the broker reaps it. Its handle stays (the worker has not seen the
     // exit, so it has not released it).
     run("kill", &["-KILL", &sleeper.to_string()]);
     wait_until(
@@ -342,7 +499,7 @@ fn stale_handle() -> Result<(), Failed> {
         || !std::path::Path::new(&format!("/proc/{sleeper}")).exists(),
     );
     let Some(mut root) = root_process_at(sleeper) else {
-        run("kill", &["-KILL", &daemon.to_string()]);
+        run("kill", &["-KILL", &worker.to_string()]);
         return Err("could not place a root process at the reused pid".into());
     };
     let killed = ask(
@@ -359,8 +516,6 @@ fn stale_handle() -> Result<(), Failed> {
     let root_alive = root.try_wait()?.is_none();
     let _ = root.kill();
     let _ = root.wait();
-    run("kill", &["-KILL", &daemon.to_string()]);
-    stoa.wait_new_daemon(daemon);
     assert!(root_alive, "the root process at the reused pid was killed");
     for (what, reply) in [("Kill", killed), ("Adopt", adopted)] {
         match reply {
@@ -368,7 +523,65 @@ fn stale_handle() -> Result<(), Failed> {
             other => panic!("{what} of a reaped handle answered {other:?}"),
         }
     }
-    assert!(stoa.log().contains("daemon started"));
+    // Alice's live handle, named on bob's worker's link: the link is dropped, nothing
+    // answered, nothing signalled.
+    let other_user = ask(
+        &mut link,
+        1_000_004,
+        RequestBody::Kill {
+            handle: alice_handle,
+            signal: Signal::Kill,
+        },
+    );
+    assert!(
+        other_user.is_err(),
+        "Kill of alice's handle on bob's worker's link answered {other_user:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        alive(alices) && find_processes(ALICE, &["sleep", "58"]) == [alices],
+        "alice's sleep was signalled through bob's worker's link"
+    );
+    // Bob's worker is replaced (he has live work: the reaped handle it never released).
+    wait_until("bob's new worker", Duration::from_secs(20), || {
+        crate::sessions::worker_pid(&stoa, BOB).is_some_and(|p| p != worker)
+    });
+    assert!(!alive(worker), "the hostile worker was left running");
+    let log = stoa.log();
+    assert!(
+        log.contains("PROTOCOL VIOLATION by a worker")
+            && log.contains(&format!(
+                "Kill of handle {} of another user",
+                alice_handle.0
+            )),
+        "{log}"
+    );
+
+    // The front's link names no handle at all: ListHandles on it is a violation too.
+    let front = stoa.daemon_pid().expect("front");
+    stop_all_threads(front);
+    let mut link = UnixStream::from(sys::pidfd_getfd(front, 3)?);
+    let listed = ask(
+        &mut link,
+        1_000_005,
+        RequestBody::ListHandles { after: None },
+    );
+    assert!(
+        listed.is_err(),
+        "ListHandles on the front's link answered {listed:?}"
+    );
+    stoa.wait_new_daemon(front);
+    assert!(
+        !alive(front),
+        "the front that broke the protocol was left running"
+    );
+    assert!(
+        stoa.log().contains("ListHandles is not for a front link"),
+        "{}",
+        stoa.log()
+    );
+    // Executors are untouched by either: alice's sleep runs on.
+    assert!(alive(alices), "alice's sleep died with a dropped link");
     let _ = link.as_fd();
     Ok(())
 }
@@ -393,8 +606,8 @@ fn audit_flood() -> Result<(), Failed> {
             std::thread::spawn(move || {
                 let agent = agent(Duration::from_secs(30));
                 for _ in 0..300 {
-                    let (s, _) = post_exec(&agent, port, &carol, &body);
-                    statuses.lock().unwrap().push(s);
+                    let (s, reply) = post_exec(&agent, port, &carol, &body);
+                    statuses.lock().unwrap().push((s, reply));
                 }
             })
         })
@@ -402,21 +615,37 @@ fn audit_flood() -> Result<(), Failed> {
     for t in threads {
         t.join().unwrap();
     }
-    let statuses = statuses.lock().unwrap().clone();
+    let answers = statuses.lock().unwrap().clone();
+    let unexpected: Vec<_> = answers
+        .iter()
+        .filter(|(s, _)| *s != 403 && *s != 429)
+        .collect();
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
     let grown = std::fs::metadata(&audit)?.len() - before;
     eprintln!(
         "audit flood: 1200 refused spawns of 64 KiB each grew the audit log by {grown} bytes"
     );
-    assert!(
-        statuses.iter().all(|s| *s == 403 || *s == 429),
-        "{statuses:?}"
-    );
+    assert!(unexpected.is_empty(), "{unexpected:?}\n{statuses:?}");
     assert!(statuses.iter().filter(|s| **s == 429).count() > 900);
     assert!(grown < 256 * 1024, "audit grew {grown} bytes");
     let text = std::fs::read_to_string(&audit)?;
     assert!(
         !text.contains(&"A".repeat(100)),
         "argv copied into the audit log"
+    );
+    // No worker was started for her: the broker refused before opening one (no process
+    // of hers, no store).
+    let carol_uid = uid_of(CAROL).to_string();
+    let hers: Vec<i32> = all_pids()
+        .into_iter()
+        .filter(|p| {
+            status_field(*p, "Uid").is_some_and(|u| u.split_whitespace().next() == Some(&carol_uid))
+        })
+        .collect();
+    assert!(hers.is_empty(), "processes of carol: {hers:?}");
+    assert!(
+        !stoa.dir.join("workers").join(&carol_uid).exists(),
+        "a store was made for carol"
     );
     // Everyone else is still served, and carol's refusals are on record with their rule.
     assert_eq!(stoa.sh(ALICE, "echo ok")["stdout"], "ok\n");

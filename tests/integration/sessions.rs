@@ -21,7 +21,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "claude_prompt_runs_as_the_user_in_the_worktree",
         claude_as_user,
     ),
-    ("direct_path_runs_as_the_service_user", direct_path),
+    (
+        "direct_path_runs_as_the_sessions_user_in_its_worker",
+        direct_path,
+    ),
     (
         "codex_gemini_opencode_adapters_on_their_recordings",
         other_adapters,
@@ -37,8 +40,8 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
     ),
     ("secrets_reach_only_their_users_agent", secrets),
     (
-        "killed_daemon_mid_task_loses_no_message",
-        daemon_killed_mid_task,
+        "killed_worker_mid_task_loses_no_message",
+        worker_killed_mid_task,
     ),
     ("cli_prompt_wait_config_and_users", cli),
     (
@@ -53,6 +56,7 @@ fixture=$1; shift
 if [ -t 0 ]; then input=""; else input=$(cat); fi
 prompt="$input $*"
 id -u > .fake-uid
+echo "$PPID" > .fake-ppid
 pwd > .fake-cwd
 printf '%s' "${ANTHROPIC_API_KEY-}" > .fake-secret
 tr '\0' ' ' < /proc/$$/cmdline > .fake-cmdline
@@ -327,14 +331,14 @@ fn claude_as_user() -> Result<(), Failed> {
     Ok(())
 }
 
+/// `use_executor = false`: no executor, no broker spawn. The agent is run by the
+/// session's worker itself, so as the session's Unix user (the worker is hers), never as
+/// the service user: it enters her 0700 home, which the service user cannot.
 fn direct_path() -> Result<(), Failed> {
     let fakes = Fakes::install();
     let stoa = start(&fakes, "[execution]\nuse_executor = false\n");
     let alice = stoa.api_user("alice", ALICE);
-    // Both alice (checked by the broker) and the service user (who runs it) must enter it.
-    let wt = format!("{}/shared-wt", stoa.dir.display());
-    std::fs::create_dir_all(&wt)?;
-    run("chmod", &["0777", &wt]);
+    let wt = worktree(ALICE);
     let session = create_session(&stoa, &alice, "claude-code", &wt);
     let t = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "hello"));
     assert_eq!(
@@ -342,9 +346,21 @@ fn direct_path() -> Result<(), Failed> {
         (Some("completed"), Some("direct")),
         "{t}"
     );
-    assert_eq!(
+    assert_eq!(t["unix_user"], ALICE, "{t}");
+    assert_eq!(read(&format!("{wt}/.fake-uid")), uid_of(ALICE).to_string());
+    assert_ne!(
         read(&format!("{wt}/.fake-uid")),
         uid_of(SERVICE).to_string()
+    );
+    assert_eq!(read(&format!("{wt}/.fake-cwd")), wt);
+    // Its parent was alice's worker (still there: it idles for a minute), not an executor
+    // the broker started.
+    let parent: i32 = read(&format!("{wt}/.fake-ppid")).parse()?;
+    assert_eq!(
+        Some(parent),
+        worker_pid(&stoa, ALICE),
+        "the agent's parent {parent} ({:?}) is not alice's worker",
+        cmdline(parent)
     );
     assert_eq!(kinds(&messages(&stoa, &alice, &session)).len(), 5);
     Ok(())
@@ -400,20 +416,76 @@ fn other_adapters() -> Result<(), Failed> {
     Ok(())
 }
 
-/// No process of `user` left (fake agents and their children).
-fn assert_nothing_left(user: &str) {
+/// The live processes of `user` (not zombies), with their command lines.
+pub(crate) fn live_processes_of(user: &str) -> Vec<(i32, Vec<String>)> {
     let uid = uid_of(user).to_string();
-    wait_until(
-        "the user's processes to be gone",
-        Duration::from_secs(5),
-        || {
-            all_pids().into_iter().all(|p| {
-                status_field(p, "Uid").and_then(|u| u.split_whitespace().next().map(String::from))
-                    != Some(uid.clone())
-                    || state_and_ppid(p).is_some_and(|(s, _)| s == "Z")
-            })
-        },
-    );
+    all_pids()
+        .into_iter()
+        .filter(|p| {
+            status_field(*p, "Uid").is_some_and(|u| u.split_whitespace().next() == Some(&uid))
+                && state_and_ppid(*p).is_some_and(|(s, _)| s != "Z")
+        })
+        .map(|p| (p, cmdline(p)))
+        .collect()
+}
+
+/// Whether `pid` is a `stoa __worker` that `stoa`'s broker started (a child of the broker,
+/// not merely a process calling itself that).
+pub(crate) fn is_worker_of(stoa: &Instance, pid: i32) -> bool {
+    cmdline(pid).get(1).map(String::as_str) == Some("__worker")
+        && state_and_ppid(pid).is_some_and(|(_, ppid)| ppid == stoa.broker_pid())
+}
+
+/// The pid of `user`'s worker in `stoa`, if one runs.
+pub(crate) fn worker_pid(stoa: &Instance, user: &str) -> Option<i32> {
+    live_processes_of(user)
+        .into_iter()
+        .map(|(p, _)| p)
+        .find(|p| is_worker_of(stoa, *p))
+}
+
+/// No process of `user` left (fake agents and their children) but the user's own worker
+/// in `stoa` (it holds the user's store and retires by itself when idle).
+fn assert_nothing_left(stoa: &Instance, user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<_> = live_processes_of(user)
+            .into_iter()
+            .filter(|(p, _)| !is_worker_of(stoa, *p))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes of {user} left: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// No process of `user` left at all, its worker included (`stoa serve` has exited).
+fn assert_nothing_at_all_left(user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = live_processes_of(user);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes of {user} left: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A user's store: `<workers_dir>/<uid>/stoa.db`, which only that user's worker writes.
+fn store_of(stoa: &Instance, user: &str) -> PathBuf {
+    stoa.dir
+        .join("workers")
+        .join(uid_of(user).to_string())
+        .join("stoa.db")
 }
 
 fn failures() -> Result<(), Failed> {
@@ -442,7 +514,7 @@ fn failures() -> Result<(), Failed> {
     let t = wait_task(&stoa, &alice, &task);
     assert_eq!(t["status"], "stopped", "{t}");
     assert!(!alive(child), "the agent's child outlived the stop");
-    assert_nothing_left(ALICE);
+    assert_nothing_left(&stoa, ALICE);
     let (status, _) = stoa.request(
         "POST",
         &format!("/sessions/{session}/stop"),
@@ -463,7 +535,7 @@ fn failures() -> Result<(), Failed> {
             t["error"].as_str().unwrap_or("").contains(error),
             "{word}: {t}"
         );
-        assert_nothing_left(ALICE);
+        assert_nothing_left(&stoa, ALICE);
         let (_, s) = stoa.request("GET", &format!("/sessions/{session}"), Some(&alice), None);
         assert_eq!(s["status"], "failed");
     }
@@ -505,7 +577,7 @@ fn timeout() -> Result<(), Failed> {
         (Some("failed"), Some("timeout")),
         "{t}"
     );
-    assert_nothing_left(ALICE);
+    assert_nothing_left(&stoa, ALICE);
     Ok(())
 }
 
@@ -643,11 +715,26 @@ fn secrets() -> Result<(), Failed> {
         ],
     );
     assert_eq!(mode.trim(), "root 600");
-    let db = std::fs::read(stoa.dir.join("daemon/stoa.db"))?;
-    assert!(
-        !String::from_utf8_lossy(&db).contains(secret),
-        "the daemon's store holds the secret"
-    );
+    // Not in any worker's store (database, write-ahead log), nor in anything else the
+    // daemons keep.
+    let mut stored = Vec::new();
+    for dir in ["workers", "daemon"] {
+        files_under(&stoa.dir.join(dir), &mut stored);
+    }
+    for user in [ALICE, BOB] {
+        assert!(
+            stored.contains(&store_of(&stoa, user)),
+            "no store of {user} among {stored:?}"
+        );
+    }
+    for file in &stored {
+        let bytes = std::fs::read(file)?;
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(secret),
+            "{} holds the secret",
+            file.display()
+        );
+    }
     let (status, _) = stoa.request(
         "DELETE",
         "/users/me/secrets/ANTHROPIC_API_KEY",
@@ -658,20 +745,54 @@ fn secrets() -> Result<(), Failed> {
     Ok(())
 }
 
-fn daemon_killed_mid_task() -> Result<(), Failed> {
+/// Every file under `dir` (none if it does not exist).
+fn files_under(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => files_under(&path, out),
+            Ok(t) if t.is_file() => out.push(path),
+            _ => {}
+        }
+    }
+}
+
+/// The process holding a running task's pipes dies mid-run: that is now the user's
+/// worker (the front holds no task). The broker starts it again, because its user has live
+/// work, and the new worker takes the task over: every message stored once, in order.
+fn worker_killed_mid_task() -> Result<(), Failed> {
     let fakes = Fakes::install();
     let stoa = start(&fakes, "");
     let alice = stoa.api_user("alice", ALICE);
     let wt = worktree(ALICE);
     let session = create_session(&stoa, &alice, "claude-code", &wt);
+    assert!(
+        session.starts_with(&format!("u{}-", uid_of(ALICE))),
+        "{session}"
+    );
     // Five lines, one a second.
     let task = prompt(&stoa, &alice, &session, "SLOW");
     wait_until("two messages", Duration::from_secs(10), || {
         messages(&stoa, &alice, &session).len() >= 2
     });
-    let daemon = stoa.daemon_pid().expect("daemon");
-    run("kill", &["-KILL", &daemon.to_string()]);
-    stoa.wait_new_daemon(daemon);
+    let front = stoa.daemon_pid().expect("front");
+    let worker = worker_pid(&stoa, ALICE).expect("alice's worker");
+    run("kill", &["-KILL", &worker.to_string()]);
+    // The broker restarts it at once (her task still runs); until it noticed, a request
+    // may have reached the dead one. Then every answer must come, from the new one.
+    let mut new_worker = None;
+    wait_until("alice's new worker", Duration::from_secs(20), || {
+        new_worker = worker_pid(&stoa, ALICE).filter(|p| *p != worker);
+        new_worker.is_some()
+            && stoa
+                .request("GET", &format!("/tasks/{task}"), Some(&alice), None)
+                .0
+                == 200
+    });
+    assert!(!alive(worker), "the killed worker is still there");
     let t = wait_task(&stoa, &alice, &task);
     assert_eq!(t["status"], "completed", "{t}");
     let msgs = messages(&stoa, &alice, &session);
@@ -685,7 +806,12 @@ fn daemon_killed_mid_task() -> Result<(), Failed> {
             "result"
         ]
     );
+    let seqs: Vec<i64> = msgs.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert_eq!(worker_pid(&stoa, ALICE), new_worker, "{}", stoa.log());
     assert!(stoa.log().contains("taking over a running task"));
+    // The front was not involved.
+    assert_eq!(stoa.daemon_pid(), Some(front));
     Ok(())
 }
 
@@ -748,42 +874,46 @@ fn graceful_shutdown() -> Result<(), Failed> {
         stoa.log()
     );
 
-    // Every end is in the store: the slow task completed, the hung one was stopped, the
-    // terminal ended; nothing is left queued or running.
-    let db = rusqlite::Connection::open(stoa.dir.join("daemon/stoa.db"))?;
-    let row = |id: &str| -> (String, Option<String>) {
+    // Every end is in its user's store (alice's task in hers, bob's task and terminal in
+    // his): the slow task completed, the hung one was stopped, the terminal ended; nothing
+    // is left queued or running in either.
+    let alice_db = rusqlite::Connection::open(store_of(&stoa, ALICE))?;
+    let bob_db = rusqlite::Connection::open(store_of(&stoa, BOB))?;
+    let row = |db: &rusqlite::Connection, id: &str| -> (String, Option<String>) {
         db.query_row(
             "SELECT status, error FROM tasks WHERE task_id = ?1",
             [id],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
-        .expect("task row")
+        .unwrap_or_else(|e| panic!("task row of {id}: {e}"))
     };
     assert_eq!(
-        row(&slow).0,
+        row(&alice_db, &slow).0,
         "completed",
         "{:?}; log:\n{}",
-        row(&slow),
+        row(&alice_db, &slow),
         stoa.log()
     );
-    let (hang_status, hang_error) = row(&hang);
+    let (hang_status, hang_error) = row(&bob_db, &hang);
     assert_eq!(hang_status, "stopped", "{hang_error:?}");
     assert!(hang_error.unwrap_or_default().contains("shut down"));
-    let unfinished: i64 = db.query_row(
-        "SELECT count(*) FROM tasks WHERE status NOT IN ('completed', 'failed', 'stopped')",
-        [],
-        |r| r.get(0),
-    )?;
-    assert_eq!(unfinished, 0);
-    let ended: Option<String> = db.query_row(
+    for db in [&alice_db, &bob_db] {
+        let unfinished: i64 = db.query_row(
+            "SELECT count(*) FROM tasks WHERE status NOT IN ('completed', 'failed', 'stopped')",
+            [],
+            |r| r.get(0),
+        )?;
+        assert_eq!(unfinished, 0);
+    }
+    let ended: Option<String> = bob_db.query_row(
         "SELECT ended_at FROM terminals WHERE terminal_id = ?1",
         [terminal["terminal_id"].as_str().unwrap_or_default()],
         |r| r.get(0),
     )?;
     assert!(ended.is_some(), "the terminal's end was not recorded");
-    // No process of any user is left.
+    // No process of any user is left, their workers included.
     for user in [ALICE, BOB] {
-        assert_nothing_left(user);
+        assert_nothing_at_all_left(user);
     }
     let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
     for event in ["\"shutdown\"", "\"broker_stop\""] {

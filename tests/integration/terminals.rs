@@ -33,7 +33,14 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         exact_output,
     ),
     ("terminal_flood_is_held_back_by_a_stalled_viewer", flood),
-    ("terminal_survives_a_daemon_restart", survives_restart),
+    (
+        "terminal_survives_a_sigkill_of_its_worker",
+        survives_restart,
+    ),
+    (
+        "terminal_output_is_contiguous_across_a_worker_restart",
+        contiguous_across_restart,
+    ),
     (
         "terminal_browser_tickets_and_origin_checks",
         tickets_and_origin,
@@ -617,10 +624,12 @@ fn survives_restart() -> Result<(), Failed> {
     v.hello(FROM_NOW, true);
     v.type_text("MARK=kept-across; echo set\n");
     v.wait_for("set", Duration::from_secs(5));
-    let daemon = stoa.daemon_pid().expect("daemon");
-    run("kill", &["-KILL", &daemon.to_string()]);
-    stoa.wait_new_daemon(daemon);
-    assert!(alive(pid), "the shell died with the daemon");
+    // The process holding the terminal is alice's worker: SIGKILL it (no chance to tidy
+    // up); the broker starts a new one, which adopts the shell.
+    let worker = stoa.worker_pid(ALICE).expect("alice's worker");
+    run("kill", &["-KILL", &worker.to_string()]);
+    stoa.wait_new_worker(ALICE, worker);
+    assert!(alive(pid), "the shell died with the worker");
     let (status, info) = stoa.request("GET", &format!("/terminals/{id}"), Some(&alice), None);
     assert_eq!(
         (status, info["running"].clone()),
@@ -632,18 +641,136 @@ fn survives_restart() -> Result<(), Failed> {
     again.hello(FROM_NOW, true);
     again.type_text("echo $MARK\n");
     again.wait_for("kept-across", Duration::from_secs(5));
-    // A viewer resuming from before the restart is told its place is gone (a SNAPSHOT),
-    // then gets what the new daemon kept: nothing is skipped silently.
+    // The ring outlived the daemon (SIGKILLed, so with no chance to tidy up): a viewer
+    // resuming from where it was gets what followed, no SNAPSHOT.
     let mut resumed = connect(&stoa, &id, Some(&alice), "", None).unwrap();
     match resumed.hello(old_offset, true) {
-        ServerFrame::Welcome { oldest, .. } => {
-            assert!(oldest > old_offset, "offsets went back after a restart")
-        }
+        ServerFrame::Welcome {
+            oldest, current, ..
+        } => assert!(
+            oldest <= old_offset && old_offset <= current,
+            "the ring was lost in the restart: {oldest}..{current}, resuming from {old_offset}"
+        ),
         _ => unreachable!(),
     }
     resumed.wait_for("kept-across", Duration::from_secs(5));
-    assert_eq!(resumed.snapshots, 1);
+    assert_eq!(resumed.snapshots, 0);
+    assert!(
+        resumed.text().contains("echo $MARK"),
+        "{:?}",
+        resumed.text()
+    );
     assert!(stoa.log().contains("took a terminal back"));
+    assert!(stoa.log().contains("output ring intact"));
+    Ok(())
+}
+
+/// Whether any fd of `pid` is a terminal ring's memfd.
+fn holds_ring(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten().any(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|l| l.to_string_lossy().contains("memfd:stoa-ring"))
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// The numbers of the complete `line N` lines in `text`, in order.
+fn line_numbers(text: &str) -> Vec<u64> {
+    let mut lines: Vec<&str> = text.split("\r\n").collect();
+    lines.pop(); // what follows the last line end: a line still being written
+    lines
+        .iter()
+        .map(|l| {
+            l.strip_prefix("line ")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("not a numbered line: {l:?}"))
+        })
+        .collect()
+}
+
+fn contiguous_across_restart() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let alice = stoa.api_user("alice", ALICE);
+    let t = open(
+        &stoa,
+        &alice,
+        json!({ "cols": 80, "rows": 24, "command": ["sh", "-c", "i=0; while :; do echo line $i; i=$((i+1)); sleep 0.01; done"] }),
+    );
+    let id = t["terminal_id"].as_str().unwrap().to_string();
+    let pid = t["pid"].as_i64().unwrap() as i32;
+    // The ring's memfd is the broker's and the worker's: never the user's other processes,
+    // nor the front.
+    let worker = stoa.worker_pid(ALICE).expect("alice's worker");
+    let front = stoa.daemon_pid().expect("front");
+    assert!(holds_ring(stoa.broker_pid()), "the broker keeps no ring");
+    let maps = std::fs::read_to_string(format!("/proc/{worker}/maps")).unwrap();
+    assert!(maps.contains("memfd:stoa-ring"), "the worker maps no ring");
+    assert!(!holds_ring(front), "the front holds a ring");
+    let front_maps = std::fs::read_to_string(format!("/proc/{front}/maps")).unwrap();
+    assert!(
+        !front_maps.contains("memfd:stoa-ring"),
+        "the front maps a ring"
+    );
+    let users = std::iter::once(pid).chain(find_processes(ALICE, &["sleep", "0.01"]));
+    for p in users {
+        assert!(!holds_ring(p), "process {p} of the user holds the ring");
+    }
+    let mut v = connect(&stoa, &id, Some(&alice), "", None).unwrap();
+    v.hello(0, true);
+    v.wait_for("line 30\r\n", Duration::from_secs(10));
+    // A planned restart of alice's worker, while the output flows.
+    let (status, body) = stoa.request(
+        "POST",
+        &format!("/workers/{ALICE}/restart"),
+        Some(&stoa.token),
+        Some(&json!({})),
+    );
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !v.closed {
+        assert!(Instant::now() < deadline, "the old worker kept the socket");
+        v.next(Duration::from_millis(100));
+    }
+    assert_eq!(v.snapshots, 0);
+    // It acknowledged every byte it got.
+    let acked = v.offset;
+    let before = line_numbers(&v.text());
+    stoa.wait_new_worker(ALICE, worker);
+    let mut again = connect(&stoa, &id, Some(&alice), "", None).unwrap();
+    match again.hello(acked, true) {
+        ServerFrame::Welcome {
+            oldest, current, ..
+        } => assert!(
+            oldest <= acked && acked <= current,
+            "the ring was lost in the restart: {oldest}..{current}, resuming from {acked}"
+        ),
+        _ => unreachable!(),
+    }
+    let last = *before.last().expect("lines before the restart");
+    again.wait_for(&format!("line {}\r\n", last + 30), Duration::from_secs(10));
+    assert_eq!(again.snapshots, 0, "a SNAPSHOT after the restart");
+    // Both connections together: every line once, in order, from line 0.
+    let mut all = v.output.clone();
+    all.extend_from_slice(&again.output);
+    let numbers = line_numbers(&String::from_utf8_lossy(&all));
+    let expected: Vec<u64> = (0..numbers.len() as u64).collect();
+    assert!(
+        numbers == expected,
+        "lines lost or repeated across the restart (resumed at offset {acked}, after line {last}): {:?}",
+        numbers
+            .windows(2)
+            .filter(|w| w[1] != w[0] + 1)
+            .collect::<Vec<_>>()
+    );
+    assert!(stoa.log().contains("output ring intact"));
+    assert!(!stoa.log().contains("not every terminal reader stopped"));
+    eprintln!(
+        "restart: lines 0..={last} before, {} in all; resumed at offset {acked}",
+        numbers.len()
+    );
     Ok(())
 }
 

@@ -373,7 +373,7 @@ impl Cgroups {
     pub fn prepare(
         &mut self,
         uid: u32,
-        handle: u64,
+        leaf: &str,
     ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String> {
         if !self.enabled() {
             return Ok(None);
@@ -384,7 +384,7 @@ impl Cgroups {
         let dirs: Vec<PathBuf> = self
             .spawn_roots()
             .iter()
-            .map(|root| root.join(format!("user-{uid}")).join(format!("h{handle}")))
+            .map(|root| root.join(format!("user-{uid}")).join(leaf))
             .collect();
         let spawn = SpawnCgroup { dirs };
         let opened = (|| -> io::Result<Vec<OwnedFd>> {

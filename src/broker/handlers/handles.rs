@@ -19,7 +19,7 @@ use tracing::{error, info};
 use super::super::admission::Record;
 use super::super::handles::Life;
 use super::super::table::{error, Ctx, Outcome};
-use super::super::Broker;
+use super::super::{Broker, PeerKind};
 use crate::wire::{ErrorKind, Event, ExitStatus, FdLayout, Handle, ReplyBody, RequestBody, Signal};
 
 /// The audit line of a request about `handle`. `signal` and `adopt` lines (which the daemon
@@ -192,16 +192,26 @@ pub fn release(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
 /// record, with an argv at its limit, is under 140 KiB).
 pub const LIST_PAGE_BYTES: usize = 256 * 1024;
 
+/// `ListHandles` from a worker: its own user's handles, a page at a time.
 pub fn list(b: &mut Broker, _ctx: &Ctx, body: RequestBody) -> Outcome {
     let RequestBody::ListHandles { after } = body else {
         unreachable!("the table routes only ListHandles here")
     };
+    let uid = match b.peer_kind() {
+        Some(PeerKind::Worker { uid, .. }) => Some(*uid),
+        _ => return Outcome::Violation("ListHandles from a link that is not a worker".into()),
+    };
+    list_page(b, after, uid)
+}
+
+/// A page of the handles after `after`, of `uid` only or (`None`) of everyone.
+pub fn list_page(b: &Broker, after: Option<Handle>, uid: Option<u32>) -> Outcome {
     let (mut list, mut bytes, mut more) = (Vec::new(), 0, false);
     let after_start = |h: &Handle| after.is_none_or(|a| *h > a);
     for (_, e) in b
         .handles
         .iter()
-        .filter(|(h, e)| e.visible() && after_start(h))
+        .filter(|(h, e)| e.visible() && after_start(h) && uid.is_none_or(|u| e.account.uid == u))
     {
         let size = stoa_executor::codec::encode(&e.info).map_or(usize::MAX, |f| f.len());
         if !list.is_empty() && bytes + size > LIST_PAGE_BYTES {
@@ -308,11 +318,15 @@ pub fn on_reaped(b: &mut Broker, pid: i32, status: ExitStatus) {
         b.handles.remove(handle);
         return;
     }
-    b.send_event(Event::Exited {
-        handle,
-        status,
-        limit_hit,
-    });
+    let uid = b.handles.get(handle).map_or(u32::MAX, |e| e.info.uid);
+    b.send_event(
+        super::super::Target::User(uid),
+        Event::Exited {
+            handle,
+            status,
+            limit_hit,
+        },
+    );
 }
 
 /// Every executor that has exec'd and is not reaped.

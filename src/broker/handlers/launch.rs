@@ -116,7 +116,7 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         Vec::new()
     };
     let handle = b.handles.next_handle();
-    let (cgroup, cgroup_procs) = match b.os.cgroup_prepare(account.uid, handle.0) {
+    let (cgroup, cgroup_procs) = match b.os.cgroup_prepare(account.uid, &format!("h{}", handle.0)) {
         Ok(Some((cg, fds))) => (Some(cg), fds),
         Ok(None) => (None, Vec::new()),
         Err(e) => {
@@ -307,8 +307,8 @@ pub fn finish(b: &mut Broker, handle: Handle, report: Result<ChildReport, String
                 Program::Shell => "shell".into(),
             };
             info!(handle = handle.0, pid = info.pid, user = %user, by = %principal, "spawned {}", what.escape_debug());
-            if reply.link != b.link {
-                // The daemon that asked is gone: nobody will ever hear of this run.
+            if !b.peers.contains_key(&reply.link) {
+                // The worker that asked is gone: nobody will ever hear of this run.
                 warn!(
                     handle = handle.0,
                     "spawned for a daemon that is gone; ending it"

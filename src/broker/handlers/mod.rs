@@ -7,3 +7,4 @@ pub mod handles;
 pub mod launch;
 pub mod secrets;
 pub mod session;
+pub mod workers;

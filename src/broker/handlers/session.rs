@@ -10,9 +10,10 @@ use tracing::{info, warn};
 
 use super::super::admission::Record;
 use super::super::table::{clip, error, Ctx, Outcome};
-use super::super::{Broker, LinkState, Mode};
+use super::super::{Broker, LinkState, Mode, Outgoing, PeerKind, Target};
 use crate::wire::{
-    limits, BrokerStats, ErrorKind, Event, ReplyBody, RequestBody, Welcome, PROTOCOL_VERSION,
+    limits, BrokerMessage, BrokerStats, ErrorKind, Event, ReplyBody, RequestBody, Welcome,
+    PROTOCOL_VERSION,
 };
 
 pub fn hello(b: &mut Broker, _ctx: &Ctx, body: RequestBody) -> Outcome {
@@ -33,22 +34,30 @@ pub fn hello(b: &mut Broker, _ctx: &Ctx, body: RequestBody) -> Outcome {
         version: env!("CARGO_PKG_VERSION").into(),
         isolation: single_user.is_none(),
         single_user,
+        workers_dir: b.policy.workers_dir.display().to_string(),
     };
     Outcome::Reply(ReplyBody::Welcome(welcome), Vec::new())
 }
 
 pub fn ready(b: &mut Broker, _ctx: &Ctx, _body: RequestBody) -> Outcome {
-    info!("daemon ready");
-    if !b.announced {
-        b.notifier.notify("READY=1\nSTATUS=serving");
-        b.announced = true;
-    } else {
-        b.notifier.notify("STATUS=serving (daemon restarted)");
+    if b.peer_kind() == Some(&PeerKind::Front) {
+        info!("front ready");
+        // Only the front's readiness is the service's (a worker starts on demand).
+        if !b.announced {
+            b.notifier.notify("READY=1\nSTATUS=serving");
+            b.announced = true;
+        } else {
+            b.notifier.notify("STATUS=serving (front restarted)");
+        }
     }
     if b.shutting_down {
-        // A daemon that starts during a shutdown must know it too.
-        b.send_event(Event::ShuttingDown {
-            grace_secs: b.policy.shutdown_grace_secs,
+        // A process that starts during a shutdown must know it too (only this link).
+        b.outbox.push(Outgoing {
+            link: b.link,
+            message: BrokerMessage::Event(Event::ShuttingDown {
+                grace_secs: b.policy.shutdown_grace_secs,
+            }),
+            fds: Vec::new(),
         });
     }
     Outcome::Reply(ReplyBody::Done, Vec::new())
@@ -183,6 +192,6 @@ pub fn check_revocations(b: &mut Broker) {
         );
         b.audit
             .record("credentials_revoked", json!({ "api_users": revoked }));
-        b.send_event(Event::Revoked { api_users: revoked });
+        b.send_event(Target::All, Event::Revoked { api_users: revoked });
     }
 }

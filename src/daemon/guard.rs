@@ -14,9 +14,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 
 use super::auth::{RequestContext, REQUEST};
+use super::front_main::FrontState;
 use super::http::ApiError;
 use super::serve::ConnInfo;
-use super::AppState;
 
 /// The page loads its scripts and styles from `/static` only; xterm.js sets inline
 /// styles (hence `'unsafe-inline'` for styles, never for scripts); the socket and the API
@@ -63,7 +63,7 @@ fn ip_name(ip: IpAddr) -> String {
 /// Whether `host` (a `Host` header) names this daemon: localhost, the loopback addresses,
 /// the listen address, the address the connection came in on (an IP literal: DNS
 /// rebinding always uses a name), or `http.allowed_hosts`.
-pub fn host_allowed(state: &AppState, host: &str, local: Option<IpAddr>) -> bool {
+pub fn host_allowed(state: &FrontState, host: &str, local: Option<IpAddr>) -> bool {
     let name = host_name(host);
     if ["localhost", "127.0.0.1", "[::1]"].contains(&name.as_str()) {
         return true;
@@ -90,7 +90,7 @@ pub fn host_allowed(state: &AppState, host: &str, local: Option<IpAddr>) -> bool
         .any(|h| host_name(h) == name)
 }
 
-pub async fn layer(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+pub async fn layer(State(state): State<Arc<FrontState>>, request: Request, next: Next) -> Response {
     let conn = request.extensions().get::<ConnInfo>().copied();
     let host = request
         .headers()
