@@ -9,7 +9,10 @@
 //!
 //! The methods are interleaved round-robin (rotating which goes first) so that they all
 //! see the same machine. It prints p50/p99/mean per method and their ratios; it asserts
-//! nothing.
+//! nothing. Two requests that run nothing show what of stoa's time is HTTP: `GET /health`
+//! (answered by the front alone) and a `GET` of a terminal id of the user's that does not
+//! exist (since per-user workers, issue 11: relayed like `POST /exec`, through the
+//! broker's `OpenWorker` and a new connection to the user's worker, which answers 404).
 //!
 //! It needs root: it creates a test user, a group and a service user, runs a broker from
 //! a root-owned copy of the release binaries under `/run`, and removes all of that at the
@@ -93,13 +96,28 @@ fn run() -> Result<(), String> {
     // is HTTP.
     let mut health = Method::new(
         "(GET /health)",
-        Some(health_runner(agent, &fixture.base_url)),
+        Some(health_runner(agent.clone(), &fixture.base_url)),
+    );
+    let uid = nix::unistd::User::from_name(USER)
+        .ok()
+        .flatten()
+        .ok_or_else(|| format!("no user {USER}"))?
+        .uid;
+    let mut relayed = Method::new(
+        "(GET relayed, 404)",
+        Some(relayed_runner(
+            agent,
+            &fixture.base_url,
+            &fixture.token,
+            uid.as_raw(),
+        )),
     );
 
     println!(
         "spawn bench: {TARGET} as '{USER}', {warmup} warm-up + {iters} measured runs per method, interleaved"
     );
     println!("machine: {}", machine());
+    println!("load average at the start: {}", load_average());
     for m in methods.iter().filter(|m| m.runner.is_none()) {
         println!("{}: not installed, skipped", m.name);
     }
@@ -108,7 +126,7 @@ fn run() -> Result<(), String> {
         let mut active: Vec<&mut Method> = methods
             .iter_mut()
             .filter(|m| m.runner.is_some())
-            .chain(std::iter::once(&mut health))
+            .chain([&mut health, &mut relayed])
             .collect();
         let n = active.len();
         for round in 0..warmup + iters {
@@ -117,9 +135,10 @@ fn run() -> Result<(), String> {
             }
         }
     }
-    println!("({:.1} s in all)\n", started.elapsed().as_secs_f64());
+    println!("({:.1} s in all)", started.elapsed().as_secs_f64());
+    println!("load average at the end: {}\n", load_average());
 
-    report(&methods, &health);
+    report(&methods, &[&health, &relayed]);
     drop(fixture);
     Ok(())
 }
@@ -208,7 +227,18 @@ fn ratio(a: Duration, b: Duration) -> String {
     format!("{:.2}×", a.as_secs_f64() / b.as_secs_f64())
 }
 
-fn report(methods: &[Method], health: &Method) {
+/// The 1-, 5- and 15-minute load averages.
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let fields: Vec<&str> = text.split_whitespace().take(3).collect();
+    format!(
+        "{} ({} cores)",
+        fields.join(" "),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )
+}
+
+fn report(methods: &[Method], references: &[&Method]) {
     let raw = methods[0].stats();
     println!(
         "{:<22} {:>5} {:>5} {:>10} {:>10} {:>10} {:>8} {:>8}",
@@ -238,7 +268,7 @@ fn report(methods: &[Method], health: &Method) {
             r99
         );
     }
-    for m in methods.iter().chain([health]) {
+    for m in methods.iter().chain(references.iter().copied()) {
         if let Some(e) = &m.first_error {
             println!("{}: {} failed runs; the first: {e}", m.name, m.failures);
         }
@@ -254,12 +284,20 @@ fn report(methods: &[Method], health: &Method) {
             }
         }
     }
-    if let Some(h) = health.stats() {
-        println!(
-            "\nfor scale, an HTTP round trip alone on the same connection (GET /health): p50 {}, p99 {}",
-            ms(h.p50),
-            ms(h.p99)
-        );
+    println!("\nfor scale, HTTP round trips alone on the same connection:");
+    for m in references {
+        if let Some(h) = m.stats() {
+            println!(
+                "  {:<22} p50 {}, p99 {}{}",
+                m.name,
+                ms(h.p50),
+                ms(h.p99),
+                match &raw {
+                    Some(r) => format!(" ({} raw fork+exec at p50)", ratio(h.p50, r.p50)),
+                    None => String::new(),
+                }
+            );
+        }
     }
     if let (Some(stoa), Some(raw)) = (&stoa, &raw) {
         let setpriv = methods
@@ -323,6 +361,27 @@ fn stoa_runner(agent: ureq::Agent, base: &str, token: &str) -> Runner {
             Ok(())
         } else {
             Err(format!("POST /exec: HTTP {status}: {reply}"))
+        }
+    })
+}
+
+/// `GET /terminals/u<uid>-none` with the admin token: the front relays it to the user's
+/// worker (`OpenWorker` through the broker, then HTTP over the connection it hands back),
+/// which has no such terminal: 404 is the expected answer.
+fn relayed_runner(agent: ureq::Agent, base: &str, token: &str, uid: u32) -> Runner {
+    let url = format!("{base}/terminals/u{uid}-none");
+    let auth = format!("Bearer {token}");
+    Box::new(move || {
+        let mut response = agent
+            .get(&url)
+            .header("Authorization", &auth)
+            .call()
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        // Read to the end, so the connection is kept for the next request.
+        let _ = response.body_mut().read_to_string();
+        match response.status().as_u16() {
+            404 => Ok(()),
+            status => Err(format!("GET {url}: HTTP {status}, expected 404")),
         }
     })
 }

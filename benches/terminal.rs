@@ -1,5 +1,9 @@
 //! `cargo bench --bench terminal`: stoa's terminals against a bare PTY, in one run.
 //!
+//! Since per-user workers (issue 11) a terminal's bytes go PTY → the user's worker
+//! (`stoa __worker`, which holds the PTY master and the ring) → the front (`stoa __daemon`,
+//! which splices the WebSocket to the worker over a Unix socket) → the client.
+//!
 //! 1. Throughput: `cat` of a 1 GiB text file (base64, 120-char lines) through a stoa
 //!    terminal to a `stoa.term.v1` client in this process (ACK every 256 KiB, bytes
 //!    counted until EXIT and checked against the file plus one `\r` per `\n`), against the
@@ -8,16 +12,23 @@
 //! 2. Keystroke echo: a 1-byte INPUT until it comes back in an OUTPUT frame, through a
 //!    terminal running `stty raw -echo; exec cat`. References: the same program on a bare
 //!    PTY driven from Rust and from Python (`pty.fork`), and PING→PONG on the same socket
-//!    (the WebSocket and daemon without the PTY).
-//! 3. 1,000 idle terminals (`sleep 3600`): the daemon's RSS per terminal (idle terminals
-//!    have empty rings), the broker's and the daemon's open fds, how long creating and
-//!    deleting them took; at the end nothing of the user's may be left.
+//!    (the WebSocket, front and worker without the PTY).
+//! 3. 1,000 idle terminals (`sleep 3600`) spread round-robin over 10 Unix users (the
+//!    bench's `USER` and `stoa-bench-u1..9`, made like it, each with an API user of its
+//!    own): the memory of every stoa process involved (the front and each user's worker;
+//!    the broker shown apart), as PSS from /proc/PID/smaps_rollup (RSS where that cannot
+//!    be read; the output says which), per terminal, measured from two baselines: before
+//!    any worker ran, and with the 10 workers started (one terminal created and deleted
+//!    per user). The rings are separated by measuring them: each terminal's WELCOME says
+//!    how much output its ring holds (`current - oldest`), summed over all of them after
+//!    the memory is read (rings are allocated as output arrives; `sleep` prints nothing).
+//!    Also the fds of broker, front and workers, and how long creating and deleting them
+//!    took; at the end no `sleep` of any of the users may be left.
 //!
-//! The idle terminals come first, on a fresh daemon (after one terminal created and
-//! deleted, so one-time allocations are not counted). Programs that print `READY` once
-//! they are set up let the client start at a known point. As under systemd, stoa starts
-//! with an open-file soft limit of 1024 (hard: 524288 where this process may raise it),
-//! so a part of stoa that needs more fds has to raise its own.
+//! The idle terminals come first, on a fresh front. Programs that print `READY` once they
+//! are set up let the client start at a known point. As under systemd, stoa starts with
+//! an open-file soft limit of 1024 (hard: 524288 where this process may raise it), so a
+//! part of stoa that needs more fds has to raise its own.
 //!
 //! The broker's limits on executors and spawn rate are raised for the 1,000 terminals.
 //!
@@ -26,8 +37,9 @@
 //!
 //! Environment: STOA_BENCH_ROUNDS (throughput rounds per path, default 2),
 //! STOA_BENCH_FILE_MIB (default 1024), STOA_BENCH_ECHO (round trips, default 2000),
-//! STOA_BENCH_TERMINALS (idle terminals, default 1000), STOA_BENCH_RING_KIB (the daemon's
-//! `[terminal] ring_bytes`; unset: its default).
+//! STOA_BENCH_TERMINALS (idle terminals, default 1000), STOA_BENCH_USERS (Unix users they
+//! are spread over, default 10), STOA_BENCH_RING_KIB (the `[terminal] ring_bytes`; unset:
+//! its default).
 #![forbid(unsafe_code)]
 
 mod common;
@@ -94,6 +106,7 @@ struct Settings {
     file_bytes: u64,
     echo: usize,
     terminals: usize,
+    users: usize,
 }
 
 fn main() -> ExitCode {
@@ -151,6 +164,7 @@ fn run() -> Result<bool, String> {
         file_bytes: (env_count("STOA_BENCH_FILE_MIB", 1024)?.max(1) as u64) << 20,
         echo: env_count("STOA_BENCH_ECHO", 2000)?.max(1),
         terminals: env_count("STOA_BENCH_TERMINALS", 1000)?.max(1),
+        users: env_count("STOA_BENCH_USERS", 10)?.max(1),
     };
     let release = build_binaries()?;
     let fd_limit = systemd_fd_limit();
@@ -169,15 +183,28 @@ fn run() -> Result<bool, String> {
             (most * 2).max(4096)
         ),
     )?;
-    let stoa = Stoa::new(&fixture)?;
+    let mut unix_users = vec![USER.to_string()];
+    unix_users.extend(fixture.add_users(settings.users - 1)?);
+    let stoa = Stoa::new(&fixture, &unix_users)?;
     println!("terminal bench: {}", machine());
+    println!("load average at the start: {}", load_average());
     println!("open-file limit stoa started with: {fd_limit}");
     if !ring.is_empty() {
-        println!("daemon [terminal] {}", ring.trim());
+        println!("[terminal] {}", ring.trim());
     }
-    for (name, pid) in [("broker", stoa.broker), ("daemon", stoa.daemon()?)] {
+    for (name, pid) in [("broker", stoa.broker), ("front", stoa.front()?)] {
         println!("  {name} (pid {pid}): {}", max_open_files(pid));
     }
+    println!(
+        "  Unix users: {} (uids {}); workers running now: {}",
+        unix_users.join(", "),
+        stoa.users
+            .iter()
+            .map(|u| u.uid.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        stoa.workers().len()
+    );
 
     let mut summary = Vec::new();
     let mut ok = true;
@@ -195,6 +222,7 @@ fn run() -> Result<bool, String> {
         }
     }
     println!("\n== summary ==");
+    println!("load average at the end: {}", load_average());
     for line in &summary {
         println!("{line}");
     }
@@ -221,28 +249,55 @@ fn systemd_fd_limit() -> String {
 // ---------------------------------------------------------------------------------------
 // The server: HTTP, the processes, /proc.
 
+/// A Unix user the bench's terminals run as, and the API user acting as it.
+struct BenchUser {
+    unix: String,
+    uid: u32,
+    /// Its API user's token (not an admin's: its requests go to its own worker).
+    token: String,
+}
+
 struct Stoa<'a> {
     fixture: &'a Fixture,
     agent: ureq::Agent,
-    /// The API user's token (its terminals run as `USER`).
-    token: String,
+    /// `users[0]` is `USER`, the one throughput and echo run as.
+    users: Vec<BenchUser>,
     port: u16,
     broker: i32,
-    uid: u32,
 }
 
 impl<'a> Stoa<'a> {
-    fn new(fixture: &'a Fixture) -> Result<Stoa<'a>, String> {
-        let out = Command::new(fixture.dir.join("bin/stoa"))
-            .args(["user", "add", "bench", "--unix-user", USER])
-            .env("STOA_BROKER_CONFIG", fixture.dir.join("broker.toml"))
-            .output()
-            .map_err(|e| format!("stoa user add: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "stoa user add: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
+    /// An API user `bench` (then `bench1`, `bench2`, …) for each of `unix_users`.
+    fn new(fixture: &'a Fixture, unix_users: &[String]) -> Result<Stoa<'a>, String> {
+        let mut users = Vec::with_capacity(unix_users.len());
+        for (i, unix) in unix_users.iter().enumerate() {
+            let name = if i == 0 {
+                "bench".to_string()
+            } else {
+                format!("bench{i}")
+            };
+            let out = Command::new(fixture.dir.join("bin/stoa"))
+                .args(["user", "add", &name, "--unix-user", unix])
+                .env("STOA_BROKER_CONFIG", fixture.dir.join("broker.toml"))
+                .output()
+                .map_err(|e| format!("stoa user add: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "stoa user add {name}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            let uid = nix::unistd::User::from_name(unix)
+                .ok()
+                .flatten()
+                .ok_or_else(|| format!("no user {unix}"))?
+                .uid
+                .as_raw();
+            users.push(BenchUser {
+                unix: unix.clone(),
+                uid,
+                token: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            });
         }
         let port = fixture
             .base_url
@@ -250,12 +305,6 @@ impl<'a> Stoa<'a> {
             .next()
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| format!("no port in {}", fixture.base_url))?;
-        let uid = nix::unistd::User::from_name(USER)
-            .ok()
-            .flatten()
-            .ok_or_else(|| format!("no user {USER}"))?
-            .uid
-            .as_raw();
         Ok(Stoa {
             fixture,
             agent: ureq::Agent::config_builder()
@@ -263,17 +312,23 @@ impl<'a> Stoa<'a> {
                 .timeout_global(Some(Duration::from_secs(60)))
                 .build()
                 .into(),
-            token: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            users,
             port,
             broker: broker_pid(&fixture.dir)?,
-            uid,
         })
     }
 
-    /// `(status, JSON body or Null)`; Err only when there is no HTTP answer.
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value), String> {
+    /// As `users[user]`: `(status, JSON body or Null)`; Err only when there is no HTTP
+    /// answer.
+    fn call(
+        &self,
+        user: usize,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), String> {
         let url = format!("{}{path}", self.fixture.base_url);
-        let auth = format!("Bearer {}", self.token);
+        let auth = format!("Bearer {}", self.users[user].token);
         let result = match (method, body) {
             ("POST", Some(b)) => self
                 .agent
@@ -293,10 +348,10 @@ impl<'a> Stoa<'a> {
         Ok((status, value))
     }
 
-    /// A terminal running `argv` as `USER`; its id.
-    fn create(&self, argv: &[&str]) -> Result<String, String> {
+    /// A terminal running `argv` as `users[user]`; its id.
+    fn create(&self, user: usize, argv: &[&str]) -> Result<String, String> {
         let body = json!({ "cols": 120, "rows": 40, "command": argv });
-        match self.call("POST", "/terminals", Some(body))? {
+        match self.call(user, "POST", "/terminals", Some(body))? {
             (201, t) => t["terminal_id"]
                 .as_str()
                 .map(str::to_string)
@@ -305,34 +360,75 @@ impl<'a> Stoa<'a> {
         }
     }
 
-    fn delete(&self, id: &str) -> Result<(), String> {
-        match self.call("DELETE", &format!("/terminals/{id}"), None)? {
+    fn delete(&self, user: usize, id: &str) -> Result<(), String> {
+        match self.call(user, "DELETE", &format!("/terminals/{id}"), None)? {
             (204, _) => Ok(()),
             (status, t) => Err(format!("DELETE /terminals/{id}: HTTP {status}: {t}")),
         }
     }
 
-    fn list(&self) -> Result<Vec<Value>, String> {
-        match self.call("GET", "/terminals", None)? {
+    fn list(&self, user: usize) -> Result<Vec<Value>, String> {
+        match self.call(user, "GET", "/terminals", None)? {
             (200, Value::Array(a)) => Ok(a),
             (status, t) => Err(format!("GET /terminals: HTTP {status}: {t}")),
         }
     }
 
-    fn daemon(&self) -> Result<i32, String> {
-        daemon_pid(self.broker)
+    /// Every user's terminals: (listed, running).
+    fn list_all(&self) -> Result<(usize, usize), String> {
+        let (mut listed, mut running) = (0, 0);
+        for user in 0..self.users.len() {
+            let list = self.list(user)?;
+            listed += list.len();
+            running += list.iter().filter(|t| t["running"] == true).count();
+        }
+        Ok((listed, running))
     }
 
-    /// Processes running as `USER`: (all, named `name`).
+    /// The front: the broker's child `stoa __daemon`.
+    fn front(&self) -> Result<i32, String> {
+        child_with_arg(self.broker, "__daemon")
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                format!(
+                    "no `stoa __daemon` child of the broker (pid {})",
+                    self.broker
+                )
+            })
+    }
+
+    /// The workers: the broker's children `stoa __worker`, with their uids.
+    fn workers(&self) -> Vec<(i32, u32)> {
+        child_with_arg(self.broker, "__worker")
+            .into_iter()
+            .filter_map(|pid| Some((pid, process_uid(pid)?)))
+            .collect()
+    }
+
+    /// `users[user]`'s worker.
+    fn worker_of(&self, user: usize) -> Result<i32, String> {
+        let uid = self.users[user].uid;
+        self.workers()
+            .into_iter()
+            .find(|&(_, u)| u == uid)
+            .map(|(pid, _)| pid)
+            .ok_or_else(|| format!("no worker of {} running", self.users[user].unix))
+    }
+
+    /// Processes running as any of the bench's users, other than their workers:
+    /// (all, named `name`).
     fn user_processes(&self, name: &str) -> (usize, usize) {
         let (mut all, mut named) = (0, 0);
         for pid in pids() {
             let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
                 continue;
             };
-            let uid =
+            let uid: Option<u32> =
                 field(&status, "Uid:").and_then(|v| v.split_whitespace().next()?.parse().ok());
-            if uid == Some(self.uid) {
+            if uid.is_some_and(|uid| self.users.iter().any(|u| u.uid == uid))
+                && !cmdline(pid).iter().any(|a| a == "__worker")
+            {
                 all += 1;
                 if field(&status, "Name:").map(str::trim) == Some(name) {
                     named += 1;
@@ -342,7 +438,7 @@ impl<'a> Stoa<'a> {
         (all, named)
     }
 
-    /// The last `n` lines of stoa's log (broker and daemon).
+    /// The last `n` lines of stoa's log (broker, front and workers).
     fn log_tail(&self, n: usize) -> String {
         let log = fs::read_to_string(self.fixture.dir.join("stoa.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -370,6 +466,15 @@ fn field<'s>(status: &'s str, name: &str) -> Option<&'s str> {
     status.lines().find_map(|l| l.strip_prefix(name))
 }
 
+fn process_uid(pid: i32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    field(&status, "Uid:")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The fixture's `stoa serve`: the broker.
 fn broker_pid(dir: &Path) -> Result<i32, String> {
     let config = dir.join("broker.toml").display().to_string();
@@ -381,15 +486,136 @@ fn broker_pid(dir: &Path) -> Result<i32, String> {
         .ok_or_else(|| format!("no `stoa serve` with {config} running"))
 }
 
-/// The broker's child `stoa __daemon`.
-fn daemon_pid(broker: i32) -> Result<i32, String> {
+/// The children of `parent` with `arg` among their arguments.
+fn child_with_arg(parent: i32, arg: &str) -> Vec<i32> {
     pids()
-        .find(|&pid| {
+        .filter(|&pid| {
             let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            field(&status, "PPid:").and_then(|p| p.trim().parse().ok()) == Some(broker)
-                && cmdline(pid).iter().any(|a| a == "__daemon")
+            field(&status, "PPid:").and_then(|p| p.trim().parse().ok()) == Some(parent)
+                && cmdline(pid).iter().any(|a| a == arg)
         })
-        .ok_or_else(|| format!("no `stoa __daemon` child of the broker (pid {broker})"))
+        .collect()
+}
+
+/// The 1-, 5- and 15-minute load averages.
+fn load_average() -> String {
+    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let fields: Vec<&str> = text.split_whitespace().take(3).collect();
+    format!("{} (2 cores busy = 2.0)", fields.join(" "))
+}
+
+/// A process's memory, in KiB.
+#[derive(Clone, Copy, Default)]
+struct Mem {
+    /// PSS where smaps_rollup could be read, else RSS.
+    kib: u64,
+    rss: u64,
+    pss: bool,
+}
+
+/// `pid`'s memory: `Pss:` of /proc/PID/smaps_rollup (shared pages, such as the stoa binary
+/// every worker, the front and the broker map, divided among the processes sharing them),
+/// or, if that cannot be read, `VmRSS:` of /proc/PID/status.
+fn memory(pid: i32) -> Result<Mem, String> {
+    let rss = status_kib(pid, "VmRSS:")?;
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let pss = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok());
+    Ok(match pss {
+        Some(pss) => Mem {
+            kib: pss,
+            rss,
+            pss: true,
+        },
+        None => Mem {
+            kib: rss,
+            rss,
+            pss: false,
+        },
+    })
+}
+
+/// The memory and fds of the stoa processes at one moment.
+struct Census {
+    broker: Mem,
+    front: Mem,
+    /// (pid, uid, memory, fds) of each worker.
+    workers: Vec<(i32, u32, Mem, usize)>,
+    fds: (usize, usize),
+}
+
+impl Census {
+    fn take(stoa: &Stoa) -> Result<Census, String> {
+        let front = stoa.front()?;
+        let mut workers = Vec::new();
+        for (pid, uid) in stoa.workers() {
+            workers.push((pid, uid, memory(pid)?, fd_count(pid)));
+        }
+        Ok(Census {
+            broker: memory(stoa.broker)?,
+            front: memory(front)?,
+            workers,
+            fds: (fd_count(stoa.broker), fd_count(front)),
+        })
+    }
+
+    /// What is measured: "PSS", "RSS", or "PSS/RSS mixed" if some could not be read.
+    fn kind(&self) -> &'static str {
+        let all = [self.broker, self.front]
+            .into_iter()
+            .chain(self.workers.iter().map(|w| w.2));
+        let (mut pss, mut rss) = (false, false);
+        for m in all {
+            if m.pss {
+                pss = true;
+            } else {
+                rss = true;
+            }
+        }
+        match (pss, rss) {
+            (true, false) => "PSS",
+            (false, true) => "RSS",
+            _ => "PSS/RSS mixed",
+        }
+    }
+
+    fn workers_kib(&self) -> u64 {
+        self.workers.iter().map(|w| w.2.kib).sum()
+    }
+
+    /// The front and every worker (the processes that hold the terminals).
+    fn front_and_workers(&self) -> u64 {
+        self.front.kib + self.workers_kib()
+    }
+
+    fn workers_rss(&self) -> u64 {
+        self.workers.iter().map(|w| w.2.rss).sum()
+    }
+
+    fn worker_fds(&self) -> usize {
+        self.workers.iter().map(|w| w.3).sum()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{kind}: front {} KiB + {} workers {} KiB = {} KiB (broker {} KiB apart); RSS: \
+             front {} KiB, workers {} KiB, broker {} KiB; fds: broker {}, front {}, workers {}",
+            self.front.kib,
+            self.workers.len(),
+            self.workers_kib(),
+            self.front_and_workers(),
+            self.broker.kib,
+            self.front.rss,
+            self.workers_rss(),
+            self.broker.rss,
+            self.fds.0,
+            self.fds.1,
+            self.worker_fds(),
+            kind = self.kind(),
+        )
+    }
 }
 
 /// A `kB` line of /proc/<pid>/status, in KiB.
@@ -434,14 +660,36 @@ struct Viewer {
 }
 
 impl Viewer {
-    /// Connects, says HELLO (from offset 0, writing) and reads the WELCOME.
+    /// Connects as `USER`, says HELLO (from offset 0, writing) and reads the WELCOME.
     fn open(stoa: &Stoa, id: &str) -> Result<Viewer, String> {
+        match Viewer::connect(stoa, 0, id, true)? {
+            (
+                viewer,
+                ServerFrame::Welcome {
+                    can_write: true, ..
+                },
+            ) => Ok(viewer),
+            (_, other) => Err(format!("expected a writing WELCOME, got {other:?}")),
+        }
+    }
+
+    /// Connects as `users[user]`, says HELLO (from offset 0) and returns what came back
+    /// first (a WELCOME unless something is wrong).
+    fn connect(
+        stoa: &Stoa,
+        user: usize,
+        id: &str,
+        want_write: bool,
+    ) -> Result<(Viewer, ServerFrame), String> {
         let url = format!("ws://127.0.0.1:{}/terminals/{id}/ws", stoa.port);
         let mut request = url.into_client_request().map_err(|e| e.to_string())?;
         let headers = request.headers_mut();
         let value = |v: &str| v.parse().map_err(|e| format!("header: {e}"));
         headers.insert("Sec-WebSocket-Protocol", value(SUBPROTOCOL)?);
-        headers.insert("Authorization", value(&format!("Bearer {}", stoa.token))?);
+        headers.insert(
+            "Authorization",
+            value(&format!("Bearer {}", stoa.users[user].token))?,
+        );
         let stream =
             TcpStream::connect(("127.0.0.1", stoa.port)).map_err(|e| format!("connect: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -467,14 +715,10 @@ impl Viewer {
             resume: 0,
             cols: 120,
             rows: 40,
-            want_write: true,
+            want_write,
         })?;
-        match viewer.next()? {
-            ServerFrame::Welcome {
-                can_write: true, ..
-            } => Ok(viewer),
-            other => Err(format!("expected a writing WELCOME, got {other:?}")),
-        }
+        let first = viewer.next()?;
+        Ok((viewer, first))
     }
 
     fn send(&mut self, frame: ClientFrame) -> Result<(), String> {
@@ -642,7 +886,7 @@ fn raw_cat(file: &Path, count: bool) -> Result<(Duration, Option<u64>, CpuUse), 
     } else {
         command.stdout(File::create("/dev/null").map_err(|e| e.to_string())?);
     }
-    let cpu = CpuClock::start(None);
+    let cpu = CpuClock::start(None, None);
     let t0 = Instant::now();
     let mut child = command.spawn().map_err(|e| format!("script: {e}"))?;
     let counted = match child.stdout.take() {
@@ -689,12 +933,12 @@ fn stoa_cat(stoa: &Stoa, file: &Path) -> Result<CatRun, String> {
         "stty -echo; printf READY; read x; exec cat {}",
         file.display()
     );
-    let id = stoa.create(&["sh", "-c", &program])?;
+    let id = stoa.create(0, &["sh", "-c", &program])?;
     let result = (|| {
         let mut viewer = Viewer::open(stoa, &id)?;
         let start = viewer.ready()?;
         let (frames, snapshots, skipped) = (viewer.frames, viewer.snapshots, viewer.skipped);
-        let cpu = CpuClock::start(stoa.daemon()?);
+        let cpu = CpuClock::start(stoa.front()?, stoa.worker_of(0)?);
         let t0 = Instant::now();
         viewer.send(ClientFrame::Input(b"\r".to_vec()))?;
         while viewer.exit.is_none() {
@@ -717,37 +961,41 @@ fn stoa_cat(stoa: &Stoa, file: &Path) -> Result<CatRun, String> {
         }
         Ok(run)
     })();
-    let deleted = stoa.delete(&id);
+    let deleted = stoa.delete(0, &id);
     let result = result?;
     deleted?;
     Ok(result)
 }
 
-/// CPU seconds used while something ran: by the daemon, by this process (the client),
-/// by this process's waited-for children, and by the whole machine (in cores busy).
+/// CPU seconds used while something ran: by the front, by the user's worker, by this
+/// process (the client), by this process's waited-for children, and by the whole machine
+/// (in cores busy).
 #[derive(Default)]
 struct CpuUse {
-    daemon: f64,
+    front: f64,
+    worker: f64,
     client: f64,
     children: f64,
     cores_busy: f64,
 }
 
 struct CpuClock {
-    daemon: Option<i32>,
-    at: [f64; 4],
+    front: Option<i32>,
+    worker: Option<i32>,
+    at: [f64; 5],
 }
 
 impl CpuClock {
-    fn start(daemon: impl Into<Option<i32>>) -> CpuClock {
-        let daemon = daemon.into();
+    fn start(front: impl Into<Option<i32>>, worker: impl Into<Option<i32>>) -> CpuClock {
+        let (front, worker) = (front.into(), worker.into());
         CpuClock {
-            at: Self::now(daemon),
-            daemon,
+            at: Self::now(front, worker),
+            front,
+            worker,
         }
     }
 
-    fn now(daemon: Option<i32>) -> [f64; 4] {
+    fn now(front: Option<i32>, worker: Option<i32>) -> [f64; 5] {
         let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
             .ok()
             .flatten()
@@ -781,7 +1029,8 @@ impl CpuClock {
         let busy =
             all.iter().sum::<f64>() - all.get(3).unwrap_or(&0.0) - all.get(4).unwrap_or(&0.0);
         [
-            daemon.map_or(0.0, |p| process(&p.to_string())) / tick,
+            front.map_or(0.0, |p| process(&p.to_string())) / tick,
+            worker.map_or(0.0, |p| process(&p.to_string())) / tick,
             process("self") / tick,
             children,
             busy / tick,
@@ -789,13 +1038,14 @@ impl CpuClock {
     }
 
     fn stop(self, elapsed: Duration) -> CpuUse {
-        let now = Self::now(self.daemon);
+        let now = Self::now(self.front, self.worker);
         let d = |i: usize| now[i] - self.at[i];
         CpuUse {
-            daemon: d(0),
-            client: d(1),
-            children: d(2),
-            cores_busy: d(3) / elapsed.as_secs_f64(),
+            front: d(0),
+            worker: d(1),
+            client: d(2),
+            children: d(3),
+            cores_busy: d(4) / elapsed.as_secs_f64(),
         }
     }
 }
@@ -872,14 +1122,15 @@ fn measure_throughput(
                 };
                 println!(
                     "round {}: stoa terminal → WS client {:>6.1} MB/s ({:.2} s, {check}); \
-                     {} OUTPUT frames of {:.1} KiB average; CPU s: daemon {:.2}, client \
+                     {} OUTPUT frames of {:.1} KiB average; CPU s: worker {:.2}, front {:.2}, client \
                      {:.2}; machine {:.2} of {} cores busy",
                     round + 1,
                     rate(run.elapsed),
                     run.elapsed.as_secs_f64(),
                     run.frames,
                     run.received as f64 / run.frames.max(1) as f64 / 1024.0,
-                    run.cpu.daemon,
+                    run.cpu.worker,
+                    run.cpu.front,
                     run.cpu.client,
                     run.cpu.cores_busy,
                     cores()
@@ -902,16 +1153,23 @@ fn measure_throughput(
     // Other load only ever slows a run down: the best runs are the least disturbed.
     let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let best_ratio = best(&via_stoa) / best(&raw) * 100.0;
+    // Within a round the two ran back to back, on about the same machine.
+    let per_round: Vec<String> = raw
+        .iter()
+        .zip(&via_stoa)
+        .map(|(r, s)| format!("{:.0} %", s / r * 100.0))
+        .collect();
     summary.push(format!(
         "throughput ({} MiB cat, {} rounds): raw PTY {:.1} MB/s [{}], stoa {:.1} MB/s [{}], \
-         stoa/raw {ratio:.0} % of means, {best_ratio:.0} % of bests (target ≥ 90 %); \
-         stoa byte counts {}",
+         stoa/raw {ratio:.0} % of means, {best_ratio:.0} % of bests, per round {} (target \
+         ≥ 90 %); stoa byte counts {}",
         settings.file_bytes >> 20,
         settings.rounds,
         mean(&raw),
         range(&raw),
         mean(&via_stoa),
         range(&via_stoa),
+        per_round.join(", "),
         if wrong.is_empty() {
             "exact".to_string()
         } else {
@@ -930,7 +1188,7 @@ fn cores() -> usize {
 
 /// 1-byte INPUT → OUTPUT, then PING → PONG, on one terminal running the echo program.
 fn stoa_echo(stoa: &Stoa, n: usize) -> Result<(Vec<Duration>, Vec<Duration>), String> {
-    let id = stoa.create(&["sh", "-c", ECHO_PROGRAM])?;
+    let id = stoa.create(0, &["sh", "-c", ECHO_PROGRAM])?;
     let result = (|| {
         let mut viewer = Viewer::open(stoa, &id)?;
         viewer.ready()?;
@@ -970,7 +1228,7 @@ fn stoa_echo(stoa: &Stoa, n: usize) -> Result<(Vec<Duration>, Vec<Duration>), St
         viewer.close();
         Ok((echo, ping))
     })();
-    let deleted = stoa.delete(&id);
+    let deleted = stoa.delete(0, &id);
     let result = result?;
     deleted?;
     Ok(result)
@@ -1065,7 +1323,7 @@ fn echo(
     let n = settings.echo;
     let line = |name: &str, p: [Duration; 3]| {
         format!(
-            "{name:<34} p50 {:>9}  p90 {:>9}  p99 {:>9}",
+            "{name:<42} p50 {:>9}  p90 {:>9}  p99 {:>9}",
             us(p[0]),
             us(p[1]),
             us(p[2])
@@ -1078,8 +1336,8 @@ fn echo(
     let python_p = python_echo(work, n);
     println!("{n} round trips each, after {WARMUP} unmeasured:");
     let lines = [
-        line("stoa: INPUT → OUTPUT (WS+daemon+PTY)", stoa_p),
-        line("stoa: PING → PONG (WS+daemon)", ping_p),
+        line("stoa: INPUT → OUTPUT (WS+front+worker+PTY)", stoa_p),
+        line("stoa: PING → PONG (WS+front+worker)", ping_p),
         line("bare PTY, Rust", bare_p),
         match &python_p {
             Ok(p) => line("bare PTY, Python pty.fork", *p),
@@ -1111,32 +1369,53 @@ fn echo(
 // ---------------------------------------------------------------------------------------
 // 3. Idle terminals.
 
+const IDLE_PROGRAM: [&str; 2] = ["sleep", "3600"];
+
 fn idle(stoa: &Stoa, settings: &Settings, summary: &mut Vec<String>) -> Result<(), String> {
     let n = settings.terminals;
-    // One terminal first, so what is allocated once is not counted per terminal.
-    let first = stoa.create(&["sleep", "3600"])?;
-    stoa.delete(&first)?;
+    let users = stoa.users.len();
+    // Cold: the front has answered /health only, and no worker has run yet.
+    let cold = Census::take(stoa)?;
+    println!("before any terminal: {}", cold.describe());
+    // Warm: one terminal created and deleted per user starts each user's worker (and what
+    // the front allocates once), so that is not counted per terminal. A worker retires
+    // after 60 s without work or connections: well after the terminals below are made.
+    let t0 = Instant::now();
+    for user in 0..users {
+        let id = stoa.create(user, &IDLE_PROGRAM)?;
+        stoa.delete(user, &id)?;
+    }
+    let warmed_in = t0.elapsed();
     std::thread::sleep(Duration::from_millis(500));
-    let daemon = stoa.daemon()?;
-    let rss_before = status_kib(daemon, "VmRSS:")?;
-    let anon_before = status_kib(daemon, "RssAnon:")?;
-    let fds_before = (fd_count(stoa.broker), fd_count(daemon));
+    let warm = Census::take(stoa)?;
     println!(
-        "before: daemon (pid {daemon}) VmRSS {rss_before} KiB (RssAnon {anon_before} KiB), \
-         fds: broker {} daemon {}",
-        fds_before.0, fds_before.1
+        "after one terminal created and deleted per user ({:.2} s): {}",
+        warmed_in.as_secs_f64(),
+        warm.describe()
     );
+    if warm.workers.len() != users {
+        return Err(format!(
+            "{} workers running after a terminal of each of the {users} users",
+            warm.workers.len()
+        ));
+    }
 
-    let mut ids = Vec::with_capacity(n);
+    // Round-robin over the users: n / users terminals each.
+    let mut ids: Vec<(usize, String)> = Vec::with_capacity(n);
     let mut times = Vec::with_capacity(n);
     let t0 = Instant::now();
     let mut failed = None;
     for i in 0..n {
+        let user = i % users;
         let t = Instant::now();
-        match stoa.create(&["sleep", "3600"]) {
-            Ok(id) => ids.push(id),
+        match stoa.create(user, &IDLE_PROGRAM) {
+            Ok(id) => ids.push((user, id)),
             Err(e) => {
-                failed = Some(format!("terminal {} of {n}: {e}", i + 1));
+                failed = Some(format!(
+                    "terminal {} of {n} (as {}): {e}",
+                    i + 1,
+                    stoa.users[user].unix
+                ));
                 break;
             }
         }
@@ -1144,27 +1423,28 @@ fn idle(stoa: &Stoa, settings: &Settings, summary: &mut Vec<String>) -> Result<(
     }
     let created_in = t0.elapsed();
     let result = match failed {
-        None => measure_idle(stoa, n, rss_before, created_in, &mut times, summary),
+        None => measure_idle(stoa, &ids, [&cold, &warm], created_in, &mut times, summary),
         Some(e) => {
-            let daemon_now = stoa.daemon();
+            let front_now = stoa.front();
             println!(
-                "creating failed at {e}\n  broker pid {}: {} fds, {}\n  daemon {daemon_now:?}: \
-                 {} fds\n--- the end of stoa.log ---\n{}",
+                "creating failed at {e}\n  broker pid {}: {} fds, {}\n  front {front_now:?}: \
+                 {} fds\n  workers: {:?}\n--- the end of stoa.log ---\n{}",
                 stoa.broker,
                 fd_count(stoa.broker),
                 max_open_files(stoa.broker),
-                daemon_now.as_ref().map_or(0, |&p| fd_count(p)),
+                front_now.as_ref().map_or(0, |&p| fd_count(p)),
+                stoa.workers(),
                 stoa.log_tail(15)
             );
             Err(e)
         }
     };
 
-    // Delete them all, and check nothing of the user's is left.
+    // Delete them all, and check nothing of the users' is left but their idle workers.
     let t0 = Instant::now();
     let mut delete_errors = Vec::new();
-    for id in &ids {
-        if let Err(e) = stoa.delete(id) {
+    for (user, id) in &ids {
+        if let Err(e) = stoa.delete(*user, id) {
             delete_errors.push(e);
         }
     }
@@ -1172,17 +1452,17 @@ fn idle(stoa: &Stoa, settings: &Settings, summary: &mut Vec<String>) -> Result<(
     let deadline = Instant::now() + Duration::from_secs(15);
     let (mut listed, mut left) = (usize::MAX, (usize::MAX, 0));
     while Instant::now() < deadline {
-        listed = stoa.list().map_or(usize::MAX, |l| l.len());
+        listed = stoa.list_all().map_or(usize::MAX, |(l, _)| l);
         left = stoa.user_processes("sleep");
         if listed == 0 && left.0 == 0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let daemon = stoa.daemon()?;
+    let after = Census::take(stoa)?;
     let after = format!(
-        "deleted {} in {:.2} s ({} errors{}); left: {listed} terminals listed, {} processes of \
-         {USER}; daemon VmRSS {} KiB, fds: broker {} daemon {}",
+        "deleted {} in {:.2} s ({} errors{}); left: {listed} terminals listed, {} processes \
+         of the {users} users besides their workers; {}",
         ids.len(),
         deleted_in.as_secs_f64(),
         delete_errors.len(),
@@ -1190,9 +1470,7 @@ fn idle(stoa: &Stoa, settings: &Settings, summary: &mut Vec<String>) -> Result<(
             .first()
             .map_or(String::new(), |e| format!(", first: {e}")),
         left.0,
-        status_kib(daemon, "VmRSS:")?,
-        fd_count(stoa.broker),
-        fd_count(daemon),
+        after.describe(),
     );
     println!("{after}");
     summary.push(format!("idle terminals, cleanup: {after}"));
@@ -1203,42 +1481,100 @@ fn idle(stoa: &Stoa, settings: &Settings, summary: &mut Vec<String>) -> Result<(
     Ok(())
 }
 
+/// What the output in every terminal's ring takes: the sum of `current - oldest` from
+/// each one's WELCOME (read-only viewers, as the terminal's own user), in bytes.
+fn ring_bytes(stoa: &Stoa, ids: &[(usize, String)]) -> Result<u64, String> {
+    let mut total = 0;
+    for (user, id) in ids {
+        match Viewer::connect(stoa, *user, id, false)? {
+            (
+                viewer,
+                ServerFrame::Welcome {
+                    oldest, current, ..
+                },
+            ) => {
+                total += current - oldest;
+                viewer.close();
+            }
+            (_, other) => return Err(format!("terminal {id}: expected a WELCOME, got {other:?}")),
+        }
+    }
+    Ok(total)
+}
+
 fn measure_idle(
     stoa: &Stoa,
-    n: usize,
-    rss_before: u64,
+    ids: &[(usize, String)],
+    [cold, warm]: [&Census; 2],
     created_in: Duration,
     times: &mut [Duration],
     summary: &mut Vec<String>,
 ) -> Result<(), String> {
+    let n = ids.len();
+    let users = stoa.users.len();
     let create_p = spread(times);
     // Wait until all are there and running: listed, and one `sleep` each.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let list = stoa.list()?;
-        let running = list.iter().filter(|t| t["running"] == true).count();
+        let (listed, running) = stoa.list_all()?;
         let (all, sleeps) = stoa.user_processes("sleep");
         if running == n && sleeps == n {
-            println!("all {n} listed and running; {all} processes of {USER} ({sleeps} `sleep`)");
+            println!(
+                "all {n} listed and running; {all} processes of the {users} users besides \
+                 their workers ({sleeps} `sleep`)"
+            );
             break;
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "after 60 s: {} listed, {running} running, {sleeps} `sleep` processes",
-                list.len()
+                "after 60 s: {listed} listed, {running} running, {sleeps} `sleep` processes"
             ));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(1));
-    let daemon = stoa.daemon()?;
-    let rss = status_kib(daemon, "VmRSS:")?;
-    let anon = status_kib(daemon, "RssAnon:")?;
-    let (broker_fds, daemon_fds) = (fd_count(stoa.broker), fd_count(daemon));
-    let per = (rss as f64 - rss_before as f64) / n as f64;
+    let full = Census::take(stoa)?;
+    println!("with {n}: {}", full.describe());
+    let mut per_worker: Vec<String> = full
+        .workers
+        .iter()
+        .map(|(pid, uid, m, fds)| format!("uid {uid} (pid {pid}) {} KiB, {fds} fds", m.kib))
+        .collect();
+    per_worker.sort();
+    println!("  each worker ({}): {}", full.kind(), per_worker.join("; "));
+    if full.workers.len() != users {
+        return Err(format!(
+            "{} workers running with terminals of {users} users",
+            full.workers.len()
+        ));
+    }
+    // After the memory is read: the viewers these need allocate too.
+    let t0 = Instant::now();
+    let rings = ring_bytes(stoa, ids)?;
+    let rings_kib = rings as f64 / 1024.0;
     println!(
-        "with {n}: daemon VmRSS {rss} KiB (RssAnon {anon} KiB), {per:.1} KiB per terminal; \
-         fds: broker {broker_fds} daemon {daemon_fds}"
+        "rings: {rings} bytes of output held in all {n} (read from each one's WELCOME in \
+         {:.2} s); subtracted below",
+        t0.elapsed().as_secs_f64()
+    );
+
+    let kind = full.kind();
+    let per = |after: u64, before: u64| (after as f64 - before as f64 - rings_kib) / n as f64;
+    let all = |c: &Census| c.broker.kib + c.front_and_workers();
+    let from_warm = per(all(&full), all(warm));
+    let from_cold = per(all(&full), all(cold));
+    // The parts, each from the warm baseline (rings counted in the workers' part).
+    let part = |after: u64, before: u64| (after as f64 - before as f64) / n as f64;
+    let front = part(full.front.kib, warm.front.kib);
+    let workers = part(full.workers_kib(), warm.workers_kib());
+    let broker = part(full.broker.kib, warm.broker.kib);
+    let per_worker_start = (all(warm) as f64 - all(cold) as f64) / users as f64;
+    println!(
+        "per terminal, beyond the rings ({kind}, broker + front + {users} workers): \
+         {from_warm:.1} KiB with the workers already running, {from_cold:.1} KiB counting \
+         their start too; of the first: front {front:.1}, workers {workers:.1}, broker \
+         {broker:.1} KiB; a worker's start added {per_worker_start:.0} KiB ({kind}, all \
+         processes)"
     );
     println!(
         "created in {:.2} s ({:.0} per second); each: p50 {} p90 {} p99 {}",
@@ -1249,9 +1585,20 @@ fn measure_idle(
         us(create_p[2])
     );
     summary.push(format!(
-        "idle terminals ({n} × sleep 3600): daemon RSS {rss_before} → {rss} KiB = {per:.1} KiB \
-         per terminal (target ≤ 100 KiB); broker fds {broker_fds}, daemon fds {daemon_fds}; \
-         created in {:.2} s (p50 {} p99 {} each)",
+        "idle terminals ({n} × sleep 3600 over {users} users, {} per worker), {kind} of \
+         broker + front + workers: {} → {} KiB = {from_warm:.1} KiB per terminal beyond the \
+         rings ({rings} ring bytes in all) with the workers running (front {front:.1}, \
+         workers {workers:.1}, broker {broker:.1}); {} → {} KiB = {from_cold:.1} KiB per \
+         terminal counting the {users} workers' start (target ≤ 100 KiB); fds: broker {}, \
+         front {}, workers {}; created in {:.2} s (p50 {} p99 {} each)",
+        n / users,
+        all(warm),
+        all(&full),
+        all(cold),
+        all(&full),
+        full.fds.0,
+        full.fds.1,
+        full.worker_fds(),
         created_in.as_secs_f64(),
         us(create_p[0]),
         us(create_p[2])

@@ -21,6 +21,12 @@ pub const GROUP: &str = "stoa-bench-users";
 /// The account the stoa daemon runs as (the broker creates it).
 pub const SERVICE_USER: &str = "stoa-bench-svc";
 
+/// The `i`-th further Unix user (`i` ≥ 1) a bench may add with [`Fixture::add_users`]:
+/// `stoa-bench-u1`, `stoa-bench-u2`, … (in `GROUP`, like `USER`).
+pub fn extra_user(i: usize) -> String {
+    format!("{USER}{i}")
+}
+
 pub fn get_health(agent: &ureq::Agent, url: &str) -> Result<Value, String> {
     let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
@@ -89,6 +95,9 @@ pub fn build_binaries() -> Result<PathBuf, String> {
 /// The test accounts, and a running `stoa serve` as root; all of it undone on drop.
 pub struct Fixture {
     pub dir: PathBuf,
+    /// The broker policy's `workers_dir` (each user's worker keeps its store in
+    /// `<workers_dir>/<uid>/`): root's, 0755, inside `dir`.
+    pub workers_dir: PathBuf,
     server: Option<Child>,
     pub base_url: String,
     pub token: String,
@@ -106,6 +115,7 @@ impl Fixture {
         // A run killed before its cleanup leaves these behind.
         remove_accounts();
         let mut fixture = Fixture {
+            workers_dir: dir.join("workers"),
             dir,
             server: None,
             base_url: String::new(),
@@ -118,19 +128,18 @@ impl Fixture {
 
     fn create_accounts(&self) -> Result<(), String> {
         run_admin("groupadd", &[GROUP])?;
-        run_admin("useradd", &["--create-home", "--groups", GROUP, USER])?;
-        let uid = User::from_name(USER)
-            .ok()
-            .flatten()
-            .ok_or_else(|| format!("user {USER} missing after useradd"))?
-            .uid
-            .as_raw();
-        if uid < 1000 {
-            return Err(format!(
-                "useradd gave {USER} uid {uid}, below the policy's 1000"
-            ));
-        }
-        Ok(())
+        create_user(USER)
+    }
+
+    /// Adds the Unix users [`extra_user`]`(1..=n)`, made like `USER` (a home, in `GROUP`);
+    /// they are removed on drop with the others. Their names.
+    pub fn add_users(&self, n: usize) -> Result<Vec<String>, String> {
+        (1..=n)
+            .map(|i| {
+                let name = extra_user(i);
+                create_user(&name).map(|()| name)
+            })
+            .collect()
     }
 
     fn start_stoa(
@@ -148,6 +157,10 @@ impl Fixture {
         };
         set_mode(dir, 0o755)?;
         set_mode(&bin, 0o755)?;
+        // Not the default /var/lib/stoa-workers: everything of the bench's stays in `dir`.
+        fs::create_dir_all(&self.workers_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.workers_dir.display()))?;
+        set_mode(&self.workers_dir, 0o755)?;
         for name in ["stoa", "stoa-executor"] {
             let to = bin.join(name);
             fs::copy(release.join(name), &to)
@@ -170,10 +183,12 @@ impl Fixture {
         write(
             &broker_config,
             format!(
-                "executor_path = {:?}\nstate_dir = {:?}\nservice_user = {SERVICE_USER:?}\n\
-                 allow_groups = [{GROUP:?}]\nmin_uid = 1000\n{extra_policy}\n",
+                "executor_path = {:?}\nstate_dir = {:?}\nworkers_dir = {:?}\n\
+                 service_user = {SERVICE_USER:?}\nallow_groups = [{GROUP:?}]\nmin_uid = 1000\n\
+                 {extra_policy}\n",
                 bin.join("stoa-executor"),
                 broker_state,
+                self.workers_dir,
             ),
         )?;
         write(
@@ -267,10 +282,39 @@ impl Drop for Fixture {
     }
 }
 
-/// Removes the test user (with its home), the service user and the group, first killing
-/// any process left running as them. Quiet about what does not exist.
+/// Creates `name` with a home, in `GROUP`; it must get a uid the policy allows.
+fn create_user(name: &str) -> Result<(), String> {
+    run_admin("useradd", &["--create-home", "--groups", GROUP, name])?;
+    let uid = User::from_name(name)
+        .ok()
+        .flatten()
+        .ok_or_else(|| format!("user {name} missing after useradd"))?
+        .uid
+        .as_raw();
+    if uid < 1000 {
+        return Err(format!(
+            "useradd gave {name} uid {uid}, below the policy's 1000"
+        ));
+    }
+    Ok(())
+}
+
+/// `USER` and every [`extra_user`] in /etc/passwd (where useradd puts them).
+fn bench_users() -> Vec<String> {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let extra = passwd.lines().filter_map(|l| {
+        let name = l.split(':').next()?;
+        let n = name.strip_prefix(USER)?;
+        (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then(|| name.to_string())
+    });
+    std::iter::once(USER.to_string()).chain(extra).collect()
+}
+
+/// Removes the test users (with their homes), the service user and the group, first
+/// killing any process left running as them. Quiet about what does not exist.
 pub fn remove_accounts() {
-    for user in [USER, SERVICE_USER] {
+    let users = bench_users();
+    for user in users.iter().map(String::as_str).chain([SERVICE_USER]) {
         let Some(uid) = User::from_name(user).ok().flatten().map(|u| u.uid.as_raw()) else {
             continue;
         };
@@ -289,7 +333,7 @@ pub fn remove_accounts() {
             std::thread::sleep(Duration::from_millis(20));
         }
         // The service user has no home to remove.
-        let args: &[&str] = if user == USER {
+        let args: &[&str] = if users.iter().any(|u| u == user) {
             &["--remove", user]
         } else {
             &[user]
@@ -299,7 +343,10 @@ pub fn remove_accounts() {
         }
     }
     // userdel removes each user's own group; what is left is ours.
-    for group in [GROUP, USER, SERVICE_USER] {
+    for group in [GROUP, SERVICE_USER]
+        .into_iter()
+        .chain(users.iter().map(String::as_str))
+    {
         if Group::from_name(group).ok().flatten().is_some() {
             if let Err(e) = run_admin("groupdel", &[group]) {
                 eprintln!("bench: {e}");

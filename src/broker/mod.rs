@@ -108,6 +108,8 @@ pub struct Peer {
 pub struct Connect {
     pub account: Account,
     pub principal: Option<crate::wire::Principal>,
+    /// The SHA-256 of the credential the front showed.
+    pub credential: Option<[u8; 32]>,
     pub fd: OwnedFd,
 }
 

@@ -43,13 +43,16 @@ const MAX_PENDING: usize = 256;
 /// The config text a worker gets must fit in a pipe's buffer (never a blocking write).
 const MAX_CONFIG_BYTES: usize = 60 * 1024;
 
+/// A connection waiting for its worker's Hello: who, the credential's digest, the socket.
+pub type Pending = (Option<Principal>, Option<[u8; 32]>, OwnedFd);
+
 pub struct WorkerProc {
     pub pid: i32,
     pub link: Link,
     pub account: Account,
     pub started: Instant,
     /// Connections that came before its Hello.
-    pub pending: Vec<(Option<Principal>, OwnedFd)>,
+    pub pending: Vec<Pending>,
     pub cgroup: Option<SpawnCgroup>,
 }
 
@@ -174,12 +177,11 @@ impl Server {
                 .get(&link)
                 .is_some_and(|p| p.state == LinkState::Ready);
             if ready {
-                self.broker
-                    .outbox
-                    .push(connection_event(link, c.principal, c.fd));
+                let pending = (c.principal, c.credential, c.fd);
+                self.broker.outbox.push(connection_event(link, pending));
             } else if let Some(w) = self.workers.by_link.get_mut(&link) {
                 if w.pending.len() < MAX_PENDING {
-                    w.pending.push((c.principal, c.fd));
+                    w.pending.push((c.principal, c.credential, c.fd));
                 }
             }
         }
@@ -213,10 +215,8 @@ impl Server {
                 .is_some_and(|p| p.state == LinkState::Ready);
             if ready {
                 if let Some(w) = self.workers.by_link.get_mut(&link) {
-                    for (principal, fd) in std::mem::take(&mut w.pending) {
-                        self.broker
-                            .outbox
-                            .push(connection_event(link, principal, fd));
+                    for pending in std::mem::take(&mut w.pending) {
+                        self.broker.outbox.push(connection_event(link, pending));
                     }
                 }
             }
@@ -414,10 +414,13 @@ impl Server {
     }
 }
 
-fn connection_event(link: u64, principal: Option<Principal>, fd: OwnedFd) -> Outgoing {
+fn connection_event(link: u64, (principal, credential, fd): Pending) -> Outgoing {
     Outgoing {
         link,
-        message: BrokerMessage::Event(Event::Connection { principal }),
+        message: BrokerMessage::Event(Event::Connection {
+            principal,
+            credential,
+        }),
         fds: vec![fd],
     }
 }

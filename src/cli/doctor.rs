@@ -22,6 +22,7 @@ const INSTALLED_BROKER_CONFIG: &str = "/etc/stoa/broker.toml";
 const INSTALLED_DAEMON_CONFIG: &str = "/etc/stoa/config.toml";
 const INSTALLED_DAEMON_STATE: &str = "/var/lib/stoa";
 const INSTALLED_BROKER_STATE: &str = "/var/lib/stoa-broker";
+const INSTALLED_WORKERS_DIR: &str = "/var/lib/stoa-workers";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Level {
@@ -103,6 +104,7 @@ pub fn run() -> ExitCode {
     check_groups(&mut report, &policy);
     check_daemon_state(&mut report, &daemon.state_dir, service.as_ref());
     check_broker_state(&mut report, &policy.state_dir, root);
+    check_workers_dir(&mut report, &policy.workers_dir);
     check_executor(&mut report, &policy);
     check_own_binary(&mut report);
     check_health(&mut report, &daemon.listen);
@@ -203,6 +205,9 @@ fn check_policy(report: &mut Report, path: &Path, root: bool) -> Policy {
     };
     if !root && policy.state_dir == config::default_broker_state_dir() {
         policy.state_dir = INSTALLED_BROKER_STATE.into();
+    }
+    if !root && policy.workers_dir == config::default_workers_dir() {
+        policy.workers_dir = INSTALLED_WORKERS_DIR.into();
     }
     policy_sanity(report, &policy);
     policy
@@ -413,6 +418,55 @@ fn check_daemon_state(report: &mut Report, dir: &Path, service: Option<&ServiceA
             dir.display(),
             service.name
         ));
+    }
+}
+
+/// The users' stores: root's directory (0755), and in it one per uid, that user's, 0700
+/// (another owner or wider modes let other users read or change someone's sessions).
+fn check_workers_dir(report: &mut Report, dir: &Path) {
+    let (uid, _gid, mode) = match dir_facts(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            report.info(format!(
+                "workers {}: {e} (the broker creates it when it starts)",
+                dir.display()
+            ));
+            return;
+        }
+    };
+    if uid != 0 || mode & 0o022 != 0 {
+        report.fail(
+            format!(
+                "workers {}: owner uid {uid} mode {mode:04o}, want root and not writable by others",
+                dir.display()
+            ),
+            format!("chown root: {d} && chmod 0755 {d}", d = dir.display()),
+        );
+        return;
+    }
+    let mut bad = Vec::new();
+    let mut stores = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        match (name.parse::<u32>(), dir_facts(&path)) {
+            (Ok(owner), Ok((u, _, m))) if u == owner && m & 0o077 == 0 => stores += 1,
+            (Ok(_), Ok((u, _, m))) => {
+                bad.push(format!("{} (owner {u}, mode {m:04o})", path.display()))
+            }
+            _ => bad.push(format!("{} (not a user's store)", path.display())),
+        }
+    }
+    if bad.is_empty() {
+        report.ok(format!(
+            "workers {}: root's, {stores} user stores, each its user's and private",
+            dir.display()
+        ));
+    } else {
+        report.fail(
+            format!("workers {}: {}", dir.display(), bad.join("; ")),
+            "each <uid> directory must belong to that uid with mode 0700 (chown UID: DIR && chmod 0700 DIR)",
+        );
     }
 }
 

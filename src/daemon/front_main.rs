@@ -132,6 +132,7 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
             state.config.http.clone(),
             state.connections.clone(),
             stop_rx,
+            Some(super::proxy::handover(state.clone())),
         );
         tokio::select! {
             _ = server => {}

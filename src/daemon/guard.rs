@@ -117,25 +117,37 @@ pub async fn layer(State(state): State<Arc<FrontState>>, request: Request, next:
             });
             let response = REQUEST.scope(context.clone(), next.run(request)).await;
             let verified = context.verified.lock().expect("request lock").take();
-            match verified {
-                Some(v) if is_event_stream(&response) => {
-                    // A revoked user's stream ends at once.
-                    let revoked = state.auth.until_revoked(v);
-                    let (parts, body) = response.into_parts();
-                    let stream = body.into_data_stream().take_until(Box::pin(revoked));
-                    Response::from_parts(parts, Body::from_stream(stream))
-                }
-                _ => response,
-            }
+            end_on_revocation(&state.auth, verified, response)
         }
     };
-    let headers = response.headers_mut();
+    add_security_headers(response.headers_mut());
+    response
+}
+
+/// The web security headers, where a response does not set its own.
+pub fn add_security_headers(headers: &mut axum::http::HeaderMap) {
     for (name, value) in SECURITY_HEADERS {
         headers
             .entry(*name)
             .or_insert(HeaderValue::from_static(value));
     }
-    response
+}
+
+/// An event stream of `verified` ends at once when its user is revoked.
+pub fn end_on_revocation(
+    auth: &Arc<super::auth::Auth>,
+    verified: Option<super::auth::Verified>,
+    response: Response,
+) -> Response {
+    match verified {
+        Some(v) if is_event_stream(&response) => {
+            let revoked = auth.until_revoked(v);
+            let (parts, body) = response.into_parts();
+            let stream = body.into_data_stream().take_until(Box::pin(revoked));
+            Response::from_parts(parts, Body::from_stream(stream))
+        }
+        _ => response,
+    }
 }
 
 fn is_event_stream(response: &Response) -> bool {

@@ -30,6 +30,7 @@ pub mod front_main;
 pub mod guard;
 pub mod http;
 pub mod metrics;
+pub mod prefixed;
 pub mod processes;
 pub mod proxy;
 pub mod ring;

@@ -269,9 +269,12 @@ fn unreachable(user: &str, e: &dyn std::fmt::Display) -> ApiError {
     )
 }
 
-/// An HTTP/1.1 client connection over the worker connection `fd`.
+/// An HTTP/1.1 client connection over the worker connection `fd` (whose first byte says
+/// so to the worker).
 async fn handshake(fd: OwnedFd, user: &str) -> Result<SendRequest<Body>, ApiError> {
-    let stream = std::os::unix::net::UnixStream::from(fd);
+    let mut stream = std::os::unix::net::UnixStream::from(fd);
+    // A fresh socketpair: one byte never blocks.
+    std::io::Write::write_all(&mut stream, b"H").map_err(|e| unreachable(user, &e))?;
     stream
         .set_nonblocking(true)
         .map_err(|e| unreachable(user, &e))?;
@@ -332,6 +335,71 @@ async fn send(fd: OwnedFd, mut req: Request, user: &str) -> Result<Response, Api
         });
     }
     Ok(response.map(Body::new))
+}
+
+/// Whether a client connection may go to a worker whole, decided on its first request
+/// head: a terminal's WebSocket (the hot path: after the upgrade the connection is the
+/// terminal's alone), with a user's credential the front has verified already (this never
+/// asks the broker to authenticate: a failure is answered, counted and throttled by the
+/// normal path) or a browser's one-time ticket; the Host must be one the front answers
+/// to. The worker answers that one request (an error closes the connection) and, upgraded,
+/// streams the terminal straight to the client. Other requests are relayed: a client may
+/// send the next request on a kept-alive connection with another credential.
+pub fn handover(state: Arc<FrontState>) -> super::serve::Handover {
+    Arc::new(move |head, info| {
+        let state = state.clone();
+        Box::pin(async move { handover_target(&state, &head, info).await })
+    })
+}
+
+async fn handover_target(
+    state: &FrontState,
+    head: &[u8],
+    info: super::serve::ConnInfo,
+) -> Option<OwnedFd> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let target = parsed.path?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["terminals", id, "ws"] = segments.as_slice() else {
+        return None;
+    };
+    let header = |name: &str| {
+        parsed
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    };
+    let host = header("host")?;
+    if !super::guard::host_allowed(state, host, Some(info.local.ip()))
+        || !header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+    {
+        return None;
+    }
+    match header("authorization") {
+        Some(value) => {
+            let token = value.strip_prefix("Bearer ")?.trim();
+            let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            let verified = state.auth.cached(&key)?;
+            if state.auth.revoked(&verified) || verified.principal.is_admin() {
+                return None;
+            }
+            let user = verified.principal.unix_user()?.to_string();
+            open(state, Some(token), &user, true).await.ok()
+        }
+        None => {
+            if !query.split('&').any(|kv| kv.starts_with("ticket=")) {
+                return None;
+            }
+            let user = user_of_uid(uid_of_id(id)?)?;
+            open(state, None, &user, true).await.ok()
+        }
+    }
 }
 
 /// The Unix users with a store (`<workers_dir>/<uid>`), by name.

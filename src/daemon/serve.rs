@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -251,14 +252,62 @@ impl http_body::Body for Tracked {
     }
 }
 
+/// Given the first request head of a connection (as read, possibly with more after it),
+/// a connection to the worker the whole client connection may go to (`None`: the front
+/// serves it).
+pub type Handover = Arc<
+    dyn Fn(Vec<u8>, ConnInfo) -> Pin<Box<dyn std::future::Future<Output = Option<OwnedFd>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Most bytes of a first request head the front reads to decide where a connection goes.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Reads until a whole request head is in (or `MAX_HEAD`, or end of file).
+async fn read_head(stream: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    while head.len() < MAX_HEAD && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    Ok(head)
+}
+
+/// Passes the client's connection to a worker over `worker`: `T`, the length of what was
+/// read, the bytes, and the connection's fd alongside.
+fn hand_over(worker: OwnedFd, head: &[u8], client: &tokio::net::TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let mut message = Vec::with_capacity(5 + head.len());
+    message.push(b'T');
+    message.extend_from_slice(&(head.len() as u32).to_be_bytes());
+    message.extend_from_slice(head);
+    // A fresh socketpair: the message (at most 16 KiB and a few bytes) fits its buffer.
+    let sent =
+        stoa_executor::sys::send_with_fds(worker.as_fd(), &message, &[client.as_fd()], true)?;
+    if sent != message.len() {
+        return Err(std::io::Error::other(
+            "the handover did not fit in one message",
+        ));
+    }
+    Ok(())
+}
+
 /// Serves `app` on `listener` until `stop` turns true; then stops accepting, asks every
-/// connection to finish its request in progress, and returns once all are closed.
+/// connection to finish its request in progress, and returns once all are closed. With a
+/// `handover`, a connection whose first request it accepts goes to a worker whole.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     limits: HttpConfig,
     conns: Arc<Connections>,
     mut stop: watch::Receiver<bool>,
+    handover: Option<Handover>,
 ) {
     let header_timeout = Duration::from_secs(limits.header_read_timeout_secs);
     let (tasks_tx, mut tasks_rx) = watch::channel(());
@@ -313,8 +362,37 @@ pub async fn serve(
         let mut stop = stop.clone();
         let conns = conns.clone();
         let alive = tasks_tx.clone();
+        let handover = handover.clone();
         tokio::spawn(async move {
             let _alive = alive;
+            let mut stream = stream;
+            // The first request head, within the header-read timeout (an idle connection
+            // may still be closed to make room meanwhile).
+            let head = tokio::select! {
+                h = tokio::time::timeout(header_timeout, read_head(&mut stream)) => match h {
+                    Ok(Ok(h)) if !h.is_empty() => h,
+                    _ => {
+                        conns.closed(id);
+                        return;
+                    }
+                },
+                _ = close.notified() => {
+                    conns.closed(id);
+                    return;
+                }
+            };
+            if let Some(handover) = handover {
+                if let Some(worker) = handover(head.clone(), info).await {
+                    match hand_over(worker, &head, &stream) {
+                        Ok(()) => {
+                            conns.closed(id);
+                            return;
+                        }
+                        Err(e) => debug!(%peer, "handover failed, serving here: {e}"),
+                    }
+                }
+            }
+            let stream = super::prefixed::Prefixed::new(head, stream);
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())

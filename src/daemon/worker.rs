@@ -25,7 +25,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper::body::Incoming;
+use hyper::body::Incoming as Incoming_;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
 
@@ -34,6 +34,7 @@ use stoa_executor::sys;
 use super::auth::{self, Verified};
 use super::broker_link::{BrokerLink, LinkObserver};
 use super::http::{require_admin, with_request_id, ApiError};
+use super::prefixed::Prefixed;
 use super::processes::Processes;
 use super::{metrics, store, terminals, AppState};
 use crate::config::DaemonConfig;
@@ -50,7 +51,17 @@ pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 pub struct ConnectionAuth {
     pub principal: Option<Principal>,
     pub generation: u64,
+    /// The SHA-256 of the credential the connection was opened with: every request on it
+    /// must carry the same one.
+    pub credential: Option<[u8; 32]>,
 }
+
+/// How the front uses a connection the broker handed over: its first byte says.
+const MODE_HTTP: u8 = b'H';
+/// A client's own TCP connection follows (with what the front read of it), as an fd.
+const MODE_HANDOVER: u8 = b'T';
+/// Most bytes of a client's request the front may have read before handing it over.
+const MAX_HANDOVER_PREFIX: usize = 64 * 1024;
 
 tokio::task_local! {
     /// The connection the request being served came on.
@@ -109,8 +120,12 @@ pub fn router(state: Arc<AppState>) -> Router {
 struct Observer {
     processes: Arc<Processes>,
     auth: Arc<auth::Auth>,
-    connections: tokio::sync::mpsc::UnboundedSender<(Option<Principal>, OwnedFd)>,
+    connections: tokio::sync::mpsc::UnboundedSender<Incoming>,
 }
+
+/// A connection from the broker: who it was authenticated as, the credential's digest,
+/// the socket.
+type Incoming = (Option<Principal>, Option<[u8; 32]>, OwnedFd);
 
 impl LinkObserver for Observer {
     fn reply(&self, body: &ReplyBody) {
@@ -123,9 +138,12 @@ impl LinkObserver for Observer {
                 info!(?api_users, "credentials revoked: ending their connections");
                 self.auth.revoke(&api_users);
             }
-            Event::Connection { principal } => {
+            Event::Connection {
+                principal,
+                credential,
+            } => {
                 if let Some(fd) = fds.pop() {
-                    let _ = self.connections.send((principal, fd));
+                    let _ = self.connections.send((principal, credential, fd));
                 }
             }
             other => self.processes.event(other, fds),
@@ -174,8 +192,11 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
         metrics: metrics::Metrics::default(),
         uid,
     });
+    // Its threads count against the user's process limit (it is in the user's cgroup):
+    // few, and a bounded blocking pool (the store's queries).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(8)
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
@@ -198,9 +219,9 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
         loop {
             tokio::select! {
                 c = conn_rx.recv() => {
-                    let Some((principal, fd)) = c else { break };
+                    let Some(incoming) = c else { break };
                     idle_since = tokio::time::Instant::now();
-                    serve_connection(&state, app.clone(), principal, fd, open.clone());
+                    serve_connection(&state, app.clone(), incoming, open.clone());
                 }
                 _ = term.recv() => {
                     info!("worker stopping (SIGTERM)");
@@ -233,8 +254,8 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
             || !state.running.lock().expect("running lock").is_empty())
             && tokio::time::Instant::now() < deadline
         {
-            if let Ok((principal, fd)) = conn_rx.try_recv() {
-                serve_connection(&state, app.clone(), principal, fd, open.clone());
+            if let Ok(incoming) = conn_rx.try_recv() {
+                serve_connection(&state, app.clone(), incoming, open.clone());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -250,17 +271,18 @@ fn has_live_work(state: &AppState) -> bool {
 }
 
 /// Serves HTTP/1.1 on a connection the broker handed over, every request in the
-/// connection's authentication.
+/// connection's authentication: on the socket itself (`H`), or on the client's own TCP
+/// connection the front passed through it (`T`: no hop between the client and here).
 fn serve_connection(
     state: &Arc<AppState>,
     app: Router,
-    principal: Option<Principal>,
-    fd: OwnedFd,
+    (principal, credential, fd): Incoming,
     open: Arc<AtomicUsize>,
 ) {
     let conn_auth = Arc::new(ConnectionAuth {
         principal,
         generation: state.auth.generation(),
+        credential,
     });
     let stream = UnixStream::from(fd);
     if stream.set_nonblocking(true).is_err() {
@@ -269,32 +291,188 @@ fn serve_connection(
     let Ok(stream) = tokio::net::UnixStream::from_std(stream) else {
         return;
     };
+    let header_timeout = Duration::from_secs(state.config.http.header_read_timeout_secs);
+    let auth = state.auth.clone();
     open.fetch_add(1, Ordering::SeqCst);
     tokio::spawn(async move {
-        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-            let mut app = app.clone();
-            let conn_auth = conn_auth.clone();
-            async move {
-                let context = Arc::new(auth::RequestContext {
-                    peer: None,
-                    verified: Mutex::new(None),
-                });
-                let call = tower_service::Service::call(&mut app, req.map(Body::new));
-                let response = CONNECTION
-                    .scope(conn_auth, auth::REQUEST.scope(context, call))
-                    .await?;
-                Ok::<_, std::convert::Infallible>(response)
+        let mode = tokio::time::timeout(Duration::from_secs(10), receive_mode(&stream)).await;
+        let result = match mode {
+            Ok(Ok(Mode::Http(rest))) => {
+                let io = Prefixed::new(rest, stream);
+                serve_http(io, app, conn_auth, header_timeout, false, auth).await
             }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        if let Err(e) = conn.await {
+            Ok(Ok(Mode::Handover(prefix, fd))) => {
+                drop(stream);
+                let tcp = std::net::TcpStream::from(fd);
+                match tcp
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(tcp))
+                {
+                    Ok(tcp) => {
+                        let _ = tcp.set_nodelay(true);
+                        let io = Prefixed::new(prefix, tcp);
+                        serve_http(io, app, conn_auth, header_timeout, true, auth).await
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the front said nothing on a new connection".into()),
+        };
+        if let Err(e) = result {
             debug!("connection: {e}");
         }
         open.fetch_sub(1, Ordering::SeqCst);
     });
+}
+
+enum Mode {
+    /// HTTP follows on the socket (these bytes came with the mode byte).
+    Http(Vec<u8>),
+    /// The client's connection, and what the front read of it.
+    Handover(Vec<u8>, OwnedFd),
+}
+
+/// Reads the mode byte (and for a handover the prefix and the client's fd).
+async fn receive_mode(stream: &tokio::net::UnixStream) -> Result<Mode, String> {
+    use std::os::fd::AsFd;
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        stream.readable().await.map_err(|e| e.to_string())?;
+        let got = stream.try_io(tokio::io::Interest::READABLE, || {
+            sys::recv_with_fds(stream.as_fd(), &mut chunk, true)
+        });
+        match got {
+            Ok(r) if r.bytes == 0 => return Err("the front closed the connection".into()),
+            Ok(r) => {
+                buf.extend_from_slice(&chunk[..r.bytes]);
+                fds.extend(r.fds);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+        match buf[0] {
+            MODE_HTTP => return Ok(Mode::Http(buf.split_off(1))),
+            MODE_HANDOVER if buf.len() >= 5 => {
+                let len = u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
+                if len > MAX_HANDOVER_PREFIX {
+                    return Err(format!("a handover with {len} bytes read"));
+                }
+                if buf.len() >= 5 + len {
+                    let fd = fds
+                        .pop()
+                        .ok_or("a handover without the client's connection")?;
+                    buf.truncate(5 + len);
+                    return Ok(Mode::Handover(buf.split_off(5), fd));
+                }
+            }
+            MODE_HANDOVER => {}
+            other => return Err(format!("unknown connection mode {other}")),
+        }
+    }
+}
+
+async fn serve_http<IO>(
+    io: IO,
+    app: Router,
+    conn_auth: Arc<ConnectionAuth>,
+    header_timeout: Duration,
+    client_connection: bool,
+    auth: Arc<auth::Auth>,
+) -> Result<(), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // On a client's own connection, the Host of the first request: the front checked it
+    // before handing the connection over; a later request naming another is refused (DNS
+    // rebinding). The front's kept-alive connections carry many clients' requests, each
+    // checked by the front.
+    let first_host: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming_>| {
+        let auth = auth.clone();
+        let mut app = app.clone();
+        let conn_auth = conn_auth.clone();
+        let first_host = first_host.clone();
+        async move {
+            let host_check = client_connection.then_some(&*first_host);
+            if let Some(refusal) = refuse(&conn_auth, host_check, req.headers()) {
+                return Ok(refusal);
+            }
+            let context = Arc::new(auth::RequestContext {
+                peer: None,
+                verified: Mutex::new(None),
+            });
+            let call = tower_service::Service::call(&mut app, req.map(Body::new));
+            let response = CONNECTION
+                .scope(conn_auth, auth::REQUEST.scope(context.clone(), call))
+                .await?;
+            // On a client's own connection nobody else ends a revoked user's stream.
+            let verified = context.verified.lock().expect("request lock").take();
+            let mut response = super::guard::end_on_revocation(&auth, verified, response);
+            super::guard::add_security_headers(response.headers_mut());
+            // A client's own connection carries one request (its terminal's WebSocket):
+            // anything but the upgrade closes it, so a next request (maybe with another
+            // credential) goes through the front again.
+            if client_connection && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A request that may not be served on this connection: another credential than the one
+/// it was opened with, or another Host than its first request's.
+fn refuse(
+    conn: &ConnectionAuth,
+    first_host: Option<&Mutex<Option<Vec<u8>>>>,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    use sha2::Digest;
+    let host = headers.get(header::HOST).map(|h| h.as_bytes().to_vec());
+    if let Some(first_host) = first_host {
+        let mut first = first_host.lock().expect("host lock");
+        match (&*first, &host) {
+            (None, _) => *first = host.clone(),
+            (Some(f), Some(h)) if f == h => {}
+            _ => {
+                return Some(
+                    ApiError::new(
+                        StatusCode::MISDIRECTED_REQUEST,
+                        "this connection was opened for another Host (rule: http.allowed_hosts)",
+                    )
+                    .into_response(),
+                )
+            }
+        }
+    }
+    let expected = conn.credential?;
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    let got: [u8; 32] = sha2::Sha256::digest(bearer.as_bytes()).into();
+    (got != expected).then(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this connection was opened with another credential: open a new connection",
+        )
+        .into_response()
+    })
 }
 
 /// `POST /worker/restart` (admin): this worker exits; the broker starts a new one, which

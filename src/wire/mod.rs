@@ -451,8 +451,13 @@ pub enum Event {
     /// connections (WebSockets, terminal attachments, event streams) at once.
     Revoked { api_users: Vec<u64> },
     /// To a worker: a new connection (one fd), authenticated by the broker as `principal`
-    /// (`None`: anonymous; only what the worker authenticates itself may be served on it).
-    Connection { principal: Option<Principal> },
+    /// (`None`: anonymous; only what the worker authenticates itself may be served on it),
+    /// with the SHA-256 of the credential it showed: every request on the connection must
+    /// carry that same credential.
+    Connection {
+        principal: Option<Principal>,
+        credential: Option<[u8; 32]>,
+    },
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]

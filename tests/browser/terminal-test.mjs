@@ -3,7 +3,8 @@
 //
 //   node tests/browser/terminal-test.mjs --url http://127.0.0.1:PORT/ --token TOKEN \
 //     --user stoa-t-alice --screenshot target/test-artifacts/terminal-browser.png \
-//     [--admin-token ADMIN]   (also restarts the daemon and checks the page reattaches)
+//     [--admin-token ADMIN]   (also restarts the front, which must not disturb the page, and
+//                              the user's worker, after which the page must reattach)
 //
 // Prints one JSON object on stdout ({"ok": true, ...} or {"ok": false, "error": ...});
 // progress goes to stderr. Exit status 0 only when every check passed.
@@ -147,7 +148,8 @@ try {
   });
 
   if (args['admin-token']) {
-    await step('daemon restart: the page reattaches and resumes without repeats', async () => {
+    await step('front restart: the open terminal socket is not even interrupted', async () => {
+      // The socket was handed to the user's worker: the front holds none of it.
       const before = (await viewState(page)).connects;
       const status = await page.evaluate(async (admin) => {
         const r = await fetch('/daemon/restart', {
@@ -156,15 +158,35 @@ try {
         return r.status;
       }, args['admin-token']);
       if (status !== 202 && status !== 200) throw new Error(`POST /daemon/restart -> ${status}`);
+      await new Promise((r) => setTimeout(r, 1500));
+      await until('a new front to answer', async () => {
+        const ok = await page.evaluate(async () => {
+          try { return (await fetch('/health')).status === 200; } catch (e) { return false; }
+        });
+        return ok;
+      }, 30000);
+      await typeLine(page, 'echo front-$((40+2))');
+      await until('"front-42" across the front restart', async () => (await linesEqual(page, 'front-42')) >= 1);
+      const s = await viewState(page);
+      if (s.connects !== before) throw new Error(`the socket reconnected (${before} -> ${s.connects})`);
+    });
+    await step('worker restart: the page reattaches and resumes without repeats', async () => {
+      const before = (await viewState(page)).connects;
+      const status = await page.evaluate(async ([admin, user]) => {
+        const r = await fetch(`/workers/${user}/restart`, {
+          method: 'POST', headers: { Authorization: `Bearer ${admin}` },
+        });
+        return r.status;
+      }, [args['admin-token'], args.user]);
+      if (status !== 202 && status !== 200) throw new Error(`POST /workers/${args.user}/restart -> ${status}`);
       await until('the page to reconnect', async () => {
         const s = await viewState(page);
         return s.connects > before && s.welcomed && s.ws === 1;
       }, 30000);
       await typeLine(page, 'echo back-$((40+2))');
       await until('"back-42" after the restart', async () => (await linesEqual(page, 'back-42')) >= 1);
-      // The new daemon cannot know what the old one sent last, so a resume across a
-      // restart gets a SNAPSHOT (reset, then what is kept): the old screen may go, but
-      // nothing may show twice.
+      // The new worker finds the terminal's ring as the old one left it (the broker keeps
+      // it): the page resumes where it was, and nothing may show twice.
       const repeats = await linesEqual(page, args.user);
       if (repeats > 1) throw new Error(`"${args.user}" shows ${repeats} times after resuming`);
     });
@@ -184,8 +206,7 @@ try {
     });
     const s = await viewState(viewer);
     if (s.canWrite) throw new Error('a mode=view socket may write');
-    // What the server kept is replayed to a new viewer (a restarted daemon keeps what came
-    // after the restart).
+    // What the server kept is replayed to a new viewer.
     const replayed = args['admin-token'] ? 'back-42' : args.user;
     await until(`"${replayed}" replayed to the viewer`,
       async () => (await linesEqual(viewer, replayed)) === 1);

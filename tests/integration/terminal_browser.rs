@@ -4,7 +4,8 @@
 //! (`/usr/bin/chromium`) driven by `playwright-core` through `tests/browser/terminal-test.mjs`.
 //! The script enters alice's API token in the page, opens a new terminal, types `id -un`
 //! into xterm.js and reads `stoa-t-alice` back from xterm's buffer; then it resizes the
-//! window (`stty size` must follow), restarts the daemon (the page must reattach and resume
+//! window (`stty size` must follow), restarts the front (the page's socket, held by
+//! alice's worker, must not notice) and alice's worker (the page must reattach and resume
 //! without repeating output), opens the terminal read-only in a second tab (replay, live
 //! output, input refused), exits the shell (EXIT and a clean close) and kills a second
 //! terminal from the list. The screenshot is left in `target/test-artifacts/`.

@@ -449,6 +449,8 @@ fn error_kind(reply: &ReplyBody) -> Option<ErrorKind> {
 fn http_on(fd: OwnedFd, request: &str) -> (u16, String) {
     let mut s = UnixStream::from(fd);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The first byte says how the connection is used: `H`, HTTP on it (see `worker.rs`).
+    s.write_all(b"H").unwrap();
     s.write_all(request.as_bytes()).unwrap();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];

@@ -6,6 +6,7 @@
 use std::os::unix::net::UnixStream;
 
 use serde_json::json;
+use sha2::Digest;
 use tracing::info;
 
 use super::super::table::{error, user_allowed, Ctx, Outcome};
@@ -17,14 +18,18 @@ use crate::wire::{ErrorKind, ReplyBody, RequestBody};
 /// `OpenWorker`: the credential may act as the Unix user (checked by the table); the loop
 /// hands the worker its end (starting the worker if needed), the front gets the other.
 pub fn open(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
-    let RequestBody::OpenWorker { start, .. } = body else {
+    let RequestBody::OpenWorker {
+        start, credential, ..
+    } = body
+    else {
         unreachable!("the table routes only OpenWorker here")
     };
     let account = ctx.account.clone().expect("ActAsUser fills the account");
     if !start && b.worker_link(account.uid).is_none() {
         return error(ErrorKind::Unavailable, "no worker is running for that user");
     }
-    connect(b, account, ctx.principal.clone())
+    let digest = sha2::Sha256::digest(credential.as_bytes()).into();
+    connect(b, account, ctx.principal.clone(), Some(digest))
 }
 
 /// `OpenWorkerAnonymous`: only to a worker that runs already (the front cannot start a
@@ -44,13 +49,14 @@ pub fn open_anonymous(b: &mut Broker, _ctx: &Ctx, body: RequestBody) -> Outcome 
     if user_allowed(b, &account).is_err() || b.worker_link(account.uid).is_none() {
         return error(ErrorKind::Unavailable, "no worker is running for that user");
     }
-    connect(b, account, None)
+    connect(b, account, None, None)
 }
 
 fn connect(
     b: &mut Broker,
     account: super::super::spawn::Account,
     principal: Option<crate::wire::Principal>,
+    credential: Option<[u8; 32]>,
 ) -> Outcome {
     if b.shutting_down && b.worker_link(account.uid).is_none() {
         return error(
@@ -65,6 +71,7 @@ fn connect(
     b.connects.push(Connect {
         account,
         principal,
+        credential,
         fd: worker.into(),
     });
     Outcome::Reply(ReplyBody::Connection, vec![front.into()])
