@@ -1204,7 +1204,16 @@ impl Harness {
                     c.principal, None,
                     "an anonymous connection with a principal"
                 );
-                unix_user
+                // Only to a running worker, found by name without a lookup: uid and name
+                // are all it carries, and it never starts one.
+                assert!(!c.start, "an anonymous connection may start a worker");
+                let a = self.account(unix_user).expect("a connection for a known user");
+                assert_eq!(
+                    (c.account.uid, &c.account.name),
+                    (a.uid, &a.name),
+                    "a connection to another user's worker"
+                );
+                return;
             }
             other => panic!("a connection opened by {}", table::name(other)),
         };

@@ -1,103 +1,142 @@
 //! Splitting the one daemon's store (before per-user workers) into each user's worker
-//! store, once, at broker start (as root, before capabilities are dropped: the old store is
-//! the service user's, 0600). Each Unix user found in it gets a copy with only their rows
-//! in `<workers_dir>/<uid>/stoa.db` (unless that store exists already); the old file is
-//! renamed `stoa.db.before-workers` and kept. Nothing is lost: ids from before keep working
-//! (the front finds them by asking the user's worker, or every worker for an admin).
+//! store, once, at broker start. Each Unix user found in it gets a copy with only their
+//! rows as `<workers_dir>/<uid>/stoa.db` (unless they have a store already); the old file
+//! is renamed `stoa.db.before-workers` and kept. Ids from before keep working (the front
+//! finds them by asking the user's worker, or every worker for an admin).
+//!
+//! Root reads a file the service user owns and writes where users have directories, so:
+//! it runs once (a marker in the broker's own directory), the old store is opened
+//! read-only and immutable (no journal files are created or followed) and only if it is a
+//! plain file with one link; each copy is made in `workers_dir` itself (root's, 0755: no
+//! user can plant a link there) under a fresh name, given to its user through its fd, and
+//! renamed into the user's directory (a rename replaces a name, it never follows one).
 #![forbid(unsafe_code)]
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
+use rusqlite::OpenFlags;
 use tracing::{info, warn};
 
 use super::spawn::Account;
 
-/// Splits `<daemon_state>/stoa.db` if it is there; returns how many users got a store.
-pub fn split(daemon_state: &Path, workers_dir: &Path) -> Result<usize, String> {
+const MARKER: &str = "old-store-split";
+
+/// Splits `<daemon_state>/stoa.db` once; returns how many users got a store.
+pub fn split(
+    daemon_state: &Path,
+    workers_dir: &Path,
+    broker_state: &Path,
+) -> Result<usize, String> {
     let old = daemon_state.join("stoa.db");
-    if !old.exists() {
+    let marker = broker_state.join(MARKER);
+    if marker.exists() {
         return Ok(0);
     }
-    let users: Vec<String> = {
-        let conn = rusqlite::Connection::open(&old)
-            .map_err(|e| format!("cannot open {}: {e}", old.display()))?;
-        let mut users = Vec::new();
-        for table in ["sessions", "terminals"] {
-            let sql = format!("SELECT DISTINCT unix_user FROM {table}");
-            let Ok(mut stmt) = conn.prepare(&sql) else {
-                continue;
-            };
-            let rows = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(|e| e.to_string())?;
-            users.extend(rows.flatten());
-        }
-        users.sort();
-        users.dedup();
-        users
+    let meta = match std::fs::symlink_metadata(&old) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(format!("cannot stat {}: {e}", old.display())),
     };
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(format!(
+            "{} is not a plain file with one link: not splitting it",
+            old.display()
+        ));
+    }
+    let uri = format!("file:{}?mode=ro&immutable=1", old.display());
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+    let conn = rusqlite::Connection::open_with_flags(&uri, flags)
+        .map_err(|e| format!("cannot open {}: {e}", old.display()))?;
+    let mut users = Vec::new();
+    for table in ["sessions", "terminals"] {
+        let sql = format!("SELECT DISTINCT unix_user FROM {table}");
+        let Ok(mut stmt) = conn.prepare(&sql) else {
+            continue;
+        };
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| e.to_string())?;
+        users.extend(rows.flatten());
+    }
+    users.sort();
+    users.dedup();
     let mut split = 0;
     for name in users {
         let Ok(Some(account)) = Account::lookup(&name) else {
             warn!(user = %name, "old store: no such Unix user now; its rows stay in the old file");
             continue;
         };
-        let dir = workers_dir.join(account.uid.to_string());
-        let target = dir.join("stoa.db");
-        if target.exists() {
-            continue;
+        match copy_for(&conn, workers_dir, &account) {
+            Ok(true) => split += 1,
+            Ok(false) => {}
+            Err(e) => warn!(user = %name, "old store: cannot split out this user's rows: {e}"),
         }
-        if let Err(e) = copy_for(&old, &dir, &target, &account) {
-            warn!(user = %name, "old store: cannot split out this user's rows: {e}");
-            let _ = std::fs::remove_file(&target);
-            continue;
-        }
-        split += 1;
     }
+    drop(conn);
+    std::fs::write(&marker, b"").map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
     let kept = daemon_state.join("stoa.db.before-workers");
-    std::fs::rename(&old, &kept).map_err(|e| format!("cannot rename {}: {e}", old.display()))?;
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(daemon_state.join(format!("stoa.db{suffix}")));
+    if let Err(e) = std::fs::rename(&old, &kept) {
+        warn!("cannot rename {}: {e}", old.display());
     }
     info!(users = split, kept = %kept.display(), "split the old store into the users' worker stores");
     Ok(split)
 }
 
-fn copy_for(old: &Path, dir: &Path, target: &Path, account: &Account) -> Result<(), String> {
-    if !dir.exists() {
-        std::fs::create_dir(dir).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| e.to_string())?;
-        std::os::unix::fs::lchown(dir, Some(account.uid), Some(account.gid))
-            .map_err(|e| e.to_string())?;
+/// `account`'s rows into its store, unless it has one. `Ok(false)`: it had one.
+fn copy_for(
+    old: &rusqlite::Connection,
+    workers_dir: &Path,
+    account: &Account,
+) -> Result<bool, String> {
+    let dir = workers_dir.join(account.uid.to_string());
+    if std::fs::symlink_metadata(dir.join("stoa.db")).is_ok() {
+        return Ok(false);
     }
-    let conn = rusqlite::Connection::open(old).map_err(|e| e.to_string())?;
-    conn.execute("VACUUM INTO ?1", [target.to_string_lossy()])
-        .map_err(|e| e.to_string())?;
-    drop(conn);
-    let copy = rusqlite::Connection::open(target).map_err(|e| e.to_string())?;
-    let others = "SELECT session_id FROM sessions WHERE unix_user != ?1";
-    for sql in [
-        format!("DELETE FROM messages WHERE session_id IN ({others})"),
-        format!("DELETE FROM tasks WHERE unix_user != ?1 OR session_id IN ({others})"),
-        "DELETE FROM sessions WHERE unix_user != ?1".to_string(),
-        "DELETE FROM terminals WHERE unix_user != ?1".to_string(),
-        "DELETE FROM output_usage WHERE unix_user != ?1".to_string(),
-    ] {
-        // A table an old schema did not have yet is fine.
-        if let Err(e) = copy.execute(&sql, [&account.name]) {
-            if !e.to_string().contains("no such table") {
-                return Err(e.to_string());
+    let temp = workers_dir.join(format!(".split-{}-{}", account.uid, std::process::id()));
+    let _ = std::fs::remove_file(&temp);
+    let result = (|| -> Result<(), String> {
+        old.execute("VACUUM INTO ?1", [temp.to_string_lossy()])
+            .map_err(|e| e.to_string())?;
+        let copy = rusqlite::Connection::open(&temp).map_err(|e| e.to_string())?;
+        let others = "SELECT session_id FROM sessions WHERE unix_user != ?1";
+        for sql in [
+            format!("DELETE FROM messages WHERE session_id IN ({others})"),
+            format!("DELETE FROM tasks WHERE unix_user != ?1 OR session_id IN ({others})"),
+            "DELETE FROM sessions WHERE unix_user != ?1".to_string(),
+            "DELETE FROM terminals WHERE unix_user != ?1".to_string(),
+            "DELETE FROM output_usage WHERE unix_user != ?1".to_string(),
+        ] {
+            // A table an old schema did not have yet is fine.
+            if let Err(e) = copy.execute(&sql, [&account.name]) {
+                if !e.to_string().contains("no such table") {
+                    return Err(e.to_string());
+                }
             }
         }
+        copy.execute_batch("VACUUM").map_err(|e| e.to_string())?;
+        drop(copy);
+        let file = std::fs::File::open(&temp).map_err(|e| e.to_string())?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
+        std::os::unix::fs::fchown(&file, Some(account.uid), Some(account.gid))
+            .map_err(|e| e.to_string())?;
+        if std::fs::symlink_metadata(&dir).is_err() {
+            std::fs::create_dir(&dir).map_err(|e| e.to_string())?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| e.to_string())?;
+            std::fs::rename(&temp, dir.join("stoa.db")).map_err(|e| e.to_string())?;
+            // Given to the user last, with its store in it.
+            std::os::unix::fs::lchown(&dir, Some(account.uid), Some(account.gid))
+                .map_err(|e| e.to_string())
+        } else {
+            std::fs::rename(&temp, dir.join("stoa.db")).map_err(|e| e.to_string())
+        }
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
     }
-    copy.execute_batch("VACUUM").map_err(|e| e.to_string())?;
-    drop(copy);
-    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| e.to_string())?;
-    std::os::unix::fs::lchown(target, Some(account.uid), Some(account.gid))
-        .map_err(|e| e.to_string())
+    result.map(|()| true)
 }
 
 #[cfg(test)]
@@ -128,7 +167,7 @@ mod tests {
             .unwrap();
         }
         drop(old);
-        assert_eq!(split(&state, &workers).unwrap(), 1);
+        assert_eq!(split(&state, &workers, &base).unwrap(), 1);
         let mine = workers.join(me.uid.to_string()).join("stoa.db");
         let copy = rusqlite::Connection::open(&mine).unwrap();
         let ids: Vec<String> = copy
@@ -141,8 +180,9 @@ mod tests {
         assert_eq!(ids, ["s-mine"]);
         assert!(state.join("stoa.db.before-workers").exists());
         assert!(!state.join("stoa.db").exists());
-        // Done once: a second start finds nothing to split.
-        assert_eq!(split(&state, &workers).unwrap(), 0);
+        // Done once: a second start finds nothing to split, even if the old file is back.
+        std::fs::copy(state.join("stoa.db.before-workers"), state.join("stoa.db")).unwrap();
+        assert_eq!(split(&state, &workers, &base).unwrap(), 0);
         let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -62,6 +62,12 @@ impl Link {
         !self.out.is_empty()
     }
 
+    /// File descriptors queued and not yet sent (a peer that does not read must not make
+    /// the broker hold fds without bound).
+    pub fn queued_fds(&self) -> usize {
+        self.out.iter().map(|o| o.fds.len()).sum()
+    }
+
     /// When the frame now in progress must be complete, if one is.
     pub fn deadline(&self) -> Option<Instant> {
         self.partial_since.map(|t| t + PARTIAL_FRAME_TIMEOUT)

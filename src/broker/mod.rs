@@ -110,6 +110,8 @@ pub struct Connect {
     pub principal: Option<crate::wire::Principal>,
     /// The SHA-256 of the credential the front showed.
     pub credential: Option<[u8; 32]>,
+    /// Start the worker if it is not running (never for an anonymous connection).
+    pub start: bool,
     pub fd: OwnedFd,
 }
 

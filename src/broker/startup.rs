@@ -95,7 +95,11 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
     )?;
     policy::check_trusted_path(&policy.workers_dir, euid)?;
     // Before capabilities are dropped: the old store is the service user's.
-    if let Err(e) = super::legacy_store::split(&daemon_config.state_dir, &policy.workers_dir) {
+    if let Err(e) = super::legacy_store::split(
+        &daemon_config.state_dir,
+        &policy.workers_dir,
+        &policy.state_dir,
+    ) {
         warn!("the old store was not split into the users' stores: {e}");
     }
 

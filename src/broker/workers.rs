@@ -38,7 +38,8 @@ pub const WORKER_HELLO_DEADLINE: Duration = Duration::from_secs(10);
 /// A worker that ran this long resets its restart backoff.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const RESTART_MAX: Duration = Duration::from_secs(10);
-/// Connections that may wait for a worker's Hello; more are dropped (the front retries).
+/// Connections that may wait for a worker's Hello, or be queued for a worker that does not
+/// read its link; more are dropped (the front answers 502, the client may retry).
 const MAX_PENDING: usize = 256;
 /// The config text a worker gets must fit in a pipe's buffer (never a blocking write).
 const MAX_CONFIG_BYTES: usize = 60 * 1024;
@@ -164,9 +165,15 @@ impl Server {
     /// Hands the connections the front opened to their workers (starting them as needed).
     pub fn deliver_connects(&mut self) {
         for c in std::mem::take(&mut self.broker.connects) {
+            // A worker that keeps dying is started again only when its backoff is over.
+            let backing_off = self
+                .workers
+                .restarts
+                .get(&c.account.uid)
+                .is_some_and(|r| r.at > Instant::now());
             let link = match self.broker.worker_link(c.account.uid) {
                 Some(l) => Some(l),
-                None if self.broker.shutting_down => None,
+                None if self.broker.shutting_down || backing_off || !c.start => None,
                 None => self.start_worker(&c.account),
             };
             // Dropping the fd closes the connection: the front sees it end at once.
@@ -176,7 +183,12 @@ impl Server {
                 .peers
                 .get(&link)
                 .is_some_and(|p| p.state == LinkState::Ready);
-            if ready {
+            let queued = self
+                .workers
+                .by_link
+                .get(&link)
+                .map_or(0, |w| w.link.queued_fds());
+            if ready && queued < MAX_PENDING {
                 let pending = (c.principal, c.credential, c.fd);
                 self.broker.outbox.push(connection_event(link, pending));
             } else if let Some(w) = self.workers.by_link.get_mut(&link) {
@@ -279,8 +291,10 @@ impl Server {
             }
         }
         let uid = w.account.uid;
+        // Only a run that lasted, or a retirement, resets the backoff: the user can make
+        // their worker exit 0 at will (SIGTERM) and must not make the broker spin.
         let failures = self.workers.failures.entry(uid).or_insert(0);
-        if w.started.elapsed() >= HEALTHY_RUN || reaped == Some(ExitStatus::Code(0)) {
+        if w.started.elapsed() >= HEALTHY_RUN || retiring {
             *failures = 0;
         } else {
             *failures += 1;

@@ -402,6 +402,20 @@ async fn handover_target(
     }
 }
 
+/// `headers` without the caller's credential. An admin's request that goes to many users'
+/// workers (listings, metrics, restarts) needs none there: the broker told each worker who
+/// opened the connection. A worker is its user's process, and the admin token must not
+/// reach every user's memory on each scrape.
+fn without_credential(headers: &HeaderMap) -> HeaderMap {
+    let mut headers = headers.clone();
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::COOKIE);
+    headers
+}
+
+/// How long a worker may take to answer an admin's fan-out (a user may stop their own).
+const FAN_OUT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The Unix users with a store (`<workers_dir>/<uid>`), by name.
 fn users_with_stores(state: &FrontState) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(&state.link.welcome().workers_dir) else {
@@ -436,8 +450,9 @@ async fn fan_out(
             continue;
         };
         let mut one = Request::from_parts(parts.clone(), Body::empty());
-        *one.headers_mut() = parts.headers.clone();
-        let Ok(response) = send(fd, one, &user).await else {
+        *one.headers_mut() = without_credential(&parts.headers);
+        let Ok(Ok(response)) = tokio::time::timeout(FAN_OUT_WAIT, send(fd, one, &user)).await
+        else {
             continue;
         };
         if by_id {
@@ -449,9 +464,10 @@ async fn fan_out(
         if !response.status().is_success() {
             continue;
         }
-        let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let body = axum::body::to_bytes(response.into_body(), 64 << 20);
+        let Ok(Ok(bytes)) = tokio::time::timeout(FAN_OUT_WAIT, body).await else {
+            continue;
+        };
         if let Ok(Value::Array(items)) = serde_json::from_slice(&bytes) {
             merged.extend(items);
         }
@@ -481,7 +497,7 @@ pub async fn restart_worker(
     let mut req = Request::new(Body::empty());
     *req.method_mut() = Method::POST;
     *req.uri_mut() = "/worker/restart".parse().expect("a valid uri");
-    *req.headers_mut() = headers;
+    *req.headers_mut() = without_credential(&headers);
     send(fd, req, &user).await
 }
 
@@ -499,13 +515,35 @@ pub async fn worker_metrics(
         };
         let mut req = Request::new(Body::empty());
         *req.uri_mut() = "/metrics".parse().expect("a valid uri");
-        *req.headers_mut() = headers.clone();
-        let Ok(response) = send(fd, req, &user).await else {
+        *req.headers_mut() = without_credential(headers);
+        let Ok(Ok(response)) = tokio::time::timeout(FAN_OUT_WAIT, send(fd, req, &user)).await
+        else {
             continue;
         };
-        if let Ok(bytes) = axum::body::to_bytes(response.into_body(), 16 << 20).await {
+        let body = axum::body::to_bytes(response.into_body(), 16 << 20);
+        if let Ok(Ok(bytes)) = tokio::time::timeout(FAN_OUT_WAIT, body).await {
             texts.push(String::from_utf8_lossy(&bytes).into_owned());
         }
     }
     texts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_admins_fan_out_carries_no_credential_to_the_workers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            "Bearer admin-secret".parse().unwrap(),
+        );
+        h.insert(header::COOKIE, "stoa=x".parse().unwrap());
+        h.insert(header::HOST, "127.0.0.1".parse().unwrap());
+        let stripped = without_credential(&h);
+        assert!(stripped.get(header::AUTHORIZATION).is_none());
+        assert!(stripped.get(header::COOKIE).is_none());
+        assert_eq!(stripped.get(header::HOST).unwrap(), "127.0.0.1");
+    }
 }

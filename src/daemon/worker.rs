@@ -124,8 +124,8 @@ struct Observer {
 }
 
 /// A connection from the broker: who it was authenticated as, the credential's digest,
-/// the socket.
-type Incoming = (Option<Principal>, Option<[u8; 32]>, OwnedFd);
+/// the revocation generation when it arrived, the socket.
+type Incoming = (Option<Principal>, Option<[u8; 32]>, u64, OwnedFd);
 
 impl LinkObserver for Observer {
     fn reply(&self, body: &ReplyBody) {
@@ -143,7 +143,12 @@ impl LinkObserver for Observer {
                 credential,
             } => {
                 if let Some(fd) = fds.pop() {
-                    let _ = self.connections.send((principal, credential, fd));
+                    // Taken here, in the order events arrive: a revocation that follows
+                    // the connection on the link must still end it.
+                    let generation = self.auth.generation();
+                    let _ = self
+                        .connections
+                        .send((principal, credential, generation, fd));
                 }
             }
             other => self.processes.event(other, fds),
@@ -249,6 +254,9 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
         state.terminals.quiesce(Duration::from_secs(1)).await;
         // Connections already handed over still get answered; then the runs being
         // recorded get to finish writing how they ended.
+        while let Ok(incoming) = conn_rx.try_recv() {
+            serve_connection(&state, app.clone(), incoming, open.clone());
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while (open.load(Ordering::SeqCst) > 0
             || !state.running.lock().expect("running lock").is_empty())
@@ -276,12 +284,12 @@ fn has_live_work(state: &AppState) -> bool {
 fn serve_connection(
     state: &Arc<AppState>,
     app: Router,
-    (principal, credential, fd): Incoming,
+    (principal, credential, generation, fd): Incoming,
     open: Arc<AtomicUsize>,
 ) {
     let conn_auth = Arc::new(ConnectionAuth {
         principal,
-        generation: state.auth.generation(),
+        generation,
         credential,
     });
     let stream = UnixStream::from(fd);
@@ -459,10 +467,12 @@ fn refuse(
         }
     }
     let expected = conn.credential?;
+    // Without one, the request is the connection's principal's and can spawn nothing (the
+    // broker wants a credential for that): the front sends an admin's listings so.
     let bearer = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.to_str().ok())?
+        .strip_prefix("Bearer ")
         .map(str::trim)
         .unwrap_or("");
     let got: [u8; 32] = sha2::Sha256::digest(bearer.as_bytes()).into();
@@ -527,4 +537,49 @@ async fn metrics_text(
     }
     let text = m.encode().map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(text.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Digest;
+
+    fn conn(token: &str) -> ConnectionAuth {
+        ConnectionAuth {
+            principal: None,
+            generation: 0,
+            credential: Some(sha2::Sha256::digest(token.as_bytes()).into()),
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_connection_serves_its_own_credential_only() {
+        let c = conn("alice-token");
+        let mine = headers(&[("authorization", "Bearer alice-token")]);
+        let other = headers(&[("authorization", "Bearer bob-token")]);
+        assert!(refuse(&c, None, &mine).is_none());
+        let refused = refuse(&c, None, &other).expect("another credential");
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        // No credential at all: the connection's principal, which can spawn nothing.
+        assert!(refuse(&c, None, &HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_handed_over_connection_keeps_its_first_host() {
+        let c = conn("t");
+        let first = Mutex::new(None);
+        let at = |host: &str| headers(&[("authorization", "Bearer t"), ("host", host)]);
+        assert!(refuse(&c, Some(&first), &at("127.0.0.1:7433")).is_none());
+        assert!(refuse(&c, Some(&first), &at("127.0.0.1:7433")).is_none());
+        let refused = refuse(&c, Some(&first), &at("evil.example")).expect("another Host");
+        assert_eq!(refused.status(), StatusCode::MISDIRECTED_REQUEST);
+    }
 }
