@@ -35,6 +35,8 @@ use crate::wire::{BrokerMessage, Event, ExitStatus, Principal, Request};
 
 /// How long a new worker has to say `Hello`.
 pub const WORKER_HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a worker whose `Retire` was granted has to exit (its user may stop it).
+pub const RETIRE_DEADLINE: Duration = Duration::from_secs(10);
 /// A worker that ran this long resets its restart backoff.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const RESTART_MAX: Duration = Duration::from_secs(10);
@@ -55,6 +57,8 @@ pub struct WorkerProc {
     /// Connections that came before its Hello.
     pub pending: Vec<Pending>,
     pub cgroup: Option<SpawnCgroup>,
+    /// When the loop first saw its `Retire` granted.
+    pub retiring_since: Option<Instant>,
 }
 
 /// A worker to start again (its user has live work).
@@ -148,6 +152,7 @@ impl Server {
                         started: Instant::now(),
                         pending: Vec::new(),
                         cgroup,
+                        retiring_since: None,
                     },
                 );
                 Some(id)
@@ -375,6 +380,7 @@ impl Server {
             [
                 w.link.deadline(),
                 fresh.then(|| w.started + WORKER_HELLO_DEADLINE),
+                w.retiring_since.map(|t| t + RETIRE_DEADLINE),
             ]
         });
         links
@@ -386,6 +392,11 @@ impl Server {
     /// Ends the workers that missed a deadline.
     pub fn check_worker_deadlines(&mut self) {
         let now = Instant::now();
+        for (l, w) in self.workers.by_link.iter_mut() {
+            if w.retiring_since.is_none() && self.broker.peers.get(l).is_some_and(|p| p.retiring) {
+                w.retiring_since = Some(now);
+            }
+        }
         let late: Vec<(u64, String)> = self
             .workers
             .by_link
@@ -400,6 +411,11 @@ impl Server {
                     Some((
                         *l,
                         format!("it did not say Hello within {WORKER_HELLO_DEADLINE:?}"),
+                    ))
+                } else if w.retiring_since.is_some_and(|t| t + RETIRE_DEADLINE <= now) {
+                    Some((
+                        *l,
+                        format!("it retired and did not exit within {RETIRE_DEADLINE:?}"),
                     ))
                 } else if w.link.deadline().is_some_and(|t| t <= now) {
                     Some((
