@@ -387,8 +387,13 @@ impl Server {
     /// After the loop: whatever is still there is killed, the cgroups removed.
     fn finish_shutdown(&mut self) {
         handles::signal_all(&mut self.broker, Signal::Kill);
+        // A worker whose link closed was sent SIGKILL (`worker_gone`) but may not be reaped
+        // yet: the broker does not leave before its children are gone.
+        self.signal_workers(NixSignal::SIGKILL);
         let deadline = Instant::now() + shutdown::TERM_WAIT;
-        while self.broker.handles.unreaped() > 0 && Instant::now() < deadline {
+        while (self.broker.handles.unreaped() > 0 || !self.workers.dying.is_empty())
+            && Instant::now() < deadline
+        {
             self.reap();
             std::thread::sleep(Duration::from_millis(20));
         }

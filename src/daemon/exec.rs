@@ -60,7 +60,8 @@ async fn wait_exit(mut rx: watch::Receiver<Option<ExitStatus>>) -> Option<ExitSt
 
 async fn collect_into(reader: Option<FdReader>, limit: usize, out: &mut Collected) {
     let Some(reader) = reader else { return };
-    let mut buf = vec![0u8; 64 * 1024];
+    // Small: most runs print little, and a pipe is read again at once when it has more.
+    let mut buf = vec![0u8; 16 * 1024];
     while let Ok(n) = reader.read(&mut buf).await {
         if n == 0 {
             return;

@@ -81,8 +81,15 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
         auth: auth.clone(),
         shutting_down: shutting_down.clone(),
     });
-    let link = BrokerLink::connect(UnixStream::from(link_fd), observer)
-        .map_err(|e| format!("cannot greet the broker: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let link = {
+        let _runtime = runtime.enter();
+        BrokerLink::connect(UnixStream::from(link_fd), observer)
+            .map_err(|e| format!("cannot greet the broker: {e}"))?
+    };
     if link.welcome().isolation && nix::unistd::geteuid().is_root() {
         return Err("the daemon must not run as root".into());
     }
@@ -100,10 +107,6 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
         shutting_down,
         pool: Default::default(),
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let std_listener = std::net::TcpListener::from(listener_fd);
         std_listener

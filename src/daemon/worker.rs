@@ -176,8 +176,20 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
         auth: auth.clone(),
         connections: conn_tx,
     });
-    let link = BrokerLink::connect(UnixStream::from(link_fd), observer)
-        .map_err(|e| format!("cannot greet the broker: {e}"))?;
+    // Its threads count against the user's process limit (it is in the user's cgroup):
+    // few, and a bounded blocking pool (the store's queries). Not one thread: measured, a
+    // current-thread runtime held ~48 KiB more per idle terminal (BENCHMARKS.md).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let link = {
+        let _runtime = runtime.enter();
+        BrokerLink::connect(UnixStream::from(link_fd), observer)
+            .map_err(|e| format!("cannot greet the broker: {e}"))?
+    };
     if link.welcome().isolation && nix::unistd::geteuid().is_root() {
         return Err("a worker must not run as root".into());
     }
@@ -197,14 +209,6 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
         metrics: metrics::Metrics::default(),
         uid,
     });
-    // Its threads count against the user's process limit (it is in the user's cgroup):
-    // few, and a bounded blocking pool (the store's queries).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(8)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let adopted = super::adopt_all(&state).await;
         let adopted = super::tasks::recover(&state, adopted).await;
