@@ -176,11 +176,10 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
         auth: auth.clone(),
         connections: conn_tx,
     });
-    // Its threads count against the user's process limit (it is in the user's cgroup):
-    // few, and a bounded blocking pool (the store's queries). Not one thread: measured, a
-    // current-thread runtime held ~48 KiB more per idle terminal (BENCHMARKS.md).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread (its threads count against the user's process limit: it is in the user's
+    // cgroup), and a bounded blocking pool (the store's queries). One thread also means no
+    // hops between threads on the spawn path (measured, BENCHMARKS.md).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .max_blocking_threads(8)
         .enable_all()
         .build()
