@@ -90,6 +90,10 @@ pub struct HttpConfig {
     /// Host names the daemon answers besides localhost, 127.0.0.1, [::1] and the listen
     /// address (DNS rebinding protection); matched without the port.
     pub allowed_hosts: Vec<String>,
+    /// Trust a proxy's `X-Forwarded-Proto: https`: the log-in cookie is then marked
+    /// `Secure`. Set it only when a proxy that sets (and overwrites) that header is the
+    /// only way in.
+    pub trust_forwarded_proto: bool,
 }
 
 impl Default for HttpConfig {
@@ -101,6 +105,7 @@ impl Default for HttpConfig {
             max_idle_per_peer: 1024,
             auth_failures_per_minute: 10,
             allowed_hosts: Vec::new(),
+            trust_forwarded_proto: false,
         }
     }
 }

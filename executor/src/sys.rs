@@ -6,6 +6,8 @@
 //! that prepared data (no allocation, no locks, no NSS).
 #![allow(unsafe_code)]
 
+pub mod pam;
+
 use std::ffi::{CStr, CString};
 use std::fmt;
 use std::io;

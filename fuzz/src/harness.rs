@@ -1280,8 +1280,8 @@ impl Harness {
                         assert!(self.broker.shutting_down);
                         "ShuttingDown"
                     }
-                    Event::Revoked { api_users } => {
-                        for id in api_users {
+                    Event::Revoked { keys } => {
+                        for id in keys {
                             assert!(self.revoked.contains(&id), "user {id} revoked");
                         }
                         "Revoked"

@@ -16,6 +16,135 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub struct Credentials {
     admin_sha256: [u8; 32],
     pub store: super::users::StoreCache,
+    /// Log-ins with a Unix password (`Login`): in memory only (a broker restart ends them,
+    /// as it ends everything else).
+    pub logins: Logins,
+}
+
+/// The prefix of a log-in's credential (an API user's token has another).
+pub const LOGIN_PREFIX: &str = "stoa_login_";
+/// Most log-ins kept at once, and per Unix user; past either the oldest is ended.
+pub const MAX_LOGINS: usize = 4096;
+pub const MAX_LOGINS_PER_USER: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub number: u64,
+    pub uid: u32,
+    pub unix_user: String,
+    /// Seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// The live log-ins, by their credential's SHA-256.
+#[derive(Default)]
+pub struct Logins {
+    by_digest: std::collections::HashMap<[u8; 32], Login>,
+    next_number: u64,
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Logins {
+    /// A new log-in for `uid`: its credential (shown once) and what it is; and the log-ins
+    /// ended to make room (their revocation keys must be sent).
+    pub fn start(
+        &mut self,
+        uid: u32,
+        unix_user: &str,
+        lasts_secs: u64,
+    ) -> Result<(String, Login, Vec<Login>), String> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a log-in: {e}"))?;
+        let credential = format!("{LOGIN_PREFIX}{}", hex(&bytes));
+        self.next_number += 1;
+        let login = Login {
+            number: self.next_number,
+            uid,
+            unix_user: unix_user.to_string(),
+            expires_at: now_secs() + lasts_secs,
+        };
+        let mut ended = Vec::new();
+        loop {
+            let same_user = self.by_digest.values().filter(|l| l.uid == uid).count();
+            if same_user < MAX_LOGINS_PER_USER && self.by_digest.len() < MAX_LOGINS {
+                break;
+            }
+            let crowded = same_user >= MAX_LOGINS_PER_USER;
+            let oldest = self
+                .by_digest
+                .iter()
+                .filter(|(_, l)| !crowded || l.uid == uid)
+                .min_by_key(|(_, l)| l.number)
+                .map(|(d, _)| *d);
+            match oldest.and_then(|d| self.by_digest.remove(&d)) {
+                Some(l) => ended.push(l),
+                None => break,
+            }
+        }
+        self.by_digest.insert(sha256(&credential), login.clone());
+        Ok((credential, login, ended))
+    }
+
+    /// The live log-in whose credential this is.
+    pub fn find(&self, credential: &str) -> Option<&Login> {
+        self.by_digest
+            .get(&sha256(credential))
+            .filter(|l| l.expires_at > now_secs())
+    }
+
+    /// Ends the log-in whose credential this is.
+    pub fn end(&mut self, credential: &str) -> Option<Login> {
+        self.by_digest.remove(&sha256(credential))
+    }
+
+    /// Ends every log-in that expired (or whose user `keep` says no longer may log in).
+    pub fn sweep(&mut self, mut keep: impl FnMut(&Login) -> bool) -> Vec<Login> {
+        let now = now_secs();
+        let gone: Vec<[u8; 32]> = self
+            .by_digest
+            .iter()
+            .filter(|(_, l)| l.expires_at <= now || !keep(l))
+            .map(|(d, _)| *d)
+            .collect();
+        gone.iter()
+            .filter_map(|d| self.by_digest.remove(d))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    /// The Unix users with a log-in, each once.
+    pub fn users(&self) -> Vec<String> {
+        let mut users: Vec<String> = self
+            .by_digest
+            .values()
+            .map(|l| l.unix_user.clone())
+            .collect();
+        users.sort();
+        users.dedup();
+        users
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+}
+
+impl Login {
+    pub fn principal(&self) -> Principal {
+        Principal::Login {
+            uid: self.uid,
+            unix_user: self.unix_user.clone(),
+            session: self.number,
+        }
+    }
 }
 
 impl Credentials {
@@ -65,6 +194,7 @@ impl Credentials {
         let credentials = Credentials {
             admin_sha256: sha256(token),
             store,
+            logins: Logins::default(),
         };
         Ok((credentials, path, created))
     }
@@ -79,6 +209,9 @@ impl Credentials {
             .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if diff == 0 {
             return Some(Principal::Admin);
+        }
+        if credential.starts_with(LOGIN_PREFIX) {
+            return self.logins.find(credential).map(Login::principal);
         }
         match self.store.get() {
             Ok(store) => match store.find_by_token(credential) {
@@ -112,4 +245,46 @@ fn sha256(s: &str) -> [u8; 32] {
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_login_is_found_until_it_ends_and_each_user_keeps_at_most_its_share() {
+        let mut logins = Logins::default();
+        let (c, l, ended) = logins.start(1001, "alice", 3600).unwrap();
+        assert!(ended.is_empty());
+        assert!(c.starts_with(LOGIN_PREFIX) && c.len() == LOGIN_PREFIX.len() + 64);
+        assert_eq!(logins.find(&c).unwrap().number, l.number);
+        assert!(logins.find("stoa_login_00").is_none());
+        assert_eq!(logins.end(&c).unwrap().number, l.number);
+        assert!(logins.find(&c).is_none());
+        let first = logins.start(1001, "alice", 3600).unwrap();
+        for _ in 1..MAX_LOGINS_PER_USER {
+            assert!(logins.start(1001, "alice", 3600).unwrap().2.is_empty());
+        }
+        let bob = logins.start(1002, "bob", 3600).unwrap();
+        let (_, _, ended) = logins.start(1001, "alice", 3600).unwrap();
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].number, first.1.number, "alice's oldest goes");
+        assert!(logins.find(&first.0).is_none());
+        assert!(logins.find(&bob.0).is_some(), "bob's stays");
+    }
+
+    #[test]
+    fn expired_logins_are_not_found_and_are_swept() {
+        let mut logins = Logins::default();
+        let (c, _, _) = logins.start(1001, "alice", 0).unwrap();
+        assert!(logins.find(&c).is_none(), "expired at once");
+        let (d, _, _) = logins.start(1002, "bob", 3600).unwrap();
+        let gone = logins.sweep(|_| true);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].unix_user, "alice");
+        assert!(logins.find(&d).is_some());
+        let gone = logins.sweep(|l| l.unix_user != "bob");
+        assert_eq!(gone.len(), 1, "a user no longer allowed is swept");
+        assert!(logins.is_empty());
+    }
 }

@@ -294,8 +294,8 @@ fn removed_and_rotated_users_are_revoked_to_the_daemon() {
         let mut links: Vec<u64> = out
             .iter()
             .map(|o| match &o.message {
-                BrokerMessage::Event(Event::Revoked { api_users }) => {
-                    let mut got = api_users.clone();
+                BrokerMessage::Event(Event::Revoked { keys }) => {
+                    let mut got = keys.clone();
                     got.sort();
                     assert_eq!(got, users);
                     o.link

@@ -14,7 +14,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
-use super::handlers::{dirs, handles, launch, session};
+use super::handlers::{dirs, handles, launch, login, session};
 use super::link::{LinkError, PARTIAL_FRAME_TIMEOUT};
 use super::policy::Policy;
 use super::shutdown::{self, Action, Facts, Stopping};
@@ -76,6 +76,7 @@ impl Server {
                 self.shutdown.map(|s| s.until),
                 launch::next_deadline(&self.broker),
                 dirs::next_deadline(&self.broker),
+                login::next_deadline(&self.broker),
                 handles::next_signaller_deadline(&self.broker),
                 self.hello_deadline(),
                 self.worker_deadline(),
@@ -125,9 +126,11 @@ impl Server {
             self.check_worker_deadlines();
             launch::check_starting(&mut self.broker);
             dirs::check_probes(&mut self.broker);
+            login::check_logins(&mut self.broker);
             handles::check_signallers(&mut self.broker);
             if Instant::now() >= self.next_user_check {
                 session::check_revocations(&mut self.broker);
+                login::sweep(&mut self.broker);
                 self.next_user_check = Instant::now() + USER_CHECK_EVERY;
             }
             self.flush_outbox();
@@ -192,6 +195,9 @@ impl Server {
         }
         for p in &self.broker.probes {
             fds.push(PollFd::new(p.report.as_fd(), PollFlags::POLLIN));
+        }
+        for c in &self.broker.login_checks {
+            fds.push(PollFd::new(c.answer.as_fd(), PollFlags::POLLIN));
         }
         match poll(&mut fds, timeout) {
             Ok(_) => {}

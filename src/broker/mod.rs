@@ -34,6 +34,7 @@ pub mod handlers;
 pub mod handles;
 pub mod legacy_store;
 pub mod link;
+pub mod login_helper;
 pub mod notify;
 pub mod os;
 pub mod os_double;
@@ -142,6 +143,11 @@ pub struct Broker {
     pub os: Box<dyn os::Os>,
     pub handles: HandleTable,
     pub probes: Vec<handlers::dirs::Probe>,
+    /// Password checks in flight (`Login`), and recent failures.
+    pub login_checks: Vec<handlers::login::Check>,
+    pub login_throttle: handlers::login::Throttle,
+    /// When live log-ins' users were last checked against the policy.
+    pub logins_rechecked: std::time::Instant,
     /// Children sending a signal as a handle's owner, until they are reaped.
     pub signallers: Vec<handlers::handles::Signaller>,
     pub admission: admission::Admission,
@@ -189,6 +195,9 @@ impl Broker {
             os,
             handles: HandleTable::new(),
             probes: Vec::new(),
+            login_checks: Vec::new(),
+            login_throttle: Default::default(),
+            logins_rechecked: std::time::Instant::now(),
             signallers: Vec::new(),
             admission: Default::default(),
             audit,
@@ -280,6 +289,8 @@ impl Broker {
 
 #[cfg(test)]
 mod dispatch_tests;
+#[cfg(test)]
+mod login_tests;
 #[cfg(test)]
 mod red_team_tests;
 #[cfg(test)]

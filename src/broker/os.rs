@@ -8,6 +8,7 @@
 //! | `lookup_user`    | `getpwnam_r`, fresh `getgrouplist`                               |
 //! | `launch`         | PTY (and its output ring's memfd) or pipes, the job on the control socket, fork (no wait) |
 //! | `start_probe`    | fork a child that becomes the user and enters a directory        |
+//! | `start_login_check` | fork the log-in helper (`stoa __pam-login`, root), the attempt on its stdin |
 //! | `signal_group`   | a child with all the owner's ids sends `killpg` (not waited for; tracked by the caller) |
 //! | `kill_pidfd`     | `pidfd_send_signal(SIGKILL)` (a child that did not reach exec)   |
 //! | `reap`           | `waitpid(-1, WNOHANG)` until nothing is left                     |
@@ -48,6 +49,9 @@ pub trait Os {
     ) -> Result<Launched, String>;
     /// Starts a child that, as `account`, enters `path` and reports what it is.
     fn start_probe(&mut self, account: &Account, path: &str) -> Result<Started, String>;
+    /// Starts the log-in helper with `request` (`login_helper::request`) on its stdin;
+    /// returns without waiting. Its answer comes on `LoginChild::answer`.
+    fn start_login_check(&mut self, request: &[u8]) -> Result<LoginChild, String>;
     /// Signals the process group `pgid` of a live (unreaped) executor of `account`, with
     /// that account's identity; returns before the signal is sent, with the signalling
     /// child (`None`: sent directly, in single-user mode), which the caller must keep
@@ -79,7 +83,17 @@ pub trait Os {
     fn cgroup_teardown(&mut self);
 }
 
+/// A log-in helper started.
+pub struct LoginChild {
+    pub started: Started,
+    /// The read end of its stdout, non-blocking.
+    pub answer: OwnedFd,
+}
+
 pub struct RealOs {
+    /// `stoa` itself, opened once at start (`O_PATH`): the log-in helper is `stoa
+    /// __pam-login`.
+    pub self_exe: OwnedFd,
     /// Root: children change identity. Not root (single-user mode): nothing does.
     pub isolated: bool,
     /// The executor, opened once at start (`O_PATH`), run with `execveat`.
@@ -116,6 +130,47 @@ impl Os for RealOs {
         let path = std::ffi::CString::new(path).map_err(|_| "NUL in path".to_string())?;
         let identity: Option<Identity> = self.isolated.then(|| account.identity());
         sys::start_probe(identity.as_ref(), &path).map_err(|e| e.to_string())
+    }
+
+    fn start_login_check(&mut self, request: &[u8]) -> Result<LoginChild, String> {
+        use nix::fcntl::OFlag;
+        use std::os::fd::AsFd;
+        let (stdin_read, stdin_write) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| e.to_string())?;
+        // A fresh pipe holds 64 KiB: the request (at most ~1.3 KiB) never blocks.
+        std::io::Write::write_all(&mut std::fs::File::from(stdin_write), request)
+            .map_err(|e| format!("cannot hand the attempt to the helper: {e}"))?;
+        let (answer, answer_write) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(|e| e.to_string())?;
+        // Its write end blocks (the helper writes one short line).
+        nix::fcntl::fcntl(
+            answer_write.as_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()),
+        )
+        .map_err(|e| e.to_string())?;
+        let stderr = std::io::stderr();
+        let spec = sys::ChildSpec {
+            exe: self.self_exe.as_fd(),
+            argv: vec![c"stoa".into(), c"__pam-login".into()],
+            env: vec![
+                c"PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                c"LANG=C".into(),
+            ],
+            stdio: Some([stdin_read.as_fd(), answer_write.as_fd(), stderr.as_fd()]),
+            extra_fds: Vec::new(),
+            controlling_tty: false,
+            // It stays root: PAM must read the shadow file (in single-user mode it is the
+            // one user, and PAM can check only that user's own password).
+            identity: None,
+            rlimits: Vec::new(),
+            umask: 0o077,
+            cwd: Some(c"/".into()),
+            cwd_id: None,
+            parent_death_signal: Some(libc::SIGKILL),
+            cgroup_procs: Vec::new(),
+        };
+        let started = sys::start_child(&spec).map_err(|e| e.to_string())?;
+        Ok(LoginChild { started, answer })
     }
 
     fn signal_group(

@@ -35,6 +35,10 @@ pub enum Call {
         user: String,
         path: String,
     },
+    /// The log-in helper, for this user name (the password is never recorded).
+    StartLoginCheck {
+        user: String,
+    },
     SignalGroup {
         uid: u32,
         pgid: i32,
@@ -72,6 +76,10 @@ pub struct Script {
     pub gone: Vec<i32>,
     /// The pid of the last signalling child (from `SIGNALLER_PIDS`).
     pub next_signaller: i32,
+    /// Passwords the double's log-in helper accepts, by user name (others: wrong).
+    pub passwords: HashMap<String, String>,
+    /// The write ends of log-in helpers that never answer (with `ChildScript::Hangs`).
+    pub held_answers: Vec<OwnedFd>,
 }
 
 /// Where the double's signalling children's pids start.
@@ -106,6 +114,8 @@ impl RecordingOs {
             held: Vec::new(),
             gone: Vec::new(),
             next_signaller: SIGNALLER_PIDS,
+            passwords: HashMap::new(),
+            held_answers: Vec::new(),
         })))
     }
 
@@ -195,6 +205,32 @@ impl Os for RecordingOs {
             uid: account.uid,
         };
         self.child(report).map_err(|e| e.to_string())
+    }
+
+    fn start_login_check(&mut self, request: &[u8]) -> Result<super::os::LoginChild, String> {
+        let mut fields = request.split(|b| *b == 0);
+        let user = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+        let password = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+        self.record(Call::StartLoginCheck { user: user.clone() });
+        let started = self.child(ChildReport::Execed).map_err(|e| e.to_string())?;
+        let (answer, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(|e| e.to_string())?;
+        let mut s = self.0.borrow_mut();
+        if s.children == ChildScript::Hangs {
+            s.held_answers.push(write);
+        } else {
+            let ok = s.passwords.get(&user) == Some(&password);
+            let line = if ok {
+                super::login_helper::Answer::Ok
+            } else {
+                super::login_helper::Answer::Credentials
+            };
+            File::from(write)
+                .write_all(line.line().as_bytes())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(super::os::LoginChild { started, answer })
     }
 
     fn signal_group(

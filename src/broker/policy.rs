@@ -192,6 +192,9 @@ pub struct Policy {
     /// SIGTERM: how long running work may go on to finish before it is sent SIGTERM (and,
     /// 5 s later, SIGKILL). Terminals are hung up at once.
     pub shutdown_grace_secs: u64,
+    /// How long a log-in with a Unix password (`POST /login`) lasts before its user must log
+    /// in again.
+    pub login_session_secs: u64,
 }
 
 /// Identity variables the broker sets from the passwd entry; a request never overrides them.
@@ -254,6 +257,7 @@ impl Default for Policy {
             rlimits: Limits::default(),
             cgroup: CgroupLimits::default(),
             shutdown_grace_secs: 30,
+            login_session_secs: 12 * 3600,
         }
     }
 }
@@ -299,6 +303,9 @@ impl Policy {
         self.cgroup.memory_max_bytes()?;
         if !(1..=10_000).contains(&self.cgroup.cpu_weight) {
             return Err("cgroup.cpu_weight must be within 1..=10000".into());
+        }
+        if !(60..=30 * 86400).contains(&self.login_session_secs) {
+            return Err("login_session_secs is between 60 and 2592000 (30 days)".into());
         }
         if self.shutdown_grace_secs > 3600 {
             return Err("shutdown_grace_secs is at most 3600".into());

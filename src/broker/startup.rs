@@ -169,6 +169,9 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
 
     let isolated = matches!(mode, Mode::Isolated { .. });
     let os = Box::new(os::RealOs {
+        self_exe: self_exe
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate the program's fd: {e}"))?,
         isolated,
         executor,
         tty_gid,

@@ -19,6 +19,8 @@
 //! | `OpenWorker`   | front  | after Hello | credential may act as the Unix user, policy allows that user | `workers::open` | `refused` |
 //! | `OpenWorkerAnonymous` | front | after Hello | – (only a running worker; it checks what comes) | `workers::open_anonymous` | – |
 //! | `ListAll`      | front  | after Hello | a valid credential (the handler: an admin's)   | `workers::list_all`     | `refused` |
+//! | `Login`        | front  | after Hello | – (it is the check: PAM in a helper, then the policy) | `login::login` | `login` (every attempt) |
+//! | `Logout`       | front  | after Hello | – (the credential it ends)                     | `login::logout`         | `logout` |
 //! | `Spawn`        | worker | after Hello | credential may act as the Unix user, policy allows that user, the worker's own | `launch::spawn` | `spawn`, `refused` |
 //! | `CheckDir`     | worker | after Hello | as `Spawn`                                     | `dirs::check_dir`       | `refused` |
 //! | `SetSecret`    | worker | after Hello | a user credential of the worker's own Unix user| `secrets::set`          | `secret_set` |
@@ -39,7 +41,7 @@ use std::os::fd::OwnedFd;
 
 use tracing::warn;
 
-use super::handlers::{dirs, handles, launch, secrets, session, workers};
+use super::handlers::{dirs, handles, launch, login, secrets, session, workers};
 use super::policy::{Refusal, UserFacts};
 use super::spawn::Account;
 use super::{Broker, LinkState, Mode, Outgoing, PeerKind};
@@ -159,6 +161,8 @@ pub const TABLE: &[Row] = &[
         AnyCredential,
         workers::list_all,
     ),
+    row("Login", Who::Front, AfterHello, Nothing, login::login),
+    row("Logout", Who::Front, AfterHello, Nothing, login::logout),
     row("Spawn", Who::Worker, AfterHello, ActAsUser, launch::spawn),
     row(
         "CheckDir",
@@ -232,6 +236,8 @@ pub fn name(body: &RequestBody) -> &'static str {
         RequestBody::OpenWorkerAnonymous { .. } => "OpenWorkerAnonymous",
         RequestBody::ListAll { .. } => "ListAll",
         RequestBody::Retire => "Retire",
+        RequestBody::Login { .. } => "Login",
+        RequestBody::Logout { .. } => "Logout",
     }
 }
 
@@ -572,6 +578,8 @@ mod tests {
             "OpenWorkerAnonymous",
             "ListAll",
             "Retire",
+            "Login",
+            "Logout",
         ] {
             assert_eq!(
                 TABLE.iter().filter(|r| r.request == name).count(),
@@ -579,7 +587,7 @@ mod tests {
                 "{name}"
             );
         }
-        assert_eq!(TABLE.len(), 17);
+        assert_eq!(TABLE.len(), 19);
     }
 
     #[test]

@@ -494,8 +494,8 @@ fn a_revocation_goes_to_every_ready_link_and_no_dropped_one() {
         let mut links: Vec<u64> = out(f)
             .iter()
             .map(|o| match &o.message {
-                BrokerMessage::Event(Event::Revoked { api_users }) => {
-                    assert_eq!(api_users, &vec![id]);
+                BrokerMessage::Event(Event::Revoked { keys }) => {
+                    assert_eq!(keys, &vec![id]);
                     o.link
                 }
                 other => panic!("{other:?}"),

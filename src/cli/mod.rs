@@ -98,6 +98,9 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// One log-in attempt checked with PAM (started by the broker, not by hand).
+    #[command(name = "__pam-login", hide = true)]
+    InternalPamLogin,
     /// A user's worker (started by the broker as that user, not by hand).
     #[command(name = "__worker", hide = true)]
     InternalWorker {
@@ -142,6 +145,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::InternalPamLogin => crate::broker::login_helper::run(),
         Command::InternalWorker { state_dir } => match crate::daemon::worker::run(state_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

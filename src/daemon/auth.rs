@@ -2,8 +2,9 @@
 //! failed authentications. The broker verifies every credential; this only remembers its
 //! answers briefly.
 //!
-//! * The cache is keyed by the token's SHA-256 and indexed by API-user id, so
-//!   `Event::Revoked { api_users }` purges a user's entries at once.
+//! * The cache is keyed by the credential's SHA-256 and indexed by revocation key (an API
+//!   user's id, a log-in's number: `Principal::revocation_key`), so `Event::Revoked { keys }`
+//!   purges their entries at once.
 //! * Every revocation bumps a generation. Whatever was authenticated at generation `g` is
 //!   revoked once its user was revoked after `g`; live connections (event streams, terminal
 //!   WebSockets) wait on [`Auth::until_revoked`] and end then.
@@ -60,13 +61,6 @@ pub struct Verified {
     pub generation: u64,
 }
 
-fn user_id(p: &Principal) -> Option<u64> {
-    match p {
-        Principal::Admin => None,
-        Principal::User { id, .. } => Some(*id),
-    }
-}
-
 impl Auth {
     pub fn new(failure_limit: u32) -> Auth {
         Auth {
@@ -98,7 +92,7 @@ impl Auth {
     /// the user was revoked since: the answer may predate the revocation.
     pub fn insert(&self, key: TokenKey, principal: &Principal, generation: u64) -> bool {
         let mut inner = self.lock();
-        let id = user_id(principal);
+        let id = principal.revocation_key();
         if id.is_some_and(|id| inner.revoked_at.get(&id).is_some_and(|g| *g > generation)) {
             return false;
         }
@@ -120,11 +114,11 @@ impl Auth {
         true
     }
 
-    /// The broker says these API users' credentials stopped working.
-    pub fn revoke(&self, api_users: &[u64]) {
+    /// The broker says these credentials (revocation keys) stopped working.
+    pub fn revoke(&self, keys: &[u64]) {
         let mut inner = self.lock();
         let generation = self.generation() + 1;
-        for id in api_users {
+        for id in keys {
             inner.revoked_at.insert(*id, generation);
             for key in inner.by_user.remove(id).unwrap_or_default() {
                 inner.cache.remove(&key);
@@ -135,7 +129,7 @@ impl Auth {
     }
 
     pub fn revoked(&self, v: &Verified) -> bool {
-        user_id(&v.principal).is_some_and(|id| {
+        v.principal.revocation_key().is_some_and(|id| {
             self.lock()
                 .revoked_at
                 .get(&id)
@@ -151,7 +145,7 @@ impl Auth {
         let auth = self.clone();
         let mut changes = self.generation.subscribe();
         async move {
-            if user_id(&v.principal).is_none() {
+            if v.principal.revocation_key().is_none() {
                 return std::future::pending().await;
             }
             loop {

@@ -52,9 +52,9 @@ impl LinkObserver for Observer {
 
     fn event(&self, event: Event, _fds: Vec<std::os::fd::OwnedFd>) {
         match event {
-            Event::Revoked { api_users } => {
-                info!(?api_users, "credentials revoked: ending their connections");
-                self.auth.revoke(&api_users);
+            Event::Revoked { keys } => {
+                info!(?keys, "credentials revoked: ending their connections");
+                self.auth.revoke(&keys);
             }
             Event::ShuttingDown { .. } => self.shutting_down.store(true, Ordering::SeqCst),
             // Processes and connections are the workers'.

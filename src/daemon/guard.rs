@@ -105,12 +105,18 @@ pub async fn layer(State(state): State<Arc<FrontState>>, request: Request, next:
         )),
         Some(_) => None,
     };
-    let mut response = match refusal {
-        Some(message) => {
+    // A request made with the log-in cookie that could come from another site's page.
+    let csrf = super::credential::csrf_check(request.method(), request.headers()).err();
+    let mut response = match (refusal, csrf) {
+        (Some(message), _) => {
             tracing::warn!(peer = ?conn.map(|c| c.peer), "{message}");
             ApiError::new(StatusCode::MISDIRECTED_REQUEST, message).into_response()
         }
-        None => {
+        (None, Some(message)) => {
+            tracing::warn!(peer = ?conn.map(|c| c.peer), "{message}");
+            ApiError::by_rule(StatusCode::FORBIDDEN, "csrf", message).into_response()
+        }
+        (None, None) => {
             let context = Arc::new(RequestContext {
                 peer: conn.map(|c| c.peer.ip()),
                 verified: Mutex::new(None),

@@ -49,6 +49,15 @@ impl ApiError {
         }
     }
 
+    /// A refusal by a named rule (the body says `rule`).
+    pub fn by_rule(status: StatusCode, rule: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            rule: Some(rule.into()),
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
@@ -92,6 +101,8 @@ pub fn router(state: Arc<FrontState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/users/me", get(me))
+        .route("/login", post(super::login::login))
+        .route("/logout", post(super::login::logout))
         .route("/processes", get(processes))
         .route("/daemon/restart", post(restart))
         .route(
@@ -156,8 +167,8 @@ const MIN_FREE_BYTES: u64 = 256 << 20;
 async fn health(State(state): State<Arc<FrontState>>, headers: HeaderMap) -> Response {
     // Without a valid token: only whether it is up, and the version. The rest (paths,
     // limits, free space) is for users.
-    let full =
-        headers.contains_key(header::AUTHORIZATION) && authenticate(&state, &headers).await.is_ok();
+    let full = matches!(super::credential::presented(&headers), Ok(Some(_)))
+        && authenticate(&state, &headers).await.is_ok();
     let welcome = state.link.welcome();
     let connected = state.link.connected();
     let warning = welcome.single_user.as_ref().map(|u| {
@@ -221,24 +232,21 @@ async fn health(State(state): State<Arc<FrontState>>, headers: HeaderMap) -> Res
     (status, Json(body)).into_response()
 }
 
-/// The bearer token and who the broker says it belongs to.
+/// The request's credential (bearer token or log-in cookie) and who the broker says it
+/// belongs to.
 pub async fn authenticate(
     state: &FrontState,
     headers: &HeaderMap,
 ) -> Result<(Principal, String), ApiError> {
-    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing Authorization: Bearer <token>",
-        )
-    })?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && t.len() <= crate::wire::limits::MAX_CREDENTIAL_BYTES)
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "malformed Authorization header"))?;
+    let presented = super::credential::presented(headers)
+        .map_err(|why| ApiError::new(StatusCode::UNAUTHORIZED, why))?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "not logged in: log in (POST /login) or send Authorization: Bearer <token>",
+            )
+        })?;
+    let token = presented.value.as_str();
     let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
     if let Some(v) = state.auth.cached(&key) {
         super::auth::note_verified(&v);
@@ -311,13 +319,19 @@ async fn me(
     State(state): State<Arc<FrontState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (principal, _) = authenticate(&state, &headers).await?;
-    Ok(Json(json!({
+    let (principal, credential) = authenticate(&state, &headers).await?;
+    let mut me = json!({
         "name": principal.name(),
         "unix_user": principal.unix_user(),
         "admin": principal.is_admin(),
-    }))
-    .into_response())
+    });
+    // A page that was reloaded gets its log-in's CSRF token back.
+    if let Ok(Some(p)) = super::credential::presented(&headers) {
+        if p.source == super::credential::Source::Cookie {
+            me["csrf_token"] = json!(super::credential::csrf_token(&credential));
+        }
+    }
+    Ok(Json(me).into_response())
 }
 
 /// Every handle the broker has, for every user (admin): the broker checks the credential.

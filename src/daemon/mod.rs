@@ -24,11 +24,13 @@
 
 pub mod auth;
 pub mod broker_link;
+pub mod credential;
 pub mod exec;
 pub mod fdio;
 pub mod front_main;
 pub mod guard;
 pub mod http;
+pub mod login;
 pub mod metrics;
 pub mod prefixed;
 pub mod processes;

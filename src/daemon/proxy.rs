@@ -134,7 +134,7 @@ fn ticket_target(req: &Request, segments: &[&str]) -> Option<String> {
     let ["terminals", id, "ws"] = segments else {
         return None;
     };
-    if req.headers().contains_key(header::AUTHORIZATION) {
+    if !matches!(super::credential::presented(req.headers()), Ok(None)) {
         return None;
     }
     let query = req.uri().query().unwrap_or("");
@@ -381,9 +381,20 @@ async fn handover_target(
     {
         return None;
     }
-    match header("authorization") {
-        Some(value) => {
-            let token = value.strip_prefix("Bearer ")?.trim();
+    let values = |name: &str| {
+        parsed
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .collect()
+    };
+    match super::credential::presented_in(values).ok()? {
+        Some(presented) => {
+            if presented.source == super::credential::Source::Cookie {
+                super::credential::same_origin_in(header("origin"), Some(host)).ok()?;
+            }
+            let token = presented.value.as_str();
             let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
             let verified = state.auth.cached(&key)?;
             if state.auth.revoked(&verified) || verified.principal.is_admin() {

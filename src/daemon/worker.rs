@@ -93,13 +93,11 @@ pub async fn authenticate(
             "this credential was revoked",
         ));
     }
-    let credential = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or("")
-        .to_string();
+    let credential = super::credential::presented(headers)
+        .ok()
+        .flatten()
+        .map(|p| p.value)
+        .unwrap_or_default();
     auth::note_verified(&verified);
     Ok((verified.principal, credential))
 }
@@ -134,9 +132,9 @@ impl LinkObserver for Observer {
 
     fn event(&self, event: Event, mut fds: Vec<OwnedFd>) {
         match event {
-            Event::Revoked { api_users } => {
-                info!(?api_users, "credentials revoked: ending their connections");
-                self.auth.revoke(&api_users);
+            Event::Revoked { keys } => {
+                info!(?keys, "credentials revoked: ending their connections");
+                self.auth.revoke(&keys);
             }
             Event::Connection {
                 principal,
@@ -472,13 +470,12 @@ fn refuse(
     let expected = conn.credential?;
     // Without one, the request is the connection's principal's and can spawn nothing (the
     // broker wants a credential for that): the front sends an admin's listings so.
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-        .unwrap_or("");
-    let got: [u8; 32] = sha2::Sha256::digest(bearer.as_bytes()).into();
+    let shown = match super::credential::presented(headers) {
+        Ok(Some(p)) => p.value,
+        Ok(None) => return None,
+        Err(_) => String::new(),
+    };
+    let got: [u8; 32] = sha2::Sha256::digest(shown.as_bytes()).into();
     (got != expected).then(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,

@@ -16,6 +16,8 @@
 //! | `OpenWorker { credential, unix_user }` | front | `Connection` / `Error`       | the front's end               |
 //! | `OpenWorkerAnonymous { unix_user }` | front | `Connection` / `Error`          | the front's end               |
 //! | `ListAll { credential, after }`   | front  | `Handles { list, more }` / `Error` | –                           |
+//! | `Login { username, password, peer }` | front | `LoggedIn { .. }` / `Error` (later: a PAM helper checks) | – |
+//! | `Logout { credential }`           | front  | `Done`                           | –                             |
 //! | `Spawn(SpawnRequest)`             | worker | `Spawned(HandleInfo)` / `Error`  | per [`FdLayout`]              |
 //! | `CheckDir { credential, .. }`     | worker | `Dir(DirId)` / `Error`           | –                             |
 //! | `SetSecret { credential, .. }`    | worker | `Done` / `Error`                 | –                             |
@@ -36,7 +38,7 @@
 //! |-----------------------------------|--------|-----------------------------------------------------------|
 //! | `Exited { handle, status, limit_hit }` | the handle's worker | the broker reaped the executor's process (and ended what it left in its cgroup) |
 //! | `ShuttingDown { grace_secs }`     | all    | SIGTERM: no new spawns; work gets `grace_secs`, then TERM, then KILL |
-//! | `Revoked { api_users }`           | all    | those API users were removed or their tokens rotated      |
+//! | `Revoked { keys }`                | all    | those credentials stopped working ([`Principal::revocation_key`]): API users removed or rotated, log-ins ended or expired |
 //! | `Connection { principal }`        | worker | a connection the front opened (one fd: the worker's end)  |
 //!
 //! Requests carry an `id` that the reply echoes, and the HTTP request id they serve, if
@@ -51,7 +53,7 @@
 use bincode::{Decode, Encode};
 
 /// Bumped on every incompatible change; the broker refuses a daemon that speaks another.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Limits on what one request may carry, checked by the broker (the frame limit bounds the
 /// total; these bound each part so no single field can eat it).
@@ -64,6 +66,8 @@ pub mod limits {
     pub const MAX_PATH_BYTES: usize = 4096;
     pub const MAX_NAME_BYTES: usize = 64;
     pub const MAX_CREDENTIAL_BYTES: usize = 256;
+    /// A password given to `Login` (PAM modules see nothing longer).
+    pub const MAX_PASSWORD_BYTES: usize = 1024;
     pub const MAX_TTY_DIMENSION: u16 = 4096;
     pub const MAX_REQUEST_ID_BYTES: usize = 64;
     pub const MAX_PEER_BYTES: usize = 64;
@@ -164,6 +168,19 @@ pub enum RequestBody {
     ListAll {
         credential: String,
         after: Option<Handle>,
+    },
+    /// Front only: check a Unix account's password (with PAM, in a short-lived helper
+    /// process; never in the broker itself) and, if it is right and the policy allows the
+    /// user, start a log-in: the reply carries a new credential for that user alone.
+    Login {
+        username: String,
+        password: String,
+        /// The client's address as the front saw it (audit, PAM's `PAM_RHOST`).
+        peer: Option<String>,
+    },
+    /// Front only: end the log-in whose credential this is (nothing if it is none).
+    Logout {
+        credential: String,
     },
     /// Worker only: it has no live work and no connection and would like to exit. `Done`:
     /// it may (new connections for its user go to a new worker); an error: it must stay.
@@ -284,6 +301,13 @@ pub enum ReplyBody {
     Dir(DirId),
     /// `OpenWorker`: the front's end of a new connection to the worker (one fd).
     Connection,
+    /// `Login`: the log-in's credential (shown once; the broker keeps only its digest),
+    /// for `unix_user`, valid until `expires_at` (seconds since the Unix epoch).
+    LoggedIn {
+        credential: String,
+        unix_user: String,
+        expires_at: u64,
+    },
     Done,
     Error(BrokerError),
 }
@@ -325,13 +349,26 @@ pub enum Principal {
         unix_user: String,
         admin: bool,
     },
+    /// A person logged in with their Unix account (their password through PAM): acts as
+    /// that Unix user only, never as an admin. Objects belong to the Unix user (`unix:<uid>`),
+    /// so every log-in of the same person sees the same terminals and sessions. `session`
+    /// names this log-in (for its revocation).
+    Login {
+        uid: u32,
+        unix_user: String,
+        session: u64,
+    },
 }
+
+/// Revocation keys of log-ins have this bit set; API users' ids never do.
+pub const LOGIN_KEY_BIT: u64 = 1 << 63;
 
 impl Principal {
     pub fn is_admin(&self) -> bool {
         match self {
             Principal::Admin => true,
             Principal::User { admin, .. } => *admin,
+            Principal::Login { .. } => false,
         }
     }
 
@@ -340,6 +377,7 @@ impl Principal {
         match self {
             Principal::Admin => "admin",
             Principal::User { name, .. } => name,
+            Principal::Login { unix_user, .. } => unix_user,
         }
     }
 
@@ -349,6 +387,17 @@ impl Principal {
         match self {
             Principal::Admin => "admin".into(),
             Principal::User { id, .. } => format!("user:{id}"),
+            Principal::Login { uid, .. } => format!("unix:{uid}"),
+        }
+    }
+
+    /// What `Event::Revoked` names to end this principal's credential: the API user's id,
+    /// or the log-in's number with [`LOGIN_KEY_BIT`]; none for the admin token.
+    pub fn revocation_key(&self) -> Option<u64> {
+        match self {
+            Principal::Admin => None,
+            Principal::User { id, .. } => Some(*id),
+            Principal::Login { session, .. } => Some(LOGIN_KEY_BIT | session),
         }
     }
 
@@ -362,7 +411,9 @@ impl Principal {
     pub fn unix_user(&self) -> Option<&str> {
         match self {
             Principal::Admin => None,
-            Principal::User { unix_user, .. } => Some(unix_user),
+            Principal::User { unix_user, .. } | Principal::Login { unix_user, .. } => {
+                Some(unix_user)
+            }
         }
     }
 }
@@ -446,10 +497,11 @@ pub enum Event {
     /// The broker is shutting down: no new spawns; running work has `grace_secs` to
     /// finish before it is signalled. Sent once, and again to a daemon that starts later.
     ShuttingDown { grace_secs: u64 },
-    /// These API users' credentials stopped working (the user was removed, or its token
-    /// rotated): the daemon forgets what it cached for them and ends their live
-    /// connections (WebSockets, terminal attachments, event streams) at once.
-    Revoked { api_users: Vec<u64> },
+    /// These credentials stopped working ([`Principal::revocation_key`]: an API user
+    /// removed or its token rotated, a log-in ended or expired): the front and workers
+    /// forget what they cached for them and end their live connections (WebSockets,
+    /// terminal attachments, event streams) at once.
+    Revoked { keys: Vec<u64> },
     /// To a worker: a new connection (one fd), authenticated by the broker as `principal`
     /// (`None`: anonymous; only what the worker authenticates itself may be served on it),
     /// with the SHA-256 of the credential it showed: every request on the connection must

@@ -9,6 +9,7 @@ mod agents_e2e;
 mod core;
 mod harness;
 mod limits;
+mod login;
 mod security_broker;
 mod security_front;
 mod security_store;
@@ -35,6 +36,7 @@ fn main() {
     let trials = [
         core::TESTS,
         limits::TESTS,
+        login::TESTS,
         security_broker::TESTS,
         sessions::TESTS,
         agents_e2e::TESTS,

@@ -256,7 +256,9 @@ pub fn on_reaped(b: &mut Broker, pid: i32, status: ExitStatus) {
             b.signallers.swap_remove(i);
             return;
         }
-        super::dirs::on_reaped(b, pid);
+        if !super::login::on_reaped(b, pid) {
+            super::dirs::on_reaped(b, pid);
+        }
         return;
     };
     b.handles.forget_pid(pid);

@@ -5,6 +5,7 @@
 pub mod dirs;
 pub mod handles;
 pub mod launch;
+pub mod login;
 pub mod secrets;
 pub mod session;
 pub mod workers;

@@ -192,6 +192,6 @@ pub fn check_revocations(b: &mut Broker) {
         );
         b.audit
             .record("credentials_revoked", json!({ "api_users": revoked }));
-        b.send_event(Target::All, Event::Revoked { api_users: revoked });
+        b.send_event(Target::All, Event::Revoked { keys: revoked });
     }
 }

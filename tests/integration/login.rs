@@ -1,0 +1,279 @@
+//! Logging in with a Unix account's password (`POST /login`, PAM in a helper process of
+//! the broker's): the cookie acts as that user only, changes need the CSRF token, sockets
+//! the same origin; root, the service user, users outside the policy, locked and expired
+//! accounts are refused with words; every attempt is audited.
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use libtest_mimic::Failed;
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+pub const TESTS: &[(&str, crate::TestFn)] = &[
+    (
+        "login_with_a_unix_password_acts_as_that_user_only",
+        login_acts_as_that_user,
+    ),
+    (
+        "login_refuses_root_the_service_user_outsiders_locked_and_expired_accounts",
+        login_refusals,
+    ),
+];
+
+struct Answer {
+    status: u16,
+    headers: String,
+    body: Value,
+}
+
+/// One request on a fresh connection, with these extra header lines.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> Answer {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // Small JSON bodies come whole or chunked in one piece.
+    let json_text = rest
+        .find('{')
+        .map(|i| &rest[i..rest.rfind('}').map_or(rest.len(), |j| j + 1)])
+        .unwrap_or("");
+    Answer {
+        status,
+        headers: head.to_string(),
+        body: serde_json::from_str(json_text).unwrap_or(Value::Null),
+    }
+}
+
+fn set_password(user: &str, password: &str) {
+    let mut child = std::process::Command::new("chpasswd")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("chpasswd");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{user}:{password}\n").as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "chpasswd {user}");
+}
+
+fn login(port: u16, user: &str, password: &str) -> Answer {
+    http(
+        port,
+        "POST",
+        "/login",
+        &[("Content-Type", "application/json")],
+        Some(&json!({ "username": user, "password": password })),
+    )
+}
+
+fn cookie_of(a: &Answer) -> String {
+    let line = a
+        .headers
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a Set-Cookie header");
+    let value = line.split_once(':').unwrap().1.trim();
+    value.split(';').next().unwrap().to_string()
+}
+
+fn login_acts_as_that_user() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let port = stoa.port;
+    set_password(ALICE, "correct horse 1");
+
+    let wrong = login(port, ALICE, "battery staple");
+    assert_eq!(wrong.status, 401, "{:?}", wrong.body);
+    assert!(wrong.body["error"]
+        .as_str()
+        .unwrap()
+        .contains("wrong user name or password"));
+    let unknown = login(port, "stoa-t-nobody", "x");
+    assert_eq!(unknown.status, 401);
+    assert_eq!(
+        unknown.body["error"], wrong.body["error"],
+        "the same answer for both"
+    );
+    // A form another site could post is not JSON.
+    let form = http(
+        port,
+        "POST",
+        "/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        Some(&json!("username=x")),
+    );
+    assert_eq!(form.status, 415);
+
+    let ok = login(port, ALICE, "correct horse 1");
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    assert_eq!(ok.body["unix_user"], ALICE);
+    let csrf = ok.body["csrf_token"].as_str().unwrap().to_string();
+    let set_cookie = ok
+        .headers
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap()
+        .to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set_cookie.contains(attr), "{set_cookie}");
+    }
+    assert!(
+        !set_cookie.contains("Secure"),
+        "plain HTTP on loopback: {set_cookie}"
+    );
+    let cookie = cookie_of(&ok);
+    let with_cookie = [("Cookie", cookie.as_str())];
+
+    let me = http(port, "GET", "/users/me", &with_cookie, None);
+    assert_eq!(me.status, 200);
+    assert_eq!(me.body["unix_user"], ALICE);
+    assert_eq!(me.body["admin"], false);
+    assert_eq!(me.body["csrf_token"], csrf.as_str());
+
+    // A change without the CSRF token: refused, by rule.
+    let run = json!({ "unix_user": ALICE, "argv": ["id", "-un"] });
+    let no_token = http(
+        port,
+        "POST",
+        "/exec",
+        &[("Cookie", &cookie), ("Content-Type", "application/json")],
+        Some(&run),
+    );
+    assert_eq!(no_token.status, 403);
+    assert_eq!(no_token.body["rule"], "csrf");
+    let headers = [
+        ("Cookie", cookie.as_str()),
+        ("Content-Type", "application/json"),
+        ("X-CSRF-Token", csrf.as_str()),
+    ];
+    let ran = http(port, "POST", "/exec", &headers, Some(&run));
+    assert_eq!(ran.status, 200, "{:?}", ran.body);
+    assert_eq!(ran.body["stdout"].as_str().unwrap().trim(), ALICE);
+    // As alice only.
+    let as_bob = http(
+        port,
+        "POST",
+        "/exec",
+        &headers,
+        Some(&json!({ "unix_user": BOB, "argv": ["id"] })),
+    );
+    assert_eq!(as_bob.status, 403, "{:?}", as_bob.body);
+    let processes = http(port, "GET", "/processes", &with_cookie, None);
+    assert_eq!(processes.status, 403, "no admin view");
+    // A terminal socket opened with the cookie from another site's page: refused.
+    let ws = http(
+        port,
+        "GET",
+        &format!(
+            "/terminals/u{}-00000000-0000-0000-0000-000000000000/ws",
+            uid_of(ALICE)
+        ),
+        &[
+            ("Cookie", cookie.as_str()),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Origin", "http://evil.example"),
+        ],
+        None,
+    );
+    assert_eq!(ws.status, 403, "{}", ws.headers);
+
+    // Log out: the cookie is cleared and stops working.
+    let out = http(
+        port,
+        "POST",
+        "/logout",
+        &[("Cookie", cookie.as_str()), ("X-CSRF-Token", csrf.as_str())],
+        None,
+    );
+    assert_eq!(out.status, 204);
+    assert!(out.headers.contains("Max-Age=0"), "{}", out.headers);
+    let after = http(port, "GET", "/users/me", &with_cookie, None);
+    assert_eq!(after.status, 401);
+
+    // Every attempt is in the audit log, never the password.
+    let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
+    let logins: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "login")
+        .collect();
+    assert!(logins
+        .iter()
+        .any(|v| v["unix_user"] == ALICE && v["result"] == "ok"));
+    assert!(logins
+        .iter()
+        .any(|v| v["unix_user"] == ALICE && v["result"] == "wrong password or unknown user"));
+    assert!(audit.lines().any(|l| l.contains("\"logout\"")));
+    assert!(!audit.contains("correct horse") && !audit.contains("battery staple"));
+    assert!(!stoa.log().contains("correct horse") && !stoa.log().contains("battery staple"));
+    Ok(())
+}
+
+fn login_refusals() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let port = stoa.port;
+    let root = login(port, "root", "anything");
+    assert_eq!(
+        (root.status, root.body["rule"].as_str()),
+        (403, Some("root"))
+    );
+    let service = login(port, SERVICE, "anything");
+    assert_eq!(service.status, 403);
+    assert_eq!(service.body["rule"], "service-user");
+    // carol has a password but is in none of the allowed groups: told the rule only
+    // with the right password.
+    set_password(CAROL, "carol pw 7");
+    assert_eq!(login(port, CAROL, "not it").status, 401);
+    let carol = login(port, CAROL, "carol pw 7");
+    assert_eq!(carol.status, 403, "{:?}", carol.body);
+    assert!(carol.body["rule"].is_string(), "{:?}", carol.body);
+    assert!(
+        carol.body["error"].as_str().unwrap().contains("group"),
+        "{:?}",
+        carol.body
+    );
+    // A locked password is a wrong password.
+    set_password(BOB, "bob pw 9");
+    run("usermod", &["-L", BOB]);
+    assert_eq!(login(port, BOB, "bob pw 9").status, 401);
+    run("usermod", &["-U", BOB]);
+    // An expired account: refused, by the account rule, with words.
+    run("chage", &["-E", "0", BOB]);
+    let expired = login(port, BOB, "bob pw 9");
+    run("chage", &["-E", "-1", BOB]);
+    assert_eq!(expired.status, 403, "{:?}", expired.body);
+    assert_eq!(expired.body["rule"], "account");
+    assert!(
+        login(port, BOB, "bob pw 9").status == 200,
+        "and fine again once it is not"
+    );
+    Ok(())
+}
