@@ -34,6 +34,9 @@ pub struct Login {
     pub unix_user: String,
     /// Seconds since the Unix epoch.
     pub expires_at: u64,
+    /// From the local socket (`local_login.rs`): lives while its connection does, and is
+    /// bounded there, not by [`MAX_LOGINS_PER_USER`].
+    pub local: bool,
 }
 
 /// The live log-ins, by their credential's SHA-256.
@@ -58,6 +61,52 @@ impl Logins {
         unix_user: &str,
         lasts_secs: u64,
     ) -> Result<(String, Login, Vec<Login>), String> {
+        let mut ended = Vec::new();
+        loop {
+            let password = |l: &&Login| !l.local;
+            let same_user = self
+                .by_digest
+                .values()
+                .filter(password)
+                .filter(|l| l.uid == uid)
+                .count();
+            let all = self.by_digest.values().filter(password).count();
+            if same_user < MAX_LOGINS_PER_USER && all < MAX_LOGINS {
+                break;
+            }
+            let crowded = same_user >= MAX_LOGINS_PER_USER;
+            let oldest = self
+                .by_digest
+                .iter()
+                .filter(|(_, l)| !l.local && (!crowded || l.uid == uid))
+                .min_by_key(|(_, l)| l.number)
+                .map(|(d, _)| *d);
+            match oldest.and_then(|d| self.by_digest.remove(&d)) {
+                Some(l) => ended.push(l),
+                None => break,
+            }
+        }
+        let (credential, login) = self.insert(uid, unix_user, lasts_secs, false)?;
+        Ok((credential, login, ended))
+    }
+
+    /// A log-in from the local socket (its caller bounds how many there are).
+    pub fn start_local(
+        &mut self,
+        uid: u32,
+        unix_user: &str,
+        lasts_secs: u64,
+    ) -> Result<(String, Login), String> {
+        self.insert(uid, unix_user, lasts_secs, true)
+    }
+
+    fn insert(
+        &mut self,
+        uid: u32,
+        unix_user: &str,
+        lasts_secs: u64,
+        local: bool,
+    ) -> Result<(String, Login), String> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a log-in: {e}"))?;
         let credential = format!("{LOGIN_PREFIX}{}", hex(&bytes));
@@ -67,27 +116,23 @@ impl Logins {
             uid,
             unix_user: unix_user.to_string(),
             expires_at: now_secs() + lasts_secs,
+            local,
         };
-        let mut ended = Vec::new();
-        loop {
-            let same_user = self.by_digest.values().filter(|l| l.uid == uid).count();
-            if same_user < MAX_LOGINS_PER_USER && self.by_digest.len() < MAX_LOGINS {
-                break;
-            }
-            let crowded = same_user >= MAX_LOGINS_PER_USER;
-            let oldest = self
-                .by_digest
-                .iter()
-                .filter(|(_, l)| !crowded || l.uid == uid)
-                .min_by_key(|(_, l)| l.number)
-                .map(|(d, _)| *d);
-            match oldest.and_then(|d| self.by_digest.remove(&d)) {
-                Some(l) => ended.push(l),
-                None => break,
-            }
-        }
         self.by_digest.insert(sha256(&credential), login.clone());
-        Ok((credential, login, ended))
+        Ok((credential, login))
+    }
+
+    /// Ends the log-ins with these numbers.
+    pub fn end_numbers(&mut self, numbers: &[u64]) -> Vec<Login> {
+        let mut ended = Vec::new();
+        self.by_digest.retain(|_, l| {
+            let gone = numbers.contains(&l.number);
+            if gone {
+                ended.push(l.clone());
+            }
+            !gone
+        });
+        ended
     }
 
     /// The live log-in whose credential this is.

@@ -127,6 +127,7 @@ impl Server {
             launch::check_starting(&mut self.broker);
             dirs::check_probes(&mut self.broker);
             login::check_logins(&mut self.broker);
+            super::local_login::on_ready(&mut self.broker);
             handles::check_signallers(&mut self.broker);
             if Instant::now() >= self.next_user_check {
                 session::check_revocations(&mut self.broker);
@@ -198,6 +199,12 @@ impl Server {
         }
         for c in &self.broker.login_checks {
             fds.push(PollFd::new(c.answer.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(local) = &self.broker.local {
+            fds.push(PollFd::new(local.listener.as_fd(), PollFlags::POLLIN));
+            for c in &local.clients {
+                fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
+            }
         }
         match poll(&mut fds, timeout) {
             Ok(_) => {}
@@ -405,6 +412,9 @@ impl Server {
         }
         self.broker.finish_cgroups();
         self.broker.os.cgroup_teardown();
+        if let Some(local) = self.broker.local.take() {
+            let _ = std::fs::remove_file(&local.path);
+        }
         self.broker.audit.record(
             "broker_stop",
             serde_json::json!({ "pid": std::process::id() }),

@@ -34,6 +34,7 @@ pub mod handlers;
 pub mod handles;
 pub mod legacy_store;
 pub mod link;
+pub mod local_login;
 pub mod login_helper;
 pub mod notify;
 pub mod os;
@@ -145,6 +146,8 @@ pub struct Broker {
     pub probes: Vec<handlers::dirs::Probe>,
     /// Password checks in flight (`Login`), and recent failures.
     pub login_checks: Vec<handlers::login::Check>,
+    /// The local log-in socket and its open connections (`None`: not listening).
+    pub local: Option<local_login::LocalLogins>,
     pub login_throttle: handlers::login::Throttle,
     /// When live log-ins' users were last checked against the policy.
     pub logins_rechecked: std::time::Instant,
@@ -196,6 +199,7 @@ impl Broker {
             handles: HandleTable::new(),
             probes: Vec::new(),
             login_checks: Vec::new(),
+            local: None,
             login_throttle: Default::default(),
             logins_rechecked: std::time::Instant::now(),
             signallers: Vec::new(),

@@ -195,6 +195,10 @@ pub struct Policy {
     /// How long a log-in with a Unix password (`POST /login`) lasts before its user must log
     /// in again.
     pub login_session_secs: u64,
+    /// The local log-in socket: local users' `stoa` commands get a credential for their
+    /// own Unix user there, with no token. Unset: `/run/stoa/local.sock` (single-user mode:
+    /// `local.sock` in `state_dir`); empty: none.
+    pub local_socket: Option<PathBuf>,
 }
 
 /// Identity variables the broker sets from the passwd entry; a request never overrides them.
@@ -258,6 +262,7 @@ impl Default for Policy {
             cgroup: CgroupLimits::default(),
             shutdown_grace_secs: 30,
             login_session_secs: 12 * 3600,
+            local_socket: None,
         }
     }
 }

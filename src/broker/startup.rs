@@ -6,7 +6,7 @@
 use std::fs::OpenOptions;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::sys::signal::{SigSet, Signal as NixSignal};
@@ -177,7 +177,27 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         tty_gid,
         cgroups,
     });
-    let broker = Broker::new(policy, allowed_gids, mode, credentials, os, audit);
+    let local_socket = match &policy.local_socket {
+        Some(p) if p.as_os_str().is_empty() => None,
+        Some(p) => Some(p.clone()),
+        None if isolated => Some(PathBuf::from(super::local_login::DEFAULT_SOCKET)),
+        None => Some(policy.state_dir.join("local.sock")),
+    };
+    let mut broker = Broker::new(policy, allowed_gids, mode, credentials, os, audit);
+    if let Some(path) = local_socket {
+        match super::local_login::bind(&path) {
+            Ok(listener) => {
+                info!(path = %path.display(), "local log-in socket");
+                broker.local = Some(super::local_login::LocalLogins {
+                    path: path.clone(),
+                    listener,
+                    clients: Vec::new(),
+                });
+            }
+            // Tokens and passwords still work: a warning, not a failure.
+            Err(e) => warn!("no local log-in socket: {e}"),
+        }
+    }
     Ok(Server {
         opts,
         broker,

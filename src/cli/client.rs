@@ -29,17 +29,19 @@ impl Client {
         let base = std::env::var("STOA_URL").unwrap_or_else(|_| config::DEFAULT_URL.into());
         let token = match std::env::var("STOA_TOKEN") {
             Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+            // Root reads the admin token; anyone else logs in as themselves on the local
+            // socket.
             _ => {
                 let path = admin_token_path();
-                std::fs::read_to_string(&path)
-                    .map_err(|e| {
+                match std::fs::read_to_string(&path) {
+                    Ok(t) => t.trim().to_string(),
+                    Err(e) => super::local_login::credential().map_err(|why| {
                         format!(
-                            "no STOA_TOKEN set, and cannot read the admin token {}: {e}",
+                            "no STOA_TOKEN set, the admin token {} is not readable ({e}), and no local log-in: {why}",
                             path.display()
                         )
-                    })?
-                    .trim()
-                    .to_string()
+                    })?,
+                }
             }
         };
         let agent = ureq::Agent::config_builder()

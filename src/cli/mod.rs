@@ -5,6 +5,7 @@ pub mod client;
 pub mod config_cmd;
 pub mod doctor;
 pub mod escape;
+pub mod local_login;
 pub mod sessions;
 pub mod terminal;
 pub mod users;

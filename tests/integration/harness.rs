@@ -200,10 +200,11 @@ impl Instance {
             "shutdown_grace_secs = 2\n"
         };
         let policy = format!(
-            "executor_path = \"{}\"\nstate_dir = \"{}\"\nworkers_dir = \"{}\"\nservice_user = \"{SERVICE}\"\nallow_groups = [\"{GROUP}\"]\nmin_uid = 1000\n{grace}{}\n",
+            "executor_path = \"{}\"\nstate_dir = \"{}\"\nworkers_dir = \"{}\"\nlocal_socket = \"{}\"\nservice_user = \"{SERVICE}\"\nallow_groups = [\"{GROUP}\"]\nmin_uid = 1000\n{grace}{}\n",
             dir.join("bin/stoa-executor").display(),
             conf_dir.join("broker").display(),
             conf_dir.join("workers").display(),
+            conf_dir.join("local.sock").display(),
             opts.extra_policy
         );
         let config = format!(

@@ -22,6 +22,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "login_refuses_root_the_service_user_outsiders_locked_and_expired_accounts",
         login_refusals,
     ),
+    (
+        "local_user_runs_stoa_with_no_token_as_themself_only",
+        local_login,
+    ),
 ];
 
 struct Answer {
@@ -275,5 +279,85 @@ fn login_refusals() -> Result<(), Failed> {
         login(port, BOB, "bob pw 9").status == 200,
         "and fine again once it is not"
     );
+    Ok(())
+}
+
+/// `stoa` as `user`, with no token: only the instance's address and its policy file (where
+/// the CLI finds the local log-in socket).
+fn cli_as(stoa: &Instance, user: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("runuser")
+        .args(["-u", user, "--"])
+        .arg(stoa.dir.join("bin/stoa"))
+        .args(args)
+        .env_remove("STOA_TOKEN")
+        .env("STOA_URL", stoa.url(""))
+        .env("STOA_BROKER_CONFIG", stoa.dir.join("broker.toml"))
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runuser")
+}
+
+fn local_login() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let socket = stoa.dir.join("local.sock");
+    // A local user runs commands as themself, no token.
+    let out = cli_as(&stoa, ALICE, &["exec", "--user", ALICE, "--", "id", "-un"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ALICE);
+    // Not as anyone else.
+    let out = cli_as(&stoa, ALICE, &["exec", "--user", BOB, "--", "id", "-un"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not act as"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A user outside the policy gets the rule, in words.
+    let out = cli_as(&stoa, CAROL, &["exec", "--user", CAROL, "--", "true"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("group"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Root gets nothing here (root reads the admin token).
+    let mut root = std::os::unix::net::UnixStream::connect(&socket)?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut root), &mut line)?;
+    let v: Value = serde_json::from_str(&line)?;
+    assert_eq!(v["rule"], "root", "{line}");
+
+    // The credential lives as long as the connection: a holder that exits ends it.
+    let mut holder = std::process::Command::new("runuser")
+        .args(["-u", ALICE, "--", "python3", "-c"])
+        .arg("import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\nprint(s.makefile().readline().strip(), flush=True)\nsys.stdin.read()")
+        .arg(&socket)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut first,
+    )?;
+    let v: Value = serde_json::from_str(first.trim())?;
+    let credential = v["credential"].as_str().expect("a credential").to_string();
+    assert_eq!(v["unix_user"], ALICE);
+    let (status, me) = stoa.request("GET", "/users/me", Some(&credential), None);
+    assert_eq!((status, me["unix_user"].as_str()), (200, Some(ALICE)));
+    drop(holder.stdin.take());
+    holder.wait()?;
+    wait_until(
+        "the closed log-in to be revoked",
+        Duration::from_secs(10),
+        || stoa.request("GET", "/users/me", Some(&credential), None).0 == 401,
+    );
+    let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
+    assert!(audit.contains("\"local_login\""));
     Ok(())
 }
