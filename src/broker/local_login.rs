@@ -7,6 +7,7 @@
 //! |---------------------------|----------------------------------------------------------------|
 //! | accept                    | at most [`ACCEPTS_PER_TURN`] per loop turn, never blocking     |
 //! | who                       | the peer's uid from `SO_PEERCRED`; root and the service user get nothing (root reads the admin token) |
+//! | how fast                  | each log-in takes one of the uid's spawn tokens (`spawn_rate_per_sec`, `spawn_burst`), before any lookup |
 //! | how many                  | [`MAX_PER_USER`] open per uid, [`MAX_TOTAL`] in all; over it the oldest of that uid (or of all) is closed |
 //! | policy                    | the uid's user must be one the policy allows (the refusal names the rule) |
 //! | answer                    | one JSON line: `{"credential","unix_user","expires_at"}` or `{"error","rule"}`, written without blocking (a fresh socket's buffer holds it) |
@@ -164,6 +165,16 @@ fn answer(b: &mut Broker, stream: UnixStream) {
             stream,
             "service-user",
             "stoa's service user gets no log-in".into(),
+        );
+    }
+    // Each log-in takes one of the user's spawn tokens: a user who floods the socket
+    // spends their own budget, and the broker looks nobody up for it.
+    let (rate, burst) = (b.policy.spawn_rate_per_sec, b.policy.spawn_burst);
+    if !b.admission.take_spawn_token(uid, rate, burst) {
+        return refuse(
+            stream,
+            "spawn-rate",
+            format!("refused by rule spawn-rate: uid {uid} is logging in faster than {rate}/s (burst {burst})"),
         );
     }
     let name = match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
