@@ -112,6 +112,8 @@ pub struct Connect {
     pub principal: Option<crate::wire::Principal>,
     /// The SHA-256 of the credential the front showed.
     pub credential: Option<[u8; 32]>,
+    /// For a share's grantee: what the connection may reach.
+    pub share: Option<crate::wire::ShareInfo>,
     /// Start the worker if it is not running (never for an anonymous connection).
     pub start: bool,
     pub fd: OwnedFd,
@@ -146,6 +148,8 @@ pub struct Broker {
     pub probes: Vec<handlers::dirs::Probe>,
     /// Password checks in flight (`Login`), and recent failures.
     pub login_checks: Vec<handlers::login::Check>,
+    /// Live shares of users' terminals.
+    pub shares: Vec<handlers::shares::Grant>,
     /// The local log-in socket and its open connections (`None`: not listening).
     pub local: Option<local_login::LocalLogins>,
     pub login_throttle: handlers::login::Throttle,
@@ -199,6 +203,7 @@ impl Broker {
             handles: HandleTable::new(),
             probes: Vec::new(),
             login_checks: Vec::new(),
+            shares: Vec::new(),
             local: None,
             login_throttle: Default::default(),
             logins_rechecked: std::time::Instant::now(),

@@ -21,6 +21,10 @@
 //! | `ListAll`      | front  | after Hello | a valid credential (the handler: an admin's)   | `workers::list_all`     | `refused` |
 //! | `Login`        | front  | after Hello | – (it is the check: PAM in a helper, then the policy) | `login::login` | `login` (every attempt) |
 //! | `Logout`       | front  | after Hello | – (the credential it ends)                     | `login::logout`         | `logout` |
+//! | `ListShares`   | front  | after Hello | a user credential                              | `shares::list`          | – |
+//! | `OpenShared`   | front  | after Hello | a user credential holding a live share of the object (the handler) | `shares::open_shared` | `share_attach` |
+//! | `Share`        | worker | after Hello | – (an object of the worker's own user; the grantee checked by the handler) | `shares::share` | `share_grant` |
+//! | `Unshare`      | worker | after Hello | – (its own user's shares only)                 | `shares::unshare`       | `share_revoke` |
 //! | `Spawn`        | worker | after Hello | credential may act as the Unix user, policy allows that user, the worker's own | `launch::spawn` | `spawn`, `refused` |
 //! | `CheckDir`     | worker | after Hello | as `Spawn`                                     | `dirs::check_dir`       | `refused` |
 //! | `SetSecret`    | worker | after Hello | a user credential of the worker's own Unix user| `secrets::set`          | `secret_set` |
@@ -41,7 +45,7 @@ use std::os::fd::OwnedFd;
 
 use tracing::warn;
 
-use super::handlers::{dirs, handles, launch, login, secrets, session, workers};
+use super::handlers::{dirs, handles, launch, login, secrets, session, shares, workers};
 use super::policy::{Refusal, UserFacts};
 use super::spawn::Account;
 use super::{Broker, LinkState, Mode, Outgoing, PeerKind};
@@ -163,6 +167,22 @@ pub const TABLE: &[Row] = &[
     ),
     row("Login", Who::Front, AfterHello, Nothing, login::login),
     row("Logout", Who::Front, AfterHello, Nothing, login::logout),
+    row(
+        "ListShares",
+        Who::Front,
+        AfterHello,
+        UserCredential,
+        shares::list,
+    ),
+    row(
+        "OpenShared",
+        Who::Front,
+        AfterHello,
+        UserCredential,
+        shares::open_shared,
+    ),
+    row("Share", Who::Worker, AfterHello, Nothing, shares::share),
+    row("Unshare", Who::Worker, AfterHello, Nothing, shares::unshare),
     row("Spawn", Who::Worker, AfterHello, ActAsUser, launch::spawn),
     row(
         "CheckDir",
@@ -238,6 +258,10 @@ pub fn name(body: &RequestBody) -> &'static str {
         RequestBody::Retire => "Retire",
         RequestBody::Login { .. } => "Login",
         RequestBody::Logout { .. } => "Logout",
+        RequestBody::ListShares { .. } => "ListShares",
+        RequestBody::OpenShared { .. } => "OpenShared",
+        RequestBody::Share { .. } => "Share",
+        RequestBody::Unshare { .. } => "Unshare",
     }
 }
 
@@ -253,7 +277,9 @@ fn credential_of(body: &RequestBody) -> Option<(&str, Option<&str>)> {
         RequestBody::SetSecret { credential, .. }
         | RequestBody::DeleteSecret { credential, .. }
         | RequestBody::ListSecrets { credential }
-        | RequestBody::ListAll { credential, .. } => Some((credential, None)),
+        | RequestBody::ListAll { credential, .. }
+        | RequestBody::ListShares { credential }
+        | RequestBody::OpenShared { credential, .. } => Some((credential, None)),
         RequestBody::OpenWorker {
             credential,
             unix_user,
@@ -580,6 +606,10 @@ mod tests {
             "Retire",
             "Login",
             "Logout",
+            "ListShares",
+            "OpenShared",
+            "Share",
+            "Unshare",
         ] {
             assert_eq!(
                 TABLE.iter().filter(|r| r.request == name).count(),
@@ -587,7 +617,7 @@ mod tests {
                 "{name}"
             );
         }
-        assert_eq!(TABLE.len(), 19);
+        assert_eq!(TABLE.len(), 23);
     }
 
     #[test]

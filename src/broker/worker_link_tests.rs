@@ -520,3 +520,67 @@ fn a_revocation_goes_to_every_ready_link_and_no_dropped_one() {
     check_revocations(&mut f.broker);
     assert_eq!(revoked_to(&mut f, ALICE_API_ID), vec![alice, front]);
 }
+
+#[test]
+fn a_worker_shares_only_its_own_users_objects_and_the_grantee_alone_gets_a_connection() {
+    let mut f = fixture("shares");
+    let tokens = api_users(&f);
+    let share = |object: &str, grantee: &str| RequestBody::Share {
+        object: object.into(),
+        grantee: grantee.into(),
+        input: false,
+        expires_at: None,
+    };
+    f.on_worker(Some(ALICE));
+    // Another user's object: a violation (a worker speaks for its user only).
+    assert!(f.send(share("u2002-bobs", "bob")).is_err());
+    f.on_worker(Some(ALICE));
+    for (grantee, why) in [
+        ("root", "root"),
+        ("alice", "the owner"),
+        ("nobody-x", "unknown"),
+    ] {
+        f.send(share("u2001-t1", grantee)).unwrap();
+        assert_eq!(one_error(&mut f), refused("share-grantee"), "{why}");
+    }
+    f.send(share("u2001-t1", "bob")).unwrap();
+    assert!(matches!(one_reply(&mut f), (ReplyBody::Done, 0)));
+
+    // The front: bob's credential opens a connection to alice's worker naming the share;
+    // alice's own credential is no grantee, and another object is not shared.
+    f.on_worker(None);
+    let open = |credential: &str, object: &str| RequestBody::OpenShared {
+        credential: credential.into(),
+        object: object.into(),
+    };
+    f.send(open(&tokens.alice, "u2001-t1")).unwrap();
+    assert_eq!(one_error(&mut f), ErrorKind::Forbidden);
+    f.send(open(&tokens.bob, "u2001-other")).unwrap();
+    assert_eq!(one_error(&mut f), ErrorKind::Forbidden);
+    f.send(open(&tokens.bob, "u2001-t1")).unwrap();
+    assert!(matches!(one_reply(&mut f), (ReplyBody::Connection, 1)));
+    let c = f.broker.connects.pop().expect("one connect");
+    assert_eq!(c.account.uid, 2001, "to alice's worker");
+    assert!(c.credential.is_none(), "bob's credential does not go there");
+    let s = c.share.expect("the share rides along");
+    assert_eq!(
+        (s.object.as_str(), s.grantee.as_str(), s.input),
+        ("u2001-t1", "bob", false)
+    );
+    assert_eq!(
+        c.principal.and_then(|p| p.unix_user().map(str::to_string)),
+        Some("bob".into())
+    );
+
+    // Revoked by alice's worker: bob's next open is refused.
+    f.on_worker(Some(ALICE));
+    f.send(RequestBody::Unshare {
+        object: "u2001-t1".into(),
+        grantee: Some("bob".into()),
+    })
+    .unwrap();
+    assert!(matches!(one_reply(&mut f), (ReplyBody::Done, 0)));
+    f.on_worker(None);
+    f.send(open(&tokens.bob, "u2001-t1")).unwrap();
+    assert_eq!(one_error(&mut f), ErrorKind::Forbidden);
+}

@@ -47,7 +47,14 @@ const MAX_PENDING: usize = 256;
 const MAX_CONFIG_BYTES: usize = 60 * 1024;
 
 /// A connection waiting for its worker's Hello: who, the credential's digest, the socket.
-pub type Pending = (Option<Principal>, Option<[u8; 32]>, OwnedFd);
+/// A connection waiting for its worker: who it is for, the digest of the credential it was
+/// opened with, the share it is for, and the worker's end.
+pub type Pending = (
+    Option<Principal>,
+    Option<[u8; 32]>,
+    Option<crate::wire::ShareInfo>,
+    OwnedFd,
+);
 
 pub struct WorkerProc {
     pub pid: i32,
@@ -194,11 +201,11 @@ impl Server {
                 .get(&link)
                 .map_or(0, |w| w.link.queued_fds());
             if ready && queued < MAX_PENDING {
-                let pending = (c.principal, c.credential, c.fd);
+                let pending = (c.principal, c.credential, c.share, c.fd);
                 self.broker.outbox.push(connection_event(link, pending));
             } else if let Some(w) = self.workers.by_link.get_mut(&link) {
                 if w.pending.len() < MAX_PENDING {
-                    w.pending.push((c.principal, c.credential, c.fd));
+                    w.pending.push((c.principal, c.credential, c.share, c.fd));
                 }
             }
         }
@@ -444,12 +451,13 @@ impl Server {
     }
 }
 
-fn connection_event(link: u64, (principal, credential, fd): Pending) -> Outgoing {
+fn connection_event(link: u64, (principal, credential, share, fd): Pending) -> Outgoing {
     Outgoing {
         link,
         message: BrokerMessage::Event(Event::Connection {
             principal,
             credential,
+            share,
         }),
         fds: vec![fd],
     }

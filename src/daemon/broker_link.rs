@@ -109,6 +109,25 @@ impl BrokerLink {
         Ok(link)
     }
 
+    /// [`BrokerLink::connect`] on `runtime`, for a process's start: refuses to go on as
+    /// root when the broker isolates (the front and the workers never run as root).
+    pub fn start(
+        runtime: &tokio::runtime::Runtime,
+        sock: UnixStream,
+        observer: Arc<dyn LinkObserver>,
+        who: &str,
+    ) -> Result<Arc<BrokerLink>, String> {
+        let link = {
+            let _runtime = runtime.enter();
+            BrokerLink::connect(sock, observer)
+                .map_err(|e| format!("cannot greet the broker: {e}"))?
+        };
+        if link.welcome().isolation && nix::unistd::geteuid().is_root() {
+            return Err(format!("{who} must not run as root"));
+        }
+        Ok(link)
+    }
+
     pub fn welcome(&self) -> &Welcome {
         &self.welcome
     }

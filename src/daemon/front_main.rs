@@ -85,14 +85,7 @@ pub fn run(config_path: &Path, state_dir: Option<std::path::PathBuf>) -> Result<
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let link = {
-        let _runtime = runtime.enter();
-        BrokerLink::connect(UnixStream::from(link_fd), observer)
-            .map_err(|e| format!("cannot greet the broker: {e}"))?
-    };
-    if link.welcome().isolation && nix::unistd::geteuid().is_root() {
-        return Err("the daemon must not run as root".into());
-    }
+    let link = BrokerLink::start(&runtime, UnixStream::from(link_fd), observer, "the front")?;
     info!(
         uid = nix::unistd::geteuid().as_raw(),
         isolation = link.welcome().isolation,

@@ -103,6 +103,7 @@ pub fn router(state: Arc<FrontState>) -> Router {
         .route("/users/me", get(me))
         .route("/login", post(super::login::login))
         .route("/logout", post(super::login::logout))
+        .route("/shares", get(super::proxy::list_shares))
         .route("/processes", get(processes))
         .route("/daemon/restart", post(restart))
         .route(

@@ -38,6 +38,7 @@ pub mod proxy;
 pub mod ring;
 pub mod serve;
 pub mod sessions;
+pub mod shares;
 pub mod store;
 pub mod tasks;
 pub mod terminals;

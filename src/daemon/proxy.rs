@@ -85,6 +85,20 @@ async fn forward_inner(state: &Arc<FrontState>, mut req: Request) -> Result<Resp
         ["sessions" | "terminals" | "tasks", id, ..] => Some(id.to_string()),
         _ => None,
     };
+    // Another user's terminal socket: only through a share of it, to its owner's worker,
+    // without this user's credential (the owner's worker must never see it).
+    if let ["terminals", id, "ws"] = segments.as_slice() {
+        if let Some(owner) = shared_owner(&principal, id) {
+            let object = id.to_string();
+            let fd = match open_shared(state, &credential, &object).await {
+                Ok(fd) => fd,
+                Err(e) => return Err(drained(req, e).await),
+            };
+            let (mut parts, body) = req.into_parts();
+            parts.headers = without_credential(&parts.headers);
+            return send(fd, Request::from_parts(parts, body), &owner).await;
+        }
+    }
     let (req, target) = target(&principal, req, &segments, id.as_deref()).await?;
     match target {
         Target::One(user) => {
@@ -222,6 +236,76 @@ fn named_user(body: &Bytes) -> Option<String> {
 
 /// A connection to `user`'s worker, for `credential` (`None`: unauthenticated, only to a
 /// running worker).
+/// The owner of terminal `id` when it is another user's and `principal` is not an admin
+/// (an admin reaches it as before, through its owner's worker).
+fn shared_owner(principal: &crate::wire::Principal, id: &str) -> Option<String> {
+    if principal.is_admin() {
+        return None;
+    }
+    let owner = user_of_uid(uid_of_id(id)?)?;
+    (principal.unix_user() != Some(owner.as_str())).then_some(owner)
+}
+
+/// A connection to the worker that holds `object`, for a share of it (`OpenShared`).
+async fn open_shared(
+    state: &FrontState,
+    credential: &str,
+    object: &str,
+) -> Result<OwnedFd, ApiError> {
+    let reply = state
+        .link
+        .request(RequestBody::OpenShared {
+            credential: credential.to_string(),
+            object: object.to_string(),
+        })
+        .await
+        .map_err(ApiError::broker_down)?;
+    match reply.body {
+        ReplyBody::Connection => reply
+            .fds
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::internal("the broker sent no connection")),
+        // Nothing is said of terminals that are not shared with this user.
+        ReplyBody::Error(e)
+            if matches!(
+                e.kind,
+                crate::wire::ErrorKind::Forbidden | crate::wire::ErrorKind::Unavailable
+            ) =>
+        {
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no terminal {object}"),
+            ))
+        }
+        ReplyBody::Error(e) => Err(ApiError::from_broker(e)),
+        other => Err(ApiError::internal(format!(
+            "unexpected broker reply {other:?}"
+        ))),
+    }
+}
+
+/// `GET /shares`: the shares the caller gave and was given (the front answers it: the
+/// broker keeps them).
+pub async fn list_shares(
+    axum::extract::State(state): axum::extract::State<Arc<FrontState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (_, credential) = super::http::authenticate(&state, &headers).await?;
+    let reply = state
+        .link
+        .request(RequestBody::ListShares { credential })
+        .await
+        .map_err(ApiError::broker_down)?;
+    match reply.body {
+        ReplyBody::Shares(list) => Ok(axum::Json(list).into_response()),
+        ReplyBody::Error(e) => Err(ApiError::from_broker(e)),
+        other => Err(ApiError::internal(format!(
+            "unexpected broker reply {other:?}"
+        ))),
+    }
+}
+
 async fn open(
     state: &FrontState,
     credential: Option<&str>,
@@ -398,6 +482,11 @@ async fn handover_target(
             let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
             let verified = state.auth.cached(&key)?;
             if state.auth.revoked(&verified) || verified.principal.is_admin() {
+                return None;
+            }
+            // Another user's terminal (a share) is relayed: its head carries this user's
+            // credential, which the owner's worker must not see.
+            if shared_owner(&verified.principal, id).is_some() {
                 return None;
             }
             let user = verified.principal.unix_user()?.to_string();

@@ -239,6 +239,8 @@ pub struct Terminals {
     tickets: Mutex<HashMap<String, Ticket>>,
     /// Set before a planned restart: readers stop between reads.
     pause: watch::Sender<bool>,
+    /// Shares this worker's user revoked (their open viewers end).
+    pub revocations: super::shares::Revocations,
 }
 
 struct Ticket {
@@ -291,6 +293,21 @@ impl Terminals {
 
     fn get(&self, id: &str) -> Option<Arc<Terminal>> {
         self.live.lock().expect("terminals lock").get(id).cloned()
+    }
+
+    /// The id of a live terminal that `principal` itself owns (what may be shared).
+    pub fn owned(&self, principal: &Principal, id: &str) -> Result<String, ApiError> {
+        match self.get(id) {
+            Some(t)
+                if principal.owner() == t.owner && principal.unix_user() == Some(&t.unix_user) =>
+            {
+                Ok(t.id.clone())
+            }
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no terminal {id} of yours"),
+            )),
+        }
     }
 
     fn visible(&self, principal: &Principal, id: &str) -> Result<Arc<Terminal>, ApiError> {
@@ -910,9 +927,33 @@ async fn websocket(
         ));
     }
     let principal = &verified.principal;
-    let terminal = state.terminals.visible(principal, &id)?;
+    // A connection the broker opened for a share reaches that terminal only, and types
+    // into it only if the share says so.
+    let share = super::worker::CONNECTION
+        .try_with(|c| c.share.clone())
+        .ok()
+        .flatten();
+    let (terminal, shared_read_only) = match &share {
+        Some(s) if s.object == id => match state.terminals.get(&id) {
+            Some(t) => (t, !s.input),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no terminal {id}"),
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this connection is for another shared terminal",
+            ))
+        }
+        None => (state.terminals.visible(principal, &id)?, false),
+    };
     let revoked = state.auth.until_revoked(verified.clone());
-    let view_only = query.mode.as_deref() == Some("view");
+    let view_only = query.mode.as_deref() == Some("view") || shared_read_only;
+    let attached = Instant::now();
     let wants_protocol = headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok())
@@ -930,15 +971,28 @@ async fn websocket(
             // A revoked user's socket ends at once, with a close frame saying why.
             tokio::pin!(revoked);
             let mut socket = socket;
-            let ended = tokio::select! {
-                _ = viewer(&mut socket, terminal, view_only, state) => false,
-                _ = &mut revoked => true,
+            let unshared = async {
+                match &share {
+                    Some(s) => {
+                        let access = super::shares::Access {
+                            share: s,
+                            since: attached,
+                        };
+                        access.ended(&state).await
+                    }
+                    None => std::future::pending().await,
+                }
             };
-            if ended {
+            let ended = tokio::select! {
+                _ = viewer(&mut socket, terminal, view_only, state.clone()) => None,
+                _ = &mut revoked => Some("credentials revoked"),
+                _ = unshared => Some("the share ended"),
+            };
+            if let Some(reason) = ended {
                 let _ = socket
                     .send(Message::Close(Some(CloseFrame {
                         code: 1008,
-                        reason: "credentials revoked".into(),
+                        reason: reason.into(),
                     })))
                     .await;
             }

@@ -54,6 +54,8 @@ pub struct ConnectionAuth {
     /// The SHA-256 of the credential the connection was opened with: every request on it
     /// must carry the same one.
     pub credential: Option<[u8; 32]>,
+    /// Opened for a share: only that terminal's socket may be reached on it.
+    pub share: Option<crate::wire::ShareInfo>,
 }
 
 /// How the front uses a connection the broker handed over: its first byte says.
@@ -109,6 +111,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/worker/restart", post(restart))
         .merge(super::sessions::routes())
         .merge(super::terminals::routes())
+        .merge(super::shares::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(axum::middleware::from_fn(with_request_id))
         .with_state(state)
@@ -123,7 +126,13 @@ struct Observer {
 
 /// A connection from the broker: who it was authenticated as, the credential's digest,
 /// the revocation generation when it arrived, the socket.
-type Incoming = (Option<Principal>, Option<[u8; 32]>, u64, OwnedFd);
+type Incoming = (
+    Option<Principal>,
+    Option<[u8; 32]>,
+    Option<crate::wire::ShareInfo>,
+    u64,
+    OwnedFd,
+);
 
 impl LinkObserver for Observer {
     fn reply(&self, body: &ReplyBody) {
@@ -139,6 +148,7 @@ impl LinkObserver for Observer {
             Event::Connection {
                 principal,
                 credential,
+                share,
             } => {
                 if let Some(fd) = fds.pop() {
                     // Taken here, in the order events arrive: a revocation that follows
@@ -146,7 +156,7 @@ impl LinkObserver for Observer {
                     let generation = self.auth.generation();
                     let _ = self
                         .connections
-                        .send((principal, credential, generation, fd));
+                        .send((principal, credential, share, generation, fd));
                 }
             }
             other => self.processes.event(other, fds),
@@ -182,14 +192,7 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let link = {
-        let _runtime = runtime.enter();
-        BrokerLink::connect(UnixStream::from(link_fd), observer)
-            .map_err(|e| format!("cannot greet the broker: {e}"))?
-    };
-    if link.welcome().isolation && nix::unistd::geteuid().is_root() {
-        return Err("a worker must not run as root".into());
-    }
+    let link = BrokerLink::start(&runtime, UnixStream::from(link_fd), observer, "a worker")?;
     let uid = nix::unistd::geteuid().as_raw();
     info!(uid, "worker connected to the broker");
     let store = store::Store::open(&config.state_dir.join("stoa.db"))?;
@@ -285,13 +288,14 @@ fn has_live_work(state: &AppState) -> bool {
 fn serve_connection(
     state: &Arc<AppState>,
     app: Router,
-    (principal, credential, generation, fd): Incoming,
+    (principal, credential, share, generation, fd): Incoming,
     open: Arc<AtomicUsize>,
 ) {
     let conn_auth = Arc::new(ConnectionAuth {
         principal,
         generation,
         credential,
+        share,
     });
     let stream = UnixStream::from(fd);
     if stream.set_nonblocking(true).is_err() {
@@ -407,6 +411,16 @@ where
             let host_check = client_connection.then_some(&*first_host);
             if let Some(refusal) = refuse(&conn_auth, host_check, req.headers()) {
                 return Ok(refusal);
+            }
+            if let Some(share) = &conn_auth.share {
+                let socket = format!("/terminals/{}/ws", share.object);
+                if req.method() != axum::http::Method::GET || req.uri().path() != socket {
+                    return Ok(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "a shared connection reaches only its terminal's socket",
+                    )
+                    .into_response());
+                }
             }
             let context = Arc::new(auth::RequestContext {
                 peer: None,
@@ -549,6 +563,7 @@ mod tests {
             principal: None,
             generation: 0,
             credential: Some(sha2::Sha256::digest(token.as_bytes()).into()),
+            share: None,
         }
     }
 

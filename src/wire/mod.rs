@@ -18,6 +18,10 @@
 //! | `ListAll { credential, after }`   | front  | `Handles { list, more }` / `Error` | –                           |
 //! | `Login { username, password, peer }` | front | `LoggedIn { .. }` / `Error` (later: a PAM helper checks) | – |
 //! | `Logout { credential }`           | front  | `Done`                           | –                             |
+//! | `ListShares { credential }`       | front  | `Shares(..)` (given and received) / `Error` | –                  |
+//! | `OpenShared { credential, object }` | front | `Connection` / `Error`          | the front's end (to the owner's worker) |
+//! | `Share { object, grantee, input, expires_at }` | worker | `Done` / `Error`   | –                             |
+//! | `Unshare { object, grantee }`     | worker | `Done`                           | –                             |
 //! | `Spawn(SpawnRequest)`             | worker | `Spawned(HandleInfo)` / `Error`  | per [`FdLayout`]              |
 //! | `CheckDir { credential, .. }`     | worker | `Dir(DirId)` / `Error`           | –                             |
 //! | `SetSecret { credential, .. }`    | worker | `Done` / `Error`                 | –                             |
@@ -182,6 +186,30 @@ pub enum RequestBody {
     Logout {
         credential: String,
     },
+    /// Front only: the shares the credential's Unix user gave and was given.
+    ListShares {
+        credential: String,
+    },
+    /// Front only: a connection to the worker that holds `object` (another user's
+    /// terminal), for the credential's Unix user, who must hold a live share of it. The
+    /// worker is told the share: that connection may reach that object only.
+    OpenShared {
+        credential: String,
+        object: String,
+    },
+    /// Worker only: its user shares one of its own objects (`u<uid>-…`) with `grantee`
+    /// (read-only, or with input), until `expires_at` (seconds since the epoch) if set.
+    Share {
+        object: String,
+        grantee: String,
+        input: bool,
+        expires_at: Option<u64>,
+    },
+    /// Worker only: its user ends the share of `object` with `grantee` (`None`: with all).
+    Unshare {
+        object: String,
+        grantee: Option<String>,
+    },
     /// Worker only: it has no live work and no connection and would like to exit. `Done`:
     /// it may (new connections for its user go to a new worker); an error: it must stay.
     Retire,
@@ -301,6 +329,8 @@ pub enum ReplyBody {
     Dir(DirId),
     /// `OpenWorker`: the front's end of a new connection to the worker (one fd).
     Connection,
+    /// `ListShares`.
+    Shares(Vec<ShareInfo>),
     /// `Login`: the log-in's credential (shown once; the broker keeps only its digest),
     /// for `unix_user`, valid until `expires_at` (seconds since the Unix epoch).
     LoggedIn {
@@ -509,7 +539,22 @@ pub enum Event {
     Connection {
         principal: Option<Principal>,
         credential: Option<[u8; 32]>,
+        /// Set for a connection opened for a share (`OpenShared`): it may reach only that
+        /// object, as that share allows; it carries no credential.
+        share: Option<ShareInfo>,
     },
+}
+
+/// One share: `owner` lets `grantee` view (or, with `input`, type into) `object`.
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ShareInfo {
+    pub object: String,
+    pub owner: String,
+    pub grantee: String,
+    pub input: bool,
+    /// Seconds since the Unix epoch; `None`: until revoked.
+    pub expires_at: Option<u64>,
+    pub granted_at: u64,
 }
 
 #[derive(Encode, Decode, Debug, Clone, PartialEq)]

@@ -14,9 +14,11 @@ mod security_broker;
 mod security_front;
 mod security_store;
 mod sessions;
+mod shares;
 mod terminal_browser;
 mod terminal_cli;
 mod terminals;
+mod viewer;
 mod workers;
 
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
@@ -39,6 +41,7 @@ fn main() {
         login::TESTS,
         security_broker::TESTS,
         sessions::TESTS,
+        shares::TESTS,
         agents_e2e::TESTS,
         terminals::TESTS,
         terminal_cli::TESTS,

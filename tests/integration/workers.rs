@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -16,10 +15,8 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use serde_json::{json, Value};
-use tungstenite::client::IntoClientRequest;
-use tungstenite::Message;
 
-use stoa::terminal::protocol::{ClientFrame, ServerFrame, FROM_NOW};
+use stoa::terminal::protocol::FROM_NOW;
 use stoa::wire::{
     BrokerMessage, ErrorKind, Handle, Program, ReplyBody, Request, RequestBody, Signal,
     SpawnRequest,
@@ -27,6 +24,7 @@ use stoa::wire::{
 use stoa_executor::{codec, sys};
 
 use crate::harness::*;
+use crate::viewer::connect;
 
 pub const TESTS: &[(&str, crate::TestFn)] = &[
     (
@@ -194,138 +192,6 @@ fn open_terminal(stoa: &Instance, token: &str, command: Value) -> (String, i32) 
         t["terminal_id"].as_str().unwrap().to_string(),
         t["pid"].as_i64().unwrap() as i32,
     )
-}
-
-// ---- a stoa.term.v1 client ---------------------------------------------------------
-
-struct Viewer {
-    ws: tungstenite::WebSocket<TcpStream>,
-    output: Vec<u8>,
-    /// Offset just past the last OUTPUT byte received.
-    offset: u64,
-    snapshots: usize,
-    /// OUTPUT frames that did not start where the previous one ended: (expected, got).
-    jumps: Vec<(u64, u64)>,
-    /// The connection ended (a close frame, or the stream cut).
-    closed: bool,
-    /// The server sent a close frame.
-    close_frame: bool,
-    acking: bool,
-}
-
-fn connect(stoa: &Instance, id: &str, token: &str) -> Viewer {
-    let url = format!("ws://127.0.0.1:{}/terminals/{id}/ws", stoa.port);
-    let mut request = url.into_client_request().unwrap();
-    let headers = request.headers_mut();
-    headers.insert("Sec-WebSocket-Protocol", "stoa.term.v1".parse().unwrap());
-    headers.insert("Authorization", format!("Bearer {token}").parse().unwrap());
-    let stream = TcpStream::connect(("127.0.0.1", stoa.port)).unwrap();
-    let (ws, _) = tungstenite::client::client(request, stream)
-        .unwrap_or_else(|e| panic!("WebSocket to terminal {id}: {e}"));
-    ws.get_ref()
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    Viewer {
-        ws,
-        output: Vec::new(),
-        offset: 0,
-        snapshots: 0,
-        jumps: Vec::new(),
-        closed: false,
-        close_frame: false,
-        acking: true,
-    }
-}
-
-impl Viewer {
-    fn send(&mut self, f: ClientFrame) {
-        self.ws.send(Message::Binary(f.encode().into())).unwrap();
-    }
-
-    /// HELLO; returns the WELCOME's (oldest, current).
-    fn hello(&mut self, resume: u64, want_write: bool) -> (u64, u64) {
-        self.send(ClientFrame::Hello {
-            resume,
-            cols: 80,
-            rows: 24,
-            want_write,
-        });
-        match self.next(Duration::from_secs(10)) {
-            Some(ServerFrame::Welcome {
-                oldest, current, ..
-            }) => {
-                self.offset = if resume == FROM_NOW { current } else { resume };
-                (oldest, current)
-            }
-            other => panic!("expected WELCOME, got {other:?}"),
-        }
-    }
-
-    fn type_text(&mut self, text: &str) {
-        self.send(ClientFrame::Input(text.as_bytes().to_vec()));
-    }
-
-    /// The next frame (recording output), or None after `wait` or once closed.
-    fn next(&mut self, wait: Duration) -> Option<ServerFrame> {
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline && !self.closed {
-            match self.ws.read() {
-                Ok(Message::Binary(b)) => {
-                    let frame = ServerFrame::decode(&b).expect("server frame");
-                    match &frame {
-                        ServerFrame::Output { offset, bytes } => {
-                            if *offset != self.offset {
-                                self.jumps.push((self.offset, *offset));
-                            }
-                            self.output.extend_from_slice(bytes);
-                            self.offset = offset + bytes.len() as u64;
-                            if self.acking {
-                                let consumed = self.offset;
-                                let _ = self.ws.send(Message::Binary(
-                                    ClientFrame::Ack { consumed }.encode().into(),
-                                ));
-                            }
-                        }
-                        ServerFrame::Snapshot { offset, .. } => {
-                            self.snapshots += 1;
-                            self.offset = *offset;
-                        }
-                        _ => {}
-                    }
-                    return Some(frame);
-                }
-                Ok(Message::Close(_)) => {
-                    self.close_frame = true;
-                    self.closed = true;
-                }
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => self.closed = true,
-            }
-        }
-        None
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.output).into_owned()
-    }
-
-    fn wait_for(&mut self, needle: &str, wait: Duration) {
-        let deadline = Instant::now() + wait;
-        while !self.text().contains(needle) {
-            assert!(
-                Instant::now() < deadline && !self.closed,
-                "never saw {needle:?} (closed: {}) in {:?}",
-                self.closed,
-                self.text()
-            );
-            self.next(Duration::from_millis(100));
-        }
-    }
 }
 
 /// Types an arithmetic echo into a shell terminal and waits for its answer.

@@ -8,4 +8,5 @@ pub mod launch;
 pub mod login;
 pub mod secrets;
 pub mod session;
+pub mod shares;
 pub mod workers;

@@ -29,7 +29,7 @@ pub fn open(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         return error(ErrorKind::Unavailable, "no worker is running for that user");
     }
     let digest = sha2::Sha256::digest(credential.as_bytes()).into();
-    connect(b, account, ctx.principal.clone(), Some(digest), start)
+    connect(b, account, ctx.principal.clone(), Some(digest), None, start)
 }
 
 /// `OpenWorkerAnonymous`: only to a worker that runs already (the front cannot start a
@@ -56,7 +56,20 @@ pub fn open_anonymous(b: &mut Broker, _ctx: &Ctx, body: RequestBody) -> Outcome 
         shell: Default::default(),
         groups: Vec::new(),
     };
-    connect(b, account, None, None, false)
+    connect(b, account, None, None, None, false)
+}
+
+/// A connection to a running owner's worker for a share's grantee (`shares::open_shared`).
+pub fn connect_shared(
+    b: &mut Broker,
+    account: super::super::spawn::Account,
+    grantee: crate::wire::Principal,
+    share: crate::wire::ShareInfo,
+) -> Outcome {
+    if b.worker_link(account.uid).is_none() {
+        return error(ErrorKind::Unavailable, "the owner's worker is not running");
+    }
+    connect(b, account, Some(grantee), None, Some(share), false)
 }
 
 fn connect(
@@ -64,6 +77,7 @@ fn connect(
     account: super::super::spawn::Account,
     principal: Option<crate::wire::Principal>,
     credential: Option<[u8; 32]>,
+    share: Option<crate::wire::ShareInfo>,
     start: bool,
 ) -> Outcome {
     if b.shutting_down && b.worker_link(account.uid).is_none() {
@@ -80,6 +94,7 @@ fn connect(
         account,
         principal,
         credential,
+        share,
         start,
         fd: worker.into(),
     });
