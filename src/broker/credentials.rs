@@ -34,10 +34,24 @@ pub struct Login {
     pub unix_user: String,
     /// Seconds since the Unix epoch.
     pub expires_at: u64,
-    /// From the local socket (`local_login.rs`): lives while its connection does, and is
-    /// bounded there, not by [`MAX_LOGINS_PER_USER`].
-    pub local: bool,
+    pub kind: LoginKind,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginKind {
+    /// A password checked by PAM (`POST /login`): at most [`MAX_LOGINS_PER_USER`].
+    Password,
+    /// From the local socket (`local_login.rs`): lives while its connection does, and is
+    /// bounded there.
+    Local,
+    /// Handed to a worker for an admin's connection to it (`workers::open`), so the admin's
+    /// own credential never reaches a user's process: it acts as that one Unix user, for
+    /// the admin whose owner key is `by` (named `name`). At most [`MAX_DELEGATIONS`].
+    Delegated { by: String, name: String },
+}
+
+/// Most delegated credentials at once; past it the oldest is ended.
+pub const MAX_DELEGATIONS: usize = 1024;
 
 /// The live log-ins, by their credential's SHA-256.
 #[derive(Default)]
@@ -63,7 +77,7 @@ impl Logins {
     ) -> Result<(String, Login, Vec<Login>), String> {
         let mut ended = Vec::new();
         loop {
-            let password = |l: &&Login| !l.local;
+            let password = |l: &&Login| l.kind == LoginKind::Password;
             let same_user = self
                 .by_digest
                 .values()
@@ -78,7 +92,7 @@ impl Logins {
             let oldest = self
                 .by_digest
                 .iter()
-                .filter(|(_, l)| !l.local && (!crowded || l.uid == uid))
+                .filter(|(_, l)| l.kind == LoginKind::Password && (!crowded || l.uid == uid))
                 .min_by_key(|(_, l)| l.number)
                 .map(|(d, _)| *d);
             match oldest.and_then(|d| self.by_digest.remove(&d)) {
@@ -86,7 +100,7 @@ impl Logins {
                 None => break,
             }
         }
-        let (credential, login) = self.insert(uid, unix_user, lasts_secs, false)?;
+        let (credential, login) = self.insert(uid, unix_user, lasts_secs, LoginKind::Password)?;
         Ok((credential, login, ended))
     }
 
@@ -97,7 +111,39 @@ impl Logins {
         unix_user: &str,
         lasts_secs: u64,
     ) -> Result<(String, Login), String> {
-        self.insert(uid, unix_user, lasts_secs, true)
+        self.insert(uid, unix_user, lasts_secs, LoginKind::Local)
+    }
+
+    /// A credential for an admin's connection to `unix_user`'s worker; and the delegations
+    /// ended to make room (their revocation keys must be sent).
+    pub fn delegate(
+        &mut self,
+        uid: u32,
+        unix_user: &str,
+        by: &str,
+        name: &str,
+        lasts_secs: u64,
+    ) -> Result<(String, Vec<Login>), String> {
+        let delegated = |l: &Login| matches!(l.kind, LoginKind::Delegated { .. });
+        let mut ended = Vec::new();
+        while self.by_digest.values().filter(|l| delegated(l)).count() >= MAX_DELEGATIONS {
+            let oldest = self
+                .by_digest
+                .iter()
+                .filter(|(_, l)| delegated(l))
+                .min_by_key(|(_, l)| l.number)
+                .map(|(d, _)| *d);
+            match oldest.and_then(|d| self.by_digest.remove(&d)) {
+                Some(l) => ended.push(l),
+                None => break,
+            }
+        }
+        let kind = LoginKind::Delegated {
+            by: by.to_string(),
+            name: name.to_string(),
+        };
+        let (credential, _) = self.insert(uid, unix_user, lasts_secs, kind)?;
+        Ok((credential, ended))
     }
 
     fn insert(
@@ -105,7 +151,7 @@ impl Logins {
         uid: u32,
         unix_user: &str,
         lasts_secs: u64,
-        local: bool,
+        kind: LoginKind,
     ) -> Result<(String, Login), String> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a log-in: {e}"))?;
@@ -116,7 +162,7 @@ impl Logins {
             uid,
             unix_user: unix_user.to_string(),
             expires_at: now_secs() + lasts_secs,
-            local,
+            kind,
         };
         self.by_digest.insert(sha256(&credential), login.clone());
         Ok((credential, login))
@@ -184,10 +230,19 @@ impl Logins {
 
 impl Login {
     pub fn principal(&self) -> Principal {
-        Principal::Login {
-            uid: self.uid,
-            unix_user: self.unix_user.clone(),
-            session: self.number,
+        match &self.kind {
+            LoginKind::Delegated { by, name } => Principal::Delegated {
+                by: by.clone(),
+                name: name.clone(),
+                uid: self.uid,
+                unix_user: self.unix_user.clone(),
+                number: self.number,
+            },
+            LoginKind::Password | LoginKind::Local => Principal::Login {
+                uid: self.uid,
+                unix_user: self.unix_user.clone(),
+                session: self.number,
+            },
         }
     }
 }

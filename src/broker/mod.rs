@@ -113,7 +113,9 @@ pub struct Connect {
     /// The SHA-256 of the credential the front showed.
     pub credential: Option<[u8; 32]>,
     /// For a share's grantee: what the connection may reach.
-    pub share: Option<crate::wire::ShareInfo>,
+    pub share: Option<Box<crate::wire::ShareInfo>>,
+    /// For an admin: the credential the worker uses instead of the admin's.
+    pub delegated: Option<String>,
     /// Start the worker if it is not running (never for an anonymous connection).
     pub start: bool,
     pub fd: OwnedFd,

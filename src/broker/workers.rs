@@ -31,7 +31,7 @@ use super::event_loop::Server;
 use super::link::{Link, LinkError, PARTIAL_FRAME_TIMEOUT};
 use super::spawn::Account;
 use super::{table, LinkState, Mode, Outgoing, PeerKind};
-use crate::wire::{BrokerMessage, Event, ExitStatus, Principal, Request};
+use crate::wire::{BrokerMessage, Event, ExitStatus, Request};
 
 /// How long a new worker has to say `Hello`.
 pub const WORKER_HELLO_DEADLINE: Duration = Duration::from_secs(10);
@@ -47,14 +47,8 @@ const MAX_PENDING: usize = 256;
 const MAX_CONFIG_BYTES: usize = 60 * 1024;
 
 /// A connection waiting for its worker's Hello: who, the credential's digest, the socket.
-/// A connection waiting for its worker: who it is for, the digest of the credential it was
-/// opened with, the share it is for, and the worker's end.
-pub type Pending = (
-    Option<Principal>,
-    Option<[u8; 32]>,
-    Option<crate::wire::ShareInfo>,
-    OwnedFd,
-);
+/// A connection waiting for its worker (`Connect` without its user and start).
+pub type Pending = super::Connect;
 
 pub struct WorkerProc {
     pub pid: i32,
@@ -201,11 +195,10 @@ impl Server {
                 .get(&link)
                 .map_or(0, |w| w.link.queued_fds());
             if ready && queued < MAX_PENDING {
-                let pending = (c.principal, c.credential, c.share, c.fd);
-                self.broker.outbox.push(connection_event(link, pending));
+                self.broker.outbox.push(connection_event(link, c));
             } else if let Some(w) = self.workers.by_link.get_mut(&link) {
                 if w.pending.len() < MAX_PENDING {
-                    w.pending.push((c.principal, c.credential, c.share, c.fd));
+                    w.pending.push(c);
                 }
             }
         }
@@ -451,15 +444,16 @@ impl Server {
     }
 }
 
-fn connection_event(link: u64, (principal, credential, share, fd): Pending) -> Outgoing {
+fn connection_event(link: u64, c: Pending) -> Outgoing {
     Outgoing {
         link,
         message: BrokerMessage::Event(Event::Connection {
-            principal,
-            credential,
-            share,
+            principal: c.principal,
+            credential: c.credential,
+            share: c.share,
+            delegated: c.delegated,
         }),
-        fds: vec![fd],
+        fds: vec![c.fd],
     }
 }
 

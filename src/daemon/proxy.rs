@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 use super::front_main::FrontState;
 use super::http::{authenticate, require_admin, ApiError};
 use super::store::uid_of_id;
-use super::worker_pool::{Key, Returning};
+use super::worker_pool::{Conn, Key, Returning};
 use crate::wire::{Principal, ReplyBody, RequestBody};
 use hyper::client::conn::http1::SendRequest;
 use sha2::{Digest, Sha256};
@@ -102,6 +102,15 @@ async fn forward_inner(state: &Arc<FrontState>, mut req: Request) -> Result<Resp
     let (req, target) = target(&principal, req, &segments, id.as_deref()).await?;
     match target {
         Target::One(user) => {
+            // An admin's credential never goes to a user's worker: the broker gives the
+            // connection one for that user alone (`Principal::Delegated`).
+            let req = if principal.is_admin() {
+                let (mut parts, body) = req.into_parts();
+                parts.headers = without_credential(&parts.headers);
+                Request::from_parts(parts, body)
+            } else {
+                req
+            };
             let key = Key {
                 credential: Sha256::digest(credential.as_bytes()).into(),
                 user: user.clone(),
@@ -129,7 +138,7 @@ async fn forward_inner(state: &Arc<FrontState>, mut req: Request) -> Result<Resp
                 return send(fd, req, &user).await;
             }
             let sender = handshake(fd, &user).await?;
-            send_on(state, sender, key, req, &user).await
+            send_on(state, Conn::new(sender), key, req, &user).await
         }
         Target::All => fan_out(state, &credential, req, id.is_some()).await,
     }
@@ -378,18 +387,22 @@ async fn handshake(fd: OwnedFd, user: &str) -> Result<SendRequest<Body>, ApiErro
 /// read to the end.
 async fn send_on(
     state: &FrontState,
-    mut sender: SendRequest<Body>,
+    mut conn: Conn,
     key: Key,
     req: Request,
     user: &str,
 ) -> Result<Response, ApiError> {
-    sender.ready().await.map_err(|e| unreachable(user, &e))?;
-    let response = sender
+    conn.sender
+        .ready()
+        .await
+        .map_err(|e| unreachable(user, &e))?;
+    let response = conn
+        .sender
         .send_request(req)
         .await
         .map_err(|e| unreachable(user, &e))?;
     let pool = state.pool.clone();
-    Ok(response.map(|body| Body::new(Returning::new(body, pool, key, sender))))
+    Ok(response.map(|body| Body::new(Returning::new(body, pool, key, conn))))
 }
 
 /// Sends `req` over the worker connection `fd` (used once) and returns its answer; an

@@ -55,7 +55,10 @@ pub struct ConnectionAuth {
     /// must carry the same one.
     pub credential: Option<[u8; 32]>,
     /// Opened for a share: only that terminal's socket may be reached on it.
-    pub share: Option<crate::wire::ShareInfo>,
+    pub share: Option<Box<crate::wire::ShareInfo>>,
+    /// Opened for an admin: the broker's credential for this worker's user, used where the
+    /// broker wants one (the admin's own never comes here).
+    pub delegated: Option<String>,
 }
 
 /// How the front uses a connection the broker handed over: its first byte says.
@@ -84,7 +87,7 @@ pub async fn authenticate(
             "missing Authorization: Bearer <token>",
         ));
     };
-    let generation = conn.map_or(0, |c| c.generation);
+    let generation = conn.as_ref().map_or(0, |c| c.generation);
     let verified = Verified {
         principal,
         generation,
@@ -95,11 +98,15 @@ pub async fn authenticate(
             "this credential was revoked",
         ));
     }
-    let credential = super::credential::presented(headers)
-        .ok()
-        .flatten()
-        .map(|p| p.value)
-        .unwrap_or_default();
+    // An admin's requests come without the admin's credential: the broker gave this
+    // connection one for this worker's user alone.
+    let credential = match super::credential::presented(headers).ok().flatten() {
+        Some(p) => p.value,
+        None => conn
+            .as_ref()
+            .and_then(|c| c.delegated.clone())
+            .unwrap_or_default(),
+    };
     auth::note_verified(&verified);
     Ok((verified.principal, credential))
 }
@@ -126,13 +133,8 @@ struct Observer {
 
 /// A connection from the broker: who it was authenticated as, the credential's digest,
 /// the revocation generation when it arrived, the socket.
-type Incoming = (
-    Option<Principal>,
-    Option<[u8; 32]>,
-    Option<crate::wire::ShareInfo>,
-    u64,
-    OwnedFd,
-);
+/// A connection from the broker: what it said of it (see `ConnectionAuth`) and its fd.
+type Incoming = (ConnectionAuth, OwnedFd);
 
 impl LinkObserver for Observer {
     fn reply(&self, body: &ReplyBody) {
@@ -149,14 +151,22 @@ impl LinkObserver for Observer {
                 principal,
                 credential,
                 share,
+                delegated,
             } => {
                 if let Some(fd) = fds.pop() {
                     // Taken here, in the order events arrive: a revocation that follows
                     // the connection on the link must still end it.
                     let generation = self.auth.generation();
-                    let _ = self
-                        .connections
-                        .send((principal, credential, share, generation, fd));
+                    let _ = self.connections.send((
+                        ConnectionAuth {
+                            principal,
+                            generation,
+                            credential,
+                            share,
+                            delegated,
+                        },
+                        fd,
+                    ));
                 }
             }
             other => self.processes.event(other, fds),
@@ -288,15 +298,10 @@ fn has_live_work(state: &AppState) -> bool {
 fn serve_connection(
     state: &Arc<AppState>,
     app: Router,
-    (principal, credential, share, generation, fd): Incoming,
+    (conn_auth, fd): Incoming,
     open: Arc<AtomicUsize>,
 ) {
-    let conn_auth = Arc::new(ConnectionAuth {
-        principal,
-        generation,
-        credential,
-        share,
-    });
+    let conn_auth = Arc::new(conn_auth);
     let stream = UnixStream::from(fd);
     if stream.set_nonblocking(true).is_err() {
         return;
@@ -564,6 +569,7 @@ mod tests {
             generation: 0,
             credential: Some(sha2::Sha256::digest(token.as_bytes()).into()),
             share: None,
+            delegated: None,
         }
     }
 

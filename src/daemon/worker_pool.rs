@@ -4,7 +4,9 @@
 //! A connection is kept for exactly the credential and Unix user the broker opened it for
 //! (keyed by the credential's digest): reusing it is what opening a new one with the same
 //! credential would give. The worker still checks each request against revocations. At most
-//! [`PER_KEY`] idle connections per key and [`TOTAL`] in all, each for at most [`IDLE`];
+//! [`PER_KEY`] idle connections per key and [`TOTAL`] in all, each for at most [`IDLE`], and
+//! none reused once [`MAX_AGE`] old (an admin's connection carries a credential the broker
+//! delegated for an hour: `broker::handlers::workers::DELEGATION_SECS`);
 //! a connection goes back only once its response has been read to the end (an event stream
 //! never does), and never after an upgrade.
 #![forbid(unsafe_code)]
@@ -22,6 +24,26 @@ use hyper::client::conn::http1::SendRequest;
 const PER_KEY: usize = 8;
 const TOTAL: usize = 512;
 const IDLE: Duration = Duration::from_secs(30);
+pub const MAX_AGE: Duration = Duration::from_secs(600);
+
+/// A connection to a worker and when it was opened.
+pub struct Conn {
+    pub sender: SendRequest<Body>,
+    pub born: Instant,
+}
+
+impl Conn {
+    pub fn new(sender: SendRequest<Body>) -> Conn {
+        Conn {
+            sender,
+            born: Instant::now(),
+        }
+    }
+
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && self.born.elapsed() < MAX_AGE
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Key {
@@ -30,7 +52,7 @@ pub struct Key {
 }
 
 /// A connection and when it went idle.
-type Idle = (SendRequest<Body>, Instant);
+type Idle = (Conn, Instant);
 
 #[derive(Default)]
 pub struct Pool {
@@ -39,20 +61,20 @@ pub struct Pool {
 
 impl Pool {
     /// An idle connection for `key` that is still open, if there is one.
-    pub fn take(&self, key: &Key) -> Option<SendRequest<Body>> {
+    pub fn take(&self, key: &Key) -> Option<Conn> {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.get_mut(key)?;
-        while let Some((sender, since)) = list.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE {
-                return Some(sender);
+        while let Some((conn, since)) = list.pop() {
+            if conn.usable() && since.elapsed() < IDLE {
+                return Some(conn);
             }
         }
         idle.remove(key);
         None
     }
 
-    fn put(&self, key: Key, sender: SendRequest<Body>) {
-        if sender.is_closed() {
+    fn put(&self, key: Key, conn: Conn) {
+        if !conn.usable() {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock");
@@ -60,7 +82,7 @@ impl Pool {
         if total >= TOTAL {
             // Make room: drop what has idled longest everywhere.
             idle.retain(|_, list| {
-                list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE);
+                list.retain(|(c, since)| c.usable() && since.elapsed() < IDLE);
                 !list.is_empty()
             });
             if idle.values().map(Vec::len).sum::<usize>() >= TOTAL {
@@ -69,7 +91,7 @@ impl Pool {
         }
         let list = idle.entry(key).or_default();
         if list.len() < PER_KEY {
-            list.push((sender, Instant::now()));
+            list.push((conn, Instant::now()));
         }
     }
 
@@ -91,20 +113,20 @@ impl Pool {
 /// A response body that gives its connection back to the pool once read to the end.
 pub struct Returning {
     inner: Incoming,
-    back: Option<(Arc<Pool>, Key, SendRequest<Body>)>,
+    back: Option<(Arc<Pool>, Key, Conn)>,
 }
 
 impl Returning {
-    pub fn new(inner: Incoming, pool: Arc<Pool>, key: Key, sender: SendRequest<Body>) -> Self {
+    pub fn new(inner: Incoming, pool: Arc<Pool>, key: Key, conn: Conn) -> Self {
         Returning {
             inner,
-            back: Some((pool, key, sender)),
+            back: Some((pool, key, conn)),
         }
     }
 
     fn give_back(&mut self) {
-        if let Some((pool, key, sender)) = self.back.take() {
-            pool.put(key, sender);
+        if let Some((pool, key, conn)) = self.back.take() {
+            pool.put(key, conn);
         }
     }
 }

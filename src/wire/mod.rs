@@ -388,9 +388,21 @@ pub enum Principal {
         unix_user: String,
         session: u64,
     },
+    /// An admin acting in one user's worker: the broker hands this to the worker with the
+    /// admin's connection (`Event::Connection::delegated`), so the admin's own credential
+    /// never reaches a user's process. It acts as `unix_user` only and is no admin anywhere
+    /// (stolen by that user, it gives them nothing they lack); what it creates belongs to
+    /// the admin (`by`, the admin's owner key; `name` for logs).
+    Delegated {
+        by: String,
+        name: String,
+        uid: u32,
+        unix_user: String,
+        number: u64,
+    },
 }
 
-/// Revocation keys of log-ins have this bit set; API users' ids never do.
+/// Revocation keys of log-ins (and delegations) have this bit set; API users' ids never do.
 pub const LOGIN_KEY_BIT: u64 = 1 << 63;
 
 impl Principal {
@@ -398,7 +410,7 @@ impl Principal {
         match self {
             Principal::Admin => true,
             Principal::User { admin, .. } => *admin,
-            Principal::Login { .. } => false,
+            Principal::Login { .. } | Principal::Delegated { .. } => false,
         }
     }
 
@@ -408,6 +420,7 @@ impl Principal {
             Principal::Admin => "admin",
             Principal::User { name, .. } => name,
             Principal::Login { unix_user, .. } => unix_user,
+            Principal::Delegated { name, .. } => name,
         }
     }
 
@@ -418,6 +431,7 @@ impl Principal {
             Principal::Admin => "admin".into(),
             Principal::User { id, .. } => format!("user:{id}"),
             Principal::Login { uid, .. } => format!("unix:{uid}"),
+            Principal::Delegated { by, .. } => by.clone(),
         }
     }
 
@@ -428,6 +442,7 @@ impl Principal {
             Principal::Admin => None,
             Principal::User { id, .. } => Some(*id),
             Principal::Login { session, .. } => Some(LOGIN_KEY_BIT | session),
+            Principal::Delegated { number, .. } => Some(LOGIN_KEY_BIT | number),
         }
     }
 
@@ -441,9 +456,9 @@ impl Principal {
     pub fn unix_user(&self) -> Option<&str> {
         match self {
             Principal::Admin => None,
-            Principal::User { unix_user, .. } | Principal::Login { unix_user, .. } => {
-                Some(unix_user)
-            }
+            Principal::User { unix_user, .. }
+            | Principal::Login { unix_user, .. }
+            | Principal::Delegated { unix_user, .. } => Some(unix_user),
         }
     }
 }
@@ -541,7 +556,11 @@ pub enum Event {
         credential: Option<[u8; 32]>,
         /// Set for a connection opened for a share (`OpenShared`): it may reach only that
         /// object, as that share allows; it carries no credential.
-        share: Option<ShareInfo>,
+        share: Option<Box<ShareInfo>>,
+        /// For an admin's connection: a credential for this worker's user alone
+        /// (`Principal::Delegated`), which the worker uses where the broker wants one
+        /// (spawns, directory checks); requests on it come without the admin's.
+        delegated: Option<String>,
     },
 }
 

@@ -43,6 +43,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "a_flood_in_alices_terminal_counts_against_alice",
         flood_accounting,
     ),
+    (
+        "an_admin_acting_in_alices_worker_leaves_no_admin_token_there",
+        admin_token_stays_in_the_front,
+    ),
 ];
 
 const BOGUS: &str = "stoa_bogus-credential-0000000000000000";
@@ -1050,5 +1054,65 @@ fn flood_accounting() -> Result<(), Failed> {
             .0,
         204
     );
+    Ok(())
+}
+
+/// Whether `needle` is anywhere in the writable memory of `pid` (read as root through
+/// `/proc/PID/mem`).
+fn memory_contains(pid: i32, needle: &[u8]) -> bool {
+    use std::io::{Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let (start, end) = (
+            u64::from_str_radix(start, 16).unwrap(),
+            u64::from_str_radix(end, 16).unwrap(),
+        );
+        let mut buf = vec![0u8; (end - start) as usize];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        if buf.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
+}
+
+fn admin_token_stays_in_the_front() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    // The admin runs, lists and opens a terminal as alice: all served by alice's worker.
+    let reply = stoa.sh(ALICE, "id -un");
+    assert_eq!(reply["stdout"].as_str().unwrap().trim(), ALICE);
+    let (status, t) = stoa.request(
+        "POST",
+        "/terminals",
+        Some(&stoa.token.clone()),
+        Some(&json!({ "cols": 80, "rows": 24, "unix_user": ALICE, "command": ["sh"] })),
+    );
+    assert_eq!(status, 201, "{t}");
+    let id = t["terminal_id"].as_str().unwrap().to_string();
+    let mut v = connect(&stoa, &id, &stoa.token);
+    v.hello(FROM_NOW, true);
+    v.type_text("echo ADMIN-IN-$((3*4))\n");
+    v.wait_for("ADMIN-IN-12", Duration::from_secs(10));
+    let (status, _) = stoa.request("GET", "/terminals", Some(&stoa.token.clone()), None);
+    assert_eq!(status, 200);
+    let worker = stoa.worker_pid(ALICE).expect("alice's worker");
+    assert!(
+        !memory_contains(worker, stoa.token.as_bytes()),
+        "the admin token is in alice's worker's memory"
+    );
+    // The check can fail: the front, which verified it, does hold it.
+    let front = stoa.daemon_pid().expect("the front");
+    assert!(memory_contains(front, stoa.token.as_bytes()));
     Ok(())
 }

@@ -15,6 +15,10 @@ use super::handles::list_page;
 use super::session::audit_refusal;
 use crate::wire::{ErrorKind, ReplyBody, RequestBody};
 
+/// How long a credential delegated for an admin's connection lasts (the front reuses a
+/// connection for at most `worker_pool::MAX_AGE`, well within it).
+pub const DELEGATION_SECS: u64 = 3600;
+
 /// `OpenWorker`: the credential may act as the Unix user (checked by the table); the loop
 /// hands the worker its end (starting the worker if needed), the front gets the other.
 pub fn open(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
@@ -28,8 +32,36 @@ pub fn open(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
     if !start && b.worker_link(account.uid).is_none() {
         return error(ErrorKind::Unavailable, "no worker is running for that user");
     }
+    let principal = ctx
+        .principal
+        .clone()
+        .expect("ActAsUser fills the principal");
+    if principal.is_admin() {
+        // The admin's credential stays in the front: the worker gets one for this user
+        // alone, and requests on this connection come without any.
+        let (delegated, ended) = match b.credentials.logins.delegate(
+            account.uid,
+            &account.name,
+            &principal.owner(),
+            principal.name(),
+            DELEGATION_SECS,
+        ) {
+            Ok(d) => d,
+            Err(e) => return error(ErrorKind::Failed, e),
+        };
+        super::login::revoke(b, &ended);
+        return connect(
+            b,
+            account,
+            Some(principal),
+            None,
+            None,
+            Some(delegated),
+            start,
+        );
+    }
     let digest = sha2::Sha256::digest(credential.as_bytes()).into();
-    connect(b, account, ctx.principal.clone(), Some(digest), None, start)
+    connect(b, account, Some(principal), Some(digest), None, None, start)
 }
 
 /// `OpenWorkerAnonymous`: only to a worker that runs already (the front cannot start a
@@ -56,7 +88,7 @@ pub fn open_anonymous(b: &mut Broker, _ctx: &Ctx, body: RequestBody) -> Outcome 
         shell: Default::default(),
         groups: Vec::new(),
     };
-    connect(b, account, None, None, None, false)
+    connect(b, account, None, None, None, None, false)
 }
 
 /// A connection to a running owner's worker for a share's grantee (`shares::open_shared`).
@@ -69,7 +101,7 @@ pub fn connect_shared(
     if b.worker_link(account.uid).is_none() {
         return error(ErrorKind::Unavailable, "the owner's worker is not running");
     }
-    connect(b, account, Some(grantee), None, Some(share), false)
+    connect(b, account, Some(grantee), None, Some(Box::new(share)), None, false)
 }
 
 fn connect(
@@ -77,7 +109,8 @@ fn connect(
     account: super::super::spawn::Account,
     principal: Option<crate::wire::Principal>,
     credential: Option<[u8; 32]>,
-    share: Option<crate::wire::ShareInfo>,
+    share: Option<Box<crate::wire::ShareInfo>>,
+    delegated: Option<String>,
     start: bool,
 ) -> Outcome {
     if b.shutting_down && b.worker_link(account.uid).is_none() {
@@ -95,6 +128,7 @@ fn connect(
         principal,
         credential,
         share,
+        delegated,
         start,
         fd: worker.into(),
     });
