@@ -181,7 +181,7 @@ pub struct Policy {
     /// Spawns per second each user regains, up to `spawn_burst` at once.
     pub spawn_rate_per_sec: f64,
     pub spawn_burst: u32,
-    /// Octal, e.g. "022".
+    /// Octal, e.g. "077" (the default: what a run writes is its user's alone).
     pub umask: String,
     /// PATH for every executor.
     pub path: String,
@@ -222,7 +222,7 @@ impl Default for Policy {
             // broker itself spawns a few thousand a second.
             spawn_rate_per_sec: 500.0,
             spawn_burst: 1000,
-            umask: "022".into(),
+            umask: "077".into(),
             path: "/usr/local/bin:/usr/bin:/bin".into(),
             env_deny: [
                 "LD_*",

@@ -105,6 +105,7 @@ pub fn run() -> ExitCode {
     check_daemon_state(&mut report, &daemon.state_dir, service.as_ref());
     check_broker_state(&mut report, &policy.state_dir, root);
     check_workers_dir(&mut report, &policy.workers_dir);
+    check_private_files(&mut report, &policy);
     check_executor(&mut report, &policy);
     check_own_binary(&mut report);
     check_health(&mut report, &daemon.listen);
@@ -423,6 +424,53 @@ fn check_daemon_state(report: &mut Report, dir: &Path, service: Option<&ServiceA
 
 /// The users' stores: root's directory (0755), and in it one per uid, that user's, 0700
 /// (another owner or wider modes let other users read or change someone's sessions).
+/// What runs write should be their user's alone: the policy's umask, and the homes of the
+/// allowed groups' members (agents keep transcripts, rollouts and databases there).
+fn check_private_files(report: &mut Report, policy: &Policy) {
+    match policy.umask_bits() {
+        Ok(bits) if bits & 0o077 == 0o077 => report.ok(format!(
+            "umask {:03o}: what runs write is their user's alone",
+            bits
+        )),
+        Ok(bits) => report.warn(
+            format!("umask {bits:03o}: files that runs write (agents' transcripts and databases) are readable by other users"),
+            "set umask = \"077\" in the broker policy",
+        ),
+        Err(e) => report.fail(e, "fix umask in the broker policy"),
+    }
+    let mut open_homes = Vec::new();
+    for group in &policy.allow_groups {
+        let Ok(Some(g)) = nix::unistd::Group::from_name(group) else {
+            continue;
+        };
+        for member in g.mem {
+            let Ok(Some(u)) = nix::unistd::User::from_name(&member) else {
+                continue;
+            };
+            if let Ok(meta) = std::fs::metadata(&u.dir) {
+                if meta.mode() & 0o005 != 0 {
+                    open_homes.push(format!(
+                        "{} ({:04o})",
+                        u.dir.display(),
+                        meta.mode() & 0o7777
+                    ));
+                }
+            }
+        }
+    }
+    open_homes.sort();
+    open_homes.dedup();
+    if !open_homes.is_empty() {
+        report.warn(
+            format!(
+                "homes other users can read: {} (files an agent wrote there before umask 077 may be readable)",
+                open_homes.join(", ")
+            ),
+            "chmod 0750 (or 0700) each of them",
+        );
+    }
+}
+
 fn check_workers_dir(report: &mut Report, dir: &Path) {
     let (uid, _gid, mode) = match dir_facts(dir) {
         Ok(f) => f,

@@ -149,6 +149,9 @@ struct Seen {
     /// The final result: is_error and its text.
     result: Option<(bool, Option<String>)>,
     too_long: Option<String>,
+    /// The agent's own last words (its error result, a notice, its last message): a run
+    /// that exits non-zero says why in them (OpenCode's "Forbidden", a refused key).
+    last_words: Option<String>,
     /// A stored-output limit the run reached (which one, in words): nothing more of it is
     /// stored, and it is ended.
     output_limit: Option<String>,
@@ -584,10 +587,17 @@ async fn drive(
             "failed",
             Some(with_stderr(format!("the agent crashed (signal {sig})"))),
         ),
-        Some(ExitStatus::Code(c)) if c != 0 => ending(
-            "failed",
-            Some(with_stderr(format!("the agent exited with code {c}"))),
-        ),
+        Some(ExitStatus::Code(c)) if c != 0 => {
+            let said = seen
+                .last_words
+                .as_deref()
+                .map(|w| format!(": {}", snippet(w)))
+                .unwrap_or_default();
+            ending(
+                "failed",
+                Some(with_stderr(format!("the agent exited with code {c}{said}"))),
+            )
+        }
         None => ending("failed", Some("the agent's exit status was lost".into())),
         Some(ExitStatus::Code(_)) => match seen.result {
             Some((false, _)) => ending("completed", None),
@@ -675,7 +685,14 @@ async fn handle_lines(
                 }
             }
             AgentEvent::Result { is_error, text, .. } => {
-                seen.result = Some((*is_error, text.clone()))
+                seen.result = Some((*is_error, text.clone()));
+                if let (true, Some(t)) = (*is_error, text) {
+                    seen.last_words = Some(t.clone());
+                }
+            }
+            AgentEvent::Notice { message } => seen.last_words = Some(message.clone()),
+            AgentEvent::AssistantText { text, delta: false } if seen.result.is_none() => {
+                seen.last_words = Some(text.clone())
             }
             _ => {}
         }

@@ -10,6 +10,7 @@ mod core;
 mod harness;
 mod limits;
 mod login;
+mod privacy;
 mod security_broker;
 mod security_front;
 mod security_store;
@@ -39,6 +40,7 @@ fn main() {
         core::TESTS,
         limits::TESTS,
         login::TESTS,
+        privacy::TESTS,
         security_broker::TESTS,
         sessions::TESTS,
         shares::TESTS,

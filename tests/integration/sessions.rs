@@ -66,6 +66,7 @@ case "$prompt" in
   *HANG*) sleep 300 & echo $! > .fake-child; head -n 1 "$fixture"; wait ;;
   *SLOW*) while IFS= read -r line; do printf '%s\n' "$line"; sleep 1; done < "$fixture" ;;
   *FAIL*) echo "boom: model unavailable" >&2; exit 3 ;;
+  *REFUSED*) echo '{"type":"result","subtype":"error_during_execution","is_error":true,"result":"Forbidden: the key was refused"}'; exit 1 ;;
   *) cat "$fixture" ;;
 esac
 "#;
@@ -527,6 +528,11 @@ fn failures() -> Result<(), Failed> {
         ("CRASH", "crashed (signal 11)"),
         ("GARBAGE", "not JSON"),
         ("FAIL", "exited with code 3: boom: model unavailable"),
+        // The agent's own words come with a non-zero exit (OpenCode's "Forbidden").
+        (
+            "REFUSED",
+            "exited with code 1: Forbidden: the key was refused",
+        ),
     ];
     for (word, error) in cases {
         let t = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, word));

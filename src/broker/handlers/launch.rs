@@ -126,7 +126,7 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
     };
     let params = LaunchParams {
         rlimits: super::super::startup::fit_rlimits(b.policy.rlimits()),
-        umask: b.policy.umask_bits().unwrap_or(0o022),
+        umask: b.policy.umask_bits().unwrap_or(0o077),
         path: b.policy.path.clone(),
     };
     let launched = b.os.launch(&account, &req, &params, secrets, &cgroup_procs);

@@ -101,7 +101,15 @@ pub fn connect_shared(
     if b.worker_link(account.uid).is_none() {
         return error(ErrorKind::Unavailable, "the owner's worker is not running");
     }
-    connect(b, account, Some(grantee), None, Some(Box::new(share)), None, false)
+    connect(
+        b,
+        account,
+        Some(grantee),
+        None,
+        Some(Box::new(share)),
+        None,
+        false,
+    )
 }
 
 fn connect(
