@@ -158,8 +158,15 @@ impl Default for ExecutionConfig {
 pub struct AgentConfig {
     /// The binary, or an argv prefix (default: the tool's usual binary name).
     pub command: Vec<String>,
-    /// Non-secret variables every run of the tool gets (e.g. a gateway's base URL).
+    /// Non-secret variables every run of the tool gets.
     pub env: BTreeMap<String, String>,
+    /// The model API (or a gateway) the tool talks to; stoa gives it to each tool the way
+    /// that tool reads it (Codex ignores `OPENAI_BASE_URL`, OpenCode wants a config...).
+    pub base_url: Option<String>,
+    /// The model when a session names none.
+    pub model: Option<String>,
+    /// Which of the user's secrets this tool receives (unset: all of them).
+    pub secrets: Option<Vec<String>>,
 }
 
 impl Default for DaemonConfig {

@@ -217,6 +217,27 @@ pub enum ABody {
         after: Option<AHandle>,
     },
     Retire,
+    Login {
+        username: AName,
+        password: AStr,
+        peer: Option<AStr>,
+    },
+    Logout(ACred),
+    ListShares(ACred),
+    OpenShared {
+        credential: ACred,
+        object: AStr,
+    },
+    Share {
+        object: AStr,
+        grantee: AName,
+        input: bool,
+        expires_at: Option<u64>,
+    },
+    Unshare {
+        object: AStr,
+        grantee: Option<AName>,
+    },
 }
 
 #[derive(Arbitrary, Debug, Clone)]
@@ -371,6 +392,7 @@ impl Builder {
             },
             stdin: a.stdin,
             secrets: a.secrets,
+            secret_names: None,
         }
     }
 
@@ -442,6 +464,40 @@ impl Builder {
                 after: after.as_ref().map(handle_of),
             },
             ABody::Retire => RequestBody::Retire,
+            ABody::Login {
+                username,
+                password,
+                peer,
+            } => RequestBody::Login {
+                username: self.name(username),
+                password: self.string(password),
+                peer: peer.as_ref().map(|p| self.string(p)),
+            },
+            ABody::Logout(c) => RequestBody::Logout {
+                credential: self.credential(c),
+            },
+            ABody::ListShares(c) => RequestBody::ListShares {
+                credential: self.credential(c),
+            },
+            ABody::OpenShared { credential, object } => RequestBody::OpenShared {
+                credential: self.credential(credential),
+                object: self.string(object),
+            },
+            ABody::Share {
+                object,
+                grantee,
+                input,
+                expires_at,
+            } => RequestBody::Share {
+                object: self.string(object),
+                grantee: self.name(grantee),
+                input: *input,
+                expires_at: *expires_at,
+            },
+            ABody::Unshare { object, grantee } => RequestBody::Unshare {
+                object: self.string(object),
+                grantee: grantee.as_ref().map(|g| self.name(g)),
+            },
         }
     }
 

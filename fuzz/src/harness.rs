@@ -53,7 +53,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use stoa::broker::handlers::{dirs, handles, launch, session};
+use stoa::broker::handlers::{dirs, handles, launch, login, session};
 use stoa::broker::handles::Life;
 use stoa::broker::os_double::{broker_for_tests, Call, ChildScript, RecordingOs};
 use stoa::broker::policy::IDENTITY_VARS;
@@ -235,7 +235,7 @@ fn initial_store() -> UserStore {
                 created_at: 0,
             })
             .collect(),
-        secrets: BTreeMap::new(),
+        ..UserStore::default()
     }
 }
 
@@ -308,6 +308,8 @@ fn remove_stale(base: &Path) {
 enum Kind {
     Executor,
     Probe,
+    /// The log-in helper (root, started for a `Login`).
+    LoginCheck,
 }
 
 /// A child the double started, as the harness saw it.
@@ -899,6 +901,7 @@ impl Harness {
         launch::check_starting(&mut self.broker);
         dirs::check_probes(&mut self.broker);
         handles::check_signallers(&mut self.broker);
+        login::check_logins(&mut self.broker);
     }
 
     /// Every start and probe deadline passes; the loop looks.
@@ -914,6 +917,9 @@ impl Harness {
         }
         for s in &mut self.broker.signallers {
             s.deadline = now;
+        }
+        for c in &mut self.broker.login_checks {
+            c.deadline = now;
         }
         self.check();
     }
@@ -1016,7 +1022,7 @@ impl Harness {
                         (&req.unix_user, &req.program, &req.cwd, &req.cwd_id),
                         "launched something else than asked"
                     );
-                    let uid = self.check_launch(req, *secrets);
+                    let uid = self.check_launch(req, secrets.len());
                     let pid = pids.next().expect("a pid for the launch");
                     self.children.insert(
                         pid,
@@ -1065,6 +1071,27 @@ impl Harness {
                         Child {
                             kind: Kind::Probe,
                             uid,
+                            handle: None,
+                            orphaned: false,
+                            exited: false,
+                        },
+                    );
+                    started += 1;
+                }
+                Call::StartLoginCheck { user } => {
+                    // Only the front logs anyone in, and only with a `Login`.
+                    let Step::Request(RequestBody::Login { username, .. }, ok, at) = step else {
+                        panic!("a password check outside a Login: {call:?}");
+                    };
+                    assert!(ok, "a Login that was a violation started a check");
+                    assert!(at.user().is_none(), "a password check from a worker link");
+                    assert_eq!(user, username);
+                    let pid = pids.next().expect("a pid for the password check");
+                    self.children.insert(
+                        pid,
+                        Child {
+                            kind: Kind::LoginCheck,
+                            uid: 0,
                             handle: None,
                             orphaned: false,
                             exited: false,
@@ -1196,8 +1223,36 @@ impl Harness {
                 ..
             } => {
                 self.check_user(unix_user, credential);
-                assert_eq!(c.principal, Some(principal_of(credential)), "principal");
+                let principal = principal_of(credential);
+                // An admin's credential never goes to a worker: a delegated one does.
+                if principal.is_admin() {
+                    assert!(c.credential.is_none() && c.delegated.is_some(), "admin's");
+                } else {
+                    assert!(c.credential.is_some() && c.delegated.is_none(), "user's");
+                }
+                assert!(c.share.is_none());
+                assert_eq!(c.principal, Some(principal), "principal");
                 unix_user
+            }
+            RequestBody::OpenShared { credential, object } => {
+                // To the owner's running worker, for the grantee, naming the share, with
+                // no credential of theirs.
+                let share = c
+                    .share
+                    .as_ref()
+                    .expect("a shared connection names its share");
+                assert_eq!(&share.object, object);
+                let grantee = principal_of(credential);
+                assert_eq!(grantee.unix_user(), Some(share.grantee.as_str()));
+                assert_eq!(c.principal.as_ref(), Some(&grantee));
+                assert!(c.credential.is_none() && c.delegated.is_none());
+                assert!(!c.start, "a share starts no worker");
+                assert_eq!(
+                    object.strip_prefix('u').and_then(|r| r.split('-').next()),
+                    Some(c.account.uid.to_string().as_str()),
+                    "a connection to the worker of the object's owner"
+                );
+                return;
             }
             RequestBody::OpenWorkerAnonymous { unix_user } => {
                 assert_eq!(
@@ -1207,7 +1262,9 @@ impl Harness {
                 // Only to a running worker, found by name without a lookup: uid and name
                 // are all it carries, and it never starts one.
                 assert!(!c.start, "an anonymous connection may start a worker");
-                let a = self.account(unix_user).expect("a connection for a known user");
+                let a = self
+                    .account(unix_user)
+                    .expect("a connection for a known user");
                 assert_eq!(
                     (c.account.uid, &c.account.name),
                     (a.uid, &a.name),
@@ -1282,7 +1339,11 @@ impl Harness {
                     }
                     Event::Revoked { keys } => {
                         for id in keys {
-                            assert!(self.revoked.contains(&id), "user {id} revoked");
+                            // Log-ins and delegations end by themselves (logout, room).
+                            assert!(
+                                id & stoa::wire::LOGIN_KEY_BIT != 0 || self.revoked.contains(&id),
+                                "user {id} revoked"
+                            );
                         }
                         "Revoked"
                     }
@@ -1418,6 +1479,11 @@ fn answers(name: &str, body: &ReplyBody) -> bool {
         "OpenWorker" | "OpenWorkerAnonymous" => error || matches!(body, ReplyBody::Connection),
         "ListAll" => error || matches!(body, ReplyBody::Handles { .. }),
         "Retire" => error || matches!(body, ReplyBody::Done),
+        "Login" => error || matches!(body, ReplyBody::LoggedIn { .. }),
+        "Logout" | "Unshare" => matches!(body, ReplyBody::Done),
+        "Share" => error || matches!(body, ReplyBody::Done),
+        "ListShares" => error || matches!(body, ReplyBody::Shares(_)),
+        "OpenShared" => error || matches!(body, ReplyBody::Connection),
         _ => false,
     }
 }
@@ -1444,6 +1510,10 @@ pub fn may_send(at: ALink, name: &str) -> bool {
             | "OpenWorker"
             | "OpenWorkerAnonymous"
             | "ListAll"
+            | "Login"
+            | "Logout"
+            | "ListShares"
+            | "OpenShared"
     );
     let worker = matches!(
         name,
@@ -1460,6 +1530,8 @@ pub fn may_send(at: ALink, name: &str) -> bool {
             | "ListHandles"
             | "Adopt"
             | "Retire"
+            | "Share"
+            | "Unshare"
     );
     match at {
         ALink::Front => front,

@@ -43,6 +43,7 @@ pub fn spawn_exec() -> SpawnRequest {
         ring_bytes: 0,
         stdin: true,
         secrets: true,
+        secret_names: None,
     }
 }
 
@@ -59,6 +60,7 @@ pub fn spawn_shell() -> SpawnRequest {
         ring_bytes: 1 << 20,
         stdin: false,
         secrets: false,
+        secret_names: None,
     }
 }
 
@@ -85,6 +87,7 @@ pub fn spawn_at_limits() -> SpawnRequest {
         ring_bytes: limits::MAX_RING_BYTES,
         stdin: false,
         secrets: false,
+        secret_names: None,
     }
 }
 

@@ -29,7 +29,8 @@ pub enum Call {
         program: Program,
         cwd: Option<String>,
         cwd_id: Option<DirId>,
-        secrets: usize,
+        /// The secrets handed on (names and values: a test double, never a log).
+        secrets: Vec<(String, String)>,
     },
     StartProbe {
         user: String,
@@ -177,7 +178,7 @@ impl Os for RecordingOs {
             program: req.program.clone(),
             cwd: req.cwd.clone(),
             cwd_id: req.cwd_id,
-            secrets: secrets.len(),
+            secrets,
         });
         let layout = match req.tty {
             Some(_) => FdLayout::Pty,

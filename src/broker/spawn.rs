@@ -191,6 +191,20 @@ pub fn validate(req: &SpawnRequest) -> Result<(), String> {
             return Err(format!("NUL byte in environment variable {name}"));
         }
     }
+    if let Some(names) = &req.secret_names {
+        if names.len() > limits::MAX_SECRET_NAMES {
+            return Err(format!(
+                "more than {} secret names",
+                limits::MAX_SECRET_NAMES
+            ));
+        }
+        if let Some(bad) = names.iter().find(|n| !super::users::valid_secret_name(n)) {
+            return Err(format!(
+                "invalid secret name {:?}",
+                super::table::clip(bad, 64)
+            ));
+        }
+    }
     if let Some(ws) = req.tty {
         let ok = |d: u16| (1..=limits::MAX_TTY_DIMENSION).contains(&d);
         if !ok(ws.rows) || !ok(ws.cols) {

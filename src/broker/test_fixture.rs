@@ -138,6 +138,7 @@ impl Fixture {
             tty: None,
             stdin: false,
             secrets: false,
+            secret_names: None,
             ring_bytes: 0,
         })
     }

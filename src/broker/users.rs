@@ -70,6 +70,10 @@ pub struct UserStore {
     /// processes running as that user.
     #[serde(default)]
     pub secrets: BTreeMap<String, BTreeMap<String, String>>,
+    /// Secrets the admin provides for everyone (`stoa secret set --default NAME`): a run
+    /// gets one where its user has none of that name. Never shown.
+    #[serde(default)]
+    pub default_secrets: BTreeMap<String, String>,
 }
 
 pub fn digest_hex(token: &str) -> String {
@@ -312,7 +316,7 @@ mod tests {
                 token_sha256: digest_hex(&token),
                 created_at: 0,
             }],
-            secrets: BTreeMap::new(),
+            ..UserStore::default()
         };
         assert_eq!(
             store.find_by_token(&token).map(|u| u.name.as_str()),

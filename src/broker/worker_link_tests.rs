@@ -584,3 +584,67 @@ fn a_worker_shares_only_its_own_users_objects_and_the_grantee_alone_gets_a_conne
     f.send(open(&tokens.bob, "u2001-t1")).unwrap();
     assert_eq!(one_error(&mut f), ErrorKind::Forbidden);
 }
+
+#[test]
+fn a_run_gets_the_secrets_its_tool_may_have_the_users_own_over_the_admins_defaults() {
+    let mut f = fixture("secret-names");
+    let mut store = UserStore::load(&f.dir, nix::unistd::geteuid().as_raw()).unwrap();
+    store.secrets.insert(
+        "alice".into(),
+        [
+            ("A".into(), "alice-a".into()),
+            ("B".into(), "alice-b".into()),
+        ]
+        .into(),
+    );
+    store.default_secrets = [
+        ("A".into(), "default-a".into()),
+        ("C".into(), "default-c".into()),
+    ]
+    .into();
+    store.save(&f.dir).unwrap();
+    let admin = f.admin.clone();
+    let handed = |f: &mut Fixture, names: Option<Vec<&str>>| {
+        f.on_worker(Some(ALICE));
+        let RequestBody::Spawn(mut req) = f.spawn_req(&admin, "alice", vec!["true".into()]) else {
+            unreachable!()
+        };
+        req.secrets = true;
+        req.secret_names = names.map(|n| n.into_iter().map(String::from).collect());
+        f.send(RequestBody::Spawn(req)).unwrap();
+        f.replies();
+        match f
+            .os
+            .calls()
+            .into_iter()
+            .rev()
+            .find(|c| matches!(c, Call::Launch { .. }))
+        {
+            Some(Call::Launch { secrets, .. }) => secrets,
+            other => panic!("{other:?}"),
+        }
+    };
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        handed(&mut f, None),
+        pairs(&[("A", "alice-a"), ("B", "alice-b"), ("C", "default-c")])
+    );
+    assert_eq!(
+        handed(&mut f, Some(vec!["A", "C"])),
+        pairs(&[("A", "alice-a"), ("C", "default-c")])
+    );
+    assert_eq!(handed(&mut f, Some(vec![])), pairs(&[]));
+    // A name that is no environment variable name is refused.
+    f.on_worker(Some(ALICE));
+    let RequestBody::Spawn(mut req) = f.spawn_req(&admin, "alice", vec!["true".into()]) else {
+        unreachable!()
+    };
+    req.secrets = true;
+    req.secret_names = Some(vec!["bad name".into()]);
+    f.send(RequestBody::Spawn(req)).unwrap();
+    assert_eq!(one_error(&mut f), ErrorKind::BadRequest);
+}

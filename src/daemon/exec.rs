@@ -107,6 +107,7 @@ pub async fn run(
         tty: req.tty,
         stdin: has_stdin && req.tty.is_none(),
         secrets: false,
+        secret_names: None,
         // A tty comes with an output ring; this run reads the master itself and leaves the
         // ring unused, so it asks for the smallest.
         ring_bytes: if req.tty.is_some() {

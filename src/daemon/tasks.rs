@@ -227,10 +227,11 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
         .unwrap_or_default();
     let spec = RunSpec {
         prompt: task.prompt.clone(),
-        model: session.model.clone(),
+        model: session.model.clone().or(agent_config.model.clone()),
         permission_mode: session.permission_mode.clone(),
         resume: session.agent_session_id.clone(),
         command: agent_config.command.clone(),
+        base_url: agent_config.base_url.clone(),
     };
     let invocation = adapter.invocation(&spec);
     let mut env: Vec<(String, String)> = agent_config.env.into_iter().collect();
@@ -243,6 +244,7 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
             &invocation.argv,
             env,
             invocation.stdin.clone(),
+            agent_config.secrets.clone(),
             credential,
         )
         .await
@@ -281,6 +283,7 @@ async fn spawn_through_broker(
     argv: &[String],
     env: Vec<(String, String)>,
     stdin: Option<String>,
+    secret_names: Option<Vec<String>>,
     credential: &str,
 ) -> Result<(Run, Handle), String> {
     let request = SpawnRequest {
@@ -296,6 +299,7 @@ async fn spawn_through_broker(
         tty: None,
         stdin: stdin.is_some(),
         secrets: true,
+        secret_names,
         ring_bytes: 0,
     };
     let super::Spawned {

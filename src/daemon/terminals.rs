@@ -419,6 +419,7 @@ async fn create(
         }),
         stdin: false,
         secrets: false,
+        secret_names: None,
         ring_bytes: ring_memfd_bytes(state.config.terminal.ring_bytes),
     };
     // Until the terminal runs, an error drops the guard, which kills and releases it.

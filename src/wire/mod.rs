@@ -70,6 +70,8 @@ pub mod limits {
     pub const MAX_PATH_BYTES: usize = 4096;
     pub const MAX_NAME_BYTES: usize = 64;
     pub const MAX_CREDENTIAL_BYTES: usize = 256;
+    /// Names a spawn may ask secrets by.
+    pub const MAX_SECRET_NAMES: usize = 64;
     /// A password given to `Login` (PAM modules see nothing longer).
     pub const MAX_PASSWORD_BYTES: usize = 1024;
     pub const MAX_TTY_DIMENSION: u16 = 4096;
@@ -239,6 +241,8 @@ pub struct SpawnRequest {
     /// Hand the Unix user's stored secrets to the program as environment variables (on
     /// the control socket, never in argv).
     pub secrets: bool,
+    /// With `secrets`: only these names (at most [`limits::MAX_SECRET_NAMES`]); `None`: all.
+    pub secret_names: Option<Vec<String>>,
 }
 
 /// A directory's identity: device, inode and owner, as `fstat` reports them.

@@ -616,6 +616,7 @@ fn hostile_frames() -> Result<(), Failed> {
             stdin: false,
             ring_bytes: 0,
             secrets: false,
+            secret_names: None,
         }),
     };
     let truncated = {

@@ -422,6 +422,7 @@ fn taken_over() -> Result<(), Failed> {
             stdin: false,
             ring_bytes: 0,
             secrets: false,
+            secret_names: None,
         }),
     ];
     let mut fronts = Vec::new();

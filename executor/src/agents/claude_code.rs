@@ -38,10 +38,17 @@ impl Adapter for ClaudeCodeAdapter {
             // Turns off the auto-updater, telemetry and error reporting: a headless run as
             // a Unix user must not rewrite its own install or call out to anything but the
             // model API (the fixtures were recorded this way).
-            env: vec![(
-                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
-                "1".into(),
-            )],
+            env: [(
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".to_string(),
+                "1".to_string(),
+            )]
+            .into_iter()
+            .chain(
+                spec.base_url
+                    .iter()
+                    .map(|u| ("ANTHROPIC_BASE_URL".to_string(), u.clone())),
+            )
+            .collect(),
         }
     }
 

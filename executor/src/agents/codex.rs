@@ -33,6 +33,20 @@ impl Adapter for CodexAdapter {
 
     fn invocation(&self, spec: &RunSpec) -> Invocation {
         let mut argv = argv_prefix(Tool::Codex, spec);
+        // Codex ignores OPENAI_BASE_URL: a provider of stoa's own, given as `-c` overrides
+        // (TOML values), reads its key from OPENAI_API_KEY.
+        if let Some(url) = &spec.base_url {
+            let quoted = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+            for (key, value) in [
+                ("model_provider", quoted("stoa")),
+                ("model_providers.stoa.name", quoted("stoa")),
+                ("model_providers.stoa.base_url", quoted(url)),
+                ("model_providers.stoa.env_key", quoted("OPENAI_API_KEY")),
+                ("model_providers.stoa.wire_api", quoted("responses")),
+            ] {
+                argv.extend(["-c".to_string(), format!("{key}={value}")]);
+            }
+        }
         argv.extend(["exec", "--json", "--skip-git-repo-check"].map(String::from));
         if let Some(model) = &spec.model {
             argv.extend(["-m".into(), model.clone()]);

@@ -55,7 +55,11 @@ impl Adapter for GeminiAdapter {
         Invocation {
             argv,
             stdin: Some(spec.prompt.clone()),
-            env: vec![],
+            env: spec
+                .base_url
+                .iter()
+                .map(|u| ("GOOGLE_GEMINI_BASE_URL".to_string(), u.clone()))
+                .collect(),
         }
     }
 

@@ -74,6 +74,9 @@ pub struct RunSpec {
     pub resume: Option<String>,
     /// `agents.<tool>.command`: the binary or an argv prefix; empty = the tool's default.
     pub command: Vec<String>,
+    /// `agents.<tool>.base_url`: the model API (or a gateway) this tool talks to, turned
+    /// into whatever the tool reads (an environment variable, `-c` overrides, a config).
+    pub base_url: Option<String>,
 }
 
 /// How to start one run.
@@ -222,6 +225,61 @@ mod test_util {
 
     pub fn strings(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn base_url_reaches_each_tool_the_way_it_reads_it() {
+        let url = "http://127.0.0.1:8765/v1";
+        let with = |model: Option<&str>| RunSpec {
+            base_url: Some(url.to_string()),
+            model: model.map(String::from),
+            ..spec("hi")
+        };
+        let env_of = |inv: &Invocation, name: &str| {
+            inv.env
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let claude = claude_code::ClaudeCodeAdapter.invocation(&with(None));
+        assert_eq!(env_of(&claude, "ANTHROPIC_BASE_URL").as_deref(), Some(url));
+        let gemini = gemini::GeminiAdapter.invocation(&with(Some("gemini-2.5-flash")));
+        assert_eq!(
+            env_of(&gemini, "GOOGLE_GEMINI_BASE_URL").as_deref(),
+            Some(url)
+        );
+        // Codex ignores OPENAI_BASE_URL: a provider of its own, before the subcommand.
+        let codex = codex::CodexAdapter::default().invocation(&with(None));
+        let exec_at = codex.argv.iter().position(|a| a == "exec").unwrap();
+        let overrides: Vec<&String> = codex.argv[..exec_at]
+            .iter()
+            .skip_while(|a| *a != "-c")
+            .collect();
+        assert!(
+            overrides.contains(&&"model_provider=\"stoa\"".to_string()),
+            "{codex:?}"
+        );
+        assert!(
+            overrides.contains(&&format!("model_providers.stoa.base_url=\"{url}\"")),
+            "{codex:?}"
+        );
+        assert!(env_of(&codex, "OPENAI_BASE_URL").is_none());
+        // OpenCode: a config naming the model's provider.
+        let opencode = opencode::OpenCodeAdapter::default().invocation(&with(Some("openai/gpt-5")));
+        let config: serde_json::Value =
+            serde_json::from_str(&env_of(&opencode, "OPENCODE_CONFIG_CONTENT").unwrap()).unwrap();
+        assert_eq!(config["provider"]["openai"]["options"]["baseURL"], url);
+        assert_eq!(config["autoupdate"], false);
+        // Without a base URL, none of it.
+        for inv in [
+            claude_code::ClaudeCodeAdapter.invocation(&spec("hi")),
+            codex::CodexAdapter::default().invocation(&spec("hi")),
+            gemini::GeminiAdapter.invocation(&spec("hi")),
+            opencode::OpenCodeAdapter::default().invocation(&spec("hi")),
+        ] {
+            assert!(!inv.argv.iter().any(|a| a.contains(url)));
+            assert!(!inv.env.iter().any(|(_, v)| v.contains(url)));
+        }
     }
 
     #[test]

@@ -43,7 +43,23 @@ impl Adapter for OpenCodeAdapter {
             // would get `"fix the bug"` quoted. Piped stdin is sent as it is, and cannot be
             // mistaken for an option either.
             stdin: Some(spec.prompt.clone()),
-            env: vec![("OPENCODE_DISABLE_AUTOUPDATE".into(), "1".into())],
+            env: [("OPENCODE_DISABLE_AUTOUPDATE".to_string(), "1".to_string())]
+                .into_iter()
+                .chain(spec.base_url.as_ref().map(|url| {
+                    // The provider is the model's (`provider/model`), Anthropic's by default.
+                    let provider = spec
+                        .model
+                        .as_deref()
+                        .and_then(|m| m.split_once('/'))
+                        .map_or("anthropic", |(p, _)| p);
+                    let config = serde_json::json!({
+                        "provider": { provider: { "options": { "baseURL": url } } },
+                        "autoupdate": false,
+                        "share": "disabled",
+                    });
+                    ("OPENCODE_CONFIG_CONTENT".to_string(), config.to_string())
+                }))
+                .collect(),
         }
     }
 

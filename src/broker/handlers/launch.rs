@@ -111,7 +111,11 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         return refuse(b, ErrorKind::Quota, r.to_string());
     }
     let secrets = if req.secrets {
-        secrets_of(b, &account.name)
+        let mut all = secrets_of(b, &account.name);
+        if let Some(names) = &req.secret_names {
+            all.retain(|(name, _)| names.contains(name));
+        }
+        all
     } else {
         Vec::new()
     };

@@ -33,21 +33,29 @@ pub fn delete(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
 }
 
 pub fn list(b: &mut Broker, ctx: &Ctx, _body: RequestBody) -> Outcome {
-    let names = secrets_of(b, &owner(ctx))
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
+    // The user's own: a default the admin provides is used, never shown.
+    let names = match b.credentials.store.get() {
+        Ok(store) => store
+            .secrets
+            .get(&owner(ctx))
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
     Outcome::Reply(ReplyBody::Names(names), Vec::new())
 }
 
-/// The secrets stored for `unix_user`, as environment variables.
+/// The secrets for `unix_user`, as environment variables: the user's own, and the admin's
+/// defaults (`stoa secret set --default`) for names the user has none of.
 pub fn secrets_of(b: &mut Broker, unix_user: &str) -> Vec<(String, String)> {
     match b.credentials.store.get() {
-        Ok(store) => store
-            .secrets
-            .get(unix_user)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default(),
+        Ok(store) => {
+            let mut merged = store.default_secrets.clone();
+            if let Some(own) = store.secrets.get(unix_user) {
+                merged.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            merged.into_iter().collect()
+        }
         Err(e) => {
             error!("user store unreadable, spawning without secrets: {e}");
             Vec::new()
