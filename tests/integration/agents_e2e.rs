@@ -213,9 +213,10 @@ impl World {
             fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).unwrap();
         }
         let policy = format!(
-            "executor_path = \"{}\"\nstate_dir = \"{}\"\nservice_user = \"{SERVICE}\"\nallow_groups = [\"{GROUP}\"]\nmin_uid = 1000\n",
+            "executor_path = \"{}\"\nstate_dir = \"{}\"\nlocal_socket = \"{}\"\nservice_user = \"{SERVICE}\"\nallow_groups = [\"{GROUP}\"]\nmin_uid = 1000\n",
             dir.join("bin/stoa-executor").display(),
             dir.join("broker").display(),
+            dir.join("local.sock").display(),
         );
         let mock = format!("http://127.0.0.1:{MOCK_PORT}");
         let config = format!(
@@ -224,7 +225,8 @@ state_dir = "{state}"
 
 [agents.claude-code]
 command = [{claude}]
-env = {{ ANTHROPIC_BASE_URL = "{mock}", HTTP_PROXY = "{mock}", HTTPS_PROXY = "{mock}", http_proxy = "{mock}", https_proxy = "{mock}", NO_PROXY = "127.0.0.1,localhost", no_proxy = "127.0.0.1,localhost" }}
+base_url = "{mock}"
+env = {{ HTTP_PROXY = "{mock}", HTTPS_PROXY = "{mock}", http_proxy = "{mock}", https_proxy = "{mock}", NO_PROXY = "127.0.0.1,localhost", no_proxy = "127.0.0.1,localhost" }}
 "#,
             state = dir.join("daemon").display(),
             // A JSON string is a TOML basic string.
