@@ -58,6 +58,10 @@ pub const MAX_DELEGATIONS: usize = 1024;
 pub struct Logins {
     by_digest: std::collections::HashMap<[u8; 32], Login>,
     next_number: u64,
+    /// The live delegation for each (admin's owner key, uid), reused while it has more than
+    /// half its life left: an admin's listings open a connection to every user's worker,
+    /// and must not mint (and soon revoke) a credential each time.
+    delegations: std::collections::HashMap<(String, u32), (String, [u8; 32])>,
 }
 
 pub fn now_secs() -> u64 {
@@ -124,6 +128,16 @@ impl Logins {
         name: &str,
         lasts_secs: u64,
     ) -> Result<(String, Vec<Login>), String> {
+        let key = (by.to_string(), uid);
+        if let Some((credential, digest)) = self.delegations.get(&key) {
+            let fresh = self
+                .by_digest
+                .get(digest)
+                .is_some_and(|l| l.expires_at > now_secs() + lasts_secs / 2);
+            if fresh {
+                return Ok((credential.clone(), Vec::new()));
+            }
+        }
         let delegated = |l: &Login| matches!(l.kind, LoginKind::Delegated { .. });
         let mut ended = Vec::new();
         while self.by_digest.values().filter(|l| delegated(l)).count() >= MAX_DELEGATIONS {
@@ -143,6 +157,11 @@ impl Logins {
             name: name.to_string(),
         };
         let (credential, _) = self.insert(uid, unix_user, lasts_secs, kind)?;
+        self.delegations
+            .insert(key, (credential.clone(), sha256(&credential)));
+        // Entries whose credential is gone (ended, expired and swept) go too.
+        let live = &self.by_digest;
+        self.delegations.retain(|_, (_, d)| live.contains_key(d));
         Ok((credential, ended))
     }
 
@@ -371,6 +390,37 @@ mod tests {
         assert_eq!(ended[0].number, first.1.number, "alice's oldest goes");
         assert!(logins.find(&first.0).is_none());
         assert!(logins.find(&bob.0).is_some(), "bob's stays");
+    }
+
+    #[test]
+    fn a_delegation_is_reused_for_the_same_admin_and_user_while_fresh() {
+        let mut logins = Logins::default();
+        let (a, ended) = logins
+            .delegate(1001, "alice", "admin", "admin", 3600)
+            .unwrap();
+        assert!(ended.is_empty());
+        let (again, _) = logins
+            .delegate(1001, "alice", "admin", "admin", 3600)
+            .unwrap();
+        assert_eq!(a, again, "reused");
+        let (bob, _) = logins
+            .delegate(1002, "bob", "admin", "admin", 3600)
+            .unwrap();
+        assert_ne!(a, bob);
+        let (other, _) = logins
+            .delegate(1001, "alice", "user:7", "ops", 3600)
+            .unwrap();
+        assert_ne!(a, other, "another admin gets its own");
+        assert!(matches!(
+            logins.find(&a).unwrap().principal(),
+            Principal::Delegated { uid: 1001, .. }
+        ));
+        // Ended (or expiring), it is not handed out again.
+        logins.end(&a);
+        let (fresh, _) = logins
+            .delegate(1001, "alice", "admin", "admin", 3600)
+            .unwrap();
+        assert_ne!(a, fresh);
     }
 
     #[test]
