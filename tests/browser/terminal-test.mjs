@@ -129,6 +129,26 @@ try {
     await until(`a line "${args.user}"`, async () => (await linesEqual(page, args.user)) >= 1);
   });
 
+  await step('a refused "new terminal" leaves the open one as it was', async () => {
+    problems.length = 0;
+    await page.fill('#new-unix-user', 'root');
+    await page.click('#new');
+    const err = await until('the refusal in words', async () => {
+      const t = await page.textContent('#list-error');
+      return t ? t : null;
+    });
+    if (!/Could not open a terminal/.test(err)) throw new Error(`shows ${JSON.stringify(err)}`);
+    const s = await viewState(page);
+    if (s.id !== first.id || !s.welcomed || s.ws !== 1) {
+      throw new Error(`the open terminal changed: ${JSON.stringify(s)}`);
+    }
+    if (await page.evaluate(() => window.stoa.views.length) !== 1) throw new Error('a tab was left behind');
+    await page.fill('#new-unix-user', '');
+    await typeLine(page, 'echo still-$((1+1))');
+    await until('"still-2" in the same terminal', async () => (await linesEqual(page, 'still-2')) >= 1);
+    problems.length = 0; // the refusal was the point
+  });
+
   await step('screenshot', async () => {
     await page.screenshot({ path: args.screenshot });
   });
