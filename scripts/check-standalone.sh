@@ -59,6 +59,7 @@ useradd --create-home --shell /bin/sh --groups stoa-users "$check_user"
 git clone -q "$repo" "$clone"
 [ "$(ls -A "$base")" = stoa ] || { echo "check-standalone: $base holds more than the clone" >&2; exit 1; }
 cd "$clone"
+echo "check-standalone: cloned $(git log -1 --format="%h %s" | cut -c1-70)"
 unset CARGO_TARGET_DIR
 echo "check-standalone: cargo run --release -- serve in $clone (nothing beside it)"
 setsid cargo run --release -- serve >"$base/serve.log" 2>&1 </dev/null &
