@@ -42,6 +42,8 @@ cleanup() {
 		[[ " ${had_dirs[*]-} " =~ " $d " ]] || rm -rf "$d"
 	done
 	if id "$check_user" >/dev/null 2>&1; then
+		# Its store, where the workers' directory was there before.
+		rm -rf "/var/lib/stoa-workers/$(id -u "$check_user")"
 		pkill -KILL -u "$check_user" 2>/dev/null || true
 		userdel --remove "$check_user" 2>/dev/null || true
 	fi

@@ -866,7 +866,7 @@
     closeSession();
     const s = {
       id, info: null, lastSeq: 0, abort: new AbortController(), tasks: new Map(),
-      shownTasks: new Set(), lastText: null, closed: false,
+      shownTasks: new Set(), endShown: new Set(), lastText: null, closed: false,
     };
     current = s;
     $('transcript').replaceChildren();
@@ -942,6 +942,16 @@
     s.lastText = null;
     const div = turn('prompt', 'you', t ? t.prompt : '(a prompt)');
     div.dataset.task = taskId;
+    labelPrompt(s, taskId);
+  }
+
+  /** A prompt's label says how its task went. */
+  function labelPrompt(s, taskId) {
+    const t = s.tasks.get(taskId);
+    const el = [...$('transcript').querySelectorAll('.turn.prompt')].find((d) => d.dataset.task === taskId);
+    if (!t || !el) return;
+    const why = t.error ? `: ${t.error}` : '';
+    el.querySelector('.label').textContent = `you · ${t.status}${t.status === 'failed' ? why : ''}`;
   }
 
   function toolInput(name, input) {
@@ -993,11 +1003,13 @@
   function taskChanged(s, t) {
     s.tasks.set(t.task_id, { ...(s.tasks.get(t.task_id) || {}), ...t });
     if (t.status === 'running' || t.status === 'queued') showPrompt(s, t.task_id);
-    if (t.status === 'failed' || t.status === 'stopped') {
+    if ((t.status === 'failed' || t.status === 'stopped') && !s.endShown.has(t.task_id)) {
+      s.endShown.add(t.task_id);
       showPrompt(s, t.task_id);
       const why = t.error ? `: ${t.error}` : '';
       turn('result is-error', null, `task ${t.status}${why}`);
     }
+    labelPrompt(s, t.task_id);
     updateSessionStatus();
     refreshSessions();
   }

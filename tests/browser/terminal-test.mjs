@@ -2,7 +2,7 @@
 // Chromium the way a person would and checks what xterm.js shows.
 //
 //   node tests/browser/terminal-test.mjs --url http://127.0.0.1:PORT/ --token TOKEN \
-//     --user stoa-t-alice --screenshot target/test-artifacts/terminal-browser.png \
+//     --user stoa-t-alice --screenshot target/browser-artifacts/terminal-browser.png \
 //     [--admin-token ADMIN]   (also restarts the front, which must not disturb the page, and
 //                              the user's worker, after which the page must reattach)
 //

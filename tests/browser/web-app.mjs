@@ -5,7 +5,8 @@
 //     --user stoa-t-alice --worktree /home/stoa-t-alice/wt --artifacts target/browser-artifacts
 //
 // Sessions: create one with the recorded agent, prompt it, read the transcript (the tool
-// call, its result, the answer), see it in the history. Terminals: open one from the phone's
+// call, its result, the answer), see it in the history; a hanging agent: a second prompt
+// refused in words, Stop. Terminals: open one from the phone's
 // menu, type, use the key bar (Esc, arrows and Tab through `cat -v`, the sticky Ctrl to end
 // `cat` with ^D, ^C to interrupt), and check that it fits the screen. Screenshots go to
 // --artifacts. Prints one JSON object on stdout; exit status 0 only when every check passed.
@@ -127,6 +128,23 @@ try {
     // sessionStorage survives a reload: the page comes back logged in, on the session.
     await until('the transcript after a reload', async () =>
       (await page.textContent('#transcript')).includes('Hello from the mock server.'), 15000);
+  });
+
+  await step('phone: a running agent: a second prompt refused in words, then Stop', async () => {
+    await page.fill('#prompt', 'HANG until stopped');
+    await page.click('#send-prompt');
+    await until('the task to run and Stop to be enabled', async () =>
+      !(await page.isDisabled('#stop')) && /running/.test(await page.textContent('#session-status')));
+    problems.length = 0;
+    await page.fill('#prompt', 'one more');
+    await page.click('#send-prompt');
+    const err = await until('the 409 in words', async () => (await page.textContent('#session-error')) || null);
+    if (!/still working on the last prompt/.test(err)) throw new Error(`shows ${JSON.stringify(err)}`);
+    problems.length = 0; // the 409 was the point
+    await page.click('#stop');
+    await until('"task stopped" in the transcript', async () =>
+      (await page.textContent('#transcript')).includes('task stopped'), 20000);
+    await until('Stop to be disabled again', () => page.isDisabled('#stop'));
   });
 
   let term;

@@ -192,8 +192,16 @@ fn check_screenshots(result: &Value) {
 
 // ---- a recorded agent (tests/fixtures/agents) ------------------------------------------
 
-const FAKE_AGENT: &str =
-    "#!/bin/sh\n# A stand-in agent CLI replaying a recorded stream ($1).\ncat \"$1\"\n";
+/// A stand-in agent CLI replaying a recorded stream ($1); a prompt with HANG: one line, then
+/// it runs on until stopped.
+const FAKE_AGENT: &str = r#"#!/bin/sh
+fixture=$1; shift
+if [ -t 0 ]; then input=""; else input=$(cat); fi
+case "$input $*" in
+  *HANG*) head -n 1 "$fixture"; exec sleep 3600 ;;
+  *) cat "$fixture" ;;
+esac
+"#;
 const FIXTURE: &str = "claude-code-2.1.197-bash-tool.jsonl";
 
 /// The fake agent and its recording in a root-owned directory the users can read; removed
@@ -348,9 +356,10 @@ fn web_app_on_a_phone() -> Result<(), Failed> {
     let (status, tasks) = stoa.request("GET", &format!("/sessions/{id}/tasks"), Some(&token), None);
     assert_eq!(status, 200, "{tasks}");
     let tasks = tasks.as_array().cloned().unwrap_or_default();
-    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks.len(), 2, "{tasks:?}");
     assert_eq!(tasks[0]["status"], "completed", "{tasks:?}");
     assert_eq!(tasks[0]["prompt"], "say hello and run id", "{tasks:?}");
+    assert_eq!(tasks[1]["status"], "stopped", "{tasks:?}");
     let _ = fs::remove_dir_all(&worktree);
     eprintln!(
         "web app: screenshots {} (steps: {})",
