@@ -229,6 +229,34 @@ try {
     await shot(page, 'desktop-terminal.png');
   });
 
+  await step('desktop: two terminals at once, in tabs', async () => {
+    await page.click('#new');
+    const second = await until('a second terminal', async () => page.evaluate((first) => {
+      const v = window.stoa.view;
+      return v && v.id && v.id !== first && v.welcomed && v.stats.received > 0 ? v.id : null;
+    }, term.id));
+    await page.click('#term');
+    await page.keyboard.type('echo two-$((1+1))', { delay: 5 });
+    await page.keyboard.press('Enter');
+    await until('"two-2" in the second', async () => (await linesEqual(page, 'two-2')) >= 1);
+    const tabs = await page.$$eval('#term-tabs .tab', (els) => els.map((e) => e.dataset.key));
+    if (!tabs.includes(term.id) || !tabs.includes(second)) throw new Error(`tabs: ${tabs}`);
+    await page.click(`#term-tabs .tab[data-key="${term.id}"]`);
+    await until('the first terminal back, as it was', async () => {
+      const id = await page.evaluate(() => window.stoa.view.id);
+      return id === term.id && (await linesEqual(page, 'intr-42')) >= 1 && (await linesEqual(page, 'two-2')) === 0;
+    });
+    await page.keyboard.type('echo one-$((0+1))', { delay: 5 });
+    await page.keyboard.press('Enter');
+    await until('"one-1" in the first', async () => (await linesEqual(page, 'one-1')) >= 1);
+    await page.click(`#term-tabs .tab[data-key="${second}"]`);
+    await until('the second again, still connected', async () => page.evaluate((id) => {
+      const v = window.stoa.view;
+      return v.id === id && v.ws && v.ws.readyState === 1;
+    }, second));
+    await shot(page, 'desktop-two-terminals.png');
+  });
+
   if (problems.length) throw new Error(`page problems: ${problems.join('; ')}`);
   result.ok = true;
 } catch (e) {
