@@ -18,6 +18,9 @@
 //!   user outside the policy refused with words; a session and a terminal over the cookie;
 //!   log out. Until the tree has `/login` it reports itself ignored ("WAITING"), never passed.
 //!
+//! * `web_page_is_built_in_and_web_dir_replaces_it` (no browser): what `/` and `/static/…`
+//!   serve, with and without `web_dir`, and that nothing else is reachable there.
+//!
 //! Screenshots are left in `target/browser-artifacts/` (each test prints where).
 //! `.ci/run` installs Chromium and runs `npm ci` in `tests/browser/`; when something is
 //! missing here the test tries the same, and prints `SKIPPED: ...` if it cannot.
@@ -45,6 +48,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
     (
         "browser_login_with_a_unix_password_refusals_in_words",
         login_with_a_password,
+    ),
+    (
+        "web_page_is_built_in_and_web_dir_replaces_it",
+        web_page_built_in,
     ),
 ];
 
@@ -468,6 +475,112 @@ fn login_with_a_password() -> Result<(), Failed> {
     eprintln!(
         "login: screenshots {} (steps: {})",
         result["screenshots"], result["steps"]
+    );
+    Ok(())
+}
+
+/// `(status, content type, body)` of a GET, with no credential.
+fn get(url: &str) -> (u16, String, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let kind = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    (resp.status().as_u16(), kind, body)
+}
+
+/// The page and xterm.js come from the binary, with no files and no npm; paths outside
+/// what is built in are 404 (no file of the machine is reachable through `/static`); a
+/// `web_dir` replaces all of it.
+fn web_page_built_in() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let (status, kind, html) = get(&stoa.url("/"));
+    assert_eq!(status, 200, "{html}");
+    assert!(kind.starts_with("text/html"), "{kind}");
+    assert!(html.contains("/static/vendor/xterm/xterm.js"), "{html}");
+    let page = Path::new(REPO).join("web");
+    for (path, file, want_kind) in [
+        ("/static/app.js", "app.js", "text/javascript"),
+        ("/static/app.css", "app.css", "text/css"),
+        (
+            "/static/vendor/xterm/xterm.js",
+            "vendor/xterm/xterm.js",
+            "text/javascript",
+        ),
+        (
+            "/static/vendor/addon-fit/addon-fit.js",
+            "vendor/addon-fit/addon-fit.js",
+            "text/javascript",
+        ),
+        (
+            "/static/vendor/xterm/LICENSE",
+            "vendor/xterm/LICENSE",
+            "text/plain",
+        ),
+    ] {
+        let (status, kind, body) = get(&stoa.url(path));
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(kind.starts_with(want_kind), "{path}: {kind}");
+        assert_eq!(body, fs::read_to_string(page.join(file)).unwrap(), "{path}");
+    }
+    for path in [
+        "/static/../Cargo.toml",
+        "/static/%2e%2e/Cargo.toml",
+        "/static/%2e%2e%2fCargo.toml",
+        "/static//etc/passwd",
+        "/static/vendor/xterm/",
+        "/static/index.html/..",
+        "/static/node_modules/@xterm/xterm/lib/xterm.js",
+    ] {
+        let (status, _, body) = get(&stoa.url(path));
+        assert!(
+            status == 404 || status == 400,
+            "{path} answered {status}: {}",
+            &body[..body.len().min(200)]
+        );
+        assert!(!body.contains("root:"), "{path} leaked a file");
+    }
+    drop(stoa);
+
+    // web_dir replaces the built-in page.
+    let dir = PathBuf::from(format!("/run/stoa-test-{}-web-dir", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("index.html"),
+        "<!doctype html><title>a page of our own</title>",
+    )
+    .unwrap();
+    fs::write(dir.join("app.js"), "// ours").unwrap();
+    run("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
+    let stoa = Instance::start_with(Options {
+        extra_config: format!("web_dir = \"{}\"", dir.display()),
+        ..Default::default()
+    });
+    let (status, _, html) = get(&stoa.url("/"));
+    let (js_status, _, js) = get(&stoa.url("/static/app.js"));
+    let (xterm_status, _, _) = get(&stoa.url("/static/vendor/xterm/xterm.js"));
+    drop(stoa);
+    let _ = fs::remove_dir_all(&dir);
+    assert_eq!(
+        (status, html.contains("a page of our own")),
+        (200, true),
+        "{html}"
+    );
+    assert_eq!((js_status, js.as_str()), (200, "// ours"));
+    assert_eq!(
+        xterm_status, 404,
+        "web_dir has no xterm.js, yet it was served"
     );
     Ok(())
 }
