@@ -147,6 +147,18 @@ try {
     await until('Stop to be disabled again', () => page.isDisabled('#stop'));
   });
 
+  await step('an answer made of markup shows as text, never as the page\'s HTML', async () => {
+    await page.fill('#prompt', 'HTML please');
+    await page.click('#send-prompt');
+    await until('the markup as text', async () =>
+      (await page.textContent('#transcript')).includes('<b>bold</b>'));
+    const injected = await page.evaluate(() => ({
+      elements: document.querySelectorAll('#transcript img, #transcript b').length,
+      pwned: window.pwned !== undefined,
+    }));
+    if (injected.elements || injected.pwned) throw new Error(`the agent's text became HTML: ${JSON.stringify(injected)}`);
+  });
+
   let term;
   await step('phone: a terminal from the menu, full width, with the key bar', async () => {
     problems.length = 0;

@@ -200,12 +200,13 @@ fn check_screenshots(result: &Value) {
 // ---- a recorded agent (tests/fixtures/agents) ------------------------------------------
 
 /// A stand-in agent CLI replaying a recorded stream ($1); a prompt with HANG: one line, then
-/// it runs on until stopped.
+/// it runs on until stopped; with HTML: an answer made of markup.
 const FAKE_AGENT: &str = r#"#!/bin/sh
 fixture=$1; shift
 if [ -t 0 ]; then input=""; else input=$(cat); fi
 case "$input $*" in
   *HANG*) head -n 1 "$fixture"; exec sleep 3600 ;;
+  *HTML*) printf '%s\n' '{"type":"assistant","message":{"content":[{"type":"text","text":"<img src=x onerror=\"window.pwned=1\"><b>bold</b>"}]}}' ;;
   *) cat "$fixture" ;;
 esac
 "#;
@@ -363,7 +364,7 @@ fn web_app_on_a_phone() -> Result<(), Failed> {
     let (status, tasks) = stoa.request("GET", &format!("/sessions/{id}/tasks"), Some(&token), None);
     assert_eq!(status, 200, "{tasks}");
     let tasks = tasks.as_array().cloned().unwrap_or_default();
-    assert_eq!(tasks.len(), 2, "{tasks:?}");
+    assert_eq!(tasks.len(), 3, "{tasks:?}");
     assert_eq!(tasks[0]["status"], "completed", "{tasks:?}");
     assert_eq!(tasks[0]["prompt"], "say hello and run id", "{tasks:?}");
     assert_eq!(tasks[1]["status"], "stopped", "{tasks:?}");
