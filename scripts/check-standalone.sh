@@ -96,6 +96,10 @@ kill -TERM -- "-$server"
 for _ in $(seq 1 300); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$server" 2>/dev/null && fail "stoa serve did not stop within 30 s of SIGTERM"
 server=
+# Only the C library: any other shared library would have needed its -dev package to link.
+extra=$(ldd target/release/stoa | awk '{print $1}' |
+	grep -Ev '^(linux-vdso\.so|libc\.so|libm\.so|libgcc_s\.so|/lib64/ld-linux|libpthread\.so|libdl\.so|librt\.so)' || true)
+[ -z "$extra" ] || fail "stoa links $(echo "$extra" | tr '\n' ' '): a fresh machine would need their -dev packages"
 echo "check-standalone: serve answered (/health, /, xterm.js, /exec); now the unit tests"
 cargo test --workspace --lib --bins
 echo "check-standalone: ok"
