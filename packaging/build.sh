@@ -3,10 +3,10 @@
 #
 # Release binaries go to target/packaging/release (its own target dir, stripped, so a
 # packaging build never invalidates anyone's target/release); man pages, completions and
-# the Debian changelog to target/packaging/docs, the web page's xterm.js to
-# target/packaging/web. Packages: target/packaging/debian/*.deb and
+# the Debian changelog to target/packaging/docs (the web page is built into the binary).
+# Packages: target/packaging/debian/*.deb and
 # target/packaging/generate-rpm/*.rpm. Needs cargo-deb / cargo-generate-rpm
-# (cargo install --locked cargo-deb cargo-generate-rpm) and npm.
+# (cargo install --locked cargo-deb cargo-generate-rpm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -25,14 +25,6 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 RUSTFLAGS="-C target-feature=+crt-static" \
 	cargo build --release --locked -p stoa-executor --target "$host"
 install -m 0755 "$CARGO_TARGET_DIR/$host/release/stoa-executor" "$CARGO_TARGET_DIR/release/stoa-executor"
-
-# The web page's xterm.js, pinned by web/package-lock.json (npm ci in a copy, so web/ and
-# its node_modules are left alone).
-web=target/packaging/web
-rm -rf "$web"
-mkdir -p "$web"
-cp web/package.json web/package-lock.json "$web/"
-(cd "$web" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
 
 rm -rf "$docs"
 "$CARGO_TARGET_DIR/release/examples/gen-docs" "$docs"

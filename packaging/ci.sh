@@ -205,8 +205,8 @@ check "unit, sysusers.d, tmpfiles.d installed" test -f /usr/lib/systemd/system/s
 check "man pages and completions installed" test -f /usr/share/man/man1/stoa.1.gz \
 	-a -f /usr/share/man/man1/stoa-doctor.1.gz -a -f /usr/share/bash-completion/completions/stoa \
 	-a -f /usr/share/zsh/vendor-completions/_stoa -a -f /usr/share/fish/vendor_completions.d/stoa.fish
-check "the web page installed" test -f /usr/share/stoa/web/index.html \
-	-a -f /usr/share/stoa/web/node_modules/@xterm/xterm/lib/xterm.js
+check "xterm.js's licences installed" test -f /usr/share/doc/stoa/xterm.LICENSE \
+	-a -f /usr/share/doc/stoa/xterm-addon-fit.LICENSE
 check "man page renders" sh -c 'man -l /usr/share/man/man1/stoa.1.gz 2>/dev/null | grep -q doctor'
 # shellcheck disable=SC2016 # expanded by that sh
 check "stoa.service is enabled" sh -c '[ "$(systemctl is-enabled stoa.service 2>/dev/null)" = enabled ]'
@@ -232,7 +232,7 @@ done
 [ $ready = yes ] || fail "the broker did not answer /health on port $PORT within 30 s"
 echo "   ok: /health answers on 127.0.0.1:$PORT (broker pid $BROKER_PID)"
 check "GET / serves the web page" test "$(http_status "$PORT" /)" = 200
-check "GET /static/ serves xterm.js" test "$(http_status "$PORT" /static/node_modules/@xterm/xterm/lib/xterm.js)" = 200
+check "GET /static/ serves the built-in xterm.js" test "$(http_status "$PORT" /static/vendor/xterm/xterm.js)" = 200
 check "admin token root:root 0600" mode_is /var/lib/stoa-broker/admin.token root:root 600
 check "the daemon runs as stoa" sh -c "ps -o user=,args= --ppid $BROKER_PID | grep -q '^stoa .*__daemon'"
 

@@ -27,8 +27,8 @@ pub struct DaemonConfig {
     pub agents: BTreeMap<String, AgentConfig>,
     pub terminal: TerminalConfig,
     pub http: HttpConfig,
-    /// The web page's files (index.html, app.js, node_modules with xterm.js). Unset:
-    /// `/usr/share/stoa/web` when it exists, else no page.
+    /// A directory whose files replace the built-in web page (index.html, app.js, app.css,
+    /// vendor/); unset: the page built into the binary (`web_page.rs`).
     pub web_dir: Option<PathBuf>,
 }
 

@@ -1,7 +1,8 @@
-// stoa's web page: lists your terminals and shows one in xterm.js over the `stoa.term.v1`
+// stoa's web page: log in (password or API token), your agent sessions (create, prompt, a
+// live transcript, stop, history) and your terminals in xterm.js over the `stoa.term.v1`
 // WebSocket protocol (the table is at the top of src/terminal/protocol.rs). Plain script, no
 // bundler: xterm.js and its fit addon are loaded before this file as globals (`Terminal`,
-// `FitAddon.FitAddon`).
+// `FitAddon.FitAddon`). Built into the stoa binary (src/daemon/web_page.rs).
 'use strict';
 
 (() => {
@@ -16,6 +17,8 @@
   const RESIZE_DEBOUNCE_MS = 75;
   const PING_EVERY_MS = 20000;
   const LIST_REFRESH_MS = 5000;
+  /** Reconnect delay of a session's event stream after it ended unexpectedly. */
+  const EVENTS_RETRY_MS = 2000;
 
   // ---- protocol ---------------------------------------------------------------------
 
@@ -129,29 +132,62 @@
   // ---- REST -------------------------------------------------------------------------
 
   class HttpError extends Error {
-    constructor(status, message) {
+    constructor(status, message, rule) {
       super(message);
       this.status = status;
+      this.rule = rule || null;
     }
   }
+
+  /** How this tab is logged in: `{ kind: 'token' }` (Authorization: Bearer, kept in
+   * sessionStorage) or `{ kind: 'cookie', csrf }` (the HttpOnly session cookie of POST
+   * /login; every state-changing request carries X-CSRF-Token). `null`: logged out. */
+  let auth = null;
 
   function token() {
     return sessionStorage.getItem(TOKEN_KEY);
   }
 
+  function authHeaders(method) {
+    const h = {};
+    if (auth && auth.kind === 'token') h.Authorization = `Bearer ${token()}`;
+    if (auth && auth.kind === 'cookie' && method !== 'GET' && method !== 'HEAD') {
+      h['X-CSRF-Token'] = auth.csrf;
+    }
+    return h;
+  }
+
+  /** The server's words for a failed response. */
+  function errorText(status, value, statusText) {
+    let msg = (value && value.error) || (typeof value === 'string' && value.trim()) || statusText;
+    if (value && value.rule) msg += ` (rule: ${value.rule})`;
+    if (status === 429 && !/try|wait/i.test(msg)) msg += '; wait a little and try again';
+    if (status === 503 && !msg) msg = 'stoa is not ready (the broker is not connected)';
+    return msg || `HTTP ${status}`;
+  }
+
   async function api(method, path, body) {
-    const headers = { Authorization: `Bearer ${token()}` };
+    const headers = authHeaders(method);
     if (body !== undefined) headers['Content-Type'] = 'application/json';
-    const resp = await fetch(path, {
-      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-    });
+    let resp;
+    try {
+      resp = await fetch(path, {
+        method, headers, credentials: 'same-origin',
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (e) {
+      throw new HttpError(0, `cannot reach stoa (${e.message}); is it running?`);
+    }
     const text = await resp.text();
     let value = null;
     try { value = text ? JSON.parse(text) : null; } catch (_) { value = text; }
     if (!resp.ok) {
-      const msg = (value && value.error) || (typeof value === 'string' && value) || resp.statusText;
-      if (resp.status === 401) loggedOut(`token refused: ${msg}`);
-      throw new HttpError(resp.status, `${method} ${path}: ${resp.status} ${msg}`);
+      const msg = errorText(resp.status, value, resp.statusText);
+      if (resp.status === 401 && auth) {
+        loggedOut(auth.kind === 'token' ? `The token was refused: ${msg}` :
+          `You are logged out: ${msg}. Log in again.`);
+      }
+      throw new HttpError(resp.status, msg, value && value.rule);
     }
     return value;
   }
@@ -194,12 +230,13 @@
       this.retryTimer = null;
       this.pingTimer = null;
       this.onState = () => {};
+      this.inputFilter = null; // the key bar's sticky Ctrl
       this.onEnded = () => {};
       // Counters for tests and the render benchmark.
       this.stats = { frames: 0, received: 0, written: 0, firstOutputAt: 0, lastWriteAt: 0, connects: 0 };
 
       const encoder = new TextEncoder();
-      this.term.onData((s) => this.sendInput(encoder.encode(s)));
+      this.term.onData((s) => this.sendInput(encoder.encode(this.inputFilter ? this.inputFilter(s) : s)));
       this.term.onBinary((s) => {
         const bytes = new Uint8Array(s.length);
         for (let i = 0; i < s.length; i++) bytes[i] = s.charCodeAt(i) & 0xff;
@@ -482,57 +519,149 @@
         ws.close(1000, 'closed by the user');
       }
       this.term.dispose();
-      this.container.replaceChildren();
+      this.container.remove();
     }
   }
 
   // ---- the page ---------------------------------------------------------------------
 
   const $ = (id) => document.getElementById(id);
+  const encoder = new TextEncoder();
+  /** Open terminals, by `<id>` or `<id>/view`; one of them (`view`) shows. */
+  const views = new Map();
   let view = null;
+  let newCount = 0;
   let listTimer = null;
+  let me = null;
 
-  function setTermStatus(text, bad) {
-    const el = $('term-status');
+  function setText(id, text, bad) {
+    const el = $(id);
     el.textContent = text;
     el.classList.toggle('bad', !!bad);
   }
 
-  function closeView() {
-    if (view) view.dispose();
-    view = null;
-    $('term-title').textContent = 'No terminal open';
-    setTermStatus('');
+  function closeMenu() {
+    document.body.classList.remove('menu-open');
+    $('menu').setAttribute('aria-expanded', 'false');
+  }
+
+  /** Shows the terminals or the open session in the main area. */
+  function showPane(kind) {
+    $('viewer').hidden = kind !== 'terminal';
+    $('session-view').hidden = kind !== 'session';
+    if (kind === 'terminal' && view) scheduleFit();
+    closeMenu();
+  }
+
+  // ---- terminals ----
+
+  function renderTabs() {
+    const bar = $('term-tabs');
+    bar.replaceChildren(...[...views.values()].map((v) => {
+      const tab = document.createElement('div');
+      tab.className = 'tab';
+      tab.setAttribute('role', 'tab');
+      tab.dataset.key = v.key;
+      tab.classList.toggle('current', v === view);
+      tab.setAttribute('aria-selected', v === view ? 'true' : 'false');
+      const name = document.createElement('span');
+      name.textContent = v.id ? `${v.id.replace(/^u\d+-/, '').slice(0, 8)}${v.readOnly ? ' (view)' : ''}` : v.title;
+      tab.title = v.title;
+      const close = document.createElement('button');
+      close.type = 'button';
+      close.className = 'close';
+      close.textContent = '×';
+      close.title = 'Close this tab (the terminal keeps running)';
+      close.addEventListener('click', (ev) => { ev.stopPropagation(); closeTab(v); });
+      tab.append(name, close);
+      tab.addEventListener('click', () => selectView(v));
+      return tab;
+    }));
+  }
+
+  function selectView(v) {
+    view = v;
+    for (const other of views.values()) other.container.hidden = other !== v;
+    if (v) {
+      $('term-title').textContent = v.title;
+      setText('term-status', v.lastState[0], v.lastState[1]);
+      const hash = v.id ? `#/t/${v.id}${v.readOnly ? '/view' : ''}` : '';
+      if (hash && location.hash !== hash) history.replaceState(null, '', hash);
+      showPane('terminal');
+      v.fit();
+      v.term.focus();
+    } else {
+      $('term-title').textContent = 'No terminal open';
+      setText('term-status', '');
+    }
+    renderTabs();
     markCurrent();
   }
 
   function newView(title) {
-    closeView();
-    const v = new TermView($('term'));
-    v.onState = (text, bad) => { if (v === view) setTermStatus(text, bad); };
+    const pane = document.createElement('div');
+    pane.className = 'pane';
+    $('term').append(pane);
+    const v = new TermView(pane);
+    v.key = `new-${++newCount}`;
+    v.title = title;
+    v.lastState = ['', false];
+    v.onState = (text, bad) => {
+      v.lastState = [text, bad];
+      if (v === view) setText('term-status', text, bad);
+    };
     v.onEnded = () => refreshList();
-    $('term-title').textContent = title;
-    view = v;
+    v.inputFilter = ctrlFilter;
+    views.set(v.key, v);
     return v;
   }
 
-  function open(id, readOnly) {
-    if (view && view.id === id && view.readOnly === readOnly && !view.closedForGood) {
-      view.term.focus();
-      return;
-    }
-    const v = newView(`${id}${readOnly ? ' (view only)' : ''}`);
-    const hash = `#/t/${id}${readOnly ? '/view' : ''}`;
-    if (location.hash !== hash) history.replaceState(null, '', hash);
-    markCurrent();
-    v.attach(id, { readOnly });
-    v.term.focus();
+  function rekey(v, key) {
+    views.delete(v.key);
+    v.key = key;
+    views.set(key, v);
   }
 
+  /** Closes one tab; another open one shows in its place. */
+  function closeTab(v) {
+    v.dispose();
+    views.delete(v.key);
+    if (v === view) {
+      const rest = [...views.values()];
+      selectView(rest.length ? rest[rest.length - 1] : null);
+    } else {
+      renderTabs();
+    }
+  }
+
+  function closeAllTabs() {
+    for (const v of [...views.values()]) v.dispose();
+    views.clear();
+    selectView(null);
+  }
+
+  function open(id, readOnly) {
+    const key = `${id}${readOnly ? '/view' : ''}`;
+    const had = views.get(key);
+    if (had && !had.closedForGood) {
+      selectView(had);
+      return;
+    }
+    if (had) closeTab(had);
+    const v = newView(`${id}${readOnly ? ' (view only)' : ''}`);
+    rekey(v, key);
+    selectView(v);
+    v.attach(id, { readOnly });
+  }
+
+  /** A new terminal in a new tab. If the server refuses it, the tab goes and the terminal
+   * that was showing stays as it was. */
   async function createTerminal(ev) {
     ev.preventDefault();
     $('list-error').textContent = '';
+    const before = view;
     const v = newView('new terminal');
+    selectView(v);
     const { cols, rows } = v.size();
     const body = { cols, rows };
     const user = $('new-unix-user').value.trim();
@@ -543,17 +672,20 @@
     try {
       info = await api('POST', '/terminals', body);
     } catch (e) {
-      if (v === view) closeView();
-      $('list-error').textContent = e.message;
+      if (views.get(v.key) === v) {
+        v.dispose();
+        views.delete(v.key);
+        selectView(before && views.get(before.key) === before ? before : null);
+      }
+      $('list-error').textContent = `Could not open a terminal: ${e.message}`;
       return;
     }
-    if (v !== view) return;
+    if (views.get(v.key) !== v) return; // closed while it was being created
     const id = info.terminal_id;
-    $('term-title').textContent = `${id} · ${info.unix_user}`;
-    history.replaceState(null, '', `#/t/${id}`);
+    rekey(v, id);
+    v.title = `${id} · ${info.unix_user}`;
     v.attach(id);
-    v.term.focus();
-    markCurrent();
+    if (v === view) selectView(v);
     refreshList();
   }
 
@@ -562,7 +694,7 @@
     try {
       await api('DELETE', `/terminals/${encodeURIComponent(id)}`);
     } catch (e) {
-      $('list-error').textContent = e.message;
+      $('list-error').textContent = `Could not end ${id}: ${e.message}`;
     }
     refreshList();
   }
@@ -570,6 +702,9 @@
   function markCurrent() {
     for (const li of $('terminals').children) {
       li.classList.toggle('current', !!view && li.dataset.id === view.id);
+    }
+    for (const li of $('sessions').children) {
+      li.classList.toggle('current', !!current && li.dataset.id === current.id);
     }
   }
 
@@ -583,89 +718,509 @@
     return b;
   }
 
+  function itemLine(idText, ...buttons) {
+    const line1 = document.createElement('div');
+    line1.className = 'line1';
+    const id = document.createElement('span');
+    id.className = 'id';
+    id.textContent = idText;
+    id.title = idText;
+    line1.append(id, ...buttons);
+    return line1;
+  }
+
+  function meta(text) {
+    const m = document.createElement('div');
+    m.className = 'meta';
+    m.textContent = text;
+    return m;
+  }
+
   async function refreshList() {
-    if (!token()) return;
+    if (!auth) return;
     let value;
     try {
       value = await api('GET', '/terminals');
     } catch (e) {
-      $('list-error').textContent = e.message;
+      $('list-error').textContent = `Could not list your terminals: ${e.message}`;
       return;
     }
     const items = Array.isArray(value) ? value : (value && value.terminals) || [];
-    const ul = $('terminals');
-    ul.replaceChildren(...items.map((t) => {
+    $('terminals').replaceChildren(...items.map((t) => {
       const li = document.createElement('li');
       li.dataset.id = t.terminal_id;
       li.classList.toggle('dead', !t.running);
-      const line1 = document.createElement('div');
-      line1.className = 'line1';
-      const id = document.createElement('span');
-      id.className = 'id';
-      id.textContent = t.terminal_id;
-      id.title = t.terminal_id;
-      line1.append(id);
-      line1.append(button('view', 'Watch without typing', () => open(t.terminal_id, true)));
+      const buttons = [button('view', 'Watch without typing', () => open(t.terminal_id, true))];
       if (t.running) {
-        line1.append(button('kill', 'End this terminal and its programs',
+        buttons.push(button('kill', 'End this terminal and its programs',
           () => kill(t.terminal_id), 'danger kill'));
       } else {
-        line1.append(button('remove', 'Remove it from the list', () => {
-          if (view && view.id === t.terminal_id) closeView();
+        buttons.push(button('remove', 'Remove it from the list', () => {
+          for (const v of [...views.values()]) if (v.id === t.terminal_id) closeTab(v);
           kill(t.terminal_id);
         }, 'remove'));
       }
-      const meta = document.createElement('div');
-      meta.className = 'meta';
       const cmd = Array.isArray(t.command) ? t.command.join(' ') : (t.command || 'shell');
       let status = 'running';
       if (!t.running) {
         status = t.signal != null ? `killed by signal ${t.signal}` : `exited with ${t.exit_code}`;
       }
       const viewers = t.viewers ? ` · ${t.viewers} viewer${t.viewers === 1 ? '' : 's'}` : '';
-      meta.textContent = `${t.unix_user} · ${cmd} · ${status}${viewers}`;
-      li.append(line1, meta);
+      li.append(itemLine(t.terminal_id, ...buttons),
+        meta(`${t.unix_user} · ${cmd} · ${status}${viewers}`));
       li.addEventListener('click', () => open(t.terminal_id, false));
       return li;
     }));
     markCurrent();
   }
 
+  // ---- the key bar: keys a phone keyboard lacks ----
+
+  let ctrlArmed = false;
+
+  function armCtrl(on) {
+    ctrlArmed = on;
+    document.querySelector('#keybar [data-key="ctrl"]').setAttribute('aria-pressed', on ? 'true' : 'false');
+  }
+
+  /** With Ctrl armed, the next key typed goes out as its control character. */
+  function ctrlFilter(s) {
+    if (!ctrlArmed || s.length !== 1) return s;
+    armCtrl(false);
+    const c = s.toUpperCase().charCodeAt(0);
+    if (c >= 0x40 && c <= 0x5f) return String.fromCharCode(c & 0x1f);
+    if (s === ' ') return '\x00';
+    if (s === '?') return '\x7f';
+    return s;
+  }
+
+  function pressKey(key) {
+    if (!view) return;
+    if (key === 'ctrl') {
+      armCtrl(!ctrlArmed);
+    } else {
+      const app = view.term.modes && view.term.modes.applicationCursorKeysMode;
+      const arrow = (c) => (app ? `\x1bO${c}` : `\x1b[${c}`);
+      const bytes = {
+        esc: '\x1b', tab: '\t', 'ctrl-c': '\x03',
+        up: arrow('A'), down: arrow('B'), right: arrow('C'), left: arrow('D'),
+      }[key];
+      if (bytes) {
+        armCtrl(false);
+        view.sendInput(encoder.encode(bytes));
+      }
+    }
+    view.term.focus();
+  }
+
+  // ---- sessions ----
+
+  /** The open session: `{ id, info, lastSeq, abort, tasks: Map, lastText }`. */
+  let current = null;
+
+  async function refreshSessions() {
+    if (!auth) return;
+    let value;
+    try {
+      value = await api('GET', '/sessions');
+    } catch (e) {
+      $('sessions-error').textContent = `Could not list your sessions: ${e.message}`;
+      return;
+    }
+    const items = Array.isArray(value) ? value : (value && value.sessions) || [];
+    items.sort((a, b) => String(b.updated_at).localeCompare(String(a.updated_at)));
+    $('sessions').replaceChildren(...items.map((s) => {
+      const li = document.createElement('li');
+      li.dataset.id = s.session_id;
+      li.append(itemLine(`${s.agentic_tool} · ${s.session_id}`),
+        meta(`${s.worktree} · ${s.status}`));
+      li.addEventListener('click', () => openSession(s.session_id));
+      return li;
+    }));
+    markCurrent();
+  }
+
+  async function createSession(ev) {
+    ev.preventDefault();
+    $('sessions-error').textContent = '';
+    const body = { agentic_tool: $('new-tool').value, worktree: $('new-worktree').value.trim() };
+    let s;
+    try {
+      s = await api('POST', '/sessions', body);
+    } catch (e) {
+      $('sessions-error').textContent = `Could not create the session: ${e.message}`;
+      return;
+    }
+    await refreshSessions();
+    openSession(s.session_id);
+  }
+
+  function closeSession() {
+    if (!current) return;
+    current.closed = true;
+    current.abort.abort();
+    current = null;
+  }
+
+  async function openSession(id) {
+    closeSession();
+    const s = {
+      id, info: null, lastSeq: 0, abort: new AbortController(), tasks: new Map(),
+      shownTasks: new Set(), endShown: new Set(), lastText: null, closed: false,
+    };
+    current = s;
+    $('transcript').replaceChildren();
+    $('session-error').textContent = '';
+    $('session-title').textContent = id;
+    setText('session-status', 'loading…');
+    showPane('session');
+    markCurrent();
+    history.replaceState(null, '', `#/s/${id}`);
+    try {
+      s.info = await api('GET', `/sessions/${encodeURIComponent(id)}`);
+      for (const t of await api('GET', `/sessions/${encodeURIComponent(id)}/tasks`)) {
+        s.tasks.set(t.task_id, t);
+      }
+    } catch (e) {
+      if (s !== current) return;
+      setText('session-status', `Could not open the session: ${e.message}`, true);
+      return;
+    }
+    if (s !== current) return;
+    $('session-title').textContent = `${s.info.agentic_tool} · ${s.info.worktree} · ${id}`;
+    updateSessionStatus();
+    streamEvents(s);
+    $('prompt').focus();
+  }
+
+  function runningTask(s) {
+    return [...s.tasks.values()].find((t) => t.status === 'running' || t.status === 'queued');
+  }
+
+  function updateSessionStatus() {
+    const s = current;
+    if (!s) return;
+    const run = runningTask(s);
+    $('stop').disabled = !run;
+    if (run) {
+      setText('session-status', `${run.status}…`);
+    } else {
+      const last = [...s.tasks.values()].pop();
+      if (!last) setText('session-status', 'idle: send a prompt');
+      else {
+        const why = last.error ? `: ${last.error}` : '';
+        setText('session-status', `last task ${last.status}${why}`, last.status === 'failed');
+      }
+    }
+  }
+
+  function turn(cls, label, text, pre) {
+    const div = document.createElement('div');
+    div.className = `turn ${cls}`;
+    if (label) {
+      const l = document.createElement('span');
+      l.className = 'label';
+      l.textContent = label;
+      div.append(l);
+    }
+    const body = document.createElement(pre ? 'pre' : 'div');
+    body.className = 'body';
+    body.textContent = text;
+    div.append(body);
+    const box = $('transcript');
+    const atEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+    box.append(div);
+    if (atEnd) box.scrollTop = box.scrollHeight;
+    return div;
+  }
+
+  /** The prompt of a task, once, before its first event. */
+  function showPrompt(s, taskId) {
+    if (s.shownTasks.has(taskId)) return;
+    s.shownTasks.add(taskId);
+    const t = s.tasks.get(taskId);
+    s.lastText = null;
+    const div = turn('prompt', 'you', t ? t.prompt : '(a prompt)');
+    div.dataset.task = taskId;
+    labelPrompt(s, taskId);
+  }
+
+  /** A prompt's label says how its task went. */
+  function labelPrompt(s, taskId) {
+    const t = s.tasks.get(taskId);
+    const el = [...$('transcript').querySelectorAll('.turn.prompt')].find((d) => d.dataset.task === taskId);
+    if (!t || !el) return;
+    const why = t.error ? `: ${t.error}` : '';
+    el.querySelector('.label').textContent = `you · ${t.status}${t.status === 'failed' ? why : ''}`;
+  }
+
+  function toolInput(name, input) {
+    if (input && typeof input === 'object') {
+      if (typeof input.command === 'string') return `$ ${input.command}`;
+      if (typeof input.file_path === 'string' && Object.keys(input).length === 1) return input.file_path;
+    }
+    return JSON.stringify(input, null, 2);
+  }
+
+  function showMessage(s, m) {
+    showPrompt(s, m.task_id);
+    const e = m.event || {};
+    switch (e.kind) {
+      case 'assistant_text':
+        if (e.delta && s.lastText && s.lastText.task === m.task_id) {
+          s.lastText.el.querySelector('.body').textContent += e.text;
+        } else {
+          s.lastText = { task: m.task_id, el: turn('text', 'agent', e.text) };
+          return;
+        }
+        break;
+      case 'tool_use':
+        turn('tool', `tool call: ${e.name}`, toolInput(e.name, e.input), true);
+        break;
+      case 'tool_result':
+        turn(`tool-result${e.is_error ? ' is-error' : ''}`,
+          e.is_error ? 'tool result (error)' : 'tool result', e.content || '(no output)', true);
+        break;
+      case 'result': {
+        const bits = [e.is_error ? 'failed' : 'done'];
+        if (e.num_turns != null) bits.push(`${e.num_turns} turn${e.num_turns === 1 ? '' : 's'}`);
+        if (e.cost_usd != null) bits.push(`$${Number(e.cost_usd).toFixed(4)}`);
+        const text = e.is_error && e.text ? `${bits.join(' · ')}: ${e.text}` : bits.join(' · ');
+        turn(`result${e.is_error ? ' is-error' : ''}`, null, text);
+        break;
+      }
+      case 'notice':
+        turn('notice', 'notice', e.message);
+        break;
+      case 'session_started':
+        break; // says nothing a person needs
+      default:
+        turn('raw', e.kind || 'event', JSON.stringify(e.value !== undefined ? e.value : e, null, 2), true);
+    }
+    s.lastText = null;
+  }
+
+  function taskChanged(s, t) {
+    s.tasks.set(t.task_id, { ...(s.tasks.get(t.task_id) || {}), ...t });
+    if (t.status === 'running' || t.status === 'queued') showPrompt(s, t.task_id);
+    if ((t.status === 'failed' || t.status === 'stopped') && !s.endShown.has(t.task_id)) {
+      s.endShown.add(t.task_id);
+      showPrompt(s, t.task_id);
+      const why = t.error ? `: ${t.error}` : '';
+      turn('result is-error', null, `task ${t.status}${why}`);
+    }
+    labelPrompt(s, t.task_id);
+    updateSessionStatus();
+    refreshSessions();
+  }
+
+  /** The session's Server-Sent Events, read with fetch (EventSource cannot send a token),
+   * resumed from the last message after a drop. */
+  async function streamEvents(s) {
+    const url = `/sessions/${encodeURIComponent(s.id)}/events`;
+    while (!s.closed) {
+      try {
+        const resp = await fetch(url, {
+          headers: { ...authHeaders('GET'), 'Last-Event-ID': String(s.lastSeq), Accept: 'text/event-stream' },
+          credentials: 'same-origin', signal: s.abort.signal,
+        });
+        if (!resp.ok) {
+          const text = await resp.text();
+          let value = text;
+          try { value = JSON.parse(text); } catch (_) { /* words as they are */ }
+          const msg = errorText(resp.status, value, resp.statusText);
+          if (resp.status === 401 || resp.status === 404) {
+            if (resp.status === 401 && auth) loggedOut(`You are logged out: ${msg}`);
+            else $('session-error').textContent = `The session's events stopped: ${msg}`;
+            return;
+          }
+          throw new Error(msg);
+        }
+        $('session-error').textContent = '';
+        const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = '';
+        let ev = { event: 'message', data: [] };
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += value;
+          let nl;
+          while ((nl = buf.indexOf('\n')) >= 0) {
+            let line = buf.slice(0, nl);
+            buf = buf.slice(nl + 1);
+            if (line.endsWith('\r')) line = line.slice(0, -1);
+            if (line === '') {
+              if (ev.data.length && s === current) dispatchEvent(s, ev.event, ev.data.join('\n'));
+              ev = { event: 'message', data: [] };
+            } else if (!line.startsWith(':')) {
+              const colon = line.indexOf(':');
+              const field = colon < 0 ? line : line.slice(0, colon);
+              let v = colon < 0 ? '' : line.slice(colon + 1);
+              if (v.startsWith(' ')) v = v.slice(1);
+              if (field === 'event') ev.event = v;
+              else if (field === 'data') ev.data.push(v);
+            }
+          }
+        }
+      } catch (e) {
+        if (s.closed) return;
+        $('session-error').textContent = `The session's live events dropped (${e.message}); reconnecting…`;
+      }
+      if (s.closed) return;
+      await new Promise((r) => setTimeout(r, EVENTS_RETRY_MS));
+    }
+  }
+
+  function dispatchEvent(s, kind, data) {
+    let value;
+    try { value = JSON.parse(data); } catch (_) { return; }
+    if (kind === 'message') {
+      if (value.seq <= s.lastSeq) return;
+      s.lastSeq = value.seq;
+      showMessage(s, value);
+    } else if (kind === 'task') {
+      taskChanged(s, value);
+    }
+  }
+
+  async function sendPrompt(ev) {
+    ev.preventDefault();
+    const s = current;
+    if (!s) return;
+    const text = $('prompt').value.trim();
+    if (!text) return;
+    $('session-error').textContent = '';
+    $('send-prompt').disabled = true;
+    try {
+      const t = await api('POST', `/sessions/${encodeURIComponent(s.id)}/prompt`, { prompt: text });
+      $('prompt').value = '';
+      if (t && t.task_id) taskChanged(s, { ...t, prompt: t.prompt || text });
+    } catch (e) {
+      $('session-error').textContent = e.status === 409
+        ? `The agent is still working on the last prompt: wait for it, or stop it. (${e.message})`
+        : `Could not send the prompt: ${e.message}`;
+    } finally {
+      $('send-prompt').disabled = false;
+    }
+  }
+
+  async function stopTask() {
+    const s = current;
+    if (!s) return;
+    try {
+      await api('POST', `/sessions/${encodeURIComponent(s.id)}/stop`, {});
+      setText('session-status', 'stopping…');
+    } catch (e) {
+      $('session-error').textContent = `Could not stop the agent: ${e.message}`;
+    }
+  }
+
+  // ---- logging in and out ----
+
   function loggedOut(message) {
     sessionStorage.removeItem(TOKEN_KEY);
-    closeView();
+    auth = null;
+    me = null;
+    closeAllTabs();
+    closeSession();
     if (listTimer) clearInterval(listTimer);
     listTimer = null;
     $('app').hidden = true;
     $('forget').hidden = true;
+    $('menu').hidden = true;
     $('whoami').textContent = '';
     $('login').hidden = false;
     $('login-error').textContent = message || '';
-    $('token').focus();
+    $('password').value = '';
+    $('username').focus();
   }
 
+  /** Checks the credential with `GET /users/me`, then shows the app. */
   async function loggedIn() {
-    let me;
     try {
       me = await api('GET', '/users/me');
     } catch (e) {
-      if (e.status !== 401) loggedOut(e.message);
+      if (e.status !== 401) loggedOut(`Could not log in: ${e.message}`);
       return;
     }
+    if (auth.kind === 'cookie' && me.csrf_token) auth.csrf = me.csrf_token;
     $('login').hidden = true;
+    $('login-error').textContent = '';
     $('app').hidden = false;
     $('forget').hidden = false;
-    $('whoami').textContent = `${me.name} (unix user ${me.unix_user}${me.admin ? ', admin' : ''})`;
-    await refreshList();
+    $('forget').textContent = auth.kind === 'cookie' ? 'Log out' : 'Forget token';
+    $('menu').hidden = false;
+    const name = me.name && me.name !== me.unix_user ? `${me.name}, ` : '';
+    $('whoami').textContent = `${name}unix user ${me.unix_user}${me.admin ? ', admin' : ''}`;
+    // On a phone, nothing open yet: start on the lists.
+    if (!/^#\/[ts]\//.test(location.hash)) document.body.classList.add('menu-open');
+    await Promise.all([refreshList(), refreshSessions()]);
     if (!listTimer) {
       listTimer = setInterval(() => { if (!document.hidden) refreshList(); }, LIST_REFRESH_MS);
     }
     openFromHash();
   }
 
+  /** `POST /login` with a Unix user's name and password; the cookie it sets is HttpOnly. */
+  async function passwordLogin(ev) {
+    ev.preventDefault();
+    const username = $('username').value.trim();
+    const password = $('password').value;
+    $('login-error').textContent = '';
+    $('login-submit').disabled = true;
+    try {
+      let resp;
+      try {
+        resp = await fetch('/login', {
+          method: 'POST', credentials: 'same-origin',
+          headers: { 'Content-Type': 'application/json' },
+          body: JSON.stringify({ username, password }),
+        });
+      } catch (e) {
+        $('login-error').textContent = `Cannot reach stoa (${e.message}); is it running?`;
+        return;
+      }
+      const text = await resp.text();
+      let value = text;
+      try { value = text ? JSON.parse(text) : null; } catch (_) { /* words as they are */ }
+      if (resp.ok) {
+        $('password').value = '';
+        auth = { kind: 'cookie', csrf: value && value.csrf_token };
+        await loggedIn();
+        return;
+      }
+      const msg = errorText(resp.status, value, resp.statusText);
+      $('login-error').textContent = {
+        401: `Wrong user name or password. (${msg})`,
+        403: `stoa does not let ${username} log in: ${msg}`,
+        429: `Too many attempts: ${msg}`,
+        404: 'This stoa has no password login (no /login); use an API token below.',
+        405: 'This stoa has no password login (no /login); use an API token below.',
+      }[resp.status] || `Could not log in: ${msg}`;
+      $('password').select();
+    } finally {
+      $('login-submit').disabled = false;
+    }
+  }
+
+  async function logOut() {
+    if (auth && auth.kind === 'cookie') {
+      try {
+        await fetch('/logout', { method: 'POST', credentials: 'same-origin', headers: authHeaders('POST') });
+      } catch (_) { /* logged out here either way */ }
+    }
+    loggedOut('');
+  }
+
   function openFromHash() {
-    const m = /^#\/t\/([^/]+)(\/view)?$/.exec(location.hash);
-    if (m && !(view && view.id === m[1] && view.readOnly === !!m[2])) open(m[1], !!m[2]);
+    let m = /^#\/t\/([^/]+)(\/view)?$/.exec(location.hash);
+    if (m) {
+      const had = views.get(`${m[1]}${m[2] ? '/view' : ''}`);
+      if (had !== view || !view) open(m[1], !!m[2]);
+      return;
+    }
+    m = /^#\/s\/([^/]+)$/.exec(location.hash);
+    if (m && !(current && current.id === m[1])) openSession(m[1]);
   }
 
   let resizeTimer = null;
@@ -674,26 +1229,66 @@
     resizeTimer = setTimeout(() => { if (view) view.fit(); }, RESIZE_DEBOUNCE_MS);
   }
 
-  $('login').addEventListener('submit', (ev) => {
+  $('password-login').addEventListener('submit', passwordLogin);
+  $('token-login').addEventListener('submit', (ev) => {
     ev.preventDefault();
     const t = $('token').value.trim();
     if (!t) return;
     sessionStorage.setItem(TOKEN_KEY, t);
+    auth = { kind: 'token' };
     $('token').value = '';
     loggedIn();
   });
-  $('forget').addEventListener('click', () => loggedOut(''));
+  $('forget').addEventListener('click', logOut);
+  $('menu').addEventListener('click', () => {
+    const open = document.body.classList.toggle('menu-open');
+    $('menu').setAttribute('aria-expanded', open ? 'true' : 'false');
+  });
   $('new-terminal').addEventListener('submit', createTerminal);
+  $('new-session').addEventListener('submit', createSession);
+  $('prompt-form').addEventListener('submit', sendPrompt);
+  $('prompt').addEventListener('keydown', (ev) => {
+    if (ev.key === 'Enter' && (ev.ctrlKey || ev.metaKey)) sendPrompt(ev);
+  });
+  $('stop').addEventListener('click', stopTask);
+  for (const b of document.querySelectorAll('#keybar button')) {
+    // Keep the focus (and a phone's keyboard) on the terminal.
+    b.addEventListener('pointerdown', (ev) => ev.preventDefault());
+    b.addEventListener('mousedown', (ev) => ev.preventDefault());
+    b.addEventListener('click', () => pressKey(b.dataset.key));
+  }
   window.addEventListener('resize', scheduleFit);
   new ResizeObserver(scheduleFit).observe($('term'));
-  window.addEventListener('hashchange', () => { if (token()) openFromHash(); });
+  window.addEventListener('hashchange', () => { if (auth) openFromHash(); });
 
   // For tests and the render benchmark.
   window.stoa = {
     get view() { return view; },
+    get views() { return [...views.values()]; },
+    get session() { return current; },
+    get auth() { return auth && auth.kind; },
     protocol: { T, encode, decode, FROM_NOW },
     refreshList,
   };
 
-  if (token()) loggedIn(); else loggedOut('');
+  /** A token in this tab, else the session cookie if there is one, else the login form. */
+  async function start() {
+    if (token()) {
+      auth = { kind: 'token' };
+      loggedIn();
+      return;
+    }
+    let resp = null;
+    try {
+      resp = await fetch('/users/me', { credentials: 'same-origin' });
+    } catch (_) { /* shown as logged out */ }
+    if (resp && resp.ok) {
+      const value = await resp.json();
+      auth = { kind: 'cookie', csrf: value.csrf_token };
+      loggedIn();
+    } else {
+      loggedOut('');
+    }
+  }
+  start();
 })();

@@ -162,8 +162,9 @@ pub struct Policy {
     /// The unprivileged account the daemon runs as (created if missing).
     pub service_user: String,
     /// The executor binary. Unset: `/usr/libexec/stoa/stoa-executor`, or, where that does
-    /// not exist, `stoa-executor` beside the `stoa` binary. Either way it must be owned by
-    /// root and writable by nobody else, up to `/`.
+    /// not exist, `stoa-executor` beside the `stoa` binary, else `stoa` itself (run as
+    /// `stoa-executor`). Either way it must be owned by root and writable by nobody else,
+    /// up to `/`.
     pub executor_path: Option<PathBuf>,
     /// The broker's own root-only directory (admin token, users, audit log).
     pub state_dir: PathBuf,
@@ -471,16 +472,21 @@ pub fn check_trusted_path(path: &Path, owner: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// Where the executor binary is, if `configured` is unset.
+/// Where the executor binary is, if `configured` is unset: the installed one, else
+/// `stoa-executor` beside `stoa`, else `stoa` itself (which runs as the executor when its
+/// argv[0] is `stoa-executor`; `cargo run -- serve` builds no `stoa-executor`).
 pub fn default_executor_path() -> PathBuf {
     let installed = PathBuf::from("/usr/libexec/stoa/stoa-executor");
     if installed.exists() {
         return installed;
     }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("stoa-executor")))
-        .unwrap_or(installed)
+    let Ok(exe) = std::env::current_exe() else {
+        return installed;
+    };
+    match exe.parent().map(|d| d.join("stoa-executor")) {
+        Some(beside) if beside.exists() => beside,
+        _ => exe,
+    }
 }
 
 #[cfg(test)]

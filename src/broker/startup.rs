@@ -120,6 +120,12 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
     info!(path = %executor_path.display(), "executor");
     let self_path =
         std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    if executor_path == self_path {
+        warn!(
+            "no stoa-executor beside {}: stoa itself runs as the executor (slower to start; `cargo build --release --workspace` builds it)",
+            self_path.display()
+        );
+    }
     let self_exe = open_program(&self_path)?;
 
     let listener = std::net::TcpListener::bind(&daemon_config.listen)

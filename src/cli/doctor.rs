@@ -946,7 +946,7 @@ mod tests {
         assert_eq!(commented, expected);
         let all = DaemonConfig::parse(&uncommented(text)).unwrap();
         let expected = DaemonConfig {
-            web_dir: Some("/usr/share/stoa/web".into()),
+            web_dir: Some("/srv/stoa-web".into()),
             ..expected
         };
         assert_eq!(all, expected, "every commented value is the default");

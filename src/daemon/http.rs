@@ -12,7 +12,7 @@
 //! | `GET /metrics`    | admin | the front's and every running worker's metrics          |
 //! | `POST /daemon/restart` | admin | a fresh front; running work (in the workers) is untouched |
 //! | `POST /workers/:user/restart` | admin | a fresh worker for that user; its work survives |
-//! | `GET /`, `/static/…` | none | the web page                                         |
+//! | `GET /`, `/static/…` | none | the web page (built in, or `web_dir`)             |
 //!
 //! Sessions, tasks, secrets, terminals and `POST /exec` are served by the user's worker:
 //! see `sessions.rs`, `terminals.rs`, `exec.rs`.
@@ -403,28 +403,17 @@ async fn restart(
         .into_response())
 }
 
-/// The web page: `GET /` is `index.html` of the web directory, `/static/…` its files.
+/// The web page: the directory `web_dir` names (`GET /` is its `index.html`, `/static/…`
+/// its files) when set, else the page built into the binary (`web_page.rs`).
 fn web_routes(config: &crate::config::DaemonConfig) -> Router<Arc<FrontState>> {
-    let dir = config.web_dir.clone().or_else(|| {
-        let installed = std::path::PathBuf::from("/usr/share/stoa/web");
-        installed.join("index.html").exists().then_some(installed)
-    });
-    match dir {
+    match &config.web_dir {
         Some(dir) => Router::new()
             .route_service(
                 "/",
                 tower_http::services::ServeFile::new(dir.join("index.html")),
             )
             .nest_service("/static", tower_http::services::ServeDir::new(dir)),
-        None => Router::new().route(
-            "/",
-            get(|| async {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "no web page is installed (config key web_dir)",
-                )
-            }),
-        ),
+        None => super::web_page::routes(),
     }
 }
 

@@ -16,6 +16,7 @@
 //! | `auth.rs`         | both    | the credential cache, revocations, the failure throttle |
 //! | `http.rs`         | both    | errors, request ids; the front's own routes             |
 //! | `proxy.rs`        | front   | which worker a request is for, and forwarding it        |
+//! | `web_page.rs`     | front   | the web page built into the binary (`web/`)             |
 //! | `worker_pool.rs`  | front   | kept-alive connections to the workers, per credential   |
 //! | `worker.rs`       | worker  | start-up, the connections the broker hands over, idling |
 //! | `sessions.rs`, `tasks.rs`, `terminals.rs`, `exec.rs`, `store.rs`, `processes.rs`, `fdio.rs` | worker | as named |
@@ -42,6 +43,7 @@ pub mod shares;
 pub mod store;
 pub mod tasks;
 pub mod terminals;
+pub mod web_page;
 pub mod worker;
 pub mod worker_pool;
 

@@ -10,7 +10,6 @@
 # processes, leave it alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-repo=$(pwd)
 dir=/run/stoa-webbench
 user=stoa-wb-u
 group=stoa-wb-users
@@ -37,7 +36,6 @@ case "${1:-}" in
 start)
   stop
   cargo build --release --locked -p stoa -p stoa-executor >&2
-  [ -f web/node_modules/@xterm/xterm/lib/xterm.js ] || (cd web && npm ci --no-audit --no-fund >&2)
   getent group "$group" >/dev/null || groupadd "$group"
   useradd --create-home --shell /bin/sh --groups "$group" --key UID_MIN=2000 "$user"
   mkdir -p "$dir/bin"
@@ -54,7 +52,6 @@ EOF
   cat >"$dir/config.toml" <<EOF
 listen = "127.0.0.1:$port"
 state_dir = "$dir/daemon"
-web_dir = "$repo/web"
 EOF
   STOA_LOG=info NO_COLOR=1 HOME="$dir" setsid "$dir/bin/stoa" serve \
     --broker-config "$dir/broker.toml" --config "$dir/config.toml" \

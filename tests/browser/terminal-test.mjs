@@ -2,7 +2,7 @@
 // Chromium the way a person would and checks what xterm.js shows.
 //
 //   node tests/browser/terminal-test.mjs --url http://127.0.0.1:PORT/ --token TOKEN \
-//     --user stoa-t-alice --screenshot target/test-artifacts/terminal-browser.png \
+//     --user stoa-t-alice --screenshot target/browser-artifacts/terminal-browser.png \
 //     [--admin-token ADMIN]   (also restarts the front, which must not disturb the page, and
 //                              the user's worker, after which the page must reattach)
 //
@@ -127,6 +127,26 @@ try {
   await step('type `id -un`, see the unix user', async () => {
     await typeLine(page, 'id -un');
     await until(`a line "${args.user}"`, async () => (await linesEqual(page, args.user)) >= 1);
+  });
+
+  await step('a refused "new terminal" leaves the open one as it was', async () => {
+    problems.length = 0;
+    await page.fill('#new-unix-user', 'root');
+    await page.click('#new');
+    const err = await until('the refusal in words', async () => {
+      const t = await page.textContent('#list-error');
+      return t ? t : null;
+    });
+    if (!/Could not open a terminal/.test(err)) throw new Error(`shows ${JSON.stringify(err)}`);
+    const s = await viewState(page);
+    if (s.id !== first.id || !s.welcomed || s.ws !== 1) {
+      throw new Error(`the open terminal changed: ${JSON.stringify(s)}`);
+    }
+    if (await page.evaluate(() => window.stoa.views.length) !== 1) throw new Error('a tab was left behind');
+    await page.fill('#new-unix-user', '');
+    await typeLine(page, 'echo still-$((1+1))');
+    await until('"still-2" in the same terminal', async () => (await linesEqual(page, 'still-2')) >= 1);
+    problems.length = 0; // the refusal was the point
   });
 
   await step('screenshot', async () => {

@@ -59,7 +59,14 @@ fn main() {
             if !root {
                 return Ok(Completion::ignored_with("needs root"));
             }
-            test().map(|()| Completion::Completed)
+            match test() {
+                Ok(()) => Ok(Completion::Completed),
+                // A test whose feature is not in this tree yet says so, and is not a pass.
+                Err(e) if e.message().is_some_and(|m| m.starts_with("WAITING:")) => Ok(
+                    Completion::ignored_with(e.message().unwrap_or_default().to_string()),
+                ),
+                Err(e) => Err(e),
+            }
         })
     })
     .collect();
