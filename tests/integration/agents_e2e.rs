@@ -213,9 +213,10 @@ impl World {
             fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).unwrap();
         }
         let policy = format!(
-            "executor_path = \"{}\"\nstate_dir = \"{}\"\nlocal_socket = \"{}\"\nservice_user = \"{SERVICE}\"\nallow_groups = [\"{GROUP}\"]\nmin_uid = 1000\n",
+            "executor_path = \"{}\"\nstate_dir = \"{}\"\nworkers_dir = \"{}\"\nlocal_socket = \"{}\"\nservice_user = \"{SERVICE}\"\nallow_groups = [\"{GROUP}\"]\nmin_uid = 1000\n",
             dir.join("bin/stoa-executor").display(),
             dir.join("broker").display(),
+            dir.join("workers").display(),
             dir.join("local.sock").display(),
         );
         let mock = format!("http://127.0.0.1:{MOCK_PORT}");
