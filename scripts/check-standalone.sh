@@ -24,7 +24,7 @@ chmod 0755 "$base"
 clone=$base/stoa
 had_user=no; id stoa >/dev/null 2>&1 && had_user=yes
 had_dirs=()
-for d in /var/lib/stoa /var/lib/stoa-broker /var/lib/stoa-workers; do
+for d in /var/lib/stoa /var/lib/stoa-broker /var/lib/stoa-workers /run/stoa; do
 	[ -e "$d" ] && had_dirs+=("$d")
 done
 server=
@@ -37,7 +37,7 @@ cleanup() {
 		kill -KILL -- "-$server" 2>/dev/null || true
 	fi
 	rm -rf "$base"
-	for d in /var/lib/stoa /var/lib/stoa-broker /var/lib/stoa-workers; do
+	for d in /var/lib/stoa /var/lib/stoa-broker /var/lib/stoa-workers /run/stoa; do
 		# shellcheck disable=SC2076 # a literal match
 		[[ " ${had_dirs[*]-} " =~ " $d " ]] || rm -rf "$d"
 	done

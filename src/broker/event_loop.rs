@@ -413,7 +413,7 @@ impl Server {
         self.broker.finish_cgroups();
         self.broker.os.cgroup_teardown();
         if let Some(local) = self.broker.local.take() {
-            let _ = std::fs::remove_file(&local.path);
+            local.remove();
         }
         self.broker.audit.record(
             "broker_stop",

@@ -46,16 +46,20 @@ pub struct Client {
 
 pub struct LocalLogins {
     pub path: std::path::PathBuf,
+    /// The broker made the socket's directory (removed again when it stops).
+    pub made_dir: bool,
     pub listener: UnixListener,
     pub clients: Vec<Client>,
 }
 
 /// Binds the socket at `path` (its directory made root's 0755 if missing; a stale socket
 /// replaced), mode 0666: who connects is the kernel's word, not a file permission.
-pub fn bind(path: &Path) -> Result<UnixListener, String> {
+pub fn bind(path: &Path) -> Result<(UnixListener, bool), String> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let mut made_dir = false;
     if let Some(dir) = path.parent() {
         if !dir.exists() {
+            made_dir = true;
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
@@ -89,7 +93,19 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(listener)
+    Ok((listener, made_dir))
+}
+
+impl LocalLogins {
+    /// At stop: the socket goes, and its directory if the broker made it (and it is empty).
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+        if self.made_dir {
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
 }
 
 /// After each poll: new connections answered, closed ones' log-ins ended.

@@ -192,10 +192,11 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
     let mut broker = Broker::new(policy, allowed_gids, mode, credentials, os, audit);
     if let Some(path) = local_socket {
         match super::local_login::bind(&path) {
-            Ok(listener) => {
+            Ok((listener, made_dir)) => {
                 info!(path = %path.display(), "local log-in socket");
                 broker.local = Some(super::local_login::LocalLogins {
                     path: path.clone(),
+                    made_dir,
                     listener,
                     clients: Vec::new(),
                 });
