@@ -260,9 +260,12 @@
      * `resume`: 0 replays all the server still keeps (a fresh terminal's prompt, an old
      * one's recent screen); `null` starts from what is current.
      */
-    attach(id, { readOnly = false, resume = 0 } = {}) {
+    attach(id, { readOnly = false, resume = 0, shared = false } = {}) {
       this.id = id;
       this.readOnly = readOnly;
+      // Another user's terminal, shared with this one: its socket is opened with the
+      // log-in cookie (a ticket comes from one's own terminals only).
+      this.shared = shared;
       this.next = resume;
       this.term.options.disableStdin = readOnly;
       this.connect();
@@ -276,9 +279,11 @@
       this.retryTimer = null;
       if (this.disposed) return;
       this.state(this.stats.connects ? 'reconnecting…' : 'connecting…');
-      let ticket;
+      let ticket = null;
       try {
-        ticket = (await api('POST', `/terminals/${encodeURIComponent(this.id)}/ticket`, {})).ticket;
+        if (!this.shared) {
+          ticket = (await api('POST', `/terminals/${encodeURIComponent(this.id)}/ticket`, {})).ticket;
+        }
       } catch (e) {
         if (this.disposed) return;
         if (e.status === 404 || e.status === 403 || e.status === 401) {
@@ -290,9 +295,11 @@
       }
       if (this.disposed) return;
       const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-      let url = `${scheme}//${location.host}/terminals/${encodeURIComponent(this.id)}/ws` +
-        `?ticket=${encodeURIComponent(ticket)}`;
-      if (this.readOnly) url += '&mode=view';
+      const query = [];
+      if (ticket) query.push(`ticket=${encodeURIComponent(ticket)}`);
+      if (this.readOnly) query.push('mode=view');
+      const url = `${scheme}//${location.host}/terminals/${encodeURIComponent(this.id)}/ws` +
+        (query.length ? `?${query.join('&')}` : '');
       const ws = new WebSocket(url, SUBPROTOCOL);
       ws.binaryType = 'arraybuffer';
       this.ws = ws;
@@ -325,6 +332,12 @@
         if (this.disposed) return;
         if (this.exit) {
           this.showExit();
+          return;
+        }
+        // A share that ended (revoked or expired) is not retried.
+        if (this.shared && ev.code === 1008) {
+          this.giveUp(`no longer shared with you (${ev.reason || 'the share ended'})`);
+          refreshList();
           return;
         }
         // Not an exit: the daemon restarted, the network dropped, … The terminal may well
@@ -640,7 +653,7 @@
     selectView(null);
   }
 
-  function open(id, readOnly) {
+  function open(id, readOnly, shared = false) {
     const key = `${id}${readOnly ? '/view' : ''}`;
     const had = views.get(key);
     if (had && !had.closedForGood) {
@@ -651,7 +664,43 @@
     const v = newView(`${id}${readOnly ? ' (view only)' : ''}`);
     rekey(v, key);
     selectView(v);
-    v.attach(id, { readOnly });
+    v.attach(id, { readOnly, shared });
+  }
+
+  // ---- sharing ----
+
+  /** Asks whom to share terminal `id` with, and how; the server records it. */
+  async function share(id) {
+    const user = (window.prompt(`Share ${id} with which Unix user?`) || '').trim();
+    if (!user) return;
+    const minutes = (window.prompt(
+      'Let them type for how many minutes? (leave empty: they only watch)') || '').trim();
+    const body = { unix_user: user };
+    if (minutes) {
+      body.input = true;
+      body.minutes = Number(minutes);
+    }
+    $('list-error').textContent = '';
+    try {
+      await api('POST', `/terminals/${encodeURIComponent(id)}/shares`, body);
+    } catch (e) {
+      $('list-error').textContent = `Could not share ${id} with ${user}: ${e.message}`;
+    }
+    refreshList();
+  }
+
+  async function unshare(id, user) {
+    $('list-error').textContent = '';
+    try {
+      await api('DELETE', `/terminals/${encodeURIComponent(id)}/shares/${encodeURIComponent(user)}`);
+    } catch (e) {
+      $('list-error').textContent = `Could not stop sharing ${id} with ${user}: ${e.message}`;
+    }
+    refreshList();
+  }
+
+  function until(expires) {
+    return expires ? ` until ${new Date(expires * 1000).toLocaleTimeString()}` : '';
   }
 
   /** A new terminal in a new tab. If the server refuses it, the tab goes and the terminal
@@ -746,11 +795,21 @@
       return;
     }
     const items = Array.isArray(value) ? value : (value && value.terminals) || [];
+    let shares = [];
+    try {
+      shares = await api('GET', '/shares');
+    } catch (_) { /* an older server: no sharing */ }
+    const mine = me && me.unix_user;
+    const given = (id) => shares.filter((s) => s.object === id && s.owner === mine);
+    const received = shares.filter((s) => s.grantee === mine);
     $('terminals').replaceChildren(...items.map((t) => {
       const li = document.createElement('li');
       li.dataset.id = t.terminal_id;
       li.classList.toggle('dead', !t.running);
       const buttons = [button('view', 'Watch without typing', () => open(t.terminal_id, true))];
+      if (t.running && t.unix_user === mine) {
+        buttons.push(button('share', 'Let another user watch (or type)', () => share(t.terminal_id), 'share'));
+      }
       if (t.running) {
         buttons.push(button('kill', 'End this terminal and its programs',
           () => kill(t.terminal_id), 'danger kill'));
@@ -768,7 +827,25 @@
       const viewers = t.viewers ? ` · ${t.viewers} viewer${t.viewers === 1 ? '' : 's'}` : '';
       li.append(itemLine(t.terminal_id, ...buttons),
         meta(`${t.unix_user} · ${cmd} · ${status}${viewers}`));
+      for (const s of given(t.terminal_id)) {
+        const line = meta(`shared with ${s.grantee}${s.input ? ', who may type' : ', to watch'}${until(s.expires_at)} `);
+        line.classList.add('share');
+        line.append(button('unshare', `Stop sharing with ${s.grantee}`,
+          () => unshare(t.terminal_id, s.grantee), 'danger unshare'));
+        li.append(line);
+      }
       li.addEventListener('click', () => open(t.terminal_id, false));
+      return li;
+    }));
+    $('shared-heading').hidden = received.length === 0;
+    $('shared').replaceChildren(...received.map((s) => {
+      const li = document.createElement('li');
+      li.dataset.id = s.object;
+      const buttons = [button('watch', 'Watch it', () => open(s.object, true, true), 'watch')];
+      if (s.input) buttons.push(button('type', 'Use it (you may type)', () => open(s.object, false, true), 'type'));
+      li.append(itemLine(s.object, ...buttons),
+        meta(`${s.owner}'s terminal${s.input ? ', you may type' : ', to watch'}${until(s.expires_at)}`));
+      li.addEventListener('click', () => open(s.object, !s.input, true));
       return li;
     }));
     markCurrent();

@@ -53,6 +53,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "web_page_is_built_in_and_web_dir_replaces_it",
         web_page_built_in,
     ),
+    (
+        "browser_share_a_terminal_to_watch_and_stop_sharing",
+        share_a_terminal,
+    ),
 ];
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -475,6 +479,52 @@ fn login_with_a_password() -> Result<(), Failed> {
     let _ = fs::remove_dir_all(&worktree);
     eprintln!(
         "login: screenshots {} (steps: {})",
+        result["screenshots"], result["steps"]
+    );
+    Ok(())
+}
+
+/// alice shares a terminal with bob to watch, in two browsers logged in with passwords:
+/// bob sees its output live, cannot type, and loses it when alice stops sharing.
+fn share_a_terminal() -> Result<(), Failed> {
+    let name = "browser_share_a_terminal_to_watch_and_stop_sharing";
+    if let Err(why) = prepare() {
+        return skipped(name, &why);
+    }
+    let stoa = Instance::start();
+    let _restore = PasswordsSet(&[ALICE, BOB]);
+    let (alice_pw, bob_pw) = (password(), password());
+    set_password(ALICE, &alice_pw);
+    set_password(BOB, &bob_pw);
+    let artifacts = artifacts();
+    let result = run_script(
+        &stoa,
+        "share-test.mjs",
+        &[
+            "--url",
+            &stoa.url("/"),
+            "--owner",
+            ALICE,
+            "--owner-password",
+            &alice_pw,
+            "--viewer",
+            BOB,
+            "--viewer-password",
+            &bob_pw,
+            "--artifacts",
+            artifacts.to_str().unwrap(),
+        ],
+    )?;
+    check_screenshots(&result);
+    let audit = fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
+    for event in ["share_grant", "share_attach", "share_revoke"] {
+        assert!(
+            audit.contains(&format!("\"{event}\"")),
+            "no {event} in the audit log"
+        );
+    }
+    eprintln!(
+        "share: screenshots {} (steps: {})",
         result["screenshots"], result["steps"]
     );
     Ok(())
