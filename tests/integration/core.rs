@@ -115,7 +115,7 @@ fn probe_identity() -> Result<(), Failed> {
         .collect();
     assert_eq!(fds, ["0", "1", "2"], "only stdio may be open: {out}");
     assert_eq!(field(&out, "cwd"), Some(cwd.as_str()), "{out}");
-    assert_eq!(field(&out, "umask"), Some("0022"), "{out}");
+    assert_eq!(field(&out, "umask"), Some("0077"), "{out}");
     assert_eq!(field(&out, "env-ld"), Some("0"), "{out}");
     assert_eq!(field(&out, "env-stoa"), Some("0"), "{out}");
     assert_eq!(field(&out, "regain-root"), Some("no"), "{out}");
