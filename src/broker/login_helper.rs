@@ -3,7 +3,8 @@
 //! neither in the long-lived broker nor in the network-facing front, and a module that
 //! hangs holds up only this attempt (the way `cockpit-session` and sshd's monitor do it).
 //!
-//! stdin: `username NUL password NUL rhost NUL` (at most [`MAX_INPUT`] bytes).
+//! stdin: `username NUL password NUL rhost NUL service-uid NUL` (at most [`MAX_INPUT`]
+//! bytes; the service uid empty in single-user mode).
 //! stdout: one [`Answer`] line. The exit code carries nothing.
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,8 @@ pub enum Answer {
     Account(String),
     /// PAM could not check: its words.
     Unavailable(String),
+    /// Never checked: the name is root's (`root`) or the service user's (`service-user`).
+    Refused(String),
 }
 
 impl Answer {
@@ -48,6 +51,7 @@ impl Answer {
             Answer::PasswordExpired => "expired\n".into(),
             Answer::Account(w) => format!("account {}\n", clean(w)),
             Answer::Unavailable(w) => format!("unavailable {}\n", clean(w)),
+            Answer::Refused(rule) => format!("refused {}\n", clean(rule)),
         }
     }
 
@@ -65,6 +69,7 @@ impl Answer {
             "expired" => Answer::PasswordExpired,
             "account" => Answer::Account(rest.into()),
             "unavailable" => Answer::Unavailable(rest.into()),
+            "refused" if rest == "root" || rest == "service-user" => Answer::Refused(rest.into()),
             _ => return None,
         })
     }
@@ -91,9 +96,13 @@ pub fn run() -> ExitCode {
 
 fn check(input: &[u8]) -> Answer {
     let mut fields = input.split(|b| *b == 0);
-    let (Some(user), Some(password), Some(rhost), Some(rest)) =
-        (fields.next(), fields.next(), fields.next(), fields.next())
-    else {
+    let (Some(user), Some(password), Some(rhost), Some(service), Some(rest)) = (
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+    ) else {
         return Answer::Unavailable("malformed request".into());
     };
     if !rest.is_empty() || fields.next().is_some() {
@@ -103,6 +112,19 @@ fn check(input: &[u8]) -> Answer {
         return Answer::Credentials;
     };
     let rhost = std::str::from_utf8(rhost).ok().filter(|r| !r.is_empty());
+    // Root's and the service user's passwords are never checked (looked up here, in this
+    // process, so a slow directory service holds up only this attempt).
+    let service_uid: Option<u32> = std::str::from_utf8(service)
+        .ok()
+        .and_then(|s| s.parse().ok());
+    if let Ok(Some(u)) = nix::unistd::User::from_name(user) {
+        if u.uid.is_root() {
+            return Answer::Refused("root".into());
+        }
+        if Some(u.uid.as_raw()) == service_uid {
+            return Answer::Refused("service-user".into());
+        }
+    }
     match pam::authenticate(SERVICE, user, password, rhost) {
         Ok(()) => Answer::Ok,
         Err(pam::Refused::Credentials) => Answer::Credentials,
@@ -113,9 +135,15 @@ fn check(input: &[u8]) -> Answer {
 }
 
 /// What the broker writes on the helper's stdin.
-pub fn request(username: &str, password: &str, rhost: Option<&str>) -> Vec<u8> {
+pub fn request(
+    username: &str,
+    password: &str,
+    rhost: Option<&str>,
+    service_uid: Option<u32>,
+) -> Vec<u8> {
+    let service = service_uid.map(|u| u.to_string()).unwrap_or_default();
     let mut bytes = Vec::with_capacity(username.len() + password.len() + 64);
-    for part in [username, password, rhost.unwrap_or("")] {
+    for part in [username, password, rhost.unwrap_or(""), &service] {
         bytes.extend_from_slice(part.as_bytes());
         bytes.push(0);
     }
@@ -134,6 +162,7 @@ mod tests {
             Answer::PasswordExpired,
             Answer::Account("account expired".into()),
             Answer::Unavailable("no libpam".into()),
+            Answer::Refused("root".into()),
         ] {
             assert_eq!(Answer::parse(a.line().as_bytes()), Some(a));
         }
@@ -151,9 +180,10 @@ mod tests {
     #[test]
     fn a_request_with_a_nul_in_a_field_is_malformed() {
         assert_eq!(
-            check(b"alice\0pa\0ss\0host\0"),
+            check(b"alice\0pa\0ss\0host\0999\0"),
             Answer::Unavailable("malformed request".into())
         );
+        assert_eq!(check(b"root\0pw\0\0\0"), Answer::Refused("root".into()));
         assert_eq!(
             check(b"alice\0pw\0"),
             Answer::Unavailable("malformed request".into())

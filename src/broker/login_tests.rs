@@ -160,13 +160,60 @@ fn a_wrong_password_and_an_unknown_user_get_the_same_answer_and_guessing_is_cut_
 #[test]
 fn root_and_the_service_user_are_refused_without_a_password_check() {
     let mut f = fixture("root");
-    for (user, rule) in [("root", "root"), ("stoa", "service-user")] {
-        assert_eq!(
-            attempt(&mut f, user, "whatever").unwrap_err(),
-            ErrorKind::Refused { rule: rule.into() }
-        );
-    }
+    // root by name, in the broker: no helper at all.
+    assert_eq!(
+        attempt(&mut f, "root", "whatever").unwrap_err(),
+        ErrorKind::Refused {
+            rule: "root".into()
+        }
+    );
     assert_eq!(checks_started(&f), 0);
+    // The service user (and any other name of uid 0) by the helper's lookup, before PAM:
+    // the broker looks no name up for an unauthenticated request.
+    assert_eq!(
+        attempt(&mut f, "stoa", "whatever").unwrap_err(),
+        ErrorKind::Refused {
+            rule: "service-user".into()
+        }
+    );
+    assert!(!f
+        .os
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::LookupUser(u) if u == "stoa")));
+}
+
+#[test]
+fn a_guesser_elsewhere_cannot_lock_a_user_out_from_her_own_address() {
+    let mut f = fixture("lockout");
+    let from = |f: &mut Fixture, peer: &str, password: &str| {
+        f.send(RequestBody::Login {
+            username: "alice".into(),
+            password: password.into(),
+            peer: Some(peer.into()),
+        })
+        .unwrap();
+        login::check_logins(&mut f.broker);
+        match f.replies().as_slice() {
+            [BrokerMessage::Reply {
+                body: ReplyBody::Error(e),
+                ..
+            }] => Err(e.kind.clone()),
+            [BrokerMessage::Reply { body, .. }] => Ok(body.clone()),
+            other => panic!("{other:?}"),
+        }
+    };
+    for _ in 0..FAILURES_PER_USER {
+        assert!(from(&mut f, "2001:db8::1", "guess").is_err());
+    }
+    // The guesser's whole /64 is held back, alice at home is not.
+    assert_eq!(
+        from(&mut f, "2001:db8::2", "alice's secret").unwrap_err(),
+        ErrorKind::Refused {
+            rule: "login-throttle".into()
+        }
+    );
+    assert!(from(&mut f, "192.0.2.50", "alice's secret").is_ok());
 }
 
 #[test]

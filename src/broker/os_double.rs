@@ -212,6 +212,10 @@ impl Os for RecordingOs {
         let mut fields = request.split(|b| *b == 0);
         let user = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
         let password = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+        let _rhost = fields.next();
+        let service_uid: Option<u32> = std::str::from_utf8(fields.next().unwrap_or_default())
+            .ok()
+            .and_then(|s| s.parse().ok());
         self.record(Call::StartLoginCheck { user: user.clone() });
         let started = self.child(ChildReport::Execed).map_err(|e| e.to_string())?;
         let (answer, write) =
@@ -221,11 +225,17 @@ impl Os for RecordingOs {
         if s.children == ChildScript::Hangs {
             s.held_answers.push(write);
         } else {
-            let ok = s.passwords.get(&user) == Some(&password);
-            let line = if ok {
-                super::login_helper::Answer::Ok
+            use super::login_helper::Answer;
+            // As the helper: root's and the service user's names are refused unchecked.
+            let uid = s.users.get(&user).map(|a| a.uid);
+            let line = if uid == Some(0) {
+                Answer::Refused("root".into())
+            } else if uid.is_some() && uid == service_uid {
+                Answer::Refused("service-user".into())
+            } else if s.passwords.get(&user) == Some(&password) {
+                Answer::Ok
             } else {
-                super::login_helper::Answer::Credentials
+                Answer::Credentials
             };
             File::from(write)
                 .write_all(line.line().as_bytes())

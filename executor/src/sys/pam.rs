@@ -14,9 +14,10 @@
 //! | the account         | `pam_acct_mgmt(PAM_DISALLOW_NULL_AUTHTOK)` | expired, locked by policy, password must change |
 //! | end                 | `pam_end`                              | –                                      |
 //!
-//! The conversation answers the first prompt that hides what is typed with the password,
-//! and any later one with a conversation error: the password is never given to a prompt it
-//! was not meant for (a second factor this helper cannot ask for fails closed).
+//! The conversation answers the first prompt that hides what is typed with the password, a
+//! visible prompt for the login name with the name, and any other prompt with a
+//! conversation error: the password is never given to a prompt it was not meant for (a
+//! second factor this helper cannot ask for fails closed).
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr;
@@ -148,8 +149,16 @@ unsafe extern "C" fn converse(
                 conv.password_given = true;
                 Some(&conv.password)
             }
-            // A visible prompt asks for the user name (it is the only thing asked in view).
-            PAM_PROMPT_ECHO_ON => Some(&conv.username),
+            // A visible prompt that asks for the login name gets it; any other (a code a
+            // second factor wants) fails the conversation.
+            PAM_PROMPT_ECHO_ON
+                if {
+                    let t = text.to_ascii_lowercase();
+                    t.contains("login") || t.contains("user")
+                } =>
+            {
+                Some(&conv.username)
+            }
             PAM_ERROR_MSG | PAM_TEXT_INFO => {
                 if conv.messages.len() < MAX_MESSAGES && !text.is_empty() {
                     conv.messages.push(text);

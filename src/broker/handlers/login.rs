@@ -34,12 +34,17 @@ use crate::wire::{limits, BrokerError, BrokerMessage, ErrorKind, Event, ReplyBod
 
 /// How long one password check may take (PAM's own delay after a failure is ~2 s).
 pub const CHECK_DEADLINE: Duration = Duration::from_secs(15);
-/// Most checks running at once (each is a root process).
+/// Most checks running at once (each is a root process), and from one address (an IPv6
+/// /64 counts as one).
 pub const MAX_CHECKS: usize = 8;
-/// The window failures are counted over, and the most failures in it per user name and
-/// per client address before further attempts are refused without a check.
+pub const MAX_CHECKS_PER_PEER: usize = 2;
+/// The window failures are counted over, and the most failures in it before further
+/// attempts are refused without a check: for a user name from one address (so a guesser
+/// elsewhere cannot lock its owner out), for a user name from anywhere (a bound on
+/// guessing spread over many addresses), and from one address (an IPv6 /64 counts as one).
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(300);
 pub const FAILURES_PER_USER: usize = 5;
+pub const FAILURES_PER_NAME: usize = 50;
 pub const FAILURES_PER_PEER: usize = 20;
 /// How often live log-ins' users are checked against the policy again.
 pub const POLICY_RECHECK: Duration = Duration::from_secs(60);
@@ -61,11 +66,30 @@ pub struct Check {
     pub reaped: bool,
 }
 
-/// Recent failures by user name and by client address.
+/// Recent failures by user name and address, by user name, and by address.
 #[derive(Default)]
 pub struct Throttle {
     by_user: HashMap<String, VecDeque<Instant>>,
+    by_name: HashMap<String, VecDeque<Instant>>,
     by_peer: HashMap<String, VecDeque<Instant>>,
+}
+
+/// What an address counts as: itself, or its /64 for IPv6 (one host's many addresses).
+pub fn peer_key(peer: &str) -> String {
+    match peer.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Ok(std::net::IpAddr::V6(v6)) => v6
+            .to_ipv4_mapped()
+            .map_or(peer.to_string(), |v4| v4.to_string()),
+        _ => peer.to_string(),
+    }
+}
+
+fn user_at(user: &str, peer: Option<&str>) -> String {
+    format!("{user}\0{}", peer.map(peer_key).unwrap_or_default())
 }
 
 fn recent(map: &mut HashMap<String, VecDeque<Instant>>, key: &str) -> usize {
@@ -103,15 +127,17 @@ impl Throttle {
                 FAILURE_WINDOW.saturating_sub(oldest.elapsed()).as_secs() + 1
             })
         };
-        let u = over(&mut self.by_user, user, FAILURES_PER_USER);
-        let p = peer.and_then(|p| over(&mut self.by_peer, p, FAILURES_PER_PEER));
-        u.max(p)
+        let u = over(&mut self.by_user, &user_at(user, peer), FAILURES_PER_USER);
+        let n = over(&mut self.by_name, user, FAILURES_PER_NAME);
+        let p = peer.and_then(|p| over(&mut self.by_peer, &peer_key(p), FAILURES_PER_PEER));
+        u.max(n).max(p)
     }
 
     fn failed(&mut self, user: &str, peer: Option<&str>) {
-        note(&mut self.by_user, user, FAILURES_PER_USER);
+        note(&mut self.by_user, &user_at(user, peer), FAILURES_PER_USER);
+        note(&mut self.by_name, user, FAILURES_PER_NAME);
         if let Some(p) = peer {
-            note(&mut self.by_peer, p, FAILURES_PER_PEER);
+            note(&mut self.by_peer, &peer_key(p), FAILURES_PER_PEER);
         }
     }
 }
@@ -158,24 +184,15 @@ pub fn login(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
             ),
         );
     }
-    // Never check root's or the service user's password: stoa is no way to guess them.
-    if let Ok(Some(account)) = b.os.lookup_user(&username) {
-        let service_uid = match &b.mode {
-            Mode::Isolated { service } => Some(service.uid),
-            Mode::SingleUser { .. } => None,
-        };
-        let rule = if account.uid == 0 {
-            Some(("root", "root may not log in to stoa"))
-        } else if Some(account.uid) == service_uid {
-            Some(("service-user", "stoa's service user may not log in"))
-        } else {
-            None
-        };
-        if let Some((rule, why)) = rule {
-            audit(b, &username, peer.as_deref(), rule);
-            warn!(user = %username, rule, "log-in refused");
-            return refused(rule, format!("refused by rule {rule}: {why}"));
-        }
+    // Root's and the service user's passwords are never checked: the helper looks the name
+    // up (in its own process: a slow directory service holds up only that attempt, never
+    // the broker) and refuses them before PAM runs.
+    if username == "root" {
+        audit(b, &username, peer.as_deref(), "root");
+        return refused(
+            "root",
+            "refused by rule root: root may not log in to stoa".into(),
+        );
     }
     if let Some(secs) = b.login_throttle.wait(&username, peer.as_deref()) {
         audit(b, &username, peer.as_deref(), "throttled");
@@ -196,14 +213,35 @@ pub fn login(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
             ),
         );
     }
+    let prefix = peer.as_deref().map(peer_key);
+    let from_there = b
+        .login_checks
+        .iter()
+        .filter(|c| c.peer.as_deref().map(peer_key) == prefix)
+        .count();
+    if prefix.is_some() && from_there >= MAX_CHECKS_PER_PEER {
+        return refused(
+            "login-busy",
+            format!("refused by rule login-busy: {MAX_CHECKS_PER_PEER} log-ins from this address are being checked; try again when they are done"),
+        );
+    }
     if b.login_checks.len() >= MAX_CHECKS {
         return refused(
             "login-busy",
             format!("refused by rule login-busy: {MAX_CHECKS} log-ins are being checked; try again in a moment"),
         );
     }
-    let request = login_helper::request(&username, &password, peer.as_deref());
-    match b.os.start_login_check(&request) {
+    let service_uid = match &b.mode {
+        Mode::Isolated { service } => Some(service.uid),
+        Mode::SingleUser { .. } => None,
+    };
+    let mut request = login_helper::request(&username, &password, peer.as_deref(), service_uid);
+    // The password's copies are wiped once handed on.
+    let mut password = password.into_bytes();
+    password.fill(0);
+    let started = b.os.start_login_check(&request);
+    request.fill(0);
+    match started {
         Ok(child) => {
             b.login_checks.push(Check {
                 pid: child.started.pid,
@@ -362,6 +400,19 @@ fn answer_check(b: &mut Broker, check: Check, answer: Result<Answer, String>) {
                 message: "wrong user name or password".into(),
             })
         }
+        Ok(Answer::Refused(rule)) => {
+            audit(b, &user, peer.as_deref(), &rule);
+            warn!(user = %clip(&user, 64), rule = %rule, "log-in refused");
+            let why = if rule == "root" {
+                "root may not log in to stoa"
+            } else {
+                "stoa's service user may not log in"
+            };
+            Err(BrokerError {
+                kind: ErrorKind::Refused { rule: rule.clone() },
+                message: format!("refused by rule {rule}: {why}"),
+            })
+        }
         Ok(Answer::PasswordExpired) => {
             audit(b, &user, peer.as_deref(), "password expired");
             Err(BrokerError {
@@ -383,14 +434,20 @@ fn answer_check(b: &mut Broker, check: Check, answer: Result<Answer, String>) {
             })
         }
         Ok(Answer::Unavailable(words)) => {
+            // Counted as a failure, and the modules' words (which may say whether the
+            // account exists) stay in the broker's log: the client is not logged in yet.
+            b.login_throttle.failed(&user, peer.as_deref());
             audit(b, &user, peer.as_deref(), "check failed");
             warn!(user = %clip(&user, 64), "password check failed: {words}");
             Err(BrokerError {
                 kind: ErrorKind::Failed,
-                message: format!("the password could not be checked: {words}"),
+                message:
+                    "the password could not be checked; the administrator finds why in stoa's log"
+                        .into(),
             })
         }
         Err(why) => {
+            b.login_throttle.failed(&user, peer.as_deref());
             audit(b, &user, peer.as_deref(), "check failed");
             warn!(user = %clip(&user, 64), "password check failed: {why}");
             Err(BrokerError {
