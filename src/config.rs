@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7433";
 pub const DEFAULT_URL: &str = "http://127.0.0.1:7433";
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
     /// Address the HTTP API listens on (bound by the broker, handed to each daemon).
@@ -32,7 +32,7 @@ pub struct DaemonConfig {
     pub web_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TerminalConfig {
     /// Output each terminal keeps for viewers that (re)attach, in bytes (at most 64 MiB
@@ -68,7 +68,7 @@ impl Default for TerminalConfig {
 
 /// The HTTP front: how long a connection may take to send a request's header, how many
 /// connections it may hold, failed-authentication throttling, and which `Host`s it answers.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// A connection must send a whole request header within this time, whether new or
@@ -110,7 +110,7 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExecutionConfig {
     /// Run agents through the broker and `stoa-executor` as the session's Unix user. Off (or
@@ -153,10 +153,12 @@ impl Default for ExecutionConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// The binary, or an argv prefix (default: the tool's usual binary name).
+    /// The binary, or an argv prefix (default: the tool's usual binary name); a string is
+    /// one path (`"/opt/bin/claude"`), a list an argv prefix (`["npx", "claude"]`).
+    #[serde(deserialize_with = "string_or_list")]
     pub command: Vec<String>,
     /// Non-secret variables every run of the tool gets.
     pub env: BTreeMap<String, String>,
@@ -167,6 +169,20 @@ pub struct AgentConfig {
     pub model: Option<String>,
     /// Which of the user's secrets this tool receives (unset: all of them).
     pub secrets: Option<Vec<String>>,
+}
+
+/// A command given as one string (a program's path, spaces and all) or as a list.
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Command {
+        One(String),
+        List(Vec<String>),
+    }
+    Ok(match Command::deserialize(d)? {
+        Command::One(s) => vec![s],
+        Command::List(l) => l,
+    })
 }
 
 impl Default for DaemonConfig {

@@ -154,6 +154,17 @@ pub fn window_size(fd: BorrowedFd<'_>) -> io::Result<(u16, u16)> {
     Ok((ws.ws_row, ws.ws_col))
 }
 
+/// Lets a closed pipe end this process quietly, as other command-line tools do (`stoa
+/// doctor | head -1`): SIGPIPE back to its default action (Rust starts with it ignored, which
+/// makes `println!` panic on a closed stdout). Only for commands with no state to restore.
+pub fn default_sigpipe() -> io::Result<()> {
+    // SAFETY: SIG_DFL installs no handler code; only the disposition of SIGPIPE changes.
+    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Shared memory (terminal output rings)
 

@@ -49,6 +49,8 @@ pub struct Server {
     pub signals: SignalFd,
     pub shutdown: Option<Shutdown>,
     pub next_user_check: Instant,
+    /// Held for the broker's life: no second broker uses its state directory meanwhile.
+    pub _state_lock: super::startup::StateLock,
     pub workers: super::workers::Workers,
 }
 

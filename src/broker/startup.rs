@@ -59,6 +59,7 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         0o700,
     )?;
     policy::check_trusted_path(&policy.state_dir, euid)?;
+    let state_lock = StateLock::take(&policy.state_dir)?;
     let (credentials, token_path, created) =
         credentials::Credentials::load_or_create(&policy.state_dir, euid)?;
     // Users from a store written before API users had ids get one now: what the daemon
@@ -219,7 +220,43 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         shutdown: None,
         next_user_check: Instant::now(),
         workers: Default::default(),
+        _state_lock: state_lock,
     })
+}
+
+/// The file in the broker's state directory a live broker holds locked.
+const STATE_LOCK_FILE: &str = "broker.lock";
+
+/// An exclusive lock on the broker's state directory (its token, API users, audit log):
+/// two brokers sharing one would hand out each other's credentials and race on its files.
+/// The kernel lets it go when the broker dies, however it dies.
+pub struct StateLock {
+    _flock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl StateLock {
+    pub fn take(state_dir: &Path) -> Result<StateLock, String> {
+        let path = state_dir.join(STATE_LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(flock) => Ok(StateLock { _flock: flock }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(format!(
+                "another stoa broker is running with the state directory {} (it holds {}); \
+                 stop it first (systemctl stop stoa), or give this one a state_dir of its own \
+                 in its policy file",
+                state_dir.display(),
+                path.display()
+            )),
+            Err((_, e)) => Err(format!("cannot lock {}: {e}", path.display())),
+        }
+    }
 }
 
 /// fds 0–2 must be open so no socket ever lands on a stdio number (OpenSSH

@@ -12,11 +12,20 @@ use crate::config::{self, DaemonConfig};
 
 #[derive(Subcommand)]
 pub enum ConfigCommand {
-    /// Print one setting (dotted key, e.g. execution.use_executor).
-    Get { key: String },
-    /// Change one setting: VALUE is TOML (true, 120, "text", ["a", "b"]); bare words are
-    /// taken as strings.
-    Set { key: String, value: String },
+    /// Print one setting: its value in the file, or the default in force.
+    Get {
+        /// The setting's dotted name, e.g. execution.use_executor.
+        key: String,
+    },
+    /// Change one setting. A text setting (an agent's env value, listen, …) takes VALUE as
+    /// the text it is; an agent's command takes a path or a TOML list (["npx", "claude"]);
+    /// others take TOML (true, 120, ["a", "b"]).
+    Set {
+        /// The setting's dotted name, e.g. agents.claude-code.env.BASE_URL.
+        key: String,
+        /// The new value.
+        value: String,
+    },
     /// Every setting in the file.
     List,
 }
@@ -38,6 +47,50 @@ fn load() -> Result<(PathBuf, DocumentMut), String> {
         .parse::<DocumentMut>()
         .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
     Ok((path, doc))
+}
+
+/// What `key` holds, to read a value given for it on the command line.
+#[derive(Debug, PartialEq)]
+enum Kind {
+    /// Text: the value is taken as it is typed.
+    Text,
+    /// An agent's command: a TOML list, or else one path.
+    Command,
+    /// Anything else: TOML, or text if it is not TOML.
+    Toml,
+}
+
+fn kind_of(key: &str) -> Kind {
+    let parts: Vec<&str> = key.split('.').collect();
+    match parts.as_slice() {
+        ["agents", _, "env", _] => Kind::Text,
+        ["agents", _, "command"] => Kind::Command,
+        _ => match default_of(key) {
+            Some(toml::Value::String(_)) => Kind::Text,
+            _ if key == "web_dir" => Kind::Text,
+            _ => Kind::Toml,
+        },
+    }
+}
+
+/// The default in force for `key`, if it has one.
+fn default_of(key: &str) -> Option<toml::Value> {
+    let mut value = toml::Value::try_from(DaemonConfig::default()).ok()?;
+    for part in key.split('.') {
+        value = value.get(part)?.clone();
+    }
+    Some(value)
+}
+
+fn value_for(key: &str, raw: &str) -> Value {
+    match kind_of(key) {
+        Kind::Text => Value::from(raw),
+        Kind::Command => match parse_value(raw) {
+            v @ Value::Array(_) => v,
+            _ => Value::from(raw),
+        },
+        Kind::Toml => parse_value(raw),
+    }
 }
 
 fn parse_value(raw: &str) -> Value {
@@ -89,12 +142,19 @@ pub fn run(cmd: ConfigCommand) -> ExitCode {
             ConfigCommand::Get { key } => match lookup(&doc, &key) {
                 Some(Item::Value(v)) => println!("{}", v.to_string().trim()),
                 Some(other) => println!("{}", other.to_string().trim()),
-                None => {
-                    return Err(format!(
-                        "{key} is not set in {} (the default applies)",
-                        path.display()
-                    ))
-                }
+                None => match default_of(&key) {
+                    Some(v) => {
+                        println!("{}", v.to_string().trim());
+                        eprintln!("(the default: {key} is not set in {})", path.display());
+                    }
+                    None if key.starts_with("agents.") || key == "web_dir" => {
+                        eprintln!(
+                            "(not set in {}: stoa's built-in choice applies)",
+                            path.display()
+                        );
+                    }
+                    None => return Err(format!("there is no setting {key:?}")),
+                },
             },
             ConfigCommand::List => {
                 let mut all = Vec::new();
@@ -120,7 +180,7 @@ pub fn run(cmd: ConfigCommand) -> ExitCode {
                         .as_table_mut()
                         .ok_or_else(|| format!("{part} in {key} is not a table"))?;
                 }
-                table[*last] = Item::Value(parse_value(&value));
+                table[*last] = Item::Value(value_for(&key, &value));
                 let text = doc.to_string();
                 DaemonConfig::parse(&text).map_err(|e| format!("not changed: {e}"))?;
                 let tmp = path.with_extension("toml.tmp");
@@ -159,5 +219,51 @@ mod tests {
         assert_eq!(parse_value("\"x y\"").as_str(), Some("x y"));
         assert_eq!(parse_value("claude").as_str(), Some("claude"));
         assert!(parse_value("[\"a\", \"b\"]").as_array().is_some());
+    }
+
+    #[test]
+    fn text_settings_take_the_value_as_typed() {
+        let v = value_for("agents.claude-code.env.RETRIES", "123");
+        assert_eq!(v.as_str(), Some("123"));
+        let v = value_for("agents.codex.env.QUOTED", "\"x\"");
+        assert_eq!(v.as_str(), Some("\"x\""));
+        assert_eq!(
+            value_for("listen", "0.0.0.0:80").as_str(),
+            Some("0.0.0.0:80")
+        );
+        assert_eq!(value_for("exec_output_limit", "5").as_integer(), Some(5));
+        assert_eq!(
+            value_for("execution.use_executor", "false").as_bool(),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn commands_are_a_path_or_a_list_and_both_load() {
+        let one = value_for("agents.claude-code.command", "/opt/my tools/claude");
+        assert_eq!(one.as_str(), Some("/opt/my tools/claude"));
+        let list = value_for("agents.claude-code.command", "[\"npx\", \"claude\"]");
+        assert_eq!(list.as_array().map(|a| a.len()), Some(2));
+        for (value, argv) in [
+            (one, vec!["/opt/my tools/claude"]),
+            (list, vec!["npx", "claude"]),
+        ] {
+            let mut doc = DocumentMut::new();
+            doc["agents"] = toml_edit::table();
+            doc["agents"]["claude-code"] = toml_edit::table();
+            doc["agents"]["claude-code"]["command"] = Item::Value(value);
+            let config = DaemonConfig::parse(&doc.to_string()).unwrap();
+            assert_eq!(config.agents["claude-code"].command, argv);
+        }
+    }
+
+    #[test]
+    fn defaults_are_known() {
+        assert_eq!(
+            default_of("exec_output_limit").and_then(|v| v.as_integer()),
+            Some(1 << 20)
+        );
+        assert!(default_of("execution.use_executor").is_some());
+        assert!(default_of("no.such.key").is_none());
     }
 }

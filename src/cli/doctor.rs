@@ -641,14 +641,7 @@ fn check_own_binary(report: &mut Report) {
 
 /// `http://host:port` for a listen address; a wildcard address is asked on loopback.
 fn health_base(listen: &str) -> String {
-    let addr = if let Some(port) = listen.strip_prefix("0.0.0.0:") {
-        format!("127.0.0.1:{port}")
-    } else if let Some(port) = listen.strip_prefix("[::]:") {
-        format!("[::1]:{port}")
-    } else {
-        listen.to_string()
-    };
-    format!("http://{addr}")
+    super::client::local_base(listen).unwrap_or_else(|_| format!("http://{listen}"))
 }
 
 fn check_health(report: &mut Report, listen: &str) {

@@ -7,6 +7,7 @@ pub mod doctor;
 pub mod escape;
 pub mod local_login;
 pub mod sessions;
+pub mod table;
 pub mod terminal;
 pub mod users;
 
@@ -48,9 +49,9 @@ enum Command {
     },
     /// Run a command as a Unix user through stoa; prints its output and exits with its code.
     Exec {
-        /// The Unix user to run as.
+        /// The Unix user to run as (default: yours; root must name one).
         #[arg(long, short)]
-        user: String,
+        user: Option<String>,
         /// Working directory (default: the user's home).
         #[arg(long)]
         cwd: Option<String>,
@@ -119,6 +120,17 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `terminal` restores the tty before it ends, and the daemons handle their own pipes:
+    // every other command may just end on a closed pipe.
+    if !matches!(
+        cli.command,
+        Command::Terminal(_)
+            | Command::Serve { .. }
+            | Command::InternalDaemon { .. }
+            | Command::InternalWorker { .. }
+    ) {
+        let _ = stoa_executor::sys::default_sigpipe();
+    }
     match cli.command {
         Command::Serve {
             broker_config,
@@ -173,18 +185,58 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Shells that, with no command, wait for someone to type: not what `exec -t` is for.
+const INTERACTIVE_SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "fish", "ksh", "tcsh", "csh"];
+
+/// A shell started with nothing to run: it would read commands from a terminal.
+fn interactive_shell(command: &[String]) -> bool {
+    let name = command[0].rsplit('/').next().unwrap_or("");
+    let name = name.trim_start_matches('-');
+    INTERACTIVE_SHELLS.contains(&name)
+        && command[1..]
+            .iter()
+            .all(|a| a.starts_with('-') && !a.contains('c') && a != "-s")
+}
+
 fn exec(
-    user: String,
+    user: Option<String>,
     cwd: Option<String>,
     tty: bool,
     env: Vec<(String, String)>,
     timeout: Option<f64>,
     command: Vec<String>,
 ) -> ExitCode {
+    use base64::Engine;
     let fail = |msg: String| {
         eprintln!("stoa exec: {msg}");
         ExitCode::from(STOA_ERROR)
     };
+    let uid = nix::unistd::getuid();
+    let Some(user) = user.or_else(|| {
+        (!uid.is_root())
+            .then(|| {
+                nix::unistd::User::from_uid(uid)
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .flatten()
+    }) else {
+        return fail("name the Unix user to run as with --user (root has no default)".into());
+    };
+    if tty && std::io::stdin().is_terminal() && interactive_shell(&command) {
+        return fail(format!(
+            "`exec -t` runs a command to its end and does not pass your keys on; for an \
+             interactive shell use: stoa terminal open --user {user}"
+        ));
+    }
+    if let Some(t) = timeout {
+        if !(t.is_finite() && t > 0.0) {
+            return fail(format!(
+                "--timeout must be a positive number of seconds, not {t}"
+            ));
+        }
+    }
     let client = match client::Client::from_env() {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -192,9 +244,11 @@ fn exec(
     let stdin = if std::io::stdin().is_terminal() {
         None
     } else {
-        let mut data = String::new();
-        match std::io::stdin().read_to_string(&mut data) {
-            Ok(_) if !data.is_empty() => Some(data),
+        let mut data = Vec::new();
+        match std::io::stdin().read_to_end(&mut data) {
+            Ok(_) if !data.is_empty() => {
+                Some(base64::engine::general_purpose::STANDARD.encode(data))
+            }
             Ok(_) => None,
             Err(e) => return fail(format!("cannot read stdin: {e}")),
         }
@@ -213,28 +267,153 @@ fn exec(
         "cwd": cwd,
         "env": env.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         "tty": size,
-        "stdin": stdin,
-        "timeout_ms": timeout.map(|t| (t * 1000.0) as u64),
+        "stdin_base64": stdin,
+        "timeout_ms": timeout.map(|t| (t * 1000.0).ceil() as u64),
     });
-    let reply = match client.post("/exec", &body) {
+    let mut reply = match client.post_stream("/exec", &body, crate::daemon::exec::STREAM_TYPE) {
         Ok(r) => r,
         Err(e) => return fail(e.message),
     };
-    let _ = std::io::stdout().write_all(reply["stdout"].as_str().unwrap_or("").as_bytes());
-    let _ = std::io::stderr().write_all(reply["stderr"].as_str().unwrap_or("").as_bytes());
-    if let Some(error) = reply["error"].as_str() {
-        eprintln!("stoa exec: {error}");
+    let end = match relay_exec_stream(&mut reply) {
+        Ok(end) => end,
+        Err(e) => return fail(e),
+    };
+    if let Some(error) = end["error"].as_str() {
+        eprintln!("stoa exec: {}", escape::field(error));
     }
-    if reply["truncated"].as_bool() == Some(true) {
-        eprintln!("stoa exec: output truncated");
+    if end["truncated"].as_bool() == Some(true) {
+        eprintln!("stoa exec: output truncated (past the daemon's exec_output_limit, or held open after the command exited)");
     }
-    if reply["timed_out"].as_bool() == Some(true) {
+    if end["timed_out"].as_bool() == Some(true) {
         eprintln!("stoa exec: timed out");
     }
-    let code = match (reply["exit_code"].as_i64(), reply["signal"].as_i64()) {
+    if let Some(limit) = end["limit_hit"].as_str() {
+        eprintln!(
+            "stoa exec: the command ran into a limit: {}",
+            escape::field(limit)
+        );
+    }
+    let code = match (end["exit_code"].as_i64(), end["signal"].as_i64()) {
         (Some(c), _) => c,
         (None, Some(s)) => 128 + s,
         _ => STOA_ERROR as i64,
     };
     ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+/// Largest record a streamed exec reply may carry (the worker reads 16 KiB at a time; the
+/// end record is a small JSON object).
+const MAX_EXEC_RECORD: usize = 1 << 20;
+
+/// Copies a streamed exec reply's output to our stdout and stderr as it comes, unchanged;
+/// returns its end record.
+fn relay_exec_stream(reply: &mut impl Read) -> Result<serde_json::Value, String> {
+    use crate::daemon::exec::{END, STDERR, STDOUT};
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr().lock();
+    let mut payload = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        reply.read_exact(&mut head).map_err(|e| {
+            format!("the connection to the daemon broke before the command ended: {e}")
+        })?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > MAX_EXEC_RECORD {
+            return Err(format!(
+                "the daemon sent a record of {len} bytes (most {MAX_EXEC_RECORD})"
+            ));
+        }
+        payload.resize(len, 0);
+        reply
+            .read_exact(&mut payload)
+            .map_err(|e| format!("the connection to the daemon broke mid-record: {e}"))?;
+        match head[0] {
+            // A closed stdout ends us (SIGPIPE), as for any command in a pipeline.
+            STDOUT => {
+                let _ = stdout.write_all(&payload).and_then(|()| stdout.flush());
+            }
+            STDERR => {
+                let _ = stderr.write_all(&payload).and_then(|()| stderr.flush());
+            }
+            END => {
+                return serde_json::from_slice(&payload)
+                    .map_err(|e| format!("unreadable end record from the daemon: {e}"))
+            }
+            kind => return Err(format!("the daemon sent a record of unknown kind {kind}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    /// Every visible flag and argument of every command says what it is for.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(
+            &<Cli as clap::CommandFactory>::command(),
+            "stoa",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn interactive_shells_are_told_apart_from_commands() {
+        assert!(interactive_shell(&words("bash")));
+        assert!(interactive_shell(&words("/bin/sh")));
+        assert!(interactive_shell(&words("bash -l")));
+        assert!(interactive_shell(&words("zsh -i")));
+        assert!(!interactive_shell(&words("bash -c ls")));
+        assert!(!interactive_shell(&words("bash -lc ls")));
+        assert!(!interactive_shell(&words("sh script.sh")));
+        assert!(!interactive_shell(&words("tty")));
+        assert!(!interactive_shell(&words("vim")));
+    }
+
+    #[test]
+    fn exec_streams_are_relayed_and_bad_ones_refused() {
+        use crate::daemon::exec::{record, END, STDOUT};
+        let mut good = Vec::new();
+        good.extend_from_slice(&record(STDOUT, b""));
+        good.extend_from_slice(&record(END, br#"{"exit_code":3}"#));
+        let end = relay_exec_stream(&mut &good[..]).unwrap();
+        assert_eq!(end["exit_code"], 3);
+        // Cut before END, an unknown kind, a record too large.
+        let cut = record(STDOUT, b"");
+        assert!(relay_exec_stream(&mut &cut[..])
+            .unwrap_err()
+            .contains("broke"));
+        let odd = record(9, b"x");
+        assert!(relay_exec_stream(&mut &odd[..])
+            .unwrap_err()
+            .contains("unknown kind"));
+        let huge = [STDOUT, 0xff, 0xff, 0xff, 0xff];
+        assert!(relay_exec_stream(&mut &huge[..])
+            .unwrap_err()
+            .contains("bytes"));
+    }
 }

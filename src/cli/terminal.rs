@@ -98,13 +98,17 @@ pub enum TerminalCommand {
     },
     /// Use a running terminal from this one. Enter ~ . detaches.
     Attach {
+        /// The terminal's id (`stoa terminal list`).
         id: String,
         /// Watch only: keys are not sent (q or Ctrl-C detaches).
         #[arg(long)]
         view: bool,
     },
     /// End a terminal: SIGHUP, then SIGTERM, then SIGKILL to its processes.
-    Kill { id: String },
+    Kill {
+        /// The terminal's id (`stoa terminal list`).
+        id: String,
+    },
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -203,10 +207,7 @@ fn list(client: &Client, as_json: bool) -> ExitCode {
         println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    println!(
-        "{:<36}  {:<16} {:>8} {:>8}  {:<10} {:>7}  COMMAND",
-        "TERMINAL", "USER", "PID", "SIZE", "STATUS", "VIEWERS"
-    );
+    let mut rows = Vec::new();
     for t in all.as_array().into_iter().flatten() {
         let status = match (t["running"].as_bool(), &t["exit_code"], &t["signal"]) {
             (Some(true), _, _) => "running".to_string(),
@@ -222,19 +223,24 @@ fn list(client: &Client, as_json: bool) -> ExitCode {
                 .join(" "),
             None => "(login shell)".into(),
         };
-        // Any user's command and names: no escape sequence reaches this terminal.
-        let field = super::escape::field;
-        println!(
-            "{:<36}  {:<16} {:>8} {:>8}  {:<10} {:>7}  {}",
-            field(t["terminal_id"].as_str().unwrap_or("")),
-            field(t["unix_user"].as_str().unwrap_or("")),
-            t["pid"],
+        let cell = super::table::cell;
+        // Cells are escaped by the table: any user's command and names.
+        rows.push(vec![
+            cell(&t["terminal_id"]),
+            cell(&t["unix_user"]),
+            cell(&t["pid"]),
             format!("{}x{}", t["cols"], t["rows"]),
             status,
-            t["viewers"],
-            field(&command)
-        );
+            cell(&t["viewers"]),
+            command,
+        ]);
     }
+    super::table::print(
+        &[
+            "TERMINAL", "USER", "PID", "SIZE", "STATUS", "VIEWERS", "COMMAND",
+        ],
+        &rows,
+    );
     ExitCode::SUCCESS
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use crate::broker::policy::Policy;
+use crate::broker::policy::{Policy, UserFacts};
 use crate::broker::spawn::Account;
 use crate::broker::users::{self, ApiUser, UserStore};
 use crate::config;
@@ -16,6 +16,7 @@ use crate::config;
 pub enum UserCommand {
     /// Create an API user acting as a Unix user; prints its token once.
     Add {
+        /// The API user's name (letters, digits, '.', '_', '-').
         name: String,
         /// The Unix user its sessions and terminals run as.
         #[arg(long)]
@@ -27,21 +28,66 @@ pub enum UserCommand {
     /// List API users (never tokens).
     List,
     /// Remove an API user; its token stops working at once.
-    Remove { name: String },
+    Remove {
+        /// The API user's name.
+        name: String,
+    },
     /// Replace a user's token with a new one, printed once.
-    Token { name: String },
+    Token {
+        /// The API user's name.
+        name: String,
+    },
 }
 
 /// The admin token's name (`Principal::Admin`): no API user may look like it.
 const RESERVED_NAME: &str = "admin";
 
-fn state_dir() -> Result<PathBuf, String> {
-    let path = std::env::var_os("STOA_BROKER_CONFIG")
+fn policy_path() -> PathBuf {
+    std::env::var_os("STOA_BROKER_CONFIG")
         .map(PathBuf::from)
-        .unwrap_or_else(config::default_broker_config);
+        .unwrap_or_else(config::default_broker_config)
+}
+
+fn policy() -> Result<Policy, String> {
     let euid = nix::unistd::geteuid().as_raw();
-    let (policy, _) = Policy::load(&path, euid)?;
-    Ok(policy.state_dir)
+    Ok(Policy::load(&policy_path(), euid)?.0)
+}
+
+fn state_dir() -> Result<PathBuf, String> {
+    Ok(policy()?.state_dir)
+}
+
+/// Why the broker's policy would refuse to run `account`, if it would (as the broker
+/// judges it: see `broker::table::user_allowed`). Only as root: a broker not started as
+/// root runs nobody but its own user.
+fn policy_refusal(policy: &Policy, account: &Account) -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let service = nix::unistd::User::from_name(&policy.service_user)
+        .ok()
+        .flatten();
+    let (service_uid, service_gid) = service
+        .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+        .unwrap_or((u32::MAX, u32::MAX));
+    let allowed_gids: Vec<u32> = policy
+        .allow_groups
+        .iter()
+        .filter_map(|g| nix::unistd::Group::from_name(g).ok().flatten())
+        .map(|g| g.gid.as_raw())
+        .collect();
+    policy
+        .check_user(&UserFacts {
+            name: &account.name,
+            uid: account.uid,
+            gid: account.gid,
+            groups: &account.groups,
+            service_uid,
+            service_gid,
+            allowed_gids: &allowed_gids,
+        })
+        .err()
+        .map(|r| format!("{} [rule {}]", r.message, r.rule))
 }
 
 fn update<T>(change: impl FnOnce(&mut UserStore) -> Result<T, String>) -> Result<T, String> {
@@ -121,6 +167,7 @@ fn add(name: String, unix_user: String, admin: bool) -> Result<(), String> {
     if account.uid == 0 {
         return Err("an API user may not act as root".into());
     }
+    let refusal = policy_refusal(&policy()?, &account);
     update(|store| {
         if store.find(&name).is_some() {
             return Err(format!(
@@ -145,6 +192,14 @@ fn add(name: String, unix_user: String, admin: bool) -> Result<(), String> {
             if admin { ", admin" } else { "" }
         );
         println!("{token}");
+        if let Some(why) = &refusal {
+            eprintln!(
+                "warning: the broker's policy ({}) refuses this unix user: {why}; its \
+                 sessions, terminals and commands will fail until the policy allows it \
+                 (allow_groups, min_uid/max_uid)",
+                policy_path().display()
+            );
+        }
         Ok(())
     })
 }
@@ -152,17 +207,21 @@ fn add(name: String, unix_user: String, admin: bool) -> Result<(), String> {
 fn list() -> Result<(), String> {
     let dir = state_dir()?;
     let store = UserStore::load(&dir, nix::unistd::geteuid().as_raw())?;
-    println!("{:<24} {:<24} {:<6} created", "NAME", "UNIX USER", "ADMIN");
-    for u in &store.users {
-        let created = humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(u.created_at),
-        );
-        println!(
-            "{:<24} {:<24} {:<6} {created}",
-            super::escape::field(&u.name),
-            super::escape::field(&u.unix_user),
-            if u.admin { "yes" } else { "no" }
-        );
-    }
+    let rows: Vec<Vec<String>> = store
+        .users
+        .iter()
+        .map(|u| {
+            let created = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(u.created_at),
+            );
+            vec![
+                u.name.clone(),
+                u.unix_user.clone(),
+                if u.admin { "yes" } else { "no" }.into(),
+                created.to_string(),
+            ]
+        })
+        .collect();
+    super::table::print(&["NAME", "UNIX USER", "ADMIN", "CREATED"], &rows);
     Ok(())
 }

@@ -1,4 +1,21 @@
 //! `POST /exec`: run a command as a user to completion and return its output.
+//!
+//! Two forms of reply, chosen by the request's `Accept`:
+//!
+//! | `Accept` | reply |
+//! |---|---|
+//! | anything else | once the run ends: [`ExecResponse`] as JSON, output as (lossy) UTF-8 |
+//! | [`STREAM_TYPE`] | at once, a body of records as output comes (see below) |
+//!
+//! A stream record is `[kind: u8][length: u32, big-endian][payload]`: [`STDOUT`] and
+//! [`STDERR`] carry output bytes unchanged (binary-safe); the last record is [`END`], whose
+//! payload is the [`ExecResponse`] JSON with empty `stdout` and `stderr`. A stream that ends
+//! without END was cut (the worker went away). Both forms keep each stream to
+//! `exec_output_limit` bytes, honour `timeout_ms`, and cut processes left holding the output
+//! open after `exec_drain_timeout_ms`. A client that goes away kills the run.
+//!
+//! Input is `stdin` (text) or `stdin_base64` (any bytes), never both; all of it is given at
+//! the start (the request body is at most 1 MiB).
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -6,8 +23,10 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
+use base64::Engine;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use stoa_executor::codec;
 use stoa_executor::job::Report;
@@ -30,6 +49,9 @@ pub struct ExecRequest {
     pub tty: Option<WindowSize>,
     #[serde(default)]
     pub stdin: Option<String>,
+    /// Input as base64, for bytes that are not text.
+    #[serde(default)]
+    pub stdin_base64: Option<String>,
     /// Kill the process group after this long (the reply says `timed_out`).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
@@ -58,17 +80,90 @@ async fn wait_exit(mut rx: watch::Receiver<Option<ExitStatus>>) -> Option<ExitSt
     rx.wait_for(|s| s.is_some()).await.ok().and_then(|s| *s)
 }
 
-async fn collect_into(reader: Option<FdReader>, limit: usize, out: &mut Collected) {
-    let Some(reader) = reader else { return };
+/// The `Accept` value that asks for a streamed reply.
+pub const STREAM_TYPE: &str = "application/vnd.stoa.exec-stream";
+/// Record kinds of a streamed reply.
+pub const STDOUT: u8 = 1;
+pub const STDERR: u8 = 2;
+pub const END: u8 = 3;
+/// Records queued for a slow client before the program is made to wait.
+const STREAM_QUEUE: usize = 16;
+
+/// One stream record.
+pub fn record(kind: u8, payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(5 + payload.len());
+    out.push(kind);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+/// Where one output stream goes: kept for the JSON reply, or sent on as records.
+struct Sink<'a> {
+    kept: &'a mut Collected,
+    stream: Option<(&'a mpsc::Sender<Bytes>, u8)>,
+    /// Bytes passed on so far (kept or sent).
+    passed: usize,
+}
+
+/// How reading one output ended.
+#[derive(PartialEq)]
+enum Drained {
+    /// End of file.
+    Closed,
+    /// The program had exited and something left behind kept the output open (or kept
+    /// writing past the limit).
+    HeldOpen,
+}
+
+/// Resolves `drain` after the program exited (never before).
+async fn after_exit(mut exit: watch::Receiver<Option<ExitStatus>>, drain: Duration) {
+    if exit.wait_for(|s| s.is_some()).await.is_err() {
+        return std::future::pending().await;
+    }
+    tokio::time::sleep(drain).await
+}
+
+async fn collect_into(
+    reader: Option<FdReader>,
+    limit: usize,
+    mut sink: Sink<'_>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    drain: Duration,
+) -> Drained {
+    let Some(reader) = reader else {
+        return Drained::Closed;
+    };
     // Small: most runs print little, and a pipe is read again at once when it has more.
     let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n) = reader.read(&mut buf).await {
+    loop {
+        // Reading is cancel-safe: a read that loses the race has taken nothing.
+        let n = tokio::select! {
+            read = reader.read(&mut buf) => match read {
+                Ok(n) => n,
+                Err(_) => return Drained::Closed,
+            },
+            _ = after_exit(exit.clone(), drain) => return Drained::HeldOpen,
+        };
         if n == 0 {
-            return;
+            return Drained::Closed;
         }
-        let keep = n.min(limit.saturating_sub(out.bytes.len()));
-        out.bytes.extend_from_slice(&buf[..keep]);
-        out.dropped += (n - keep) as u64;
+        let keep = n.min(limit.saturating_sub(sink.passed));
+        sink.passed += keep;
+        sink.kept.dropped += (n - keep) as u64;
+        match sink.stream {
+            Some((tx, kind)) if keep > 0 => {
+                // A client gone: the run is being dropped by the handler; stop reading.
+                if tx.send(record(kind, &buf[..keep])).await.is_err() {
+                    return Drained::Closed;
+                }
+            }
+            Some(_) => {}
+            None => sink.kept.bytes.extend_from_slice(&buf[..keep]),
+        }
+        if keep < n && exit.borrow().is_some() {
+            return Drained::HeldOpen;
+        }
     }
 }
 
@@ -83,18 +178,89 @@ pub async fn handler(
     state.accepting_work()?;
     let axum::Json(req) =
         body.map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, e.body_text()))?;
-    let result = run(state, credential, req).await?;
-    Ok(axum::response::IntoResponse::into_response(axum::Json(
-        result,
-    )))
+    let streamed = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.split(';').next().map(str::trim) == Some(STREAM_TYPE));
+    let started = start(&state, credential, req).await?;
+    if !streamed {
+        let result = finish(state, started, None).await;
+        return Ok(axum::response::IntoResponse::into_response(axum::Json(
+            result,
+        )));
+    }
+    let (tx, mut rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
+    super::broker_link::spawn_traced(async move {
+        let run = finish(state, started, Some(&tx));
+        // The client gone (the body dropped): dropping the run kills what it started.
+        let result = tokio::select! {
+            result = run => result,
+            _ = tx.closed() => return,
+        };
+        let end = serde_json::to_vec(&result).unwrap_or_default();
+        let _ = tx.send(record(END, &end)).await;
+    });
+    let body = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|r| r.map(Ok::<_, std::convert::Infallible>))
+    });
+    axum::response::Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, STREAM_TYPE)
+        .header(axum::http::header::CACHE_CONTROL, "no-store")
+        .body(axum::body::Body::from_stream(body))
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
+/// A started run: its handle and the fds to read and write.
+pub struct Started {
+    info: crate::wire::HandleInfo,
+    guard: super::HandleGuard,
+    exit_rx: watch::Receiver<Option<ExitStatus>>,
+    control: FdReader,
+    stdout: FdReader,
+    stderr: Option<FdReader>,
+    timeout_ms: Option<u64>,
+}
+
+/// Runs the request to its end and returns the JSON reply.
 pub async fn run(
     state: Arc<AppState>,
     credential: String,
     req: ExecRequest,
 ) -> Result<ExecResponse, ApiError> {
-    let has_stdin = req.stdin.is_some();
+    let started = start(&state, credential, req).await?;
+    Ok(finish(state, started, None).await)
+}
+
+/// Checks the request and spawns its program.
+async fn start(
+    state: &Arc<AppState>,
+    credential: String,
+    req: ExecRequest,
+) -> Result<Started, ApiError> {
+    let stdin_data: Option<Vec<u8>> = match (req.stdin, req.stdin_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "give stdin or stdin_base64, not both",
+            ))
+        }
+        (Some(text), None) => Some(text.into_bytes()),
+        (None, Some(b64)) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| {
+                    ApiError::new(
+                        axum::http::StatusCode::BAD_REQUEST,
+                        format!("stdin_base64 is not base64: {e}"),
+                    )
+                })?,
+        ),
+        (None, None) => None,
+    };
+    let has_stdin = stdin_data.is_some();
     let spawn = SpawnRequest {
         cwd_id: None,
         credential,
@@ -118,11 +284,7 @@ pub async fn run(
     };
     // Dropped before the end (the client went away, an error): the guard kills and
     // releases what was spawned.
-    let super::Spawned {
-        info,
-        fds,
-        mut guard,
-    } = state.spawn("exec", spawn).await?;
+    let super::Spawned { info, fds, guard } = state.spawn("exec", spawn).await?;
     let exit_rx = state
         .processes
         .exit_watch(info.handle)
@@ -158,64 +320,116 @@ pub async fn run(
     let control = reader(control)?;
     let stdout = reader(stdout_fd)?;
     let stderr = stderr_fd.map(reader).transpose()?;
-    if let (Some(fd), Some(data)) = (stdin_fd, req.stdin) {
+    if let (Some(fd), Some(data)) = (stdin_fd, stdin_data) {
         // A program that exits without reading its input is not an error.
         super::broker_link::spawn_traced(async move {
-            let _ = fdio::write_all_and_close(fd, data.as_bytes()).await;
+            let _ = fdio::write_all_and_close(fd, &data).await;
         });
     }
+    Ok(Started {
+        info,
+        guard,
+        exit_rx,
+        control,
+        stdout,
+        stderr,
+        timeout_ms: req.timeout_ms,
+    })
+}
+
+/// Reads the run's output to its end (kept, or sent on `stream`) and says how it ended.
+async fn finish(
+    state: Arc<AppState>,
+    started: Started,
+    stream: Option<&mpsc::Sender<Bytes>>,
+) -> ExecResponse {
+    let Started {
+        info,
+        mut guard,
+        exit_rx,
+        control,
+        stdout,
+        stderr,
+        timeout_ms,
+    } = started;
 
     let limit = state.config.exec_output_limit;
+    let drain = Duration::from_millis(state.config.exec_drain_timeout_ms);
     let (mut out, mut err, mut ctl) = (
         Collected::default(),
         Collected::default(),
         Collected::default(),
     );
     let mut timed_out = false;
-    let mut truncated = false;
-    let status = {
+    let status;
+    let held_open;
+    {
+        let sink = |kept, kind| Sink {
+            kept,
+            stream: stream.map(|tx| (tx, kind)),
+            passed: 0,
+        };
         let collect = async {
             tokio::join!(
-                collect_into(Some(stdout), limit, &mut out),
-                collect_into(stderr, limit, &mut err),
-                collect_into(Some(control), 64 * 1024, &mut ctl),
+                collect_into(
+                    Some(stdout),
+                    limit,
+                    sink(&mut out, STDOUT),
+                    exit_rx.clone(),
+                    drain
+                ),
+                collect_into(
+                    stderr,
+                    limit,
+                    sink(&mut err, STDERR),
+                    exit_rx.clone(),
+                    drain
+                ),
+                collect_into(
+                    Some(control),
+                    64 * 1024,
+                    Sink {
+                        kept: &mut ctl,
+                        stream: None,
+                        passed: 0
+                    },
+                    exit_rx.clone(),
+                    drain
+                ),
             )
         };
         tokio::pin!(collect);
-        let exited = wait_exit(exit_rx);
+        let exited = wait_exit(exit_rx.clone());
         tokio::pin!(exited);
-        let timer = tokio::time::sleep(Duration::from_millis(
-            req.timeout_ms.unwrap_or(u64::MAX / 4),
-        ));
+        let timer = tokio::time::sleep(Duration::from_millis(timeout_ms.unwrap_or(u64::MAX / 4)));
         tokio::pin!(timer);
-        let mut collected = false;
-        let status = loop {
+        let mut collected = None;
+        status = loop {
             tokio::select! {
                 status = &mut exited => break status,
-                _ = &mut collect, if !collected => collected = true,
-                _ = &mut timer, if !timed_out && req.timeout_ms.is_some() => {
+                done = &mut collect, if collected.is_none() => collected = Some(done),
+                _ = &mut timer, if !timed_out && timeout_ms.is_some() => {
                     timed_out = true;
                     let _ = state.link.request(RequestBody::Kill { handle: info.handle, signal: Signal::Kill }).await;
                 }
             }
         };
-        if !collected {
-            // Output may still be in flight, or held open by processes left behind.
-            let drain = Duration::from_millis(state.config.exec_drain_timeout_ms);
-            if tokio::time::timeout(drain, &mut collect).await.is_err() {
-                truncated = true;
-                let _ = state
-                    .link
-                    .request(RequestBody::Kill {
-                        handle: info.handle,
-                        signal: Signal::Kill,
-                    })
-                    .await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), &mut collect).await;
-            }
-        }
-        status
-    };
+        // After the exit each read waits at most the drain timeout for more output.
+        let (a, b, _) = match collected {
+            Some(done) => done,
+            None => collect.await,
+        };
+        held_open = a == Drained::HeldOpen || b == Drained::HeldOpen;
+    }
+    if held_open {
+        let _ = state
+            .link
+            .request(RequestBody::Kill {
+                handle: info.handle,
+                signal: Signal::Kill,
+            })
+            .await;
+    }
     let limit_hit = state.processes.limit_hit(info.handle);
     guard.set(super::OnDrop::Release);
     drop(guard);
@@ -230,7 +444,7 @@ pub async fn run(
     } else {
         None
     };
-    Ok(ExecResponse {
+    ExecResponse {
         handle: info.handle.0,
         pid: info.pid,
         unix_user: info.unix_user,
@@ -242,11 +456,11 @@ pub async fn run(
             Some(ExitStatus::Signal(s)) => Some(s),
             _ => None,
         },
-        truncated: truncated || out.dropped > 0 || err.dropped > 0,
+        truncated: held_open || out.dropped > 0 || err.dropped > 0,
         stdout: String::from_utf8_lossy(&out.bytes).into_owned(),
         stderr: String::from_utf8_lossy(&err.bytes).into_owned(),
         timed_out,
         error,
         limit_hit: limit_hit.map(|l| l.to_string()),
-    })
+    }
 }

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod agents_e2e;
+mod cli_human;
 mod core;
 mod harness;
 mod limits;
@@ -51,6 +52,7 @@ fn main() {
         security_store::TESTS,
         security_front::TESTS,
         workers::TESTS,
+        cli_human::TESTS,
     ]
     .concat()
     .into_iter()

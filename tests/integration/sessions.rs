@@ -81,12 +81,12 @@ const FIXTURES: [(&str, &str); 4] = [
 static FAKES: AtomicU32 = AtomicU32::new(0);
 
 /// The fake agent and the recordings, in a root-owned directory the users can read.
-struct Fakes {
+pub struct Fakes {
     dir: PathBuf,
 }
 
 impl Fakes {
-    fn install() -> Fakes {
+    pub fn install() -> Fakes {
         let n = FAKES.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("/run/stoa-test-{}-fakes-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -126,7 +126,7 @@ impl Drop for Fakes {
     }
 }
 
-fn start(fakes: &Fakes, extra_config: &str) -> Instance {
+pub fn start(fakes: &Fakes, extra_config: &str) -> Instance {
     Instance::start_with(Options {
         extra_config: fakes.config(extra_config),
         ..Options::default()
@@ -136,7 +136,7 @@ fn start(fakes: &Fakes, extra_config: &str) -> Instance {
 static WORKTREES: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh directory in the user's (0700) home, owned by the user.
-fn worktree(user: &str) -> String {
+pub fn worktree(user: &str) -> String {
     let n = WORKTREES.fetch_add(1, Ordering::SeqCst);
     let dir = format!("/home/{user}/wt-{n}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -954,6 +954,7 @@ fn cli() -> Result<(), Failed> {
         "claude-code",
         "--worktree",
         &wt,
+        "--json",
     ]);
     assert!(
         out.status.success(),

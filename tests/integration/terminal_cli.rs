@@ -42,12 +42,12 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
 static TMUXES: AtomicU32 = AtomicU32::new(0);
 
 /// A tmux server of our own (its own socket) running one script in a pane; killed on drop.
-struct Tmux {
+pub struct Tmux {
     socket: PathBuf,
 }
 
 impl Tmux {
-    fn start(dir: &Path, cols: u16, rows: u16, script: &str) -> Result<Tmux, Failed> {
+    pub fn start(dir: &Path, cols: u16, rows: u16, script: &str) -> Result<Tmux, Failed> {
         if Command::new("tmux").arg("-V").output().is_err() {
             return Err("tmux is not installed (.ci/run installs it)".into());
         }
@@ -74,7 +74,7 @@ impl Tmux {
         Ok(tmux)
     }
 
-    fn cmd(&self, args: &[&str]) -> Output {
+    pub fn cmd(&self, args: &[&str]) -> Output {
         Command::new("tmux")
             .arg("-S")
             .arg(&self.socket)
@@ -84,18 +84,18 @@ impl Tmux {
             .expect("tmux")
     }
 
-    fn screen(&self) -> String {
+    pub fn screen(&self) -> String {
         String::from_utf8_lossy(&self.cmd(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned()
     }
 
-    fn keys(&self, keys: &[&str]) {
+    pub fn keys(&self, keys: &[&str]) {
         let mut args = vec!["send-keys", "-t", "t"];
         args.extend(keys);
         self.cmd(&args);
     }
 
     /// Waits until the screen satisfies `ok`; the screen in the error otherwise.
-    fn wait_screen(&self, what: &str, ok: impl Fn(&str) -> bool) -> Result<String, Failed> {
+    pub fn wait_screen(&self, what: &str, ok: impl Fn(&str) -> bool) -> Result<String, Failed> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let screen = self.screen();
