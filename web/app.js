@@ -1077,8 +1077,15 @@
     s.lastText = null;
   }
 
+  /** How far a task has got: a late or replayed event never moves it back. */
+  const STAGE = { queued: 0, running: 1, completed: 2, failed: 2, stopped: 2 };
+
   function taskChanged(s, t) {
-    s.tasks.set(t.task_id, { ...(s.tasks.get(t.task_id) || {}), ...t });
+    const had = s.tasks.get(t.task_id);
+    if (had && (STAGE[t.status] ?? 0) < (STAGE[had.status] ?? 0)) {
+      t = { ...t, status: had.status };
+    }
+    s.tasks.set(t.task_id, { ...(had || {}), ...t });
     if (t.status === 'running' || t.status === 'queued') showPrompt(s, t.task_id);
     if ((t.status === 'failed' || t.status === 'stopped') && !s.endShown.has(t.task_id)) {
       s.endShown.add(t.task_id);

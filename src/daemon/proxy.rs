@@ -261,22 +261,14 @@ async fn open_shared(
     credential: &str,
     object: &str,
 ) -> Result<OwnedFd, ApiError> {
-    let reply = state
-        .link
-        .request(RequestBody::OpenShared {
-            credential: credential.to_string(),
-            object: object.to_string(),
-        })
-        .await
-        .map_err(ApiError::broker_down)?;
-    match reply.body {
-        ReplyBody::Connection => reply
-            .fds
-            .into_iter()
-            .next()
-            .ok_or_else(|| ApiError::internal("the broker sent no connection")),
+    let body = RequestBody::OpenShared {
+        credential: credential.to_string(),
+        object: object.to_string(),
+    };
+    match connection(state, body).await? {
+        Ok(fd) => Ok(fd),
         // Nothing is said of terminals that are not shared with this user.
-        ReplyBody::Error(e)
+        Err(e)
             if matches!(
                 e.kind,
                 crate::wire::ErrorKind::Forbidden | crate::wire::ErrorKind::Unavailable
@@ -287,10 +279,7 @@ async fn open_shared(
                 format!("no terminal {object}"),
             ))
         }
-        ReplyBody::Error(e) => Err(ApiError::from_broker(e)),
-        other => Err(ApiError::internal(format!(
-            "unexpected broker reply {other:?}"
-        ))),
+        Err(e) => Err(ApiError::from_broker(e)),
     }
 }
 
@@ -331,6 +320,20 @@ async fn open(
             unix_user: user.to_string(),
         },
     };
+    match connection(state, body).await? {
+        Ok(fd) => Ok(fd),
+        Err(e) if e.kind == crate::wire::ErrorKind::Unavailable && credential.is_none() => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, "no such terminal"))
+        }
+        Err(e) => Err(ApiError::from_broker(e)),
+    }
+}
+
+/// Asks the broker for a connection to a worker: its fd, or the broker's refusal.
+async fn connection(
+    state: &FrontState,
+    body: RequestBody,
+) -> Result<Result<OwnedFd, crate::wire::BrokerError>, ApiError> {
     let reply = state
         .link
         .request(body)
@@ -341,13 +344,9 @@ async fn open(
             .fds
             .into_iter()
             .next()
+            .map(Ok)
             .ok_or_else(|| ApiError::internal("the broker sent no connection")),
-        ReplyBody::Error(e)
-            if e.kind == crate::wire::ErrorKind::Unavailable && credential.is_none() =>
-        {
-            Err(ApiError::new(StatusCode::NOT_FOUND, "no such terminal"))
-        }
-        ReplyBody::Error(e) => Err(ApiError::from_broker(e)),
+        ReplyBody::Error(e) => Ok(Err(e)),
         other => Err(ApiError::internal(format!(
             "unexpected broker reply {other:?}"
         ))),

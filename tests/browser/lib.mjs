@@ -75,3 +75,42 @@ export async function bufferLines(page) {
     return lines;
   });
 }
+
+/** Waits until `fn` gives something truthy (polled every 50 ms); throws after `timeoutMs`. */
+export async function until(what, fn, timeoutMs = 15000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** The frame every browser test script shares: its `--name value` arguments (each of
+ * `required` must be there, else it exits 2), the `result` it prints as JSON at the end,
+ * and `step` (timed, logged) and `shot` (a screenshot into `--artifacts`). */
+export function testScript(tag, required) {
+  const args = parseArgs(process.argv.slice(2));
+  for (const k of required) {
+    if (!args[k]) {
+      console.error(`missing --${k}`);
+      process.exit(2);
+    }
+  }
+  const log = (...a) => console.error(`[${tag}]`, ...a);
+  const result = { ok: false, steps: [], screenshots: [] };
+  async function step(name, fn) {
+    log(name);
+    const t0 = Date.now();
+    await fn();
+    result.steps.push({ name, ms: Date.now() - t0 });
+  }
+  async function shot(page, name) {
+    const path = join(args.artifacts, name);
+    await page.screenshot({ path });
+    result.screenshots.push(path);
+  }
+  const base = typeof args.url === 'string' ? args.url.replace(/\/$/, '') : '';
+  return { args, base, log, result, problems: [], step, shot };
+}

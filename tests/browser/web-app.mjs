@@ -10,43 +10,9 @@
 // menu, type, use the key bar (Esc, arrows and Tab through `cat -v`, the sticky Ctrl to end
 // `cat` with ^D, ^C to interrupt), and check that it fits the screen. Screenshots go to
 // --artifacts. Prints one JSON object on stdout; exit status 0 only when every check passed.
-import { launch, parseArgs, bufferLines } from './lib.mjs';
-import { join } from 'node:path';
+import { launch, parseArgs, bufferLines, testScript, until } from './lib.mjs';
 
-const args = parseArgs(process.argv.slice(2));
-for (const k of ['url', 'token', 'user', 'worktree', 'artifacts']) {
-  if (!args[k]) {
-    console.error(`missing --${k}`);
-    process.exit(2);
-  }
-}
-const base = args.url.replace(/\/$/, '');
-const log = (...a) => console.error('[web-app]', ...a);
-const result = { ok: false, steps: [], screenshots: [] };
-const problems = [];
-
-async function step(name, fn) {
-  log(name);
-  const t0 = Date.now();
-  await fn();
-  result.steps.push({ name, ms: Date.now() - t0 });
-}
-
-async function until(what, fn, timeoutMs = 15000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
-async function shot(page, name) {
-  const path = join(args.artifacts, name);
-  await page.screenshot({ path });
-  result.screenshots.push(path);
-}
+const { args, base, log, result, problems, step, shot } = testScript('web-app', ['url', 'token', 'user', 'worktree', 'artifacts']);
 
 const linesEqual = async (page, text) =>
   (await bufferLines(page)).filter((l) => l.trim() === text).length;

@@ -25,6 +25,8 @@ use super::super::{Broker, PeerKind};
 use crate::wire::{ErrorKind, ReplyBody, RequestBody, ShareInfo};
 
 pub const MAX_SHARES_PER_USER: usize = 64;
+/// Most shares one `ListShares` answers with (many owners may share with one user).
+pub const MAX_LISTED: usize = 1000;
 
 /// A live share, with the uids it binds.
 #[derive(Debug, Clone)]
@@ -155,6 +157,8 @@ pub fn list(b: &mut Broker, ctx: &Ctx, _body: RequestBody) -> Outcome {
         .shares
         .iter()
         .filter(|g| g.info.owner == me || g.info.grantee == me)
+        // Within a frame whatever others shared with this user.
+        .take(MAX_LISTED)
         .map(|g| g.info.clone())
         .collect();
     Outcome::Reply(ReplyBody::Shares(list), Vec::new())
