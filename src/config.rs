@@ -128,6 +128,9 @@ pub struct ExecutionConfig {
     pub max_user_output_bytes: u64,
     /// Most bytes of one stored message; a larger one is stored as an `omitted` notice.
     pub max_message_bytes: usize,
+    /// An agent's permission request nobody answers is denied after this long. The task
+    /// waits meanwhile; the time it waits does not count against `timeout_secs`.
+    pub approval_timeout_secs: u64,
 }
 
 impl ExecutionConfig {
@@ -149,6 +152,7 @@ impl Default for ExecutionConfig {
             max_task_output_bytes: 16 << 20,
             max_user_output_bytes: 256 << 20,
             max_message_bytes: 2 << 20,
+            approval_timeout_secs: 600,
         }
     }
 }
@@ -260,6 +264,9 @@ impl DaemonConfig {
         }
         if self.execution.timeout_secs == 0 {
             return Err("execution.timeout_secs must be at least 1".into());
+        }
+        if !(1..=7 * 86_400).contains(&self.execution.approval_timeout_secs) {
+            return Err("execution.approval_timeout_secs must be 1 to 604800 (a week)".into());
         }
         let e = &self.execution;
         if e.max_message_bytes < 1024

@@ -8,8 +8,8 @@
 use arbitrary::Arbitrary;
 
 use stoa::wire::{
-    limits, DirId, Handle, Program, Request, RequestBody, Signal, SpawnRequest, WindowSize,
-    PROTOCOL_VERSION,
+    limits, ApprovalStep, DirId, Handle, Program, Request, RequestBody, Signal, SpawnRequest,
+    WindowSize, PROTOCOL_VERSION,
 };
 
 use crate::harness::{CREDENTIALS, USERS};
@@ -165,6 +165,7 @@ pub struct ASpawn {
     pub tty: Option<(u16, u16)>,
     pub ring: ARing,
     pub stdin: bool,
+    pub keep_stdin: bool,
     pub secrets: bool,
 }
 
@@ -238,6 +239,14 @@ pub enum ABody {
         object: AStr,
         grantee: Option<AName>,
     },
+    CloseStdin(AHandle),
+    RecordApproval {
+        credential: Option<ACred>,
+        approval: AStr,
+        tool: AStr,
+        summary: AStr,
+        step: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug, Clone)]
@@ -249,6 +258,16 @@ pub struct ARequest {
     /// [`Op::On`] picked).
     pub link: Option<ALink>,
 }
+
+const STEPS: [ApprovalStep; 7] = [
+    ApprovalStep::Asked,
+    ApprovalStep::Allowed,
+    ApprovalStep::AllowedForSession,
+    ApprovalStep::AllowedBySession,
+    ApprovalStep::Denied,
+    ApprovalStep::Expired,
+    ApprovalStep::Abandoned,
+];
 
 /// Turns mirrors into wire values, spending at most [`BUDGET`] bytes on strings.
 pub struct Builder {
@@ -391,6 +410,7 @@ impl Builder {
                 ARing::Any(n) => n,
             },
             stdin: a.stdin,
+            keep_stdin: a.keep_stdin,
             secrets: a.secrets,
             secret_names: None,
         }
@@ -497,6 +517,24 @@ impl Builder {
             ABody::Unshare { object, grantee } => RequestBody::Unshare {
                 object: self.string(object),
                 grantee: grantee.as_ref().map(|g| self.name(g)),
+            },
+            ABody::CloseStdin(h) => RequestBody::CloseStdin {
+                handle: handle_of(h),
+            },
+            ABody::RecordApproval {
+                credential,
+                approval,
+                tool,
+                summary,
+                step,
+            } => RequestBody::RecordApproval {
+                credential: credential.as_ref().map(|c| self.credential(c)),
+                approval: self.string(approval),
+                session: "s".into(),
+                task: "t".into(),
+                tool: self.string(tool),
+                step: STEPS[*step as usize % STEPS.len()],
+                summary: self.string(summary),
             },
         }
     }

@@ -1480,7 +1480,8 @@ fn answers(name: &str, body: &ReplyBody) -> bool {
         "ListAll" => error || matches!(body, ReplyBody::Handles { .. }),
         "Retire" => error || matches!(body, ReplyBody::Done),
         "Login" => error || matches!(body, ReplyBody::LoggedIn { .. }),
-        "Logout" | "Unshare" => matches!(body, ReplyBody::Done),
+        "Logout" | "Unshare" | "CloseStdin" => matches!(body, ReplyBody::Done),
+        "RecordApproval" => error || matches!(body, ReplyBody::Done),
         "Share" => error || matches!(body, ReplyBody::Done),
         "ListShares" => error || matches!(body, ReplyBody::Shares(_)),
         "OpenShared" => error || matches!(body, ReplyBody::Connection),
@@ -1532,6 +1533,8 @@ pub fn may_send(at: ALink, name: &str) -> bool {
             | "Retire"
             | "Share"
             | "Unshare"
+            | "CloseStdin"
+            | "RecordApproval"
     );
     match at {
         ALink::Front => front,
@@ -1544,7 +1547,8 @@ fn handle_named(body: &RequestBody) -> Option<Handle> {
     match body {
         RequestBody::Kill { handle, .. }
         | RequestBody::Release { handle }
-        | RequestBody::Adopt { handle } => Some(*handle),
+        | RequestBody::Adopt { handle }
+        | RequestBody::CloseStdin { handle } => Some(*handle),
         _ => None,
     }
 }

@@ -42,6 +42,7 @@ pub fn spawn_exec() -> SpawnRequest {
         tty: None,
         ring_bytes: 0,
         stdin: true,
+        keep_stdin: false,
         secrets: true,
         secret_names: None,
     }
@@ -59,6 +60,7 @@ pub fn spawn_shell() -> SpawnRequest {
         tty: Some(WindowSize { rows: 24, cols: 80 }),
         ring_bytes: 1 << 20,
         stdin: false,
+        keep_stdin: false,
         secrets: false,
         secret_names: None,
     }
@@ -86,6 +88,7 @@ pub fn spawn_at_limits() -> SpawnRequest {
         }),
         ring_bytes: limits::MAX_RING_BYTES,
         stdin: false,
+        keep_stdin: false,
         secrets: false,
         secret_names: None,
     }

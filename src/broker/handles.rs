@@ -63,8 +63,10 @@ pub struct Entry {
     /// Taken at clone: what the broker signals the child through when it must die before
     /// its exec, and proof the pid is still this child's.
     pub pidfd: OwnedFd,
-    /// Duplicates of what the daemon got (no stdin pipe), for a daemon that restarts.
+    /// Duplicates of what the daemon got, for a daemon that restarts: no stdin pipe
+    /// unless `kept_stdin` (then it is second, after the control socket).
     pub kept: Vec<OwnedFd>,
+    pub kept_stdin: bool,
     /// The daemon is done with it; dropped once the process is also reaped.
     pub released: bool,
     /// Its cgroup, until the process is reaped.
@@ -124,6 +126,10 @@ impl HandleTable {
     /// The entry the daemon may name: reported and not released.
     pub fn visible(&self, handle: Handle) -> Option<&Entry> {
         self.entries.get(&handle).filter(|e| e.visible())
+    }
+
+    pub fn visible_mut(&mut self, handle: Handle) -> Option<&mut Entry> {
+        self.entries.get_mut(&handle).filter(|e| e.visible())
     }
 
     pub fn remove(&mut self, handle: Handle) -> Option<Entry> {

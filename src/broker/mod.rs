@@ -152,6 +152,8 @@ pub struct Broker {
     pub login_checks: Vec<handlers::login::Check>,
     /// Live shares of users' terminals.
     pub shares: Vec<handlers::shares::Grant>,
+    /// Each user's budget of `RecordApproval` audit lines.
+    pub approval_records: handlers::approvals::RecordBudget,
     /// The local log-in socket and its open connections (`None`: not listening).
     pub local: Option<local_login::LocalLogins>,
     pub login_throttle: handlers::login::Throttle,
@@ -206,6 +208,7 @@ impl Broker {
             probes: Vec::new(),
             login_checks: Vec::new(),
             shares: Vec::new(),
+            approval_records: Default::default(),
             local: None,
             login_throttle: Default::default(),
             logins_rechecked: std::time::Instant::now(),

@@ -184,9 +184,9 @@ impl Os for RecordingOs {
             Some(_) => FdLayout::Pty,
             None => FdLayout::Pipes { stdin: req.stdin },
         };
-        // Kept: `[control, master, ring]` or `[control, stdout, stderr]`; pipes stand in
-        // for every fd, the ring's memfd too.
-        let kept = 3;
+        // Kept: `[control, master, ring]` or `[control, (stdin,) stdout, stderr]`; pipes
+        // stand in for every fd, the ring's memfd too.
+        let kept = 3 + usize::from(req.keep_stdin);
         Ok(Launched {
             started: self.child(ChildReport::Execed).map_err(|e| e.to_string())?,
             layout,

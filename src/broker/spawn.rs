@@ -227,6 +227,9 @@ pub fn validate(req: &SpawnRequest) -> Result<(), String> {
             req.ring_bytes
         ));
     }
+    if req.keep_stdin && (!req.stdin || req.tty.is_some()) {
+        return Err("keep_stdin needs a stdin pipe (stdin: true, no tty)".into());
+    }
     Ok(())
 }
 
@@ -285,7 +288,8 @@ pub struct Launched {
     pub layout: FdLayout,
     /// Handed to the daemon now.
     pub for_daemon: Vec<OwnedFd>,
-    /// Kept by the broker for a daemon that restarts (never a stdin pipe).
+    /// Kept by the broker for a daemon that restarts: what the daemon got, the stdin pipe
+    /// only when the request says `keep_stdin`.
     pub kept: Vec<OwnedFd>,
 }
 
@@ -413,11 +417,12 @@ impl Launcher<'_> {
                 false,
             ))
             .map_err(|e| other("cannot start the executor", &e))?;
-            let kept = vec![
-                control_kept,
-                stdout_r.try_clone().map_err(|e| other("dup", &e))?,
-                stderr_r.try_clone().map_err(|e| other("dup", &e))?,
-            ];
+            let mut kept = vec![control_kept];
+            if let (true, Some(w)) = (req.keep_stdin, &stdin_daemon) {
+                kept.push(w.try_clone().map_err(|e| other("dup", &e))?);
+            }
+            kept.push(stdout_r.try_clone().map_err(|e| other("dup", &e))?);
+            kept.push(stderr_r.try_clone().map_err(|e| other("dup", &e))?);
             let mut for_daemon = vec![control_copy];
             let has_stdin = stdin_daemon.is_some();
             for_daemon.extend(stdin_daemon);

@@ -34,6 +34,8 @@
 //! | `Release`      | worker | after Hello | as `Kill`                                      | `handles::release`      | `release` (with owner) |
 //! | `ListHandles`  | worker | after Hello | – (its own user's, a page at a time)           | `handles::list`         | – |
 //! | `Adopt`        | worker | after Hello | as `Kill`                                      | `handles::adopt`        | `adopt` (with owner) |
+//! | `CloseStdin`   | worker | after Hello | as `Kill`                                      | `handles::close_stdin`  | – |
+//! | `RecordApproval` | worker | after Hello | – (recorded as its user's word; an answer's credential is checked by the handler; size and rate bounded) | `approvals::record` | `approval` |
 //! | `Retire`       | worker | after Hello | – (refused while its user has live handles)    | `workers::retire`       | `worker_retire` |
 //!
 //! Refusals (bad credential, another user's credential, a user the policy refuses) are
@@ -45,7 +47,7 @@ use std::os::fd::OwnedFd;
 
 use tracing::warn;
 
-use super::handlers::{dirs, handles, launch, login, secrets, session, shares, workers};
+use super::handlers::{approvals, dirs, handles, launch, login, secrets, session, shares, workers};
 use super::policy::{Refusal, UserFacts};
 use super::spawn::Account;
 use super::{Broker, LinkState, Mode, Outgoing, PeerKind};
@@ -234,6 +236,20 @@ pub const TABLE: &[Row] = &[
         GivenHandle,
         handles::adopt,
     ),
+    row(
+        "CloseStdin",
+        Who::Worker,
+        AfterHello,
+        GivenHandle,
+        handles::close_stdin,
+    ),
+    row(
+        "RecordApproval",
+        Who::Worker,
+        AfterHello,
+        Nothing,
+        approvals::record,
+    ),
     row("Retire", Who::Worker, AfterHello, Nothing, workers::retire),
 ];
 
@@ -251,6 +267,8 @@ pub fn name(body: &RequestBody) -> &'static str {
         RequestBody::Release { .. } => "Release",
         RequestBody::ListHandles { .. } => "ListHandles",
         RequestBody::Adopt { .. } => "Adopt",
+        RequestBody::CloseStdin { .. } => "CloseStdin",
+        RequestBody::RecordApproval { .. } => "RecordApproval",
         RequestBody::Stats => "Stats",
         RequestBody::OpenWorker { .. } => "OpenWorker",
         RequestBody::OpenWorkerAnonymous { .. } => "OpenWorkerAnonymous",
@@ -293,7 +311,8 @@ fn handle_of(body: &RequestBody) -> Option<Handle> {
     match body {
         RequestBody::Kill { handle, .. }
         | RequestBody::Release { handle }
-        | RequestBody::Adopt { handle } => Some(*handle),
+        | RequestBody::Adopt { handle }
+        | RequestBody::CloseStdin { handle } => Some(*handle),
         _ => None,
     }
 }
@@ -610,6 +629,8 @@ mod tests {
             "OpenShared",
             "Share",
             "Unshare",
+            "CloseStdin",
+            "RecordApproval",
         ] {
             assert_eq!(
                 TABLE.iter().filter(|r| r.request == name).count(),
@@ -617,7 +638,7 @@ mod tests {
                 "{name}"
             );
         }
-        assert_eq!(TABLE.len(), 23);
+        assert_eq!(TABLE.len(), 25);
     }
 
     #[test]

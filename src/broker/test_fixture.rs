@@ -137,6 +137,7 @@ impl Fixture {
             env: vec![],
             tty: None,
             stdin: false,
+            keep_stdin: false,
             secrets: false,
             secret_names: None,
             ring_bytes: 0,

@@ -648,3 +648,113 @@ fn a_run_gets_the_secrets_its_tool_may_have_the_users_own_over_the_admins_defaul
     f.send(RequestBody::Spawn(req)).unwrap();
     assert_eq!(one_error(&mut f), ErrorKind::BadRequest);
 }
+
+#[test]
+fn a_kept_stdin_comes_back_on_adopt_until_the_worker_closes_it() {
+    let mut f = fixture("keep-stdin");
+    let admin = f.admin.clone();
+    f.on_worker(Some(ALICE));
+    let RequestBody::Spawn(mut req) = f.spawn_req(&admin, "alice", vec!["cat".into()]) else {
+        unreachable!()
+    };
+    // Kept stdin needs a stdin pipe.
+    req.keep_stdin = true;
+    f.send(RequestBody::Spawn(req.clone())).unwrap();
+    assert_eq!(one_error(&mut f), ErrorKind::BadRequest);
+    req.stdin = true;
+    f.send(RequestBody::Spawn(req)).unwrap();
+    super::handlers::launch::check_starting(&mut f.broker);
+    let handle = match f.replies().pop() {
+        Some(BrokerMessage::Reply {
+            body: ReplyBody::Spawned(info),
+            ..
+        }) => info.handle,
+        other => panic!("expected Spawned, got {other:?}"),
+    };
+    let adopt = |f: &mut Fixture| {
+        f.send(RequestBody::Adopt { handle }).unwrap();
+        match one_reply(f) {
+            (ReplyBody::Adopted(info), fds) => (info.fds, fds),
+            other => panic!("{other:?}"),
+        }
+    };
+    // A restarted worker gets the stdin pipe back: control, stdin, stdout, stderr.
+    assert_eq!(
+        adopt(&mut f),
+        (crate::wire::FdLayout::Pipes { stdin: true }, 4)
+    );
+    // Bob's worker may not close it.
+    f.on_worker(Some(BOB));
+    let err = f.send(RequestBody::CloseStdin { handle }).unwrap_err();
+    assert!(err.contains("of another user"), "{err}");
+    f.on_worker(Some(ALICE));
+    f.send(RequestBody::CloseStdin { handle }).unwrap();
+    assert!(matches!(one_reply(&mut f), (ReplyBody::Done, 0)));
+    assert_eq!(
+        adopt(&mut f),
+        (crate::wire::FdLayout::Pipes { stdin: false }, 3)
+    );
+    // Closing twice is harmless.
+    f.send(RequestBody::CloseStdin { handle }).unwrap();
+    assert!(matches!(one_reply(&mut f), (ReplyBody::Done, 0)));
+}
+
+#[test]
+fn approval_records_say_who_answered_and_are_bounded() {
+    let mut f = fixture("approval-records");
+    let tokens = api_users(&f);
+    let record = |credential: Option<&str>, summary: &str| RequestBody::RecordApproval {
+        credential: credential.map(String::from),
+        approval: "u2001-a".into(),
+        session: "u2001-s".into(),
+        task: "u2001-t".into(),
+        tool: "Bash".into(),
+        step: crate::wire::ApprovalStep::Allowed,
+        summary: summary.into(),
+    };
+    // Only a worker may record.
+    f.on_worker(None);
+    assert!(f.send(record(None, "x")).is_err());
+    f.on_worker(Some(ALICE));
+    let lines = |f: &Fixture| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(f.dir.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "approval")
+            .collect()
+    };
+    f.send(record(Some(&tokens.alice), "Bash: ls")).unwrap();
+    assert!(matches!(one_reply(&mut f), (ReplyBody::Done, 0)));
+    // Bob's credential answers nothing in alice's worker: recorded as not believed.
+    f.send(record(Some(&tokens.bob), "Bash: ls")).unwrap();
+    assert!(matches!(one_reply(&mut f), (ReplyBody::Done, 0)));
+    f.send(record(None, "Bash: ls")).unwrap();
+    assert!(matches!(one_reply(&mut f), (ReplyBody::Done, 0)));
+    let written = lines(&f);
+    assert_eq!(written.len(), 3);
+    assert_eq!(written[0]["by"], alice_principal().owner());
+    assert_eq!(written[0]["user"], "alice");
+    assert_eq!(written[0]["uid"], 2001);
+    assert_eq!(written[0]["step"], "allowed");
+    assert_eq!(written[1]["by"], "unverified");
+    assert!(written[2]["by"].is_null());
+    // Too long: refused, nothing written.
+    f.send(record(None, &"x".repeat(2000))).unwrap();
+    assert_eq!(one_error(&mut f), ErrorKind::BadRequest);
+    // A worker cannot fill root's disk: past its burst, records are refused.
+    let mut refused = 0;
+    for _ in 0..100 {
+        f.send(record(None, "Bash: ls")).unwrap();
+        if let (ReplyBody::Error(e), _) = one_reply(&mut f) {
+            assert_eq!(e.kind, ErrorKind::Quota);
+            refused += 1;
+        }
+    }
+    assert!(refused >= 40, "{refused} of 100 refused");
+    assert!(lines(&f).len() <= 3 + 61, "{}", lines(&f).len());
+    // Another user's budget is their own.
+    f.on_worker(Some(BOB));
+    f.send(record(None, "Bash: ls")).unwrap();
+    assert!(matches!(one_reply(&mut f), (ReplyBody::Done, 0)));
+}

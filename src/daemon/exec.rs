@@ -272,6 +272,7 @@ async fn start(
         env: req.env.clone().into_iter().collect(),
         tty: req.tty,
         stdin: has_stdin && req.tty.is_none(),
+        keep_stdin: false,
         secrets: false,
         secret_names: None,
         // A tty comes with an output ring; this run reads the master itself and leaves the

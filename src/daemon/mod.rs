@@ -23,8 +23,11 @@
 //! | `broker_link.rs`, `metrics.rs` | both | the broker link; Prometheus metrics      |
 #![forbid(unsafe_code)]
 
+pub mod approval_store;
+pub mod approvals;
 pub mod auth;
 pub mod broker_link;
+pub mod conversation;
 pub mod credential;
 pub mod exec;
 pub mod fdio;
@@ -69,6 +72,8 @@ pub struct AppState {
     pub running: Mutex<HashMap<String, tokio::sync::watch::Sender<Option<tasks::StopReason>>>>,
     /// What changed, for live event streams.
     pub notices: tokio::sync::broadcast::Sender<Notice>,
+    /// Running tasks that may be waiting for answers, by task id: woken when one is given.
+    pub answers: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     pub terminals: terminals::Terminals,
     pub metrics: metrics::Metrics,
     /// The worker's Unix user: the ids it gives out start with it (`store::object_id`),
@@ -157,6 +162,11 @@ pub enum Notice {
     Task {
         session_id: String,
         task: Box<store::Task>,
+    },
+    /// A permission request was made or settled.
+    Approval {
+        session_id: String,
+        approval: Box<approval_store::Approval>,
     },
 }
 

@@ -11,7 +11,7 @@
 //! | anyone's but an admin's                   | the principal's own Unix user (others' ids are 404 there) |
 //! | an admin's, naming an id `u<uid>-…`       | that uid's user                                |
 //! | an admin's `POST /sessions`, `/terminals`, `/exec` | the body's `unix_user` (or its `session_id`'s user) |
-//! | an admin's `GET /sessions`, `/terminals`  | every user with a store: the lists are merged  |
+//! | an admin's `GET /sessions`, `/terminals`, `/approvals` | every user with a store: the lists are merged |
 //! | an admin's, naming an older id            | every user with a store, until one knows it    |
 //! | `GET /terminals/:id/ws?ticket=` (no token)| the id's user, if that worker runs, unauthenticated: the worker checks the ticket |
 #![forbid(unsafe_code)]
@@ -66,7 +66,7 @@ async fn forward_inner(state: &Arc<FrontState>, mut req: Request) -> Result<Resp
     // Only what workers serve goes to one: anything else is no route, whoever asks.
     if !matches!(
         segments.first(),
-        Some(&("exec" | "sessions" | "tasks" | "terminals" | "users"))
+        Some(&("approvals" | "exec" | "sessions" | "tasks" | "terminals" | "users"))
     ) {
         return Err(drained(req, ApiError::new(StatusCode::NOT_FOUND, "no such route")).await);
     }
@@ -82,7 +82,7 @@ async fn forward_inner(state: &Arc<FrontState>, mut req: Request) -> Result<Resp
         Err(e) => return Err(drained(req, e).await),
     };
     let id = match segments.as_slice() {
-        ["sessions" | "terminals" | "tasks", id, ..] => Some(id.to_string()),
+        ["approvals" | "sessions" | "terminals" | "tasks", id, ..] => Some(id.to_string()),
         _ => None,
     };
     // Another user's terminal socket: only through a share of it, to its owner's worker,
@@ -221,7 +221,9 @@ async fn target(
             )),
         };
     }
-    if req.method() == Method::GET && matches!(segments, ["sessions"] | ["terminals"]) {
+    if req.method() == Method::GET
+        && matches!(segments, ["sessions"] | ["terminals"] | ["approvals"])
+    {
         return Ok((req, Target::All));
     }
     match own {

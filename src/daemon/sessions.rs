@@ -10,7 +10,7 @@
 //! | `POST /sessions/:id/stop`           | stop the running task: SIGTERM, SIGKILL after the grace |
 //! | `GET /sessions/:id/tasks`           | its tasks, oldest first                                 |
 //! | `GET /sessions/:id/messages`        | stored events, `?after=SEQ&limit=N`                     |
-//! | `GET /sessions/:id/events`          | Server-Sent Events, resumable with `Last-Event-ID`      |
+//! | `GET /sessions/:id/events`          | Server-Sent Events (`message`, `task`, `approval`), resumable with `Last-Event-ID` |
 //! | `GET /tasks/:id`                    | one task                                                |
 //! | `GET /users/me`                     | who the token is                                        |
 //! | `GET /users/me/secrets`             | names of your secrets (never values)                    |
@@ -336,7 +336,7 @@ async fn stop(
     let running = tasks
         .into_iter()
         .rev()
-        .find(|t| t.status == "running" || t.status == "queued");
+        .find(|t| matches!(t.status.as_str(), "running" | "waiting" | "queued"));
     let Some(task) = running else {
         return Err(ApiError::new(StatusCode::CONFLICT, "no task is running"));
     };
@@ -472,6 +472,14 @@ async fn events(
                     let data = serde_json::to_string(&task).unwrap_or_default();
                     c.pending
                         .push_back(Event::default().event("task").data(data));
+                }
+                Ok(Ok(Notice::Approval {
+                    session_id,
+                    approval,
+                })) if session_id == c.session_id => {
+                    let data = serde_json::to_string(&approval).unwrap_or_default();
+                    c.pending
+                        .push_back(Event::default().event("approval").data(data));
                 }
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return None,
                 _ => {}

@@ -97,6 +97,35 @@ INSERT INTO output_usage (unix_user, bytes)
     SELECT s.unix_user, SUM(m.bytes) FROM messages m JOIN sessions s USING (session_id)
     GROUP BY s.unix_user;
 "#,
+    // Agents' permission requests (approval_store.rs), and the tools a session allows
+    // without asking.
+    r#"
+CREATE TABLE approvals (
+    approval_id  TEXT PRIMARY KEY,
+    session_id   TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
+    task_id      TEXT NOT NULL,
+    tool         TEXT NOT NULL,
+    summary      TEXT NOT NULL,
+    ask          TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    for_session  INTEGER NOT NULL DEFAULT 0,
+    decided_by   TEXT,
+    reason       TEXT,
+    created_at   TEXT NOT NULL,
+    expires_unix INTEGER NOT NULL,
+    decided_at   TEXT,
+    delivered    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX approvals_by_status ON approvals(status, created_at);
+CREATE INDEX approvals_by_task ON approvals(task_id);
+CREATE TABLE session_tools (
+    session_id  TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
+    tool        TEXT NOT NULL,
+    allowed_by  TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    PRIMARY KEY (session_id, tool)
+);
+"#,
 ];
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -125,7 +154,8 @@ pub struct Task {
     pub task_id: String,
     pub session_id: String,
     pub prompt: String,
-    /// queued | running | completed | failed | stopped
+    /// queued | running | waiting (for an answer to a permission request) | completed |
+    /// failed | stopped
     pub status: String,
     pub error: Option<String>,
     pub exit_code: Option<i32>,
@@ -500,10 +530,29 @@ impl Store {
     pub async fn unfinished_tasks(&self) -> StoreResult<Vec<Task>> {
         self.with(move |c| {
             let mut stmt = c.prepare(&format!(
-                "SELECT {TASK_COLS} FROM tasks WHERE status IN ('queued', 'running') ORDER BY created_at"
+                "SELECT {TASK_COLS} FROM tasks WHERE status IN ('queued', 'running', 'waiting') ORDER BY created_at"
             ))?;
             let rows = stmt.query_map([], task_row)?;
             rows.collect()
+        })
+        .await
+    }
+
+    /// A running task waits for an answer (`waiting`), or no longer does (`running`);
+    /// a task that has ended is left as it is. Whether it changed.
+    pub async fn set_task_waiting(&self, id: &str, waiting: bool) -> StoreResult<bool> {
+        let id = id.to_string();
+        let (to, from) = if waiting {
+            ("waiting", "running")
+        } else {
+            ("running", "waiting")
+        };
+        self.with(move |c| {
+            c.execute(
+                "UPDATE tasks SET status = ?2 WHERE task_id = ?1 AND status = ?3",
+                params![id, to, from],
+            )
+            .map(|n| n > 0)
         })
         .await
     }

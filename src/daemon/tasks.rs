@@ -18,11 +18,12 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use stoa_executor::agents::{Adapter, AgentEvent, RunSpec, Tool};
+use stoa_executor::agents::{Adapter, AgentEvent, Invocation, PermissionAsk, RunSpec, Tool};
 use stoa_executor::codec;
 use stoa_executor::job::Report;
 
-use super::fdio::FdReader;
+use super::conversation::{Asks, Input, Sink};
+use super::fdio::{FdReader, FdWriter};
 use super::store::{Outcome, Session, Task};
 use super::{AppState, Notice};
 use crate::wire::{
@@ -64,6 +65,8 @@ enum Process {
 struct Run {
     stdout: Output,
     stderr: Option<Output>,
+    /// The agent's stdin, for a conversation.
+    input: Option<Input>,
     /// The executor's report channel (broker path).
     control: Option<FdReader>,
     process: Process,
@@ -155,6 +158,8 @@ struct Seen {
     /// A stored-output limit the run reached (which one, in words): nothing more of it is
     /// stored, and it is ended.
     output_limit: Option<String>,
+    /// Permission requests parsed and not yet taken up by the run.
+    asks: Vec<PermissionAsk>,
 }
 
 /// Starts `task` of `session` in the background. `credential` is the prompting caller's,
@@ -241,9 +246,8 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
         match spawn_through_broker(
             state,
             session,
-            &invocation.argv,
+            &invocation,
             env,
-            invocation.stdin.clone(),
             agent_config.secrets.clone(),
             credential,
         )
@@ -253,7 +257,7 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
             Err(e) => return Ending::failed(e),
         }
     } else {
-        match spawn_direct(session, &invocation.argv, env, invocation.stdin.clone()) {
+        match spawn_direct(session, &invocation, env) {
             Ok(run) => (run, "direct", None),
             Err(e) => return Ending::failed(e),
         }
@@ -280,24 +284,26 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
 async fn spawn_through_broker(
     state: &Arc<AppState>,
     session: &Session,
-    argv: &[String],
+    invocation: &Invocation,
     env: Vec<(String, String)>,
-    stdin: Option<String>,
     secret_names: Option<Vec<String>>,
     credential: &str,
 ) -> Result<(Run, Handle), String> {
+    let stdin = invocation.stdin.clone();
     let request = SpawnRequest {
         // The broker refuses to run anywhere but the directory pinned at creation.
         cwd_id: session.worktree_id,
         credential: credential.to_string(),
         unix_user: session.unix_user.clone(),
         program: Program::Exec {
-            argv: argv.to_vec(),
+            argv: invocation.argv.clone(),
         },
         cwd: Some(session.worktree.clone()),
         env,
         tty: None,
         stdin: stdin.is_some(),
+        // A conversation's stdin outlives a worker restart: the agent may be waiting on it.
+        keep_stdin: stdin.is_some() && invocation.conversation,
         secrets: true,
         secret_names,
         ring_bytes: 0,
@@ -312,17 +318,19 @@ async fn spawn_through_broker(
         .map_err(|e| e.to_string())?;
     // If the run cannot be set up, the guard kills and releases what was spawned; once it
     // is, `drive` ends it and releases it.
-    let run = run_from_fds(state, &info, fds, stdin)?;
+    let run = run_from_fds(state, &info, fds, stdin, invocation.conversation)?;
     guard.set(super::OnDrop::Nothing);
     Ok((run, info.handle))
 }
 
-/// A run from a handle's fds (fresh from a spawn, or adopted after a restart).
+/// A run from a handle's fds (fresh from a spawn, or adopted after a restart: then there
+/// is a stdin only for a conversation, and nothing to write first).
 fn run_from_fds(
     state: &AppState,
     info: &HandleInfo,
     fds: Vec<OwnedFd>,
     stdin: Option<String>,
+    conversation: bool,
 ) -> Result<Run, String> {
     let exit = state
         .processes
@@ -341,14 +349,23 @@ fn run_from_fds(
     let stdin_fd = if has_stdin { Some(next()?) } else { None };
     let stdout = reader(next()?)?;
     let stderr = reader(next()?)?;
-    if let (Some(fd), Some(prompt)) = (stdin_fd, stdin) {
-        super::broker_link::spawn_traced(async move {
-            let _ = super::fdio::write_all_and_close(fd, prompt.as_bytes()).await;
-        });
+    let mut input = None;
+    match (stdin_fd, stdin) {
+        (Some(fd), first) if conversation => {
+            let writer = FdWriter::new(fd).map_err(|e| e.to_string())?;
+            input = Some(Input::start(Sink::Fd(writer), Some(info.handle), first));
+        }
+        (Some(fd), Some(prompt)) => {
+            super::broker_link::spawn_traced(async move {
+                let _ = super::fdio::write_all_and_close(fd, prompt.as_bytes()).await;
+            });
+        }
+        _ => {}
     }
     Ok(Run {
         stdout: Output::Fd(stdout),
         stderr: Some(Output::Fd(stderr)),
+        input,
         control: Some(control),
         process: Process::Broker {
             handle: info.handle,
@@ -361,11 +378,12 @@ fn run_from_fds(
 /// session's Unix user (no executor).
 fn spawn_direct(
     session: &Session,
-    argv: &[String],
+    invocation: &Invocation,
     env: Vec<(String, String)>,
-    stdin: Option<String>,
 ) -> Result<Run, String> {
     use std::process::Stdio;
+    let argv = &invocation.argv;
+    let stdin = invocation.stdin.clone();
     let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
         .ok()
         .flatten();
@@ -402,17 +420,25 @@ fn spawn_direct(
         .id()
         .map(|p| p as i32)
         .ok_or("the agent exited at once")?;
-    if let (Some(mut pipe), Some(prompt)) = (child.stdin.take(), stdin) {
-        super::broker_link::spawn_traced(async move {
-            use tokio::io::AsyncWriteExt;
-            let _ = pipe.write_all(prompt.as_bytes()).await;
-        });
+    let mut input = None;
+    match (child.stdin.take(), stdin) {
+        (Some(pipe), first) if invocation.conversation => {
+            input = Some(Input::start(Sink::Pipe(pipe), None, first));
+        }
+        (Some(mut pipe), Some(prompt)) => {
+            super::broker_link::spawn_traced(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = pipe.write_all(prompt.as_bytes()).await;
+            });
+        }
+        _ => {}
     }
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let stderr = child.stderr.take().ok_or("no stderr")?;
     Ok(Run {
         stdout: Output::Pipe(Box::new(stdout)),
         stderr: Some(Output::Pipe(Box::new(stderr))),
+        input,
         control: None,
         process: Process::Direct { child, pgid },
     })
@@ -430,6 +456,7 @@ async fn drive(
     let Run {
         mut stdout,
         mut stderr,
+        mut input,
         control,
         mut process,
     } = run;
@@ -439,8 +466,19 @@ async fn drive(
         .lock()
         .expect("running lock")
         .insert(task.task_id.clone(), stop_tx.clone());
-    let timeout = tokio::time::sleep(Duration::from_secs(timeout_secs));
-    tokio::pin!(timeout);
+    let mut asks = Asks::new(state, task, Duration::from_secs(timeout_secs));
+    // A run taken over after its final result: the agent only waits for end-of-file.
+    if input.is_some()
+        && state
+            .store
+            .task_has_result(&task.task_id)
+            .await
+            .unwrap_or(false)
+    {
+        if let Some(input) = input.take() {
+            input.close(state).await;
+        }
+    }
 
     let mut seen = Seen::default();
     let mut lines = Lines::default();
@@ -502,10 +540,16 @@ async fn drive(
                     }
                 }
             }
-            _ = &mut timeout, if stop.is_none() && exit.is_none() => {
+            _ = tokio::time::sleep_until(asks.timeout_at), if stop.is_none() && exit.is_none() && !asks.waiting() => {
                 stop = Some(StopReason::Timeout);
                 process.signal(state, Signal::Term).await;
                 killed_at = Some(tokio::time::Instant::now());
+            }
+            _ = asks.wake.notified() => {
+                asks.on_wake(state, session, task, &*adapter, input.as_ref()).await;
+            }
+            _ = tokio::time::sleep_until(asks.next_expiry.unwrap_or(far)), if asks.next_expiry.is_some() => {
+                asks.on_expiry(state, session, task, &*adapter, input.as_ref()).await;
             }
             _ = tokio::time::sleep_until(kill_deadline.unwrap_or(far)), if kill_deadline.is_some() && exit.is_none() => {
                 process.signal(state, Signal::Kill).await;
@@ -520,6 +564,21 @@ async fn drive(
                 ctl_open = false;
             }
         }
+        for ask in std::mem::take(&mut seen.asks) {
+            asks.on_ask(state, session, task, ask, &*adapter, input.as_ref())
+                .await;
+        }
+        if let Some(input) = &input {
+            for line in adapter.take_input() {
+                input.send(line);
+            }
+        }
+        // After its final result the agent has nothing more to be told.
+        if seen.result.is_some() {
+            if let Some(input) = input.take() {
+                input.close(state).await;
+            }
+        }
         // Output that cannot be parsed, or that may not be stored, means the run is broken:
         // end it (TERM, then KILL of its process group after the grace).
         let broken =
@@ -531,6 +590,8 @@ async fn drive(
     }
     // Nothing the run started may outlive it.
     process.signal(state, Signal::Kill).await;
+    drop(input);
+    asks.abandon(state, task).await;
     let mut limit_hit = None;
     if let Process::Broker { handle, .. } = &process {
         limit_hit = state.processes.limit_hit(*handle);
@@ -695,6 +756,7 @@ async fn handle_lines(
                 }
             }
             AgentEvent::Notice { message } => seen.last_words = Some(message.clone()),
+            AgentEvent::PermissionRequest(ask) => seen.asks.push(ask.clone()),
             AgentEvent::AssistantText { text, delta: false } if seen.result.is_none() => {
                 seen.last_words = Some(text.clone())
             }
@@ -767,7 +829,7 @@ pub async fn recover(
         super::broker_link::spawn_traced(async move {
             let ending = match (
                 adapter_for(&session),
-                run_from_fds(&state, &info, fds, None),
+                run_from_fds(&state, &info, fds, None, true),
             ) {
                 (Ok(mut adapter), Ok(run)) => {
                     // What is left of the timeout is not known exactly; give it a full one.

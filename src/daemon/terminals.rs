@@ -418,6 +418,7 @@ async fn create(
             cols: req.cols,
         }),
         stdin: false,
+        keep_stdin: false,
         secrets: false,
         secret_names: None,
         ring_bytes: ring_memfd_bytes(state.config.terminal.ring_bytes),

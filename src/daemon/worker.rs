@@ -119,6 +119,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(super::sessions::routes())
         .merge(super::terminals::routes())
         .merge(super::shares::routes())
+        .merge(super::approvals::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(axum::middleware::from_fn(with_request_id))
         .with_state(state)
@@ -214,6 +215,7 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
         auth,
         store,
         running: Mutex::new(HashMap::new()),
+        answers: Mutex::new(HashMap::new()),
         notices,
         terminals: terminals::Terminals::default(),
         metrics: metrics::Metrics::default(),

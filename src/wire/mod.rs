@@ -31,6 +31,8 @@
 //! | `Release { handle }`              | worker | `Done`                           | –                             |
 //! | `ListHandles { after }`           | worker | `Handles { list, more }` (a page)| –                             |
 //! | `Adopt { handle }`                | worker | `Adopted(HandleInfo)`            | per [`FdLayout`] (duplicates) |
+//! | `CloseStdin { handle }`           | worker | `Done`                           | –                             |
+//! | `RecordApproval { .. }`           | worker | `Done` / `Error`                 | –                             |
 //! | `Retire`                          | worker | `Done` / `Error`                 | –                             |
 //!
 //! A terminal's fds ([`FdLayout::Pty`]) are `[control, pty master, ring]`: the ring is a
@@ -57,7 +59,7 @@
 use bincode::{Decode, Encode};
 
 /// Bumped on every incompatible change; the broker refuses a daemon that speaks another.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Limits on what one request may carry, checked by the broker (the frame limit bounds the
 /// total; these bound each part so no single field can eat it).
@@ -80,6 +82,8 @@ pub mod limits {
     /// A terminal's output ring (`SpawnRequest::ring_bytes`), in bytes.
     pub const MIN_RING_BYTES: u32 = 4 * 1024;
     pub const MAX_RING_BYTES: u32 = 64 * 1024 * 1024;
+    /// `RecordApproval`'s summary of what was asked.
+    pub const MAX_APPROVAL_SUMMARY_BYTES: usize = 1024;
 }
 
 /// An opaque name for something the broker spawned.
@@ -152,6 +156,24 @@ pub enum RequestBody {
     },
     Adopt {
         handle: Handle,
+    },
+    /// Worker only: the broker drops the duplicate of the handle's stdin pipe it kept
+    /// (`SpawnRequest::keep_stdin`), so the program sees end-of-file once the worker closes
+    /// its own.
+    CloseStdin {
+        handle: Handle,
+    },
+    /// Worker only: one step of a permission request of its user's agent, for the audit
+    /// log (the broker adds the worker's user; it verifies `credential`, the answering
+    /// caller's, when there is one).
+    RecordApproval {
+        credential: Option<String>,
+        approval: String,
+        session: String,
+        task: String,
+        tool: String,
+        step: ApprovalStep,
+        summary: String,
     },
     /// The broker's counters, for metrics.
     Stats,
@@ -234,6 +256,10 @@ pub struct SpawnRequest {
     pub tty: Option<WindowSize>,
     /// With pipes: give the daemon a pipe to the program's stdin (else /dev/null).
     pub stdin: bool,
+    /// With `stdin`: the broker keeps a duplicate of that pipe with the handle, for a
+    /// worker that restarts while the program still reads it (an agent waiting for an
+    /// answer). The program sees end-of-file only after `CloseStdin`.
+    pub keep_stdin: bool,
     /// With a tty: the size of the memfd the broker creates for the terminal's output ring
     /// and keeps with the handle ([`limits::MIN_RING_BYTES`] to
     /// [`limits::MAX_RING_BYTES`]); 0 with pipes.
@@ -243,6 +269,36 @@ pub struct SpawnRequest {
     pub secrets: bool,
     /// With `secrets`: only these names (at most [`limits::MAX_SECRET_NAMES`]); `None`: all.
     pub secret_names: Option<Vec<String>>,
+}
+
+/// The steps of a permission request the audit log records.
+#[derive(Encode, Decode, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalStep {
+    Asked,
+    Allowed,
+    /// Allowed, and the tool for the rest of the session.
+    AllowedForSession,
+    /// Allowed without asking: the session allows the tool.
+    AllowedBySession,
+    Denied,
+    /// Nobody answered in time.
+    Expired,
+    /// The run ended before an answer.
+    Abandoned,
+}
+
+impl ApprovalStep {
+    pub fn name(self) -> &'static str {
+        match self {
+            ApprovalStep::Asked => "asked",
+            ApprovalStep::Allowed => "allowed",
+            ApprovalStep::AllowedForSession => "allowed_for_session",
+            ApprovalStep::AllowedBySession => "allowed_by_session",
+            ApprovalStep::Denied => "denied",
+            ApprovalStep::Expired => "expired",
+            ApprovalStep::Abandoned => "abandoned",
+        }
+    }
 }
 
 /// A directory's identity: device, inode and owner, as `fstat` reports them.

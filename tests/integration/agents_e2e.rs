@@ -45,7 +45,7 @@ fn skipped(why: &str) -> Result<(), Failed> {
     Ok(())
 }
 
-fn have(tool: &str) -> bool {
+pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .stdout(Stdio::null())
@@ -61,7 +61,7 @@ fn version_of(claude: &Path) -> Option<String> {
 }
 
 /// The CLI to drive, installing the pinned one when it is missing; `Err` says why not.
-fn find_claude() -> Result<(PathBuf, String), String> {
+pub fn find_claude() -> Result<(PathBuf, String), String> {
     if let Some(path) = std::env::var_os("STOA_E2E_CLAUDE").filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
         return version_of(&path)
@@ -109,8 +109,8 @@ fn entries(dir: &Path) -> BTreeSet<String> {
 }
 
 /// The mock, a `stoa serve` in its namespace, and what to clean up.
-struct World {
-    dir: PathBuf,
+pub struct World {
+    pub dir: PathBuf,
     mock: Child,
     /// `/proc/<mock>/ns/net`, the namespace everything runs in.
     ns_path: String,
@@ -126,7 +126,12 @@ struct World {
 }
 
 impl World {
-    fn start(claude: &Path) -> World {
+    pub fn start(claude: &Path) -> World {
+        World::start_with(claude, "")
+    }
+
+    /// With `extra` appended to the daemon's config.
+    pub fn start_with(claude: &Path, extra: &str) -> World {
         let dir = PathBuf::from(format!("/run/stoa-e2e-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("bin")).unwrap();
@@ -190,11 +195,11 @@ impl World {
             ["lo"],
             "the namespace must have only loopback: {links}"
         );
-        world.start_stoa(claude);
+        world.start_stoa(claude, extra);
         world
     }
 
-    fn start_stoa(&mut self, claude: &Path) {
+    fn start_stoa(&mut self, claude: &Path, extra: &str) {
         let dir = &self.dir;
         let stoa = PathBuf::from(env!("CARGO_BIN_EXE_stoa"));
         let executor = stoa.with_file_name("stoa-executor");
@@ -232,7 +237,7 @@ env = {{ HTTP_PROXY = "{mock}", HTTPS_PROXY = "{mock}", http_proxy = "{mock}", h
             state = dir.join("daemon").display(),
             // A JSON string is a TOML basic string.
             claude = Value::from(claude.display().to_string()),
-        );
+        ) + extra;
         fs::write(dir.join("broker.toml"), policy).unwrap();
         fs::write(dir.join("config.toml"), config).unwrap();
         let log = fs::File::create(dir.join("log")).unwrap();
@@ -266,11 +271,16 @@ env = {{ HTTP_PROXY = "{mock}", HTTPS_PROXY = "{mock}", http_proxy = "{mock}", h
         }
     }
 
-    fn log(&self) -> String {
+    /// The mock's pid: its network namespace is the one everything runs in.
+    pub fn mock_pid(&self) -> u32 {
+        self.mock.id()
+    }
+
+    pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
-    fn mock_log(&self) -> Vec<Value> {
+    pub fn mock_log(&self) -> Vec<Value> {
         fs::read_to_string(self.dir.join("mock.jsonl"))
             .unwrap_or_default()
             .lines()
@@ -280,7 +290,7 @@ env = {{ HTTP_PROXY = "{mock}", HTTPS_PROXY = "{mock}", http_proxy = "{mock}", h
 
     /// An HTTP request to the daemon, from inside the namespace (curl under nsenter).
     /// Status 0 when there was no answer.
-    fn request(
+    pub fn request(
         &self,
         method: &str,
         path: &str,
@@ -319,17 +329,17 @@ env = {{ HTTP_PROXY = "{mock}", HTTPS_PROXY = "{mock}", http_proxy = "{mock}", h
         (code.trim().parse().unwrap_or(0), value)
     }
 
-    fn post(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
+    pub fn post(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
         self.request("POST", path, Some(token), Some(body.to_string()))
     }
 
-    fn get(&self, path: &str, token: &str) -> (u16, Value) {
+    pub fn get(&self, path: &str, token: &str) -> (u16, Value) {
         self.request("GET", path, Some(token), None)
     }
 
     /// Stops everything and returns the processes that were still in the namespace once
     /// `stoa serve` and the mock had exited (they are then killed).
-    fn shutdown(&mut self) -> Vec<String> {
+    pub fn shutdown(&mut self) -> Vec<String> {
         if let Some(mut stoa) = self.stoa.take() {
             let pid = nix::unistd::Pid::from_raw(stoa.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

@@ -614,6 +614,7 @@ fn hostile_frames() -> Result<(), Failed> {
             env: vec![],
             tty: None,
             stdin: false,
+            keep_stdin: false,
             ring_bytes: 0,
             secrets: false,
             secret_names: None,

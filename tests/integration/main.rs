@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod agents_e2e;
+mod approvals_e2e;
 mod cli_human;
 mod core;
 mod harness;
@@ -46,6 +47,7 @@ fn main() {
         sessions::TESTS,
         shares::TESTS,
         agents_e2e::TESTS,
+        approvals_e2e::TESTS,
         terminals::TESTS,
         terminal_cli::TESTS,
         terminal_browser::TESTS,

@@ -420,6 +420,7 @@ fn taken_over() -> Result<(), Failed> {
             env: Vec::new(),
             tty: None,
             stdin: false,
+            keep_stdin: false,
             ring_bytes: 0,
             secrets: false,
             secret_names: None,

@@ -1,17 +1,33 @@
-//! Claude Code: `claude -p --output-format stream-json --verbose`, prompt on stdin.
+//! Claude Code in its SDK control protocol: `claude -p --input-format stream-json
+//! --output-format stream-json --verbose --permission-prompt-tool stdio`. The prompt is one
+//! `user` line on stdin, which stays open: when the CLI wants to use a tool its permission
+//! mode does not allow outright, it writes a `control_request` (`can_use_tool`) and waits
+//! for stoa's `control_response` on stdin. After the final `result` stoa closes stdin and
+//! the CLI exits.
 //!
 //! Stream lines are `system` (subtype `init` first), `assistant` and `user` messages in the
-//! Anthropic Messages shape (`message.content[]` blocks), and one final `result`.
+//! Anthropic Messages shape (`message.content[]` blocks), `control_request`s, and one final
+//! `result`.
 #![forbid(unsafe_code)]
 
 use serde_json::Value;
 
+use serde_json::json;
+
 use super::{
-    argv_prefix, parse_json, raw, str_at, Adapter, AgentEvent, Invocation, NotJson, RunSpec, Tool,
+    argv_prefix, parse_json, raw, str_at, Adapter, AgentEvent, Decision, Invocation, NotJson,
+    PermissionAsk, RunSpec, Tool,
 };
 
 #[derive(Debug, Default)]
-pub struct ClaudeCodeAdapter;
+pub struct ClaudeCodeAdapter {
+    /// Answers owed for control requests stoa does not serve.
+    owed: Vec<String>,
+}
+
+/// A control request's `request_id` is echoed back: bounded so a hostile line cannot make
+/// the answer large.
+const MAX_REQUEST_ID: usize = 256;
 
 impl Adapter for ClaudeCodeAdapter {
     fn tool(&self) -> Tool {
@@ -22,7 +38,19 @@ impl Adapter for ClaudeCodeAdapter {
         let mut argv = argv_prefix(Tool::ClaudeCode, spec);
         // `--verbose` is required by `-p` with stream-json. The prompt goes on stdin, so it
         // is never parsed as an option whatever it starts with, and has no argv size limit.
-        argv.extend(["-p", "--output-format", "stream-json", "--verbose"].map(String::from));
+        argv.extend(
+            [
+                "-p",
+                "--input-format",
+                "stream-json",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--permission-prompt-tool",
+                "stdio",
+            ]
+            .map(String::from),
+        );
         for (flag, value) in [
             ("--model", &spec.model),
             ("--permission-mode", &spec.permission_mode),
@@ -32,9 +60,14 @@ impl Adapter for ClaudeCodeAdapter {
                 argv.extend([flag.to_string(), value.clone()]);
             }
         }
+        let prompt = json!({
+            "type": "user",
+            "message": { "role": "user", "content": [{ "type": "text", "text": spec.prompt }] },
+        });
         Invocation {
             argv,
-            stdin: Some(spec.prompt.clone()),
+            stdin: Some(format!("{prompt}\n")),
+            conversation: true,
             // Turns off the auto-updater, telemetry and error reporting: a headless run as
             // a Unix user must not rewrite its own install or call out to anything but the
             // model API (the fixtures were recorded this way).
@@ -68,11 +101,70 @@ impl Adapter for ClaudeCodeAdapter {
             }
             Some("assistant") | Some("user") => content_events(v),
             Some("result") => vec![result(&v)],
+            Some("control_request") => self.control_request(v),
             // Other `system` subtypes (retries, compaction, hooks...) and anything newer.
             _ => raw(v),
         };
         Ok(events)
     }
+
+    fn take_input(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.owed)
+    }
+
+    fn answer(&self, ask: &PermissionAsk, decision: &Decision) -> Option<String> {
+        let response = match decision {
+            // The input as asked: stoa allows exactly what was shown.
+            Decision::Allow => json!({ "behavior": "allow", "updatedInput": ask.input }),
+            Decision::Deny { message } => json!({ "behavior": "deny", "message": message }),
+        };
+        Some(control_response(
+            &ask.request_id,
+            json!({ "subtype": "success", "response": response }),
+        ))
+    }
+}
+
+impl ClaudeCodeAdapter {
+    /// A `can_use_tool` request is a permission request; any other is answered with an
+    /// error at once (stoa registers no hooks or MCP servers, so none should come), so the
+    /// CLI never waits on it. Kept in the transcript either way.
+    fn control_request(&mut self, v: Value) -> Vec<AgentEvent> {
+        let Some(request_id) = str_at(&v, "request_id").filter(|id| id.len() <= MAX_REQUEST_ID)
+        else {
+            return raw(v);
+        };
+        let request = v.get("request").cloned().unwrap_or(Value::Null);
+        let tool = str_at(&request, "tool_name");
+        match (str_at(&request, "subtype").as_deref(), tool) {
+            (Some("can_use_tool"), Some(tool)) => {
+                vec![AgentEvent::PermissionRequest(PermissionAsk {
+                    request_id,
+                    tool,
+                    input: request.get("input").cloned().unwrap_or(Value::Null),
+                    description: str_at(&request, "description"),
+                    tool_use_id: str_at(&request, "tool_use_id"),
+                })]
+            }
+            (subtype, _) => {
+                let error = format!(
+                    "stoa does not serve the control request {:?}",
+                    subtype.unwrap_or("(none)")
+                );
+                self.owed.push(control_response(
+                    &request_id,
+                    json!({ "subtype": "error", "error": error }),
+                ));
+                raw(v)
+            }
+        }
+    }
+}
+
+/// A `control_response` line for `request_id` with `body`'s fields.
+fn control_response(request_id: &str, mut body: Value) -> String {
+    body["request_id"] = json!(request_id);
+    json!({ "type": "control_response", "response": body }).to_string()
 }
 
 /// One event per content block of an `assistant` or `user` message. Blocks stoa has no
@@ -189,7 +281,7 @@ mod tests {
 
     #[test]
     fn text_fixture_2_1_197() {
-        let events = parse_all(&mut ClaudeCodeAdapter, TEXT_197);
+        let events = parse_all(&mut ClaudeCodeAdapter::default(), TEXT_197);
         assert_eq!(
             without_usage(events, 7),
             hello_events(
@@ -203,7 +295,7 @@ mod tests {
     #[test]
     fn text_fixture_2_1_330_has_type_late_in_result() {
         // 2.1.330 writes the result line with `type` in the middle of its keys.
-        let events = parse_all(&mut ClaudeCodeAdapter, TEXT_330);
+        let events = parse_all(&mut ClaudeCodeAdapter::default(), TEXT_330);
         assert_eq!(
             without_usage(events, 7),
             hello_events(
@@ -216,7 +308,7 @@ mod tests {
 
     #[test]
     fn bash_tool_fixture() {
-        let events = parse_all(&mut ClaudeCodeAdapter, BASH_197);
+        let events = parse_all(&mut ClaudeCodeAdapter::default(), BASH_197);
         assert_eq!(events.len(), 5);
         assert_eq!(
             events[0],
@@ -271,8 +363,8 @@ mod tests {
         for fixture in [TEXT_197, BASH_197, TEXT_330] {
             let reordered: Vec<String> = fixture.lines().map(reordered_keys).collect();
             assert_eq!(
-                parse_all(&mut ClaudeCodeAdapter, &reordered.join("\n")),
-                parse_all(&mut ClaudeCodeAdapter, fixture)
+                parse_all(&mut ClaudeCodeAdapter::default(), &reordered.join("\n")),
+                parse_all(&mut ClaudeCodeAdapter::default(), fixture)
             );
         }
     }
@@ -283,7 +375,7 @@ mod tests {
             {"type":"thinking","thinking":"hmm","signature":"x"},{"type":"text","text":"ok"}]}}"#
             .replace('\n', "");
         assert_eq!(
-            ClaudeCodeAdapter.parse_line(&line).unwrap(),
+            ClaudeCodeAdapter::default().parse_line(&line).unwrap(),
             vec![
                 AgentEvent::Raw {
                     value: json!({"type":"thinking","thinking":"hmm","signature":"x"})
@@ -296,7 +388,7 @@ mod tests {
         );
         let retry = r#"{"type":"system","subtype":"api_retry","attempt":1}"#;
         assert_eq!(
-            ClaudeCodeAdapter.parse_line(retry).unwrap(),
+            ClaudeCodeAdapter::default().parse_line(retry).unwrap(),
             vec![AgentEvent::Raw {
                 value: serde_json::from_str(retry).unwrap()
             }]
@@ -311,7 +403,7 @@ mod tests {
         }]}})
         .to_string();
         assert_eq!(
-            ClaudeCodeAdapter.parse_line(&line).unwrap(),
+            ClaudeCodeAdapter::default().parse_line(&line).unwrap(),
             vec![AgentEvent::ToolResult {
                 tool_use_id: Some("t1".into()),
                 content: "line 1\nline 2".into(),
@@ -326,7 +418,7 @@ mod tests {
             "num_turns":3,"total_cost_usd":0.5,"errors":["max turns reached"]})
         .to_string();
         assert_eq!(
-            ClaudeCodeAdapter.parse_line(&line).unwrap(),
+            ClaudeCodeAdapter::default().parse_line(&line).unwrap(),
             vec![AgentEvent::Result {
                 is_error: true,
                 text: Some("max turns reached".into()),
@@ -339,18 +431,28 @@ mod tests {
 
     #[test]
     fn invocation_plain() {
-        let inv = ClaudeCodeAdapter.invocation(&spec("hi"));
+        let inv = ClaudeCodeAdapter::default().invocation(&spec("hi"));
         assert_eq!(
             inv.argv,
             strings(&[
                 "claude",
                 "-p",
+                "--input-format",
+                "stream-json",
                 "--output-format",
                 "stream-json",
-                "--verbose"
+                "--verbose",
+                "--permission-prompt-tool",
+                "stdio",
             ])
         );
-        assert_eq!(inv.stdin.as_deref(), Some("hi"));
+        assert!(inv.conversation);
+        let line: Value = serde_json::from_str(inv.stdin.as_deref().unwrap().trim_end()).unwrap();
+        assert_eq!(
+            line,
+            json!({"type":"user","message":{"role":"user","content":[{"type":"text","text":"hi"}]}})
+        );
+        assert!(inv.stdin.unwrap().ends_with('\n'));
         assert_eq!(
             inv.env,
             vec![(
@@ -366,15 +468,19 @@ mod tests {
         s.model = Some("claude-sonnet-4-5".into());
         s.permission_mode = Some("acceptEdits".into());
         s.resume = Some("c4e8bf3d-6a0e-406e-870c-c65c3b741252".into());
-        let inv = ClaudeCodeAdapter.invocation(&s);
+        let inv = ClaudeCodeAdapter::default().invocation(&s);
         assert_eq!(
             inv.argv,
             strings(&[
                 "claude",
                 "-p",
+                "--input-format",
+                "stream-json",
                 "--output-format",
                 "stream-json",
                 "--verbose",
+                "--permission-prompt-tool",
+                "stdio",
                 "--model",
                 "claude-sonnet-4-5",
                 "--permission-mode",
@@ -384,6 +490,92 @@ mod tests {
             ])
         );
         // A prompt that looks like a flag never reaches argv.
-        assert_eq!(inv.stdin.as_deref(), Some("--help me"));
+        assert!(!inv.argv.iter().any(|a| a.contains("help me")));
+        assert!(inv.stdin.unwrap().contains("\"--help me\""));
+    }
+
+    const ALLOW_197: &str =
+        include_str!("../../../tests/fixtures/agents/claude-code-2.1.197-approval-allow.jsonl");
+    const DENY_197: &str =
+        include_str!("../../../tests/fixtures/agents/claude-code-2.1.197-approval-deny.jsonl");
+
+    fn the_ask(events: &[AgentEvent]) -> PermissionAsk {
+        let asks: Vec<&PermissionAsk> = events
+            .iter()
+            .filter_map(|e| match e {
+                AgentEvent::PermissionRequest(ask) => Some(ask),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(asks.len(), 1, "{events:?}");
+        asks[0].clone()
+    }
+
+    #[test]
+    fn a_recorded_permission_request_and_its_answers() {
+        let mut adapter = ClaudeCodeAdapter::default();
+        let events = parse_all(&mut adapter, ALLOW_197);
+        let ask = the_ask(&events);
+        assert_eq!(ask.tool, "Bash");
+        assert_eq!(ask.tool_use_id.as_deref(), Some("toolu_mock_1"));
+        assert_eq!(ask.description.as_deref(), Some("write whoami"));
+        assert_eq!(
+            ask.input["command"],
+            "id -un > whoami.txt; pwd >> whoami.txt; cat whoami.txt"
+        );
+        assert!(adapter.take_input().is_empty(), "nothing owed");
+        // The answer the CLI took in the recording: allow with the input as asked.
+        let allow: Value =
+            serde_json::from_str(&adapter.answer(&ask, &Decision::Allow).unwrap()).unwrap();
+        assert_eq!(
+            allow,
+            json!({"type":"control_response","response":{"subtype":"success",
+                "request_id": ask.request_id, "response":{"behavior":"allow","updatedInput": ask.input}}})
+        );
+        // Allowed, the tool ran: its result is not an error.
+        assert!(events.iter().any(|e| matches!(e,
+            AgentEvent::ToolResult { is_error: false, content, .. } if content == "alice\n/home/alice")));
+
+        let events = parse_all(&mut ClaudeCodeAdapter::default(), DENY_197);
+        let ask = the_ask(&events);
+        let deny = Decision::Deny {
+            message: "denied by stoa test".into(),
+        };
+        let line: Value = serde_json::from_str(&adapter.answer(&ask, &deny).unwrap()).unwrap();
+        assert_eq!(line["response"]["response"]["behavior"], "deny");
+        assert_eq!(
+            line["response"]["response"]["message"],
+            "denied by stoa test"
+        );
+        // Denied, the transcript says so: the tool's result is the refusal.
+        assert!(events.iter().any(|e| matches!(e,
+            AgentEvent::ToolResult { is_error: true, content, .. } if content == "denied by stoa test")));
+    }
+
+    #[test]
+    fn other_control_requests_are_refused_at_once() {
+        let mut adapter = ClaudeCodeAdapter::default();
+        let line = json!({"type":"control_request","request_id":"r1",
+            "request":{"subtype":"hook_callback","callback_id":"x"}})
+        .to_string();
+        assert!(matches!(
+            adapter.parse_line(&line).unwrap()[..],
+            [AgentEvent::Raw { .. }]
+        ));
+        let owed = adapter.take_input();
+        assert_eq!(owed.len(), 1);
+        let answer: Value = serde_json::from_str(&owed[0]).unwrap();
+        assert_eq!(answer["response"]["subtype"], "error");
+        assert_eq!(answer["response"]["request_id"], "r1");
+        assert!(adapter.take_input().is_empty());
+        // A request id too long to echo is not answered (nor asked about).
+        let long = json!({"type":"control_request","request_id":"x".repeat(300),
+            "request":{"subtype":"can_use_tool","tool_name":"Bash","input":{}}})
+        .to_string();
+        assert!(matches!(
+            adapter.parse_line(&long).unwrap()[..],
+            [AgentEvent::Raw { .. }]
+        ));
+        assert!(adapter.take_input().is_empty());
     }
 }

@@ -75,6 +75,7 @@ impl Adapter for CodexAdapter {
         Invocation {
             argv,
             stdin: Some(spec.prompt.clone()),
+            conversation: false,
             env: vec![],
         }
     }

@@ -55,6 +55,7 @@ impl Adapter for GeminiAdapter {
         Invocation {
             argv,
             stdin: Some(spec.prompt.clone()),
+            conversation: false,
             env: spec
                 .base_url
                 .iter()

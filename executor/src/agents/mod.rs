@@ -83,8 +83,12 @@ pub struct RunSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invocation {
     pub argv: Vec<String>,
-    /// Written to the tool's stdin, then closed (`None`: stdin is /dev/null).
+    /// Written to the tool's stdin (`None`: stdin is /dev/null). Closed at once, unless
+    /// `conversation`.
     pub stdin: Option<String>,
+    /// The tool talks over stdin for the whole run (permission requests are answered
+    /// there): stdin stays open until the run's final result.
+    pub conversation: bool,
     /// Extra non-secret environment this tool needs for headless runs.
     pub env: Vec<(String, String)>,
 }
@@ -122,8 +126,36 @@ pub enum AgentEvent {
     },
     /// A non-fatal error or warning the tool reported in its stream.
     Notice { message: String },
+    /// The tool asks permission before it uses a tool; it waits for the answer on stdin.
+    PermissionRequest(PermissionAsk),
     /// A line of valid JSON whose type this adapter does not know: kept as it is.
     Raw { value: serde_json::Value },
+}
+
+/// A tool's request for permission, as much as it takes to show it and to answer it later
+/// (by a worker that may have restarted since: an answer needs nothing but this).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PermissionAsk {
+    /// The agent's own id for the request (the answer names it).
+    pub request_id: String,
+    /// The tool it wants to use ("Bash", "Write"...).
+    pub tool: String,
+    /// The tool's input, whole.
+    pub input: Value,
+    /// What the agent says the call does, if it says.
+    pub description: Option<String>,
+    /// The tool call it is about, if the agent names one.
+    pub tool_use_id: Option<String>,
+}
+
+/// An answer to a [`PermissionAsk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Denied, with the reason the agent is told (and shows in its transcript).
+    Deny {
+        message: String,
+    },
 }
 
 /// A line that is not JSON at all (the run is then a failure).
@@ -132,11 +164,21 @@ pub struct NotJson {
     pub line: String,
 }
 
-pub trait Adapter: Send {
+pub trait Adapter: Send + Sync {
     fn tool(&self) -> Tool;
     fn invocation(&self, spec: &RunSpec) -> Invocation;
     /// Parses one output line (without its newline). Blank lines give no events.
     fn parse_line(&mut self, line: &str) -> Result<Vec<AgentEvent>, NotJson>;
+    /// Lines the tool must get on stdin after what was parsed (answers to requests stoa
+    /// does not serve, so the tool never waits on them). Only for a `conversation`.
+    fn take_input(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The stdin line that answers `ask` (`None`: this tool is never asked).
+    fn answer(&self, ask: &PermissionAsk, decision: &Decision) -> Option<String> {
+        let _ = (ask, decision);
+        None
+    }
 }
 
 /// The argv prefix of a run: the configured command, or the tool's default binary.
@@ -241,7 +283,7 @@ mod test_util {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.clone())
         };
-        let claude = claude_code::ClaudeCodeAdapter.invocation(&with(None));
+        let claude = claude_code::ClaudeCodeAdapter::default().invocation(&with(None));
         assert_eq!(env_of(&claude, "ANTHROPIC_BASE_URL").as_deref(), Some(url));
         let gemini = gemini::GeminiAdapter.invocation(&with(Some("gemini-2.5-flash")));
         assert_eq!(
@@ -272,7 +314,7 @@ mod test_util {
         assert_eq!(config["autoupdate"], false);
         // Without a base URL, none of it.
         for inv in [
-            claude_code::ClaudeCodeAdapter.invocation(&spec("hi")),
+            claude_code::ClaudeCodeAdapter::default().invocation(&spec("hi")),
             codex::CodexAdapter::default().invocation(&spec("hi")),
             gemini::GeminiAdapter.invocation(&spec("hi")),
             opencode::OpenCodeAdapter::default().invocation(&spec("hi")),

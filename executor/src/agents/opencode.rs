@@ -43,6 +43,7 @@ impl Adapter for OpenCodeAdapter {
             // would get `"fix the bug"` quoted. Piped stdin is sent as it is, and cannot be
             // mistaken for an option either.
             stdin: Some(spec.prompt.clone()),
+            conversation: false,
             env: [("OPENCODE_DISABLE_AUTOUPDATE".to_string(), "1".to_string())]
                 .into_iter()
                 .chain(spec.base_url.as_ref().map(|url| {

@@ -240,13 +240,29 @@ pub fn adopt(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
     match fds {
         Ok(fds) => {
             if let FdLayout::Pipes { .. } = info.fds {
-                info.fds = FdLayout::Pipes { stdin: false };
+                info.fds = FdLayout::Pipes {
+                    stdin: entry.kept_stdin,
+                };
             }
             audit_handle(b, ctx, "adopt", handle, json!({}));
             Outcome::Reply(ReplyBody::Adopted(Box::new(info)), fds)
         }
         Err(e) => error(ErrorKind::Failed, format!("cannot duplicate fds: {e}")),
     }
+}
+
+/// The worker is done writing to the program: the broker's duplicate of its stdin goes.
+pub fn close_stdin(b: &mut Broker, _ctx: &Ctx, body: RequestBody) -> Outcome {
+    let RequestBody::CloseStdin { handle } = body else {
+        unreachable!("the table routes only CloseStdin here")
+    };
+    let entry = b.handles.visible_mut(handle).expect("checked by the table");
+    if entry.kept_stdin {
+        // Kept as [control, stdin, stdout, stderr].
+        drop(entry.kept.remove(1));
+        entry.kept_stdin = false;
+    }
+    Outcome::Reply(ReplyBody::Done, Vec::new())
 }
 
 /// A child was reaped: a spawn's executor (its exit goes to the daemon), or a probe.

@@ -146,6 +146,7 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         }
     };
     let record = spawn_record(&req, &principal, ctx.request_id.as_deref());
+    let req_keeps_stdin = req.keep_stdin;
     let cwd = req
         .cwd
         .clone()
@@ -176,6 +177,7 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         })),
         pidfd: launched.started.pidfd,
         kept: launched.kept,
+        kept_stdin: req_keeps_stdin,
         released: false,
         cgroup,
     });

@@ -2,6 +2,7 @@
 //! checked what each must prove before it is called.
 #![forbid(unsafe_code)]
 
+pub mod approvals;
 pub mod dirs;
 pub mod handles;
 pub mod launch;

@@ -1,0 +1,309 @@
+//! Agents that ask before they act: a permission request from an agent's run becomes a
+//! durable approval in the worker's store, announced on the session's event stream, and
+//! waits (its task `waiting`) until somebody who may use the session answers it, or
+//! `execution.approval_timeout_secs` passes (then it is denied). Every step goes to the
+//! broker's audit log (`RecordApproval`).
+//!
+//! | route                     | what                                                        |
+//! |---------------------------|-------------------------------------------------------------|
+//! | `GET /approvals`          | pending requests of the sessions you may use, oldest first (admins: everyone's, merged by the front) |
+//! | `GET /approvals/:id`      | one, answered or not                                        |
+//! | `POST /approvals/:id`     | `{"decision": "allow" \| "deny", "for_session": bool, "message": "..."}`: the first answer wins (409 after) |
+//!
+//! The answer reaches the agent through its run (`tasks.rs`), which holds the agent's
+//! stdin; a run taken over after a worker restart finds its pending requests in the store.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::Value;
+use tracing::warn;
+
+use stoa_executor::agents::PermissionAsk;
+
+use super::approval_store::{Approval, Verdict};
+use super::http::ApiError;
+use super::store::{now, object_id, Session};
+use super::worker::authenticate;
+use super::{AppState, Notice};
+use crate::wire::{ApprovalStep, RequestBody};
+
+/// Most pending requests one run may have; past it the agent's next asks are denied at once.
+pub const MAX_PENDING_PER_TASK: usize = 16;
+/// Most bytes of a summary line.
+const SUMMARY_CHARS: usize = 200;
+/// Most bytes of a denial message a person may give.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/approvals", get(list))
+        .route("/approvals/{id}", get(show).post(answer))
+}
+
+/// One line saying what the tool would do: a command, a file, or the input compacted.
+pub fn summary(ask: &PermissionAsk) -> String {
+    let input = &ask.input;
+    let said = ["command", "file_path", "path", "url", "pattern"]
+        .iter()
+        .find_map(|k| input.get(*k).and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| input.to_string());
+    let line: String = format!("{}: {}", ask.tool, said.replace(['\n', '\r'], " "));
+    let mut short: String = line.chars().take(SUMMARY_CHARS).collect();
+    if short.len() < line.len() {
+        short.push('…');
+    }
+    short
+}
+
+/// Writes one step to the broker's audit log (best effort: a refused record is logged).
+pub async fn audit(
+    state: &AppState,
+    approval: &Approval,
+    step: ApprovalStep,
+    credential: Option<String>,
+) {
+    let request = RequestBody::RecordApproval {
+        credential,
+        approval: approval.approval_id.clone(),
+        session: approval.session_id.clone(),
+        task: approval.task_id.clone(),
+        tool: approval.tool.chars().take(128).collect(),
+        step,
+        summary: approval.summary.clone(),
+    };
+    match state.link.request(request).await {
+        Ok(reply) => {
+            if let crate::wire::ReplyBody::Error(e) = reply.body {
+                warn!(approval = %approval.approval_id, "the audit record was refused: {}", e.message);
+            }
+        }
+        Err(e) => warn!(approval = %approval.approval_id, "cannot audit: {e}"),
+    }
+}
+
+/// A new pending request for `ask` of `task_id`'s run.
+pub async fn open(
+    state: &AppState,
+    session: &Session,
+    task_id: &str,
+    ask: PermissionAsk,
+) -> Result<Approval, String> {
+    let created = std::time::SystemTime::now();
+    let expires =
+        created + std::time::Duration::from_secs(state.config.execution.approval_timeout_secs);
+    let approval = Approval {
+        approval_id: object_id(state.uid),
+        session_id: session.session_id.clone(),
+        task_id: task_id.to_string(),
+        tool: ask.tool.clone(),
+        summary: summary(&ask),
+        input: ask.input.clone(),
+        description: ask.description.clone(),
+        status: "pending".into(),
+        for_session: false,
+        decided_by: None,
+        reason: None,
+        created_at: now(),
+        expires_at: unix_secs(expires),
+        decided_at: None,
+        ask,
+    };
+    state.store.insert_approval(approval.clone()).await?;
+    announce(state, &approval);
+    audit(state, &approval, ApprovalStep::Asked, None).await;
+    Ok(approval)
+}
+
+pub fn unix_secs(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Tells the session's event streams about a request (new or settled).
+pub fn announce(state: &AppState, approval: &Approval) {
+    let _ = state.notices.send(Notice::Approval {
+        session_id: approval.session_id.clone(),
+        approval: Box::new(approval.clone()),
+    });
+}
+
+/// Settles a request the run settles itself (expired, abandoned, allowed by the session's
+/// rule); `None` if somebody answered first.
+pub async fn settle(
+    state: &AppState,
+    approval_id: &str,
+    verdict: Verdict<'_>,
+    step: ApprovalStep,
+) -> Option<Approval> {
+    match state.store.decide_approval(approval_id, verdict).await {
+        Ok(true) => {}
+        Ok(false) => return None,
+        Err(e) => {
+            warn!(approval = %approval_id, "cannot settle: {e}");
+            return None;
+        }
+    }
+    let approval = state.store.approval(approval_id).await.ok().flatten()?;
+    announce(state, &approval);
+    audit(state, &approval, step, None).await;
+    Some(approval)
+}
+
+async fn visible(
+    state: &AppState,
+    principal: &crate::wire::Principal,
+    approval: &Approval,
+) -> Result<Session, ApiError> {
+    match state.store.session(&approval.session_id).await {
+        Ok(Some(s)) if principal.may_use(&s.owner, &s.unix_user) => Ok(s),
+        _ => Err(not_found(&approval.approval_id)),
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no approval {id}"))
+}
+
+async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (principal, _) = authenticate(&state, &headers).await?;
+    let pending = state
+        .store
+        .pending_approvals(None)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut shown = Vec::new();
+    for approval in pending {
+        if visible(&state, &principal, &approval).await.is_ok() {
+            shown.push(approval);
+        }
+    }
+    Ok(Json(shown).into_response())
+}
+
+async fn show(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (principal, _) = authenticate(&state, &headers).await?;
+    let approval = state
+        .store
+        .approval(&id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| not_found(&id))?;
+    visible(&state, &principal, &approval).await?;
+    Ok(Json(approval).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Answer {
+    decision: String,
+    #[serde(default)]
+    for_session: bool,
+    message: Option<String>,
+}
+
+async fn answer(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<Answer>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (principal, credential) = authenticate(&state, &headers).await?;
+    let Json(answer) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let approval = state
+        .store
+        .approval(&id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| not_found(&id))?;
+    visible(&state, &principal, &approval).await?;
+    let allow = match answer.decision.as_str() {
+        "allow" => true,
+        "deny" => false,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("decision must be \"allow\" or \"deny\", not {other:?}"),
+            ))
+        }
+    };
+    if answer.for_session && !allow {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "for_session goes with \"allow\" only",
+        ));
+    }
+    if answer
+        .message
+        .as_ref()
+        .is_some_and(|m| m.len() > MAX_MESSAGE_BYTES)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("message: at most {MAX_MESSAGE_BYTES} bytes"),
+        ));
+    }
+    let by = principal.owner();
+    let reason = (!allow).then(|| {
+        answer
+            .message
+            .clone()
+            .filter(|m| !m.trim().is_empty())
+            .unwrap_or_else(|| format!("denied by {by} through stoa"))
+    });
+    let verdict = Verdict {
+        status: if allow { "allowed" } else { "denied" },
+        for_session: answer.for_session,
+        by: &by,
+        reason: reason.as_deref(),
+    };
+    let won = state
+        .store
+        .decide_approval(&id, verdict)
+        .await
+        .map_err(ApiError::internal)?;
+    let settled = state
+        .store
+        .approval(&id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| not_found(&id))?;
+    if !won {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("approval {id} is {} already", settled.status),
+        ));
+    }
+    let step = match (allow, answer.for_session) {
+        (true, true) => ApprovalStep::AllowedForSession,
+        (true, false) => ApprovalStep::Allowed,
+        (false, _) => ApprovalStep::Denied,
+    };
+    announce(&state, &settled);
+    audit(&state, &settled, step, Some(credential)).await;
+    // The run delivers it to the agent; a run that is gone has abandoned it already.
+    let sender = state
+        .answers
+        .lock()
+        .expect("answers lock")
+        .get(&settled.task_id)
+        .cloned();
+    if let Some(wake) = sender {
+        wake.notify_one();
+    }
+    Ok(Json(settled).into_response())
+}

@@ -1,0 +1,340 @@
+//! A run that talks with its agent over stdin (`Invocation::conversation`): the stdin
+//! writer, and the state of the run's permission requests, driven by `tasks::drive`.
+//!
+//! | event (from `drive`)            | what happens                                           |
+//! |---------------------------------|--------------------------------------------------------|
+//! | the agent asks (`on_ask`)       | allowed at once if the session allows the tool; denied at once past [`approvals::MAX_PENDING_PER_TASK`]; else a pending approval, the task `waiting` |
+//! | an answer was given (`on_wake`) | every settled, undelivered answer of the task goes to the agent, in order, and into the transcript |
+//! | a request's time is up (`on_expiry`) | denied as `expired`, and delivered                 |
+//! | the run ends (`abandon`)        | what is still pending is `abandoned`                    |
+//!
+//! While a request waits, the run's own timeout stands still.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::warn;
+
+use stoa_executor::agents::{Adapter, Decision, PermissionAsk};
+
+use super::approval_store::{Approval, Verdict};
+use super::approvals::{self, unix_secs};
+use super::fdio::FdWriter;
+use super::store::{Session, Task};
+use super::{AppState, Notice};
+use crate::wire::{ApprovalStep, Handle, RequestBody};
+
+/// Lines queued for the agent's stdin at most (answers: a handful).
+const MAX_QUEUED_LINES: usize = 64;
+
+/// Where a conversation's lines go: a pipe fd from the broker, or a direct child's stdin.
+pub enum Sink {
+    Fd(FdWriter),
+    Pipe(tokio::process::ChildStdin),
+}
+
+impl Sink {
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Fd(w) => w.write_all(data).await,
+            Sink::Pipe(p) => tokio::io::AsyncWriteExt::write_all(p, data).await,
+        }
+    }
+}
+
+/// The agent's stdin for the whole run. Lines are written in order by a task of their own,
+/// so an agent that does not read holds up nothing else; once this is closed (or dropped)
+/// and the queue written, stdin is closed.
+pub struct Input {
+    lines: mpsc::Sender<String>,
+    /// The broker keeps a copy of the pipe for a worker restart: it must let go of it too.
+    handle: Option<Handle>,
+}
+
+impl Input {
+    pub fn start(mut sink: Sink, handle: Option<Handle>, first: Option<String>) -> Input {
+        let (lines, mut rx) = mpsc::channel::<String>(MAX_QUEUED_LINES);
+        if let Some(first) = first {
+            let _ = lines.try_send(first);
+        }
+        super::broker_link::spawn_traced(async move {
+            while let Some(mut line) = rx.recv().await {
+                if !line.ends_with('\n') {
+                    line.push('\n');
+                }
+                if sink.write_all(line.as_bytes()).await.is_err() {
+                    break; // the agent is gone
+                }
+            }
+        });
+        Input { lines, handle }
+    }
+
+    pub fn send(&self, line: String) {
+        if self.lines.try_send(line).is_err() {
+            warn!("the agent reads none of its input: a line for it was dropped");
+        }
+    }
+
+    /// No more input: the agent sees end-of-file once what is queued is written.
+    pub async fn close(self, state: &AppState) {
+        if let Some(handle) = self.handle {
+            let _ = state.link.request(RequestBody::CloseStdin { handle }).await;
+        }
+    }
+}
+
+/// The permission requests of one run.
+pub struct Asks {
+    /// Since when the run waits for an answer (`None`: it does not).
+    waiting_since: Option<Instant>,
+    /// The earliest time a pending request expires.
+    pub next_expiry: Option<Instant>,
+    /// When the run times out, pushed back by the time it spent waiting.
+    pub timeout_at: Instant,
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+impl Asks {
+    /// The run's requests, registered to be woken by answers; anything already pending or
+    /// answered (a run taken over after a restart) is picked up by the first `on_wake`.
+    pub fn new(state: &AppState, task: &Task, timeout: Duration) -> Asks {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        state
+            .answers
+            .lock()
+            .expect("answers lock")
+            .insert(task.task_id.clone(), wake.clone());
+        wake.notify_one();
+        Asks {
+            waiting_since: None,
+            next_expiry: None,
+            timeout_at: Instant::now() + timeout,
+            wake,
+        }
+    }
+
+    pub fn waiting(&self) -> bool {
+        self.waiting_since.is_some()
+    }
+
+    /// The agent asks permission.
+    pub async fn on_ask(
+        &mut self,
+        state: &AppState,
+        session: &Session,
+        task: &Task,
+        ask: PermissionAsk,
+        adapter: &dyn Adapter,
+        input: Option<&Input>,
+    ) {
+        let tool = ask.tool.clone();
+        let approval = match approvals::open(state, session, &task.task_id, ask).await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(task = %task.task_id, "cannot store a permission request: {e}");
+                return;
+            }
+        };
+        let pending = state
+            .store
+            .pending_approvals(Some(&task.task_id))
+            .await
+            .map_or(0, |p| p.len());
+        let allowed = state
+            .store
+            .session_allows(&session.session_id, &tool)
+            .await
+            .unwrap_or(false);
+        if allowed {
+            let verdict = Verdict {
+                status: "allowed",
+                for_session: false,
+                by: "session rule",
+                reason: None,
+            };
+            approvals::settle(
+                state,
+                &approval.approval_id,
+                verdict,
+                ApprovalStep::AllowedBySession,
+            )
+            .await;
+        } else if pending > approvals::MAX_PENDING_PER_TASK {
+            let reason = format!(
+                "stoa: this run has {} permission requests waiting already",
+                approvals::MAX_PENDING_PER_TASK
+            );
+            let verdict = Verdict {
+                status: "denied",
+                for_session: false,
+                by: "limit",
+                reason: Some(&reason),
+            };
+            approvals::settle(state, &approval.approval_id, verdict, ApprovalStep::Denied).await;
+        }
+        self.on_wake(state, session, task, adapter, input).await;
+    }
+
+    /// Delivers every settled, undelivered answer, then looks at what still waits.
+    pub async fn on_wake(
+        &mut self,
+        state: &AppState,
+        session: &Session,
+        task: &Task,
+        adapter: &dyn Adapter,
+        input: Option<&Input>,
+    ) {
+        let answered = state
+            .store
+            .undelivered_answers(&task.task_id)
+            .await
+            .unwrap_or_default();
+        for approval in answered {
+            deliver(state, session, task, adapter, input, &approval).await;
+        }
+        self.refresh(state, task).await;
+    }
+
+    /// Requests whose time is up are denied.
+    pub async fn on_expiry(
+        &mut self,
+        state: &AppState,
+        session: &Session,
+        task: &Task,
+        adapter: &dyn Adapter,
+        input: Option<&Input>,
+    ) {
+        let now = unix_secs(std::time::SystemTime::now());
+        let pending = state
+            .store
+            .pending_approvals(Some(&task.task_id))
+            .await
+            .unwrap_or_default();
+        let secs = state.config.execution.approval_timeout_secs;
+        let reason =
+            format!("stoa: nobody answered within {secs} s (execution.approval_timeout_secs)");
+        for approval in pending.iter().filter(|a| a.expires_at <= now) {
+            let verdict = Verdict {
+                status: "expired",
+                for_session: false,
+                by: "timeout",
+                reason: Some(&reason),
+            };
+            approvals::settle(state, &approval.approval_id, verdict, ApprovalStep::Expired).await;
+        }
+        self.on_wake(state, session, task, adapter, input).await;
+    }
+
+    /// The run ended: what still waits is abandoned, and nothing wakes it any more.
+    pub async fn abandon(&mut self, state: &AppState, task: &Task) {
+        state
+            .answers
+            .lock()
+            .expect("answers lock")
+            .remove(&task.task_id);
+        let pending = state
+            .store
+            .pending_approvals(Some(&task.task_id))
+            .await
+            .unwrap_or_default();
+        for approval in pending {
+            let verdict = Verdict {
+                status: "abandoned",
+                for_session: false,
+                by: "run ended",
+                reason: None,
+            };
+            approvals::settle(
+                state,
+                &approval.approval_id,
+                verdict,
+                ApprovalStep::Abandoned,
+            )
+            .await;
+            let _ = state.store.answer_delivered(&approval.approval_id).await;
+        }
+    }
+
+    /// Whether the task waits, and until when; the run's timeout stands still meanwhile.
+    async fn refresh(&mut self, state: &AppState, task: &Task) {
+        let pending = state
+            .store
+            .pending_approvals(Some(&task.task_id))
+            .await
+            .unwrap_or_default();
+        let now_unix = unix_secs(std::time::SystemTime::now());
+        self.next_expiry = pending.iter().map(|a| a.expires_at).min().map(|at| {
+            Instant::now() + Duration::from_secs(at.saturating_sub(now_unix).max(0) as u64)
+        });
+        let waiting = !pending.is_empty();
+        match (waiting, self.waiting_since) {
+            (true, None) => self.waiting_since = Some(Instant::now()),
+            (false, Some(since)) => {
+                self.timeout_at += since.elapsed();
+                self.waiting_since = None;
+            }
+            _ => return,
+        }
+        if let Ok(true) = state.store.set_task_waiting(&task.task_id, waiting).await {
+            state.notify_task(&task.task_id).await;
+        }
+    }
+}
+
+/// Gives the agent one answer, and writes it into the transcript.
+async fn deliver(
+    state: &AppState,
+    session: &Session,
+    task: &Task,
+    adapter: &dyn Adapter,
+    input: Option<&Input>,
+    approval: &Approval,
+) {
+    let decision = if approval.status == "allowed" {
+        Decision::Allow
+    } else {
+        Decision::Deny {
+            message: approval
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("stoa: the request was {}", approval.status)),
+        }
+    };
+    match (adapter.answer(&approval.ask, &decision), input) {
+        (Some(line), Some(input)) => input.send(line),
+        _ => warn!(task = %task.task_id, "an answer cannot reach this agent"),
+    }
+    if let Err(e) = state.store.answer_delivered(&approval.approval_id).await {
+        warn!(approval = %approval.approval_id, "cannot record the delivery: {e}");
+    }
+    let note = json!({
+        "kind": "permission_decision",
+        "approval_id": approval.approval_id,
+        "tool": approval.tool,
+        "decision": approval.status,
+        "for_session": approval.for_session,
+        "by": approval.decided_by,
+        "reason": approval.reason,
+    });
+    if let Ok(appended) = state
+        .store
+        .append_messages(
+            &session.session_id,
+            &task.task_id,
+            &session.unix_user,
+            vec![note],
+            state.config.execution.output_limits(),
+        )
+        .await
+    {
+        let _ = state.notices.send(Notice::Messages {
+            session_id: session.session_id.clone(),
+            last_seq: appended.last_seq,
+        });
+    }
+}
