@@ -1,6 +1,7 @@
 //! The `stoa` command line.
 #![forbid(unsafe_code)]
 
+pub mod approvals;
 pub mod client;
 pub mod config_cmd;
 pub mod doctor;
@@ -79,6 +80,9 @@ enum Command {
     /// Tasks (one prompt's run).
     #[command(subcommand)]
     Task(sessions::TaskCommand),
+    /// What your agents ask permission for, waiting for your answer.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalCommand),
     /// Your secrets for agents (API keys), kept by the broker.
     #[command(subcommand)]
     Secret(sessions::SecretCommand),
@@ -170,6 +174,7 @@ pub fn main() -> ExitCode {
         Command::User(cmd) => users::run(cmd),
         Command::Session(cmd) => sessions::session(cmd),
         Command::Task(cmd) => sessions::task(cmd),
+        Command::Approvals(cmd) => approvals::run(cmd),
         Command::Secret(cmd) => sessions::secret(cmd),
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Daemon(cmd) => sessions::daemon(cmd),

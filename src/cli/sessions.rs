@@ -111,13 +111,24 @@ pub enum SecretCommand {
         /// The environment variable agents get it as (A-Z, 0-9 and _, e.g.
         /// ANTHROPIC_API_KEY).
         name: String,
+        /// As root: a default for every user who has no secret of this name (kept in the
+        /// broker's store, never shown, audited).
+        #[arg(long)]
+        default: bool,
     },
     /// The names of your secrets (values are never shown).
-    List,
+    List {
+        /// As root: the defaults every user gets.
+        #[arg(long)]
+        default: bool,
+    },
     /// Remove a secret.
     Rm {
         /// The secret's name.
         name: String,
+        /// As root: the default of that name.
+        #[arg(long)]
+        default: bool,
     },
 }
 
@@ -424,6 +435,7 @@ fn watch(c: &Client, session_id: &str, mut last: i64, task_id: Option<&str>) -> 
                             show_event(&value["event"]);
                         }
                     }
+                    "approval" if ours => show_approval(&value),
                     "task" if ours => {
                         let status = value["status"].as_str().unwrap_or("");
                         let error = value["error"].as_str().unwrap_or("");
@@ -471,12 +483,41 @@ fn show_event(e: &Value) {
         ),
         Some("tool_result") => println!("[result] {}", text("content")),
         Some("result") => {
+            // Only what the agent reported: no `null`s.
+            let mut parts = Vec::new();
+            if let Some(turns) = e["num_turns"].as_u64() {
+                parts.push(format!("{turns} turns"));
+            }
             if let Some(cost) = e["cost_usd"].as_f64() {
-                eprintln!("[done: {} turns, ${cost:.4}]", e["num_turns"]);
+                parts.push(format!("${cost:.4}"));
+            }
+            if parts.is_empty() {
+                eprintln!("[done]");
+            } else {
+                eprintln!("[done: {}]", parts.join(", "));
             }
         }
+        Some("permission_decision") => eprintln!(
+            "[{} {}{}]",
+            super::escape::field(e["tool"].as_str().unwrap_or("?")),
+            super::escape::field(e["decision"].as_str().unwrap_or("?")),
+            e["by"]
+                .as_str()
+                .map(|b| format!(" by {}", super::escape::field(b)))
+                .unwrap_or_default()
+        ),
         Some("notice") => eprintln!("[notice] {}", text("message")),
         _ => {}
+    }
+}
+
+/// A permission request of the run: waiting (and how to answer it), or settled.
+fn show_approval(a: &Value) {
+    let id = super::escape::field(a["approval_id"].as_str().unwrap_or("?"));
+    let summary = super::escape::text(a["summary"].as_str().unwrap_or(""));
+    if a["status"] == "pending" {
+        eprintln!("[the agent asks: {summary}]");
+        eprintln!("[answer: stoa approvals allow {id}   or   stoa approvals deny {id}]");
     }
 }
 
@@ -495,36 +536,81 @@ pub fn task(cmd: TaskCommand) -> ExitCode {
     })())
 }
 
+/// The value of a secret: typed at a terminal without echo, or all of stdin.
+fn secret_value(name: &str) -> Result<String, String> {
+    let value = if std::io::stdin().is_terminal() {
+        read_hidden(&format!("value for {name} (not shown; then Enter): "))?
+    } else {
+        let mut value = String::new();
+        std::io::stdin()
+            .read_to_string(&mut value)
+            .map_err(|e| format!("cannot read the value from stdin: {e}"))?;
+        value
+    };
+    if value.trim().is_empty() {
+        return Err(format!("not stored: the value for {name} is empty"));
+    }
+    Ok(value)
+}
+
+fn check_secret_name(name: &str) -> Result<(), String> {
+    if !crate::broker::users::valid_secret_name(name) {
+        return Err(format!(
+            "invalid secret name {:?}: agents get secrets as environment \
+             variables, so use capital letters, digits and _, not starting with a \
+             digit, at most 128 (e.g. ANTHROPIC_API_KEY)",
+            super::escape::field(name)
+        ));
+    }
+    Ok(())
+}
+
+/// `--default`: root edits the broker's store itself.
+fn default_secret(cmd: SecretCommand) -> Result<(), String> {
+    use super::users::defaults;
+    if !nix::unistd::geteuid().is_root() {
+        return Err("--default: only root sets secrets for every user (they are kept in the broker's store)".into());
+    }
+    match cmd {
+        SecretCommand::Set { name, .. } => {
+            check_secret_name(&name)?;
+            let value = secret_value(&name)?;
+            defaults::set(&name, &value)?;
+            eprintln!("default secret {name} stored: users without their own {name} get it");
+        }
+        SecretCommand::List { .. } => {
+            for name in defaults::names()? {
+                println!("{name}");
+            }
+        }
+        SecretCommand::Rm { name, .. } => {
+            if !defaults::remove(&name)? {
+                return Err(format!("there is no default secret {name}"));
+            }
+            eprintln!("default secret {name} removed");
+        }
+    }
+    Ok(())
+}
+
 pub fn secret(cmd: SecretCommand) -> ExitCode {
+    if let SecretCommand::Set { default: true, .. }
+    | SecretCommand::List { default: true }
+    | SecretCommand::Rm { default: true, .. } = cmd
+    {
+        return done(default_secret(cmd));
+    }
     done((|| {
         let c = client()?;
         match cmd {
-            SecretCommand::Set { name } => {
-                if !crate::broker::users::valid_secret_name(&name) {
-                    return Err(format!(
-                        "invalid secret name {:?}: agents get secrets as environment \
-                         variables, so use capital letters, digits and _, not starting with a \
-                         digit, at most 128 (e.g. ANTHROPIC_API_KEY)",
-                        super::escape::field(&name)
-                    ));
-                }
-                let value = if std::io::stdin().is_terminal() {
-                    read_hidden(&format!("value for {name} (not shown; then Enter): "))?
-                } else {
-                    let mut value = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut value)
-                        .map_err(|e| format!("cannot read the value from stdin: {e}"))?;
-                    value
-                };
-                if value.trim().is_empty() {
-                    return Err(format!("not stored: the value for {name} is empty"));
-                }
+            SecretCommand::Set { name, .. } => {
+                check_secret_name(&name)?;
+                let value = secret_value(&name)?;
                 c.put_text(&format!("/users/me/secrets/{name}"), &value)
                     .map_err(|e| e.message)?;
                 eprintln!("secret {name} stored");
             }
-            SecretCommand::List => {
+            SecretCommand::List { .. } => {
                 for n in c.get("/users/me/secrets").map_err(|e| e.message)?["names"]
                     .as_array()
                     .into_iter()
@@ -533,7 +619,7 @@ pub fn secret(cmd: SecretCommand) -> ExitCode {
                     println!("{}", n.as_str().unwrap_or(""));
                 }
             }
-            SecretCommand::Rm { name } => {
+            SecretCommand::Rm { name, .. } => {
                 c.delete(&format!("/users/me/secrets/{name}"))
                     .map_err(|e| e.message)?;
                 eprintln!("secret {name} removed");

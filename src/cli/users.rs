@@ -225,3 +225,65 @@ fn list() -> Result<(), String> {
     super::table::print(&["NAME", "UNIX USER", "ADMIN", "CREATED"], &rows);
     Ok(())
 }
+
+/// Secrets an admin provides for everyone (`stoa secret set --default`): kept in the
+/// broker's store, used for a name a user has no secret of their own by, never shown. Root
+/// only (the store is root's); every change goes to the audit log.
+pub mod defaults {
+    use super::*;
+
+    /// All defaults together are at most this: with a user's own (at most
+    /// `MAX_SECRETS_TOTAL_BYTES`) they still fit the executor's job.
+    const MAX_DEFAULTS_BYTES: usize = users::MAX_SECRETS_TOTAL_BYTES / 2;
+
+    fn audit(event: &str, name: &str) -> Result<(), String> {
+        let policy = policy()?;
+        let path = policy
+            .audit_log
+            .clone()
+            .unwrap_or_else(|| policy.state_dir.join("audit.jsonl"));
+        let mut log = crate::broker::audit::Audit::open(&path, nix::unistd::geteuid().as_raw())?;
+        // Who, as far as this process can tell: root, and the login that became root.
+        let by = std::env::var("SUDO_USER")
+            .ok()
+            .map(|u| format!("root (sudo from {u})"))
+            .unwrap_or_else(|| "root".into());
+        log.record(
+            event,
+            serde_json::json!({ "name": name, "by": by, "via": "cli" }),
+        );
+        Ok(())
+    }
+
+    pub fn set(name: &str, value: &str) -> Result<(), String> {
+        update(|store| {
+            let mut sized = store.default_secrets.clone();
+            sized.retain(|n, _| n != name);
+            let others: usize = sized.iter().map(|(n, v)| n.len() + v.len()).sum();
+            if others + name.len() + value.len() > MAX_DEFAULTS_BYTES {
+                return Err(format!(
+                    "default secrets together are at most {MAX_DEFAULTS_BYTES} bytes ({others} in the others)"
+                ));
+            }
+            users::secrets_fit(&store.default_secrets, name, value.len())?;
+            store
+                .default_secrets
+                .insert(name.to_string(), value.to_string());
+            Ok(())
+        })?;
+        audit("default_secret_set", name)
+    }
+
+    pub fn remove(name: &str) -> Result<bool, String> {
+        let removed = update(|store| Ok(store.default_secrets.remove(name).is_some()))?;
+        if removed {
+            audit("default_secret_deleted", name)?;
+        }
+        Ok(removed)
+    }
+
+    pub fn names() -> Result<Vec<String>, String> {
+        let store = UserStore::load(&state_dir()?, nix::unistd::geteuid().as_raw())?;
+        Ok(store.default_secrets.keys().cloned().collect())
+    }
+}

@@ -283,7 +283,7 @@ struct Fakes {
 const FLOOD_AGENT: &str = r#"#!/bin/sh
 # Asked to flood: writes one 3 MiB JSON line and up to 64 lines of 1 MiB, while a child in
 # its process group sleeps; if it is not stopped it says so in a file. Else: a short answer.
-input=$(cat)
+IFS= read -r input || true  # one line: Claude Code's stdin stays open until its result
 case "$input" in
   *flood*) ;;
   *) printf '{"type":"system","subtype":"init","session_id":"small-1","model":"m"}\n'

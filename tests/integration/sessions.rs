@@ -5,8 +5,9 @@
 //! which environment; the prompt's keywords pick a misbehaviour (crash, hang, garbage…).
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -53,7 +54,8 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
 const FAKE_AGENT: &str = r#"#!/bin/sh
 # A stand-in agent CLI: replays a recorded stream ($1); the adapter's own arguments follow.
 fixture=$1; shift
-if [ -t 0 ]; then input=""; else input=$(cat); fi
+# One line: a conversation (Claude Code's stream-json) keeps stdin open until its result.
+if [ -t 0 ]; then input=""; else IFS= read -r input || true; fi
 prompt="$input $*"
 id -u > .fake-uid
 echo "$PPID" > .fake-ppid
@@ -741,6 +743,74 @@ fn secrets() -> Result<(), Failed> {
             file.display()
         );
     }
+    // A default the admin provides (root, through the CLI): bob, who has no key of his own,
+    // gets it; alice keeps hers. Never shown, audited without its value.
+    let default = "sk-default-for-everyone-42";
+    let secret_cli = |args: &[&str], stdin: &str, as_user: Option<&str>| {
+        let mut cmd = match as_user {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(stoa.dir.join("bin/stoa"));
+                c
+            }
+            None => Command::new(stoa.dir.join("bin/stoa")),
+        };
+        let mut child = cmd
+            .arg("secret")
+            .args(args)
+            .env("STOA_BROKER_CONFIG", stoa.dir.join("broker.toml"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = secret_cli(&["set", "--default", "ANTHROPIC_API_KEY"], default, None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = secret_cli(&["list", "--default"], "", None);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ANTHROPIC_API_KEY\n");
+    let refused = secret_cli(&["set", "--default", "OTHER"], "x", Some(BOB));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("only root"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    for (user, token, wt, sid, want) in [
+        (BOB, &bob, &bob_wt, &bob_session, default),
+        (ALICE, &alice, &wt, &session, secret),
+    ] {
+        let task = wait_task(&stoa, token, &prompt(&stoa, token, sid, "hi"));
+        assert_eq!(task["status"], "completed", "{user}: {task}");
+        assert_eq!(read(&format!("{wt}/.fake-secret")), want, "{user}'s agent");
+    }
+    let (_, names) = stoa.request("GET", "/users/me/secrets", Some(&bob), None);
+    assert_eq!(names, json!({ "names": [] }), "a default is never shown");
+    let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
+    assert!(audit.contains("\"default_secret_set\""), "audited");
+    assert!(!audit.contains(default), "the audit log holds the value");
+    let out = secret_cli(&["rm", "--default", "ANTHROPIC_API_KEY"], "", None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?
+            .contains("\"default_secret_deleted\"")
+    );
+
     let (status, _) = stoa.request(
         "DELETE",
         "/users/me/secrets/ANTHROPIC_API_KEY",

@@ -207,7 +207,8 @@ fn check_screenshots(result: &Value) {
 /// it runs on until stopped; with HTML: an answer made of markup.
 const FAKE_AGENT: &str = r#"#!/bin/sh
 fixture=$1; shift
-if [ -t 0 ]; then input=""; else input=$(cat); fi
+# One line: a conversation (Claude Code's stream-json) keeps stdin open until its result.
+if [ -t 0 ]; then input=""; else IFS= read -r input || true; fi
 case "$input $*" in
   *HANG*) head -n 1 "$fixture"; exec sleep 3600 ;;
   *HTML*) printf '%s\n' '{"type":"assistant","message":{"content":[{"type":"text","text":"<img src=x onerror=\"window.pwned=1\"><b>bold</b>"}]}}' ;;

@@ -57,7 +57,8 @@ const FAKE_AGENT: &str = r#"#!/bin/sh
 # A stand-in agent CLI replaying a recorded stream ($1). HANG: one line, then it runs on
 # (its pid and pipes unchanged: exec). SLOW: a line a second.
 fixture=$1; shift
-if [ -t 0 ]; then input=""; else input=$(cat); fi
+# One line: a conversation (Claude Code's stream-json) keeps stdin open until its result.
+if [ -t 0 ]; then input=""; else IFS= read -r input || true; fi
 case "$input $*" in
   *HANG*) head -n 1 "$fixture"; exec sleep 3600 ;;
   *SLOW*) while IFS= read -r line; do printf '%s\n' "$line"; sleep 1; done < "$fixture" ;;
