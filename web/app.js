@@ -944,9 +944,11 @@
     const s = {
       id, info: null, lastSeq: 0, abort: new AbortController(), tasks: new Map(),
       shownTasks: new Set(), endShown: new Set(), lastText: null, closed: false,
+      approvals: new Map(),
     };
     current = s;
     $('transcript').replaceChildren();
+    $('approvals').replaceChildren();
     $('session-error').textContent = '';
     $('session-title').textContent = id;
     setText('session-status', 'loading…');
@@ -967,11 +969,77 @@
     $('session-title').textContent = `${s.info.agentic_tool} · ${s.info.worktree} · ${id}`;
     updateSessionStatus();
     streamEvents(s);
+    loadApprovals(s);
     $('prompt').focus();
   }
 
+  /** The session's requests already waiting when it is opened (later ones come as events). */
+  async function loadApprovals(s) {
+    try {
+      for (const a of await api('GET', '/approvals')) {
+        if (a.session_id === s.id && s === current) approvalChanged(s, a);
+      }
+    } catch (e) {
+      if (s === current) $('session-error').textContent = `Could not load permission requests: ${e.message}`;
+    }
+  }
+
+  /** A permission request made or settled: waiting ones are shown above the prompt with
+   * their answers; a settled one goes (the transcript records the decision). */
+  function approvalChanged(s, a) {
+    const had = s.approvals.get(a.approval_id);
+    if (had && had.status !== 'pending') return; // settled stays settled
+    s.approvals.set(a.approval_id, a);
+    renderApprovals(s);
+  }
+
+  function renderApprovals(s) {
+    const box = $('approvals');
+    box.replaceChildren();
+    for (const a of s.approvals.values()) {
+      if (a.status !== 'pending') continue;
+      const card = document.createElement('div');
+      card.className = 'approval';
+      card.dataset.approval = a.approval_id;
+      const label = document.createElement('span');
+      label.className = 'label';
+      const left = Math.max(0, a.expires_at - Math.floor(Date.now() / 1000));
+      label.textContent = `the agent asks to use ${a.tool} (denied in ${Math.ceil(left / 60)} min without an answer)`;
+      const input = document.createElement('pre');
+      input.textContent = toolInput(a.tool, a.input);
+      const actions = document.createElement('div');
+      actions.className = 'actions';
+      const answers = [
+        ['Allow', { decision: 'allow' }, ''],
+        [`Allow ${a.tool} for this session`, { decision: 'allow', for_session: true }, ''],
+        ['Deny', { decision: 'deny' }, 'danger'],
+      ];
+      for (const [text, body, cls] of answers) {
+        const b = document.createElement('button');
+        b.type = 'button';
+        b.textContent = text;
+        if (cls) b.className = cls;
+        b.addEventListener('click', () => answerApproval(s, a.approval_id, body, card));
+        actions.append(b);
+      }
+      card.append(label, input, actions);
+      box.append(card);
+    }
+  }
+
+  async function answerApproval(s, id, body, card) {
+    for (const b of card.querySelectorAll('button')) b.disabled = true;
+    try {
+      approvalChanged(s, await api('POST', `/approvals/${encodeURIComponent(id)}`, body));
+    } catch (e) {
+      $('session-error').textContent = `Could not answer: ${e.message}`;
+      // Answered elsewhere meanwhile (409): what it became comes as an event.
+      for (const b of card.querySelectorAll('button')) b.disabled = false;
+    }
+  }
+
   function runningTask(s) {
-    return [...s.tasks.values()].find((t) => t.status === 'running' || t.status === 'queued');
+    return [...s.tasks.values()].find((t) => ['running', 'waiting', 'queued'].includes(t.status));
   }
 
   function updateSessionStatus() {
@@ -980,7 +1048,8 @@
     const run = runningTask(s);
     $('stop').disabled = !run;
     if (run) {
-      setText('session-status', `${run.status}…`);
+      setText('session-status', run.status === 'waiting'
+        ? 'waiting for your answer to a permission request…' : `${run.status}…`);
     } else {
       const last = [...s.tasks.values()].pop();
       if (!last) setText('session-status', 'idle: send a prompt');
@@ -1070,7 +1139,15 @@
         turn('notice', 'notice', e.message);
         break;
       case 'session_started':
-        break; // says nothing a person needs
+      case 'permission_request':
+        break; // says nothing a person needs; a request is shown above the prompt
+      case 'permission_decision': {
+        const by = e.by ? ` by ${e.by}` : '';
+        const why = e.reason ? `: ${e.reason}` : '';
+        turn(`decision ${e.decision === 'allowed' ? '' : 'denied'}`, null,
+          `${e.tool} ${e.decision}${e.for_session ? ' for the session' : ''}${by}${e.decision === 'allowed' ? '' : why}`);
+        break;
+      }
       default:
         turn('raw', e.kind || 'event', JSON.stringify(e.value !== undefined ? e.value : e, null, 2), true);
     }
@@ -1078,7 +1155,7 @@
   }
 
   /** How far a task has got: a late or replayed event never moves it back. */
-  const STAGE = { queued: 0, running: 1, completed: 2, failed: 2, stopped: 2 };
+  const STAGE = { queued: 0, running: 1, waiting: 1, completed: 2, failed: 2, stopped: 2 };
 
   function taskChanged(s, t) {
     const had = s.tasks.get(t.task_id);
@@ -1086,7 +1163,7 @@
       t = { ...t, status: had.status };
     }
     s.tasks.set(t.task_id, { ...(had || {}), ...t });
-    if (t.status === 'running' || t.status === 'queued') showPrompt(s, t.task_id);
+    if (['running', 'waiting', 'queued'].includes(t.status)) showPrompt(s, t.task_id);
     if ((t.status === 'failed' || t.status === 'stopped') && !s.endShown.has(t.task_id)) {
       s.endShown.add(t.task_id);
       showPrompt(s, t.task_id);
@@ -1164,6 +1241,8 @@
       showMessage(s, value);
     } else if (kind === 'task') {
       taskChanged(s, value);
+    } else if (kind === 'approval') {
+      approvalChanged(s, value);
     }
   }
 

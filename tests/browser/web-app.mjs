@@ -6,7 +6,7 @@
 //
 // Sessions: create one with the recorded agent, prompt it, read the transcript (the tool
 // call, its result, the answer), see it in the history; a hanging agent: a second prompt
-// refused in words, Stop. Terminals: open one from the phone's
+// refused in words, Stop; its permission requests answered with the page's buttons. Terminals: open one from the phone's
 // menu, type, use the key bar (Esc, arrows and Tab through `cat -v`, the sticky Ctrl to end
 // `cat` with ^D, ^C to interrupt), and check that it fits the screen. Screenshots go to
 // --artifacts. Prints one JSON object on stdout; exit status 0 only when every check passed.
@@ -111,6 +111,31 @@ try {
     await until('"task stopped" in the transcript', async () =>
       (await page.textContent('#transcript')).includes('task stopped'), 20000);
     await until('Stop to be disabled again', () => page.isDisabled('#stop'));
+  });
+
+  await step('a permission request: shown above the prompt, allowed, then one denied', async () => {
+    for (const [answer, button, outcome] of [
+      ['allow', '.approval .actions button:nth-child(1)', 'Bash allowed'],
+      ['deny', '.approval .actions button.danger', 'Bash denied'],
+    ]) {
+      await page.fill('#prompt', `ASK before you run it (${answer})`);
+      await page.click('#send-prompt');
+      const card = await until('the request above the prompt', async () => {
+        const t = await page.textContent('#approvals');
+        return t && t.includes('id -un > whoami.txt') ? t : null;
+      }, 20000);
+      if (!/asks to use Bash/.test(card)) throw new Error(`the request shows ${JSON.stringify(card)}`);
+      await until('the status to say it waits for an answer', async () =>
+        /waiting for your answer/.test(await page.textContent('#session-status')));
+      if (answer === 'allow') await shot(page, 'phone-approval.png');
+      await page.click(button);
+      await until(`"${outcome}" in the transcript`, async () =>
+        (await page.textContent('#transcript')).includes(outcome), 20000);
+      await until('the request to leave the page', async () =>
+        (await page.$$('#approvals .approval')).length === 0);
+      await until('the status to say completed',
+        async () => /completed/.test(await page.textContent('#session-status')), 20000);
+    }
   });
 
   await step('an answer made of markup shows as text, never as the page\'s HTML', async () => {

@@ -204,18 +204,30 @@ fn check_screenshots(result: &Value) {
 // ---- a recorded agent (tests/fixtures/agents) ------------------------------------------
 
 /// A stand-in agent CLI replaying a recorded stream ($1); a prompt with HANG: one line, then
-/// it runs on until stopped; with HTML: an answer made of markup.
+/// it runs on until stopped; with HTML: an answer made of markup; with ASK: Claude Code's
+/// recorded permission request, then, after stoa's answer on stdin, the recorded rest of an
+/// allowed or a denied run.
 const FAKE_AGENT: &str = r#"#!/bin/sh
 fixture=$1; shift
+dir=$(dirname "$fixture")
 # One line: a conversation (Claude Code's stream-json) keeps stdin open until its result.
 if [ -t 0 ]; then input=""; else IFS= read -r input || true; fi
 case "$input $*" in
+  *ASK*)
+    head -n 3 "$dir/claude-code-2.1.197-approval-allow.jsonl"
+    IFS= read -r answer || exit 1
+    case "$answer" in
+      *'"behavior":"allow"'*) tail -n +4 "$dir/claude-code-2.1.197-approval-allow.jsonl" ;;
+      *) tail -n +4 "$dir/claude-code-2.1.197-approval-deny.jsonl" ;;
+    esac ;;
   *HANG*) head -n 1 "$fixture"; exec sleep 3600 ;;
   *HTML*) printf '%s\n' '{"type":"assistant","message":{"content":[{"type":"text","text":"<img src=x onerror=\"window.pwned=1\"><b>bold</b>"}]}}' ;;
   *) cat "$fixture" ;;
 esac
 "#;
 const FIXTURE: &str = "claude-code-2.1.197-bash-tool.jsonl";
+const ASK_ALLOW: &str = "claude-code-2.1.197-approval-allow.jsonl";
+const ASK_DENY: &str = "claude-code-2.1.197-approval-deny.jsonl";
 
 /// The fake agent and its recording in a root-owned directory the users can read; removed
 /// on drop.
@@ -229,14 +241,16 @@ impl RecordedAgent {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("fake-agent"), FAKE_AGENT).unwrap();
-        fs::copy(
-            Path::new(REPO).join("tests/fixtures/agents").join(FIXTURE),
-            dir.join(FIXTURE),
-        )
-        .expect("fixture (tests/fixtures/agents)");
+        for fixture in [FIXTURE, ASK_ALLOW, ASK_DENY] {
+            fs::copy(
+                Path::new(REPO).join("tests/fixtures/agents").join(fixture),
+                dir.join(fixture),
+            )
+            .expect("fixture (tests/fixtures/agents)");
+            run("chmod", &["0644", dir.join(fixture).to_str().unwrap()]);
+        }
         run("chmod", &["0755", dir.to_str().unwrap()]);
         run("chmod", &["0755", dir.join("fake-agent").to_str().unwrap()]);
-        run("chmod", &["0644", dir.join(FIXTURE).to_str().unwrap()]);
         RecordedAgent { dir }
     }
 
@@ -369,10 +383,32 @@ fn web_app_on_a_phone() -> Result<(), Failed> {
     let (status, tasks) = stoa.request("GET", &format!("/sessions/{id}/tasks"), Some(&token), None);
     assert_eq!(status, 200, "{tasks}");
     let tasks = tasks.as_array().cloned().unwrap_or_default();
-    assert_eq!(tasks.len(), 3, "{tasks:?}");
+    assert_eq!(tasks.len(), 5, "{tasks:?}");
     assert_eq!(tasks[0]["status"], "completed", "{tasks:?}");
     assert_eq!(tasks[0]["prompt"], "say hello and run id", "{tasks:?}");
     assert_eq!(tasks[1]["status"], "stopped", "{tasks:?}");
+    // The two that asked permission, answered in the page: allowed, then denied.
+    for (task, decision) in [(&tasks[2], "allowed"), (&tasks[3], "denied")] {
+        assert_eq!(task["status"], "completed", "{tasks:?}");
+        let (_, messages) = stoa.request(
+            "GET",
+            &format!("/sessions/{id}/messages"),
+            Some(&token),
+            None,
+        );
+        let said: Vec<&Value> = messages
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["task_id"] == task["task_id"])
+            .map(|m| &m["event"])
+            .collect();
+        assert!(
+            said.iter()
+                .any(|e| e["kind"] == "permission_decision" && e["decision"] == decision),
+            "{decision}: {said:?}"
+        );
+    }
     let _ = fs::remove_dir_all(&worktree);
     eprintln!(
         "web app: screenshots {} (steps: {})",
