@@ -51,7 +51,7 @@ pub fn routes() -> Router<Arc<AppState>> {
 /// One line saying what the tool would do: a command, a file, or the input compacted.
 pub fn summary(ask: &PermissionAsk) -> String {
     let input = &ask.input;
-    let said = ["command", "file_path", "path", "url", "pattern"]
+    let said = ["command", "file_path", "path", "url", "pattern", "title"]
         .iter()
         .find_map(|k| input.get(*k).and_then(Value::as_str).map(str::to_string))
         .unwrap_or_else(|| input.to_string());

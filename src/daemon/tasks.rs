@@ -237,6 +237,7 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
         resume: session.agent_session_id.clone(),
         command: agent_config.command.clone(),
         base_url: agent_config.base_url.clone(),
+        cwd: Some(session.worktree.clone()),
     };
     let invocation = adapter.invocation(&spec);
     let mut env: Vec<(String, String)> = agent_config.env.into_iter().collect();

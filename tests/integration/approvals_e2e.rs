@@ -22,23 +22,45 @@ use serde_json::{json, Value};
 use crate::agents_e2e::{find_claude, have, World};
 use crate::harness::*;
 
-pub const TESTS: &[(&str, crate::TestFn)] = &[(
-    "claude_code_asks_before_its_bash_call_and_waits_for_the_answer",
-    approvals_e2e,
-)];
+pub const TESTS: &[(&str, crate::TestFn)] = &[
+    (CLAUDE_NAME, claude_code_approvals),
+    (GEMINI_NAME, gemini_approvals),
+];
 
-const NAME: &str = "claude_code_asks_before_its_bash_call_and_waits_for_the_answer";
+const CLAUDE_NAME: &str = "claude_code_asks_before_its_bash_call_and_waits_for_the_answer";
+const GEMINI_NAME: &str = "gemini_cli_asks_over_acp_before_its_shell_call_and_waits";
+const DEFAULT_GEMINI: &str = "/opt/stoa-ci/gemini/bin/gemini";
 /// Short, so the unanswered request expires within the test.
 const APPROVAL_TIMEOUT_SECS: u64 = 6;
 const API_USER: &str = "e2e-approver";
 
-fn skipped(why: &str) -> Result<(), Failed> {
-    eprintln!("SKIPPED: {NAME}: {why}");
+fn skipped(name: &str, why: &str) -> Result<(), Failed> {
+    eprintln!("SKIPPED: {name}: {why}");
     Ok(())
 }
 
+/// The agent a test drives: its tool name in stoa, the secret holding its key, and what its
+/// process's command line shows.
+struct Agent {
+    tool: &'static str,
+    key: &'static str,
+    process: &'static str,
+}
+
+const CLAUDE: Agent = Agent {
+    tool: "claude-code",
+    key: "ANTHROPIC_API_KEY",
+    process: "claude",
+};
+const GEMINI: Agent = Agent {
+    tool: "gemini",
+    key: "GEMINI_API_KEY",
+    process: "gemini",
+};
+
 struct Case<'w> {
     world: &'w World,
+    agent: &'w Agent,
     token: String,
     session: String,
     task: String,
@@ -126,13 +148,13 @@ impl Case<'_> {
     }
 }
 
-fn start_case<'w>(world: &'w World, token: &str, name: &str) -> Case<'w> {
-    let worktree = format!("/home/{ALICE}/e2e-approvals-{name}");
+fn start_case<'w>(world: &'w World, agent: &'w Agent, token: &str, name: &str) -> Case<'w> {
+    let worktree = format!("/home/{ALICE}/e2e-approvals-{}-{name}", agent.tool);
     run("runuser", &["-u", ALICE, "--", "mkdir", "-p", &worktree]);
     let (status, session) = world.post(
         "/sessions",
         token,
-        json!({ "agentic_tool": "claude-code", "worktree": worktree, "permission_mode": "default" }),
+        json!({ "agentic_tool": agent.tool, "worktree": worktree, "permission_mode": "default" }),
     );
     assert_eq!(status, 201, "POST /sessions: {session}");
     let session = session["session_id"].as_str().unwrap().to_string();
@@ -144,6 +166,7 @@ fn start_case<'w>(world: &'w World, token: &str, name: &str) -> Case<'w> {
     assert_eq!(status, 202, "POST prompt: {task}");
     Case {
         world,
+        agent,
         token: token.to_string(),
         session,
         task: task["task_id"].as_str().unwrap().to_string(),
@@ -176,18 +199,19 @@ fn worker_pid() -> Option<i32> {
     })
 }
 
-/// The pid of the agent of this case (the `claude` process running in its worktree).
+/// The pid of the agent of this case (its process running in its worktree).
 fn agent_pid(case: &Case) -> Option<i32> {
     all_pids().into_iter().find(|p| {
         fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c == Path::new(&case.worktree))
-            && cmdline(*p).iter().any(|a| a.ends_with("claude"))
+            && cmdline(*p).iter().any(|a| a.contains(case.agent.process))
     })
 }
 
-fn approvals_e2e() -> Result<(), Failed> {
+/// Why the world cannot be had here, if it cannot.
+fn missing_tools() -> Option<String> {
     for tool in ["unshare", "nsenter", "ip", "curl", "python3"] {
         if !have(tool) {
-            return skipped(&format!("`{tool}` is not installed"));
+            return Some(format!("`{tool}` is not installed"));
         }
     }
     if !Command::new("unshare")
@@ -195,15 +219,57 @@ fn approvals_e2e() -> Result<(), Failed> {
         .status()
         .is_ok_and(|s| s.success())
     {
-        return skipped("`unshare --net` is not permitted here");
+        return Some("`unshare --net` is not permitted here".into());
+    }
+    None
+}
+
+fn claude_code_approvals() -> Result<(), Failed> {
+    if let Some(why) = missing_tools() {
+        return skipped(CLAUDE_NAME, &why);
     }
     let (claude, version) = match find_claude() {
         Ok(found) => found,
-        Err(why) => return skipped(&format!("no Claude Code CLI: {why}")),
+        Err(why) => return skipped(CLAUDE_NAME, &format!("no Claude Code CLI: {why}")),
     };
     eprintln!("approvals e2e: {} ({version})", claude.display());
     let extra = format!("\n[execution]\napproval_timeout_secs = {APPROVAL_TIMEOUT_SECS}\n");
-    let mut world = World::start_with(&claude, &extra);
+    let world = World::start_with(&claude, &extra);
+    approvals(world, &CLAUDE)
+}
+
+fn gemini_approvals() -> Result<(), Failed> {
+    if let Some(why) = missing_tools() {
+        return skipped(GEMINI_NAME, &why);
+    }
+    let gemini = std::env::var_os("STOA_E2E_GEMINI")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_GEMINI.into());
+    let version = Command::new(&gemini).arg("--version").output();
+    let Some(version) = version
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    else {
+        return skipped(
+            GEMINI_NAME,
+            &format!("no Gemini CLI at {}", gemini.display()),
+        );
+    };
+    eprintln!("approvals e2e: {} ({version})", gemini.display());
+    // Claude Code's section is the world's own; Gemini's comes from its config alone.
+    let (claude, _) = find_claude().unwrap_or(("/bin/false".into(), String::new()));
+    let extra = format!(
+        "\n[agents.gemini]\ncommand = [{gemini}]\nbase_url = \"http://127.0.0.1:8765\"\nmodel = \"gemini-2.5-flash\"\nsecrets = [\"GEMINI_API_KEY\"]\n\n[execution]\napproval_timeout_secs = {APPROVAL_TIMEOUT_SECS}\n",
+        gemini = Value::from(gemini.display().to_string()),
+    );
+    let world = World::start_with(&claude, &extra);
+    approvals(world, &GEMINI)
+}
+
+/// The four cases with `agent`: allowed, denied, expired, answered after the worker died.
+fn approvals(mut world: World, agent: &Agent) -> Result<(), Failed> {
     let out = Command::new(world.dir.join("bin/stoa"))
         .args(["user", "add", API_USER, "--unix-user", ALICE])
         .env("STOA_BROKER_CONFIG", world.dir.join("broker.toml"))
@@ -216,7 +282,7 @@ fn approvals_e2e() -> Result<(), Failed> {
     let token = String::from_utf8(out.stdout)?.trim().to_string();
     let (status, reply) = world.request(
         "PUT",
-        "/users/me/secrets/ANTHROPIC_API_KEY",
+        &format!("/users/me/secrets/{}", agent.key),
         Some(&token),
         Some("dummy".into()),
     );
@@ -224,14 +290,15 @@ fn approvals_e2e() -> Result<(), Failed> {
 
     // 1. Allow: the request is listed and announced, the task waits; allowed, the command
     //    runs as alice.
-    let allow = start_case(&world, &token, "allow");
+    let allow = start_case(&world, agent, &token, "allow");
     let (mut events, events_file) = follow_events(&world, &token, &allow.session);
     let asked = allow.pending();
-    assert_eq!(asked["tool"], "Bash", "{asked}");
     assert_eq!(asked["status"], "pending", "{asked}");
     assert_eq!(asked["task_id"], allow.task.as_str(), "{asked}");
-    assert_eq!(
-        asked["input"]["command"], "id -un > whoami.txt; pwd >> whoami.txt; cat whoami.txt",
+    assert!(
+        asked["input"]
+            .to_string()
+            .contains("id -un > whoami.txt; pwd >> whoami.txt; cat whoami.txt"),
         "the input in full: {asked}"
     );
     assert!(
@@ -276,7 +343,7 @@ fn approvals_e2e() -> Result<(), Failed> {
     );
 
     // 2. Deny: nothing runs, and the transcript says so.
-    let deny = start_case(&world, &token, "deny");
+    let deny = start_case(&world, agent, &token, "deny");
     let asked = deny.pending();
     let id = asked["approval_id"].as_str().unwrap().to_string();
     let (status, reply) = deny.answer(
@@ -287,15 +354,24 @@ fn approvals_e2e() -> Result<(), Failed> {
     deny.wait_task("completed", Duration::from_secs(60));
     assert!(!deny.file().exists(), "denied, the command did not run");
     let transcript = deny.messages();
-    let refusal = transcript
-        .iter()
-        .find(|e| e["kind"] == "tool_result")
-        .unwrap_or_else(|| panic!("no tool_result: {transcript:?}"));
-    assert_eq!(refusal["is_error"], true, "{refusal}");
-    assert_eq!(refusal["content"], "not on this machine", "{refusal}");
+    assert!(
+        transcript.iter().any(|e| e["kind"] == "permission_decision"
+            && e["decision"] == "denied"
+            && e["reason"] == "not on this machine"),
+        "the transcript says it was denied, and why: {transcript:?}"
+    );
+    if agent.tool == "claude-code" {
+        // Claude Code says so itself: the tool's result is the refusal.
+        let refusal = transcript
+            .iter()
+            .find(|e| e["kind"] == "tool_result")
+            .unwrap_or_else(|| panic!("no tool_result: {transcript:?}"));
+        assert_eq!(refusal["is_error"], true, "{refusal}");
+        assert_eq!(refusal["content"], "not on this machine", "{refusal}");
+    }
 
     // 3. No answer: denied after the timeout.
-    let expire = start_case(&world, &token, "expire");
+    let expire = start_case(&world, agent, &token, "expire");
     let asked = expire.pending();
     let id = asked["approval_id"].as_str().unwrap().to_string();
     let waited = Instant::now();
@@ -311,17 +387,15 @@ fn approvals_e2e() -> Result<(), Failed> {
     assert!(!expire.file().exists(), "expired, the command did not run");
     let transcript = expire.messages();
     assert!(
-        transcript.iter().any(|e| e["kind"] == "tool_result"
-            && e["content"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("approval_timeout_secs")),
-        "the agent was told why: {transcript:?}"
+        transcript
+            .iter()
+            .any(|e| e.to_string().contains("approval_timeout_secs")),
+        "the transcript says why: {transcript:?}"
     );
 
     // 4. The worker dies while the agent waits: the agent is the same process, still
     //    waiting, and the request can be answered through the new worker.
-    let restart = start_case(&world, &token, "restart");
+    let restart = start_case(&world, agent, &token, "restart");
     let asked = restart.pending();
     let id = asked["approval_id"].as_str().unwrap().to_string();
     let agent = agent_pid(&restart).expect("the waiting agent's process");

@@ -305,18 +305,24 @@ kill $!
 "#;
 
 const WAITING_GEMINI: &str = r#"#!/bin/sh
-# $1: the recording to replay. Keeps what came on stdin, says it started, and waits for
-# the test's go-ahead (at most 60 s) so the test can look at the process table meanwhile.
+# $1: the recording to replay (Gemini in its ACP mode). Says it started and waits for the
+# test's go-ahead (at most 60 s) so the test can look at the process table meanwhile; then
+# answers stoa's initialize, session/new and session/prompt with the recorded lines, keeping
+# what came on stdin.
 fixture=$1; shift
-cat > .fake-stdin
 tr '\0' ' ' < /proc/$$/cmdline > .fake-cmdline
 touch .fake-started
 n=0
 while [ ! -e .fake-go ] && [ $n -lt 1200 ]; do sleep 0.05; n=$((n + 1)); done
-cat "$fixture"
+IFS= read -r line; printf '%s\n' "$line" > .fake-stdin
+sed -n 1p "$fixture"
+IFS= read -r line; printf '%s\n' "$line" >> .fake-stdin
+sed -n 2p "$fixture"
+IFS= read -r line; printf '%s\n' "$line" >> .fake-stdin
+sed -n '3,$p' "$fixture"
 "#;
 
-const GEMINI_FIXTURE: &str = "gemini-cli-0.61.0-text.jsonl";
+const GEMINI_FIXTURE: &str = "gemini-cli-0.61.0-acp-text.jsonl";
 
 impl Fakes {
     fn install() -> Fakes {

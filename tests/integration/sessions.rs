@@ -76,7 +76,7 @@ esac
 const FIXTURES: [(&str, &str); 4] = [
     ("claude-code", "claude-code-2.1.197-bash-tool.jsonl"),
     ("codex", "codex-0.169.0-text.jsonl"),
-    ("gemini", "gemini-cli-0.61.0-text.jsonl"),
+    ("gemini", "gemini-cli-0.61.0-acp-text.jsonl"),
     ("opencode", "opencode-1.18.33-text.jsonl"),
 ];
 

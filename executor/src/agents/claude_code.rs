@@ -34,7 +34,7 @@ impl Adapter for ClaudeCodeAdapter {
         Tool::ClaudeCode
     }
 
-    fn invocation(&self, spec: &RunSpec) -> Invocation {
+    fn invocation(&mut self, spec: &RunSpec) -> Invocation {
         let mut argv = argv_prefix(Tool::ClaudeCode, spec);
         // `--verbose` is required by `-p` with stream-json. The prompt goes on stdin, so it
         // is never parsed as an option whatever it starts with, and has no argv size limit.
@@ -144,6 +144,7 @@ impl ClaudeCodeAdapter {
                     input: request.get("input").cloned().unwrap_or(Value::Null),
                     description: str_at(&request, "description"),
                     tool_use_id: str_at(&request, "tool_use_id"),
+                    reply: Value::Null,
                 })]
             }
             (subtype, _) => {

@@ -31,7 +31,7 @@ impl Adapter for CodexAdapter {
         Tool::Codex
     }
 
-    fn invocation(&self, spec: &RunSpec) -> Invocation {
+    fn invocation(&mut self, spec: &RunSpec) -> Invocation {
         let mut argv = argv_prefix(Tool::Codex, spec);
         // Codex ignores OPENAI_BASE_URL: a provider of stoa's own, given as `-c` overrides
         // (TOML values), reads its key from OPENAI_API_KEY.

@@ -1,43 +1,37 @@
-//! Gemini CLI: `gemini --output-format stream-json --skip-trust`, the prompt on stdin.
+//! Gemini CLI in its Agent Client Protocol mode: `gemini --acp` (see `acp.rs`). The prompt
+//! goes in `session/prompt` on stdin, never in argv; the agent's permission requests come
+//! as `session/request_permission` and wait for stoa's answer; a session is continued with
+//! `session/load`.
 //!
-//! Stream lines (gemini-cli `packages/core/src/output/types.ts`): `init`, `message`
-//! (role user|assistant, `delta` for chunks), `tool_use`, `tool_result`, `error`
-//! (non-fatal, with a `severity`), `result` (status success|error, `stats`), and in newer
-//! versions `retry` and `loop_detected`.
+//! Gemini 0.61 answers `session/load` before it has replayed the whole history (the ACP
+//! says the replay comes first): the replay ends with the `available_commands_update` it
+//! sends once a session is set up, so updates before that one are not stored again.
 #![forbid(unsafe_code)]
 
-use serde_json::Value;
-
+use super::acp::AcpClient;
 use super::{
-    argv_prefix, parse_json, raw, str_at, Adapter, AgentEvent, Invocation, NotJson, RunSpec, Tool,
+    argv_prefix, parse_json, Adapter, AgentEvent, Decision, Invocation, NotJson, PermissionAsk,
+    RunSpec, Tool,
 };
 
 /// Gemini's `--approval-mode` values; other permission modes are ignored (gemini's
-/// configured default applies).
+/// configured default applies: `default`, which asks).
 const APPROVAL_MODES: [&str; 4] = ["default", "auto_edit", "yolo", "plan"];
 
 #[derive(Debug, Default)]
-pub struct GeminiAdapter;
+pub struct GeminiAdapter {
+    acp: AcpClient,
+}
 
 impl Adapter for GeminiAdapter {
     fn tool(&self) -> Tool {
         Tool::Gemini
     }
 
-    // The prompt goes on stdin, never in argv, where every local user could read it
-    // (/proc/PID/cmdline) and the broker's audit log and `GET /processes` would copy it.
-    // Gemini reads stdin whenever it is not a terminal: with no `-p` (nor a positional
-    // prompt) and stdin a pipe it runs headless, and what it read is the prompt
-    // (`packages/cli/src/gemini.tsx`, `readStdin`, up to 8 MiB; with `-p` as well, stdin
-    // would be put before that text). It waits 500 ms for the first byte, so the prompt
-    // must be written at once: the daemon writes it as soon as the process is spawned.
-    // (Gemini's own sandbox mode, `--sandbox`/`GEMINI_SANDBOX` or the user's settings,
-    // copies stdin into the sandboxed process's argv: stoa never turns it on.)
-    fn invocation(&self, spec: &RunSpec) -> Invocation {
+    fn invocation(&mut self, spec: &RunSpec) -> Invocation {
+        self.acp = AcpClient::new(spec);
         let mut argv = argv_prefix(Tool::Gemini, spec);
-        // `--skip-trust`: the work directory is the user's own, and gemini restricts or
-        // refuses headless runs in folders it was not told to trust.
-        argv.extend(["--output-format", "stream-json", "--skip-trust"].map(String::from));
+        argv.push("--acp".into());
         if let Some(model) = &spec.model {
             argv.extend(["-m".into(), model.clone()]);
         }
@@ -48,14 +42,10 @@ impl Adapter for GeminiAdapter {
         {
             argv.extend(["--approval-mode".into(), mode.to_string()]);
         }
-        // `--resume` takes "latest", an index or a session id (the `init` event's).
-        if let Some(id) = &spec.resume {
-            argv.extend(["--resume".into(), id.clone()]);
-        }
         Invocation {
             argv,
-            stdin: Some(spec.prompt.clone()),
-            conversation: false,
+            stdin: Some(self.acp.first_line()),
+            conversation: true,
             env: spec
                 .base_url
                 .iter()
@@ -65,216 +55,242 @@ impl Adapter for GeminiAdapter {
     }
 
     fn parse_line(&mut self, line: &str) -> Result<Vec<AgentEvent>, NotJson> {
-        let Some(v) = parse_json(line)? else {
-            return Ok(vec![]);
-        };
-        let events = match v.get("type").and_then(Value::as_str) {
-            Some("init") => match str_at(&v, "session_id") {
-                Some(agent_session_id) => {
-                    vec![AgentEvent::SessionStarted {
-                        agent_session_id,
-                        model: str_at(&v, "model"),
-                    }]
-                }
-                None => raw(v),
-            },
-            // User messages echo the prompt back: kept raw, not shown as assistant text.
-            Some("message") if v.get("role").and_then(Value::as_str) == Some("assistant") => {
-                vec![AgentEvent::AssistantText {
-                    text: str_at(&v, "content").unwrap_or_default(),
-                    delta: v.get("delta").and_then(Value::as_bool).unwrap_or(false),
-                }]
-            }
-            Some("tool_use") => vec![AgentEvent::ToolUse {
-                id: str_at(&v, "tool_id"),
-                name: str_at(&v, "tool_name").unwrap_or_default(),
-                input: v.get("parameters").cloned().unwrap_or(Value::Null),
-            }],
-            Some("tool_result") => vec![AgentEvent::ToolResult {
-                tool_use_id: str_at(&v, "tool_id"),
-                // A failed tool has an `error` object and usually no `output`.
-                content: str_at(&v, "output")
-                    .or_else(|| {
-                        v.pointer("/error/message")
-                            .and_then(Value::as_str)
-                            .map(str::to_string)
-                    })
-                    .unwrap_or_default(),
-                is_error: v.get("status").and_then(Value::as_str) != Some("success"),
-            }],
-            Some("error") => match str_at(&v, "message") {
-                Some(message) => vec![AgentEvent::Notice { message }],
-                None => raw(v),
-            },
-            Some("result") => vec![AgentEvent::Result {
-                is_error: v.get("status").and_then(Value::as_str) != Some("success"),
-                // Gemini repeats no final text; an error result says what went wrong.
-                text: v
-                    .pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                cost_usd: None,
-                num_turns: None,
-                usage: v.get("stats").cloned(),
-            }],
-            _ => raw(v),
-        };
-        Ok(events)
+        match parse_json(line)? {
+            Some(v) => self.acp.parse(v),
+            None => Ok(vec![]),
+        }
+    }
+
+    fn take_input(&mut self) -> Vec<String> {
+        self.acp.take_input()
+    }
+
+    fn answer(&self, ask: &PermissionAsk, decision: &Decision) -> Option<String> {
+        AcpClient::answer(ask, decision)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{parse_all, reordered_keys, spec, strings};
+    use super::super::test_util::{reordered_keys, spec, strings};
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
-    const TEXT: &str = include_str!("../../../tests/fixtures/agents/gemini-cli-0.61.0-text.jsonl");
+    const TEXT: &str =
+        include_str!("../../../tests/fixtures/agents/gemini-cli-0.61.0-acp-text.jsonl");
+    const ALLOW: &str =
+        include_str!("../../../tests/fixtures/agents/gemini-cli-0.61.0-acp-allow.jsonl");
+    const DENY: &str =
+        include_str!("../../../tests/fixtures/agents/gemini-cli-0.61.0-acp-deny.jsonl");
+    const LOAD: &str =
+        include_str!("../../../tests/fixtures/agents/gemini-cli-0.61.0-acp-load.jsonl");
+
+    /// Replays a recording through a fresh adapter: the events, and what it wrote to stdin.
+    fn replay(s: &RunSpec, text: &str) -> (Vec<AgentEvent>, Vec<Value>) {
+        let mut a = GeminiAdapter::default();
+        let inv = a.invocation(s);
+        let mut sent: Vec<Value> = vec![serde_json::from_str(inv.stdin.unwrap().trim()).unwrap()];
+        let mut events = Vec::new();
+        for line in text.lines() {
+            events.extend(a.parse_line(line).expect("JSON"));
+            sent.extend(
+                a.take_input()
+                    .iter()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+            );
+        }
+        (events, sent)
+    }
+
+    fn with_cwd(prompt: &str) -> RunSpec {
+        RunSpec {
+            cwd: Some("/home/alice".into()),
+            ..spec(prompt)
+        }
+    }
 
     #[test]
-    fn text_fixture() {
-        let events = parse_all(&mut GeminiAdapter, TEXT);
-        assert_eq!(events.len(), 4);
+    fn a_recorded_run_walks_the_protocol() {
+        let (events, sent) = replay(&with_cwd("hi"), TEXT);
+        let methods: Vec<&str> = sent.iter().filter_map(|m| m["method"].as_str()).collect();
+        assert_eq!(methods, ["initialize", "session/new", "session/prompt"]);
+        assert_eq!(sent[1]["params"]["cwd"], "/home/alice");
+        assert_eq!(sent[2]["params"]["prompt"][0]["text"], "hi");
+        assert_eq!(
+            sent[2]["params"]["sessionId"],
+            "b57cde6b-8141-4bc5-abd5-97f92f82afee"
+        );
         assert_eq!(
             events[0],
             AgentEvent::SessionStarted {
-                agent_session_id: "7bd29f52-5c37-4d6c-8cfa-8f27a6173143".into(),
-                model: Some("gemini-2.5-flash".into()),
+                agent_session_id: "b57cde6b-8141-4bc5-abd5-97f92f82afee".into(),
+                model: None,
             }
         );
-        assert!(matches!(&events[1], AgentEvent::Raw { value } if value["content"] == "hi"));
         assert_eq!(
-            events[2],
+            events[1],
             AgentEvent::AssistantText {
                 text: "Hello from the mock server.".into(),
                 delta: true
             }
         );
-        let AgentEvent::Result {
-            is_error,
-            text,
-            usage,
-            ..
-        } = &events[3]
-        else {
-            panic!("last event is {:?}", events[3]);
-        };
-        assert!(!is_error);
-        assert_eq!(*text, None);
-        assert_eq!(usage.as_ref().unwrap()["total_tokens"], json!(19));
+        assert!(
+            matches!(&events[2], AgentEvent::Result { is_error: false, usage: Some(u), .. } if u["output_tokens"] == 7),
+            "{events:?}"
+        );
+        assert_eq!(events.len(), 3, "{events:?}");
+    }
+
+    #[test]
+    fn a_permission_request_and_its_answers() {
+        for (text, decision, option) in [
+            (ALLOW, Decision::Allow, "proceed_once"),
+            (
+                DENY,
+                Decision::Deny {
+                    message: "no".into(),
+                },
+                "cancel",
+            ),
+        ] {
+            let (events, _) = replay(&with_cwd("RUNTOOL: write down who you are"), text);
+            let asks: Vec<&PermissionAsk> = events
+                .iter()
+                .filter_map(|e| match e {
+                    AgentEvent::PermissionRequest(a) => Some(a),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(asks.len(), 1, "{events:?}");
+            let ask = asks[0];
+            assert_eq!(ask.tool, "execute");
+            assert_eq!(
+                ask.description.as_deref(),
+                Some("id -un > whoami.txt; pwd >> whoami.txt; cat whoami.txt")
+            );
+            let answer: Value =
+                serde_json::from_str(&GeminiAdapter::default().answer(ask, &decision).unwrap())
+                    .unwrap();
+            assert_eq!(
+                answer,
+                json!({"jsonrpc":"2.0","id":0,"result":{"outcome":{"outcome":"selected","optionId":option}}})
+            );
+            assert!(matches!(
+                events.last(),
+                Some(AgentEvent::Result {
+                    is_error: false,
+                    ..
+                })
+            ));
+        }
+        // Allowed, the shell ran and its result came.
+        let (events, _) = replay(&with_cwd("RUNTOOL"), ALLOW);
+        assert!(events.iter().any(|e| matches!(
+            e,
+            AgentEvent::ToolResult {
+                is_error: false,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn a_continued_session_is_loaded_and_its_replayed_history_not_stored_again() {
+        let mut s = with_cwd("hi again");
+        s.resume = Some("9c69a2f2-1dee-472c-8367-d3891e317d73".into());
+        let (events, sent) = replay(&s, LOAD);
+        assert_eq!(sent[1]["method"], "session/load");
+        assert_eq!(
+            sent[1]["params"]["sessionId"],
+            "9c69a2f2-1dee-472c-8367-d3891e317d73"
+        );
+        assert_eq!(sent[2]["method"], "session/prompt");
+        // The replay (the earlier prompt, its tool call and answer) is not among the events:
+        // only this run's permission request, its answer text and the result.
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, AgentEvent::ToolUse { .. })),
+            "{events:?}"
+        );
+        let texts = events
+            .iter()
+            .filter(|e| matches!(e, AgentEvent::AssistantText { .. }))
+            .count();
+        assert_eq!(texts, 1, "{events:?}");
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, AgentEvent::PermissionRequest(_))));
+    }
+
+    #[test]
+    fn other_agent_requests_are_refused_at_once_and_errors_end_the_run() {
+        let mut a = GeminiAdapter::default();
+        a.invocation(&with_cwd("hi"));
+        let read = json!({"jsonrpc":"2.0","id":7,"method":"fs/read_text_file","params":{"path":"/etc/shadow"}});
+        assert!(matches!(
+            a.parse_line(&read.to_string()).unwrap()[..],
+            [AgentEvent::Raw { .. }]
+        ));
+        let owed: Vec<Value> = a
+            .take_input()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(owed.len(), 1);
+        assert_eq!(owed[0]["id"], 7);
+        assert_eq!(owed[0]["error"]["code"], -32601);
+        let failed =
+            json!({"jsonrpc":"2.0","id":2,"error":{"code":-32603,"message":"quota exceeded"}});
+        assert_eq!(
+            a.parse_line(&failed.to_string()).unwrap(),
+            vec![AgentEvent::Result {
+                is_error: true,
+                text: Some("quota exceeded".into()),
+                cost_usd: None,
+                num_turns: None,
+                usage: None,
+            }]
+        );
     }
 
     #[test]
     fn key_order_does_not_matter() {
-        let reordered: Vec<String> = TEXT.lines().map(reordered_keys).collect();
-        assert_eq!(
-            parse_all(&mut GeminiAdapter, &reordered.join("\n")),
-            parse_all(&mut GeminiAdapter, TEXT)
-        );
+        for text in [TEXT, ALLOW, DENY, LOAD] {
+            let reordered: Vec<String> = text.lines().map(reordered_keys).collect();
+            let mut s = with_cwd("hi");
+            if text == LOAD {
+                s.resume = Some("9c69a2f2-1dee-472c-8367-d3891e317d73".into());
+            }
+            assert_eq!(replay(&s, &reordered.join("\n")).0, replay(&s, text).0);
+        }
     }
 
     #[test]
-    fn tools_errors_and_failed_result() {
-        let lines = [
-            json!({"type":"tool_use","timestamp":"t","tool_name":"run_shell_command","tool_id":"c1",
-                "parameters":{"command":"ls"}}),
-            json!({"type":"tool_result","timestamp":"t","tool_id":"c1","status":"success","output":"a.txt"}),
-            json!({"type":"tool_result","timestamp":"t","tool_id":"c2","status":"error",
-                "error":{"type":"invalid_tool_params","message":"no such file"}}),
-            json!({"type":"error","timestamp":"t","severity":"warning","message":"slow down"}),
-            json!({"type":"result","timestamp":"t","status":"error",
-                "error":{"type":"FatalError","message":"quota exceeded"},"stats":{"total_tokens":3}}),
-        ];
-        let events: Vec<AgentEvent> = lines
-            .iter()
-            .flat_map(|l| GeminiAdapter.parse_line(&l.to_string()).unwrap())
-            .collect();
-        assert_eq!(
-            events,
-            vec![
-                AgentEvent::ToolUse {
-                    id: Some("c1".into()),
-                    name: "run_shell_command".into(),
-                    input: json!({"command": "ls"}),
-                },
-                AgentEvent::ToolResult {
-                    tool_use_id: Some("c1".into()),
-                    content: "a.txt".into(),
-                    is_error: false
-                },
-                AgentEvent::ToolResult {
-                    tool_use_id: Some("c2".into()),
-                    content: "no such file".into(),
-                    is_error: true,
-                },
-                AgentEvent::Notice {
-                    message: "slow down".into()
-                },
-                AgentEvent::Result {
-                    is_error: true,
-                    text: Some("quota exceeded".into()),
-                    cost_usd: None,
-                    num_turns: None,
-                    usage: Some(json!({"total_tokens": 3})),
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn invocation_plain() {
-        let inv = GeminiAdapter.invocation(&spec("hi"));
-        assert_eq!(
-            inv.argv,
-            strings(&["gemini", "--output-format", "stream-json", "--skip-trust"])
-        );
-        assert_eq!(inv.stdin.as_deref(), Some("hi"));
-    }
-
-    #[test]
-    fn invocation_with_options() {
-        let mut s = spec("fix it");
+    fn invocation() {
+        let mut s = with_cwd("--yolo please, secret marker 7d1f");
+        let inv = GeminiAdapter::default().invocation(&s);
+        assert_eq!(inv.argv, strings(&["gemini", "--acp"]));
+        assert!(inv.conversation);
+        // The prompt is never in argv, nor in the first line: it goes in session/prompt.
+        assert!(!inv.stdin.as_deref().unwrap().contains("7d1f"));
         s.model = Some("gemini-2.5-pro".into());
         s.permission_mode = Some("auto_edit".into());
-        s.resume = Some("7bd29f52-5c37-4d6c-8cfa-8f27a6173143".into());
         assert_eq!(
-            GeminiAdapter.invocation(&s).argv,
+            GeminiAdapter::default().invocation(&s).argv,
             strings(&[
                 "gemini",
-                "--output-format",
-                "stream-json",
-                "--skip-trust",
+                "--acp",
                 "-m",
                 "gemini-2.5-pro",
                 "--approval-mode",
-                "auto_edit",
-                "--resume",
-                "7bd29f52-5c37-4d6c-8cfa-8f27a6173143",
+                "auto_edit"
             ])
         );
         s.permission_mode = Some("bypassPermissions".into());
-        assert!(!GeminiAdapter
+        assert!(!GeminiAdapter::default()
             .invocation(&s)
             .argv
             .contains(&"--approval-mode".to_string()));
-    }
-
-    #[test]
-    fn prompt_is_never_in_argv() {
-        // Whatever the prompt looks like (an option, `-p`, a flag's value), argv is the same
-        // and the prompt travels on stdin only.
-        for prompt in ["--yolo please", "-p", "secret marker 7d1f", "--prompt=x"] {
-            let inv = GeminiAdapter.invocation(&spec(prompt));
-            assert!(
-                !inv.argv.iter().any(|a| a.contains(prompt)),
-                "{:?}",
-                inv.argv
-            );
-            assert!(!inv
-                .argv
-                .iter()
-                .any(|a| a == "-p" || a.starts_with("--prompt")));
-            assert_eq!(inv.stdin.as_deref(), Some(prompt));
-        }
     }
 }

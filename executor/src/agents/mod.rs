@@ -5,6 +5,7 @@
 //! Interface fixed here; each tool's module implements [`Adapter`].
 #![forbid(unsafe_code)]
 
+pub mod acp;
 pub mod claude_code;
 pub mod codex;
 pub mod gemini;
@@ -77,6 +78,8 @@ pub struct RunSpec {
     /// `agents.<tool>.base_url`: the model API (or a gateway) this tool talks to, turned
     /// into whatever the tool reads (an environment variable, `-c` overrides, a config).
     pub base_url: Option<String>,
+    /// The directory the run works in (tools that take it in their protocol need it).
+    pub cwd: Option<String>,
 }
 
 /// How to start one run.
@@ -146,6 +149,9 @@ pub struct PermissionAsk {
     pub description: Option<String>,
     /// The tool call it is about, if the agent names one.
     pub tool_use_id: Option<String>,
+    /// What the adapter needs to answer it (its own: ids, option names).
+    #[serde(default)]
+    pub reply: Value,
 }
 
 /// An answer to a [`PermissionAsk`].
@@ -166,7 +172,7 @@ pub struct NotJson {
 
 pub trait Adapter: Send + Sync {
     fn tool(&self) -> Tool;
-    fn invocation(&self, spec: &RunSpec) -> Invocation;
+    fn invocation(&mut self, spec: &RunSpec) -> Invocation;
     /// Parses one output line (without its newline). Blank lines give no events.
     fn parse_line(&mut self, line: &str) -> Result<Vec<AgentEvent>, NotJson>;
     /// Lines the tool must get on stdin after what was parsed (answers to requests stoa
@@ -285,7 +291,7 @@ mod test_util {
         };
         let claude = claude_code::ClaudeCodeAdapter::default().invocation(&with(None));
         assert_eq!(env_of(&claude, "ANTHROPIC_BASE_URL").as_deref(), Some(url));
-        let gemini = gemini::GeminiAdapter.invocation(&with(Some("gemini-2.5-flash")));
+        let gemini = gemini::GeminiAdapter::default().invocation(&with(Some("gemini-2.5-flash")));
         assert_eq!(
             env_of(&gemini, "GOOGLE_GEMINI_BASE_URL").as_deref(),
             Some(url)
@@ -316,7 +322,7 @@ mod test_util {
         for inv in [
             claude_code::ClaudeCodeAdapter::default().invocation(&spec("hi")),
             codex::CodexAdapter::default().invocation(&spec("hi")),
-            gemini::GeminiAdapter.invocation(&spec("hi")),
+            gemini::GeminiAdapter::default().invocation(&spec("hi")),
             opencode::OpenCodeAdapter::default().invocation(&spec("hi")),
         ] {
             assert!(!inv.argv.iter().any(|a| a.contains(url)));

@@ -26,7 +26,7 @@ impl Adapter for OpenCodeAdapter {
         Tool::OpenCode
     }
 
-    fn invocation(&self, spec: &RunSpec) -> Invocation {
+    fn invocation(&mut self, spec: &RunSpec) -> Invocation {
         let mut argv = argv_prefix(Tool::OpenCode, spec);
         argv.extend(["run", "--format", "json"].map(String::from));
         if let Some(model) = &spec.model {
