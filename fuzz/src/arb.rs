@@ -240,6 +240,11 @@ pub enum ABody {
         grantee: Option<AName>,
     },
     CloseStdin(AHandle),
+    RunSecrets {
+        credential: ACred,
+        unix_user: AName,
+        names: Option<Vec<AEnvName>>,
+    },
     RecordApproval {
         credential: Option<ACred>,
         approval: AStr,
@@ -520,6 +525,17 @@ impl Builder {
             },
             ABody::CloseStdin(h) => RequestBody::CloseStdin {
                 handle: handle_of(h),
+            },
+            ABody::RunSecrets {
+                credential,
+                unix_user,
+                names,
+            } => RequestBody::RunSecrets {
+                credential: self.credential(credential),
+                unix_user: self.name(unix_user),
+                names: names
+                    .as_ref()
+                    .map(|n| n.iter().map(|e| self.env_name(e)).collect()),
             },
             ABody::RecordApproval {
                 credential,

@@ -1482,6 +1482,7 @@ fn answers(name: &str, body: &ReplyBody) -> bool {
         "Login" => error || matches!(body, ReplyBody::LoggedIn { .. }),
         "Logout" | "Unshare" | "CloseStdin" => matches!(body, ReplyBody::Done),
         "RecordApproval" => error || matches!(body, ReplyBody::Done),
+        "RunSecrets" => error || matches!(body, ReplyBody::Secrets(_)),
         "Share" => error || matches!(body, ReplyBody::Done),
         "ListShares" => error || matches!(body, ReplyBody::Shares(_)),
         "OpenShared" => error || matches!(body, ReplyBody::Connection),
@@ -1535,6 +1536,7 @@ pub fn may_send(at: ALink, name: &str) -> bool {
             | "Unshare"
             | "CloseStdin"
             | "RecordApproval"
+            | "RunSecrets"
     );
     match at {
         ALink::Front => front,

@@ -272,7 +272,8 @@ impl Server {
             Err(e) => error!("policy not reloaded, keeping the old one: {e}"),
         }
         match DaemonConfig::load(&self.opts.config) {
-            Ok(_) => {
+            Ok(config) => {
+                self.broker.direct_path = !config.execution.use_executor;
                 if let Some(d) = &self.daemon {
                     info!(pid = d.pid, "replacing the daemon to apply its config");
                     self.planned_restart = true;

@@ -152,6 +152,9 @@ pub struct Broker {
     pub login_checks: Vec<handlers::login::Check>,
     /// Live shares of users' terminals.
     pub shares: Vec<handlers::shares::Grant>,
+    /// The daemon runs agents on the direct path (`execution.use_executor = false`): only
+    /// then may a worker have a run's secrets (`RunSecrets`).
+    pub direct_path: bool,
     /// Each user's budget of `RecordApproval` audit lines.
     pub approval_records: handlers::approvals::RecordBudget,
     /// The local log-in socket and its open connections (`None`: not listening).
@@ -209,6 +212,7 @@ impl Broker {
             login_checks: Vec::new(),
             shares: Vec::new(),
             approval_records: Default::default(),
+            direct_path: false,
             local: None,
             login_throttle: Default::default(),
             logins_rechecked: std::time::Instant::now(),

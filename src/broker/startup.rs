@@ -191,6 +191,10 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         None => Some(policy.state_dir.join("local.sock")),
     };
     let mut broker = Broker::new(policy, allowed_gids, mode, credentials, os, audit);
+    broker.direct_path = !daemon_config.execution.use_executor;
+    if broker.direct_path {
+        warn!("execution.use_executor = false: agents run on the direct path, started by each user's worker as that user, without the executor (no per-run cgroup, limits or confinement); their workers get their secrets");
+    }
     if let Some(path) = local_socket {
         match super::local_login::bind(&path) {
             Ok((listener, made_dir)) => {

@@ -30,6 +30,7 @@
 //! | `SetSecret`    | worker | after Hello | a user credential of the worker's own Unix user| `secrets::set`          | `secret_set` |
 //! | `DeleteSecret` | worker | after Hello | as `SetSecret`                                 | `secrets::delete`       | `secret_deleted` |
 //! | `ListSecrets`  | worker | after Hello | as `SetSecret`                                 | `secrets::list`         | – |
+//! | `RunSecrets`   | worker | after Hello | as `Spawn`; the daemon runs agents on the direct path (the handler) | `secrets::for_run` | `secrets_handed` |
 //! | `Kill`         | worker | after Hello | a handle of its own user it has not released   | `handles::kill`         | `signal` (with owner) |
 //! | `Release`      | worker | after Hello | as `Kill`                                      | `handles::release`      | `release` (with owner) |
 //! | `ListHandles`  | worker | after Hello | – (its own user's, a page at a time)           | `handles::list`         | – |
@@ -214,6 +215,13 @@ pub const TABLE: &[Row] = &[
         UserCredential,
         secrets::list,
     ),
+    row(
+        "RunSecrets",
+        Who::Worker,
+        AfterHello,
+        ActAsUser,
+        secrets::for_run,
+    ),
     row("Kill", Who::Worker, AfterHello, GivenHandle, handles::kill),
     row(
         "Release",
@@ -260,6 +268,7 @@ pub fn name(body: &RequestBody) -> &'static str {
         RequestBody::Authenticate { .. } => "Authenticate",
         RequestBody::Spawn(_) => "Spawn",
         RequestBody::CheckDir { .. } => "CheckDir",
+        RequestBody::RunSecrets { .. } => "RunSecrets",
         RequestBody::SetSecret { .. } => "SetSecret",
         RequestBody::DeleteSecret { .. } => "DeleteSecret",
         RequestBody::ListSecrets { .. } => "ListSecrets",
@@ -288,6 +297,11 @@ fn credential_of(body: &RequestBody) -> Option<(&str, Option<&str>)> {
     match body {
         RequestBody::Spawn(s) => Some((&s.credential, Some(&s.unix_user))),
         RequestBody::CheckDir {
+            credential,
+            unix_user,
+            ..
+        }
+        | RequestBody::RunSecrets {
             credential,
             unix_user,
             ..
@@ -631,6 +645,7 @@ mod tests {
             "Unshare",
             "CloseStdin",
             "RecordApproval",
+            "RunSecrets",
         ] {
             assert_eq!(
                 TABLE.iter().filter(|r| r.request == name).count(),
@@ -638,7 +653,7 @@ mod tests {
                 "{name}"
             );
         }
-        assert_eq!(TABLE.len(), 25);
+        assert_eq!(TABLE.len(), 26);
     }
 
     #[test]

@@ -758,3 +758,47 @@ fn approval_records_say_who_answered_and_are_bounded() {
     f.send(record(None, "Bash: ls")).unwrap();
     assert!(matches!(one_reply(&mut f), (ReplyBody::Done, 0)));
 }
+
+#[test]
+fn a_worker_has_its_users_secrets_only_on_the_direct_path() {
+    let mut f = fixture("run-secrets");
+    let tokens = api_users(&f);
+    let mut store = UserStore::load(&f.dir, nix::unistd::geteuid().as_raw()).unwrap();
+    store.secrets.insert(
+        "alice".into(),
+        [
+            ("A".into(), "alice-a".into()),
+            ("B".into(), "alice-b".into()),
+        ]
+        .into(),
+    );
+    store.save(&f.dir).unwrap();
+    let ask = |names: Option<Vec<&str>>, user: &str, token: &str| RequestBody::RunSecrets {
+        credential: token.into(),
+        unix_user: user.into(),
+        names: names.map(|n| n.into_iter().map(String::from).collect()),
+    };
+    // With the executor, secrets go with each spawn: a worker never holds them.
+    f.on_worker(Some(ALICE));
+    f.send(ask(None, "alice", &tokens.alice)).unwrap();
+    assert_eq!(one_error(&mut f), refused("direct-path-only"));
+    f.broker.direct_path = true;
+    f.send(ask(Some(vec!["B"]), "alice", &tokens.alice))
+        .unwrap();
+    assert_eq!(
+        one_reply(&mut f),
+        (ReplyBody::Secrets(vec![("B".into(), "alice-b".into())]), 0)
+    );
+    // Another user's secrets, through alice's worker: not with bob's token, nor for bob.
+    f.send(ask(None, "bob", &tokens.bob)).unwrap();
+    assert_eq!(one_error(&mut f), refused("worker-user"));
+    f.send(ask(None, "alice", &tokens.bob)).unwrap();
+    assert!(matches!(
+        one_error(&mut f),
+        ErrorKind::Forbidden | ErrorKind::Refused { .. }
+    ));
+    // The audit log names what was handed, never a value.
+    let audit = std::fs::read_to_string(f.dir.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"secrets_handed\""));
+    assert!(!audit.contains("alice-b"));
+}

@@ -276,6 +276,12 @@ fn check_daemon_config(report: &mut Report, path: &Path, root: bool) -> DaemonCo
     if !root && daemon.state_dir == DaemonConfig::default().state_dir {
         daemon.state_dir = INSTALLED_DAEMON_STATE.into();
     }
+    if !daemon.execution.use_executor {
+        report.warn(
+            "execution.use_executor = false: agents run on the direct path, started by each user's worker as that user, without the executor (no per-run cgroup, limits or confinement; workers get their users' secrets)".to_string(),
+            "set execution.use_executor = true unless you mean it".to_string(),
+        );
+    }
     daemon
 }
 

@@ -172,9 +172,12 @@ async fn health(State(state): State<Arc<FrontState>>, headers: HeaderMap) -> Res
         && authenticate(&state, &headers).await.is_ok();
     let welcome = state.link.welcome();
     let connected = state.link.connected();
+    let direct = !(state.config.execution.use_executor && welcome.isolation);
     let warning = welcome.single_user.as_ref().map(|u| {
         format!("single-user mode: stoa was not started as root, so there is no isolation; everything runs as '{u}'")
-    });
+    }).or_else(|| direct.then(|| {
+        "execution.use_executor = false: agents run on the direct path, started by each user's worker as that user, without the executor (no per-run cgroup, limits or confinement)".to_string()
+    }));
     let mut problems = Vec::new();
     if !connected {
         problems.push("the broker is not connected".to_string());
@@ -214,6 +217,8 @@ async fn health(State(state): State<Arc<FrontState>>, headers: HeaderMap) -> Res
         "problems": problems,
         "isolation": welcome.isolation,
         "mode": if welcome.isolation { "multi-user" } else { "single-user" },
+        // How agents are started: by the broker through the executor, or by the worker.
+        "execution": if direct { "direct" } else { "executor" },
         "broker_connected": connected,
         "workers_dir": welcome.workers_dir,
         "state_dir_free_bytes": free.ok(),

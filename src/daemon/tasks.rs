@@ -258,6 +258,15 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
             Err(e) => return Ending::failed(e),
         }
     } else {
+        // The direct path: this worker starts the agent itself, as its own user (the
+        // session's), with the secrets the broker hands it for that (only on this path).
+        let mut env = env;
+        if state.link.welcome().isolation {
+            match direct_secrets(state, session, credential, agent_config.secrets.clone()).await {
+                Ok(secrets) => env.extend(secrets),
+                Err(e) => return Ending::failed(e),
+            }
+        }
         match spawn_direct(session, &invocation, env) {
             Ok(run) => (run, "direct", None),
             Err(e) => return Ending::failed(e),
@@ -280,6 +289,30 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
         state.config.execution.timeout_secs,
     )
     .await
+}
+
+/// The secrets of a direct run, from the broker.
+async fn direct_secrets(
+    state: &AppState,
+    session: &Session,
+    credential: &str,
+    names: Option<Vec<String>>,
+) -> Result<Vec<(String, String)>, String> {
+    let request = RequestBody::RunSecrets {
+        credential: credential.to_string(),
+        unix_user: session.unix_user.clone(),
+        names,
+    };
+    match state.link.request(request).await {
+        Ok(reply) => match reply.body {
+            crate::wire::ReplyBody::Secrets(s) => Ok(s),
+            crate::wire::ReplyBody::Error(e) => {
+                Err(format!("cannot have the run's secrets: {}", e.message))
+            }
+            other => Err(format!("unexpected broker reply {other:?}")),
+        },
+        Err(e) => Err(format!("cannot have the run's secrets: {e}")),
+    }
 }
 
 async fn spawn_through_broker(

@@ -27,6 +27,7 @@
 //! | `SetSecret { credential, .. }`    | worker | `Done` / `Error`                 | –                             |
 //! | `DeleteSecret { credential, .. }` | worker | `Done` / `Error`                 | –                             |
 //! | `ListSecrets { credential }`      | worker | `Names(Vec<String>)` / `Error`   | –                             |
+//! | `RunSecrets { credential, .. }`   | worker | `Secrets(..)` / `Error` (direct path only) | –                   |
 //! | `Kill { handle, signal }`         | worker | `Done` / `Error`                 | –                             |
 //! | `Release { handle }`              | worker | `Done`                           | –                             |
 //! | `ListHandles { after }`           | worker | `Handles { list, more }` (a page)| –                             |
@@ -141,6 +142,14 @@ pub enum RequestBody {
     },
     ListSecrets {
         credential: String,
+    },
+    /// Worker only, and only when the daemon runs agents on the direct path (without the
+    /// executor): the secrets a run of `unix_user` gets (`names`: only these), to start it
+    /// itself.
+    RunSecrets {
+        credential: String,
+        unix_user: String,
+        names: Option<Vec<String>>,
     },
     Kill {
         handle: Handle,
@@ -384,6 +393,8 @@ pub enum ReplyBody {
         more: bool,
     },
     Names(Vec<String>),
+    /// `RunSecrets`: names and values.
+    Secrets(Vec<(String, String)>),
     Stats(BrokerStats),
     /// `CheckDir`: the directory the user can enter, pinned.
     Dir(DirId),

@@ -341,6 +341,20 @@ fn direct_path() -> Result<(), Failed> {
     let fakes = Fakes::install();
     let stoa = start(&fakes, "[execution]\nuse_executor = false\n");
     let alice = stoa.api_user("alice", ALICE);
+    // An explicit choice, said in /health.
+    let (_, health) = stoa.request("GET", "/health", Some(&alice), None);
+    assert_eq!(health["execution"], "direct", "{health}");
+    assert!(
+        health["warning"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("direct path"),
+        "{health}"
+    );
+    // Her key reaches the agent on this path too.
+    let key = "sk-direct-path-key-9";
+    let (status, v) = stoa.request_text("PUT", "/users/me/secrets/ANTHROPIC_API_KEY", &alice, key);
+    assert_eq!(status, 204, "{v}");
     let wt = worktree(ALICE);
     let session = create_session(&stoa, &alice, "claude-code", &wt);
     let t = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "hello"));
@@ -366,6 +380,16 @@ fn direct_path() -> Result<(), Failed> {
         cmdline(parent)
     );
     assert_eq!(kinds(&messages(&stoa, &alice, &session)).len(), 5);
+    assert_eq!(
+        read(&format!("{wt}/.fake-secret")),
+        key,
+        "the agent has her key"
+    );
+    assert!(!read(&format!("{wt}/.fake-cmdline")).contains(key));
+    assert!(!stoa.log().contains(key), "a log line holds the key");
+    let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
+    assert!(audit.contains("\"secrets_handed\""), "audited");
+    assert!(!audit.contains(key));
     Ok(())
 }
 

@@ -45,6 +45,45 @@ pub fn list(b: &mut Broker, ctx: &Ctx, _body: RequestBody) -> Outcome {
     Outcome::Reply(ReplyBody::Names(names), Vec::new())
 }
 
+/// The secrets of a run the worker starts itself (the daemon's direct path): only when the
+/// daemon's config says so, only for the worker's own user (the table proved it), only the
+/// names the tool may have. Audited with the names, never the values.
+pub fn for_run(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
+    let RequestBody::RunSecrets { names, .. } = body else {
+        unreachable!("the table routes only RunSecrets here")
+    };
+    if !b.direct_path {
+        let r = Refusal::new(
+            "direct-path-only",
+            "secrets go to the executor with each run; a worker gets them only when the daemon runs agents without it (execution.use_executor = false)".into(),
+        );
+        return error(refused_kind(&r), r.to_string());
+    }
+    if names
+        .as_ref()
+        .is_some_and(|n| n.len() > crate::wire::limits::MAX_SECRET_NAMES)
+    {
+        return error(ErrorKind::BadRequest, "too many secret names");
+    }
+    let account = ctx.account.as_ref().expect("the table proved the account");
+    let mut all = secrets_of(b, &account.name);
+    if let Some(names) = &names {
+        all.retain(|(name, _)| names.contains(name));
+    }
+    let handed: Vec<&String> = all.iter().map(|(n, _)| n).collect();
+    b.audit.record(
+        "secrets_handed",
+        json!({
+            "user": account.name,
+            "names": handed,
+            "by": ctx.principal.as_ref().map(|p| p.owner()),
+            "request_id": ctx.request_id,
+        }),
+    );
+    info!(user = %account.name, count = all.len(), "secrets handed to a worker for a direct run");
+    Outcome::Reply(ReplyBody::Secrets(all), Vec::new())
+}
+
 /// The secrets for `unix_user`, as environment variables: the user's own, and the admin's
 /// defaults (`stoa secret set --default`) for names the user has none of.
 pub fn secrets_of(b: &mut Broker, unix_user: &str) -> Vec<(String, String)> {
