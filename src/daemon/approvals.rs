@@ -37,6 +37,12 @@ use crate::wire::{ApprovalStep, RequestBody};
 
 /// Most pending requests one run may have; past it the agent's next asks are denied at once.
 pub const MAX_PENDING_PER_TASK: usize = 16;
+/// Most requests one run may make in all: past it they are denied without being stored, so
+/// an agent cannot grow its user's store (on a disk others share) by asking.
+pub const MAX_ASKS_PER_RUN: usize = 256;
+/// Most bytes of one request as stored (its input whole): a larger one is denied at once,
+/// never allowed unseen.
+pub const MAX_ASK_BYTES: usize = 64 * 1024;
 /// Most bytes of a summary line.
 const SUMMARY_CHARS: usize = 200;
 /// Most bytes of a denial message a person may give.

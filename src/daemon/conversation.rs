@@ -3,7 +3,7 @@
 //!
 //! | event (from `drive`)            | what happens                                           |
 //! |---------------------------------|--------------------------------------------------------|
-//! | the agent asks (`on_ask`)       | allowed at once if the session allows the tool; denied at once past [`approvals::MAX_PENDING_PER_TASK`]; else a pending approval, the task `waiting` |
+//! | the agent asks (`on_ask`)       | denied at once, unstored, if it is larger than [`approvals::MAX_ASK_BYTES`] or past [`approvals::MAX_ASKS_PER_RUN`]; allowed at once if the session allows the tool; denied at once past [`approvals::MAX_PENDING_PER_TASK`] waiting; else a pending approval, the task `waiting` |
 //! | an answer was given (`on_wake`) | every settled, undelivered answer of the task goes to the agent, in order, and into the transcript |
 //! | a request's time is up (`on_expiry`) | denied as `expired`, and delivered                 |
 //! | the run ends (`abandon`)        | what is still pending is `abandoned`                    |
@@ -96,6 +96,8 @@ pub struct Asks {
     pub next_expiry: Option<Instant>,
     /// When the run times out, pushed back by the time it spent waiting.
     pub timeout_at: Instant,
+    /// Requests this run made.
+    asked: usize,
     pub wake: Arc<tokio::sync::Notify>,
 }
 
@@ -112,6 +114,7 @@ impl Asks {
         wake.notify_one();
         Asks {
             waiting_since: None,
+            asked: 0,
             next_expiry: None,
             timeout_at: Instant::now() + timeout,
             wake,
@@ -132,11 +135,32 @@ impl Asks {
         adapter: &dyn Adapter,
         input: Option<&Input>,
     ) {
+        self.asked += 1;
+        let size = serde_json::to_string(&ask).map_or(usize::MAX, |t| t.len());
+        let refusal = if size > approvals::MAX_ASK_BYTES {
+            Some(format!(
+                "stoa: the request is too large to show ({size} bytes; at most {})",
+                approvals::MAX_ASK_BYTES
+            ))
+        } else if self.asked > approvals::MAX_ASKS_PER_RUN {
+            Some(format!(
+                "stoa: this run has asked {} times already",
+                approvals::MAX_ASKS_PER_RUN
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            deny_unstored(state, session, task, adapter, input, &ask, reason).await;
+            return;
+        }
         let tool = ask.tool.clone();
-        let approval = match approvals::open(state, session, &task.task_id, ask).await {
+        let approval = match approvals::open(state, session, &task.task_id, ask.clone()).await {
             Ok(a) => a,
             Err(e) => {
                 warn!(task = %task.task_id, "cannot store a permission request: {e}");
+                let reason = "stoa: the request could not be kept, so it is denied".to_string();
+                deny_unstored(state, session, task, adapter, input, &ask, reason).await;
                 return;
             }
         };
@@ -286,6 +310,59 @@ impl Asks {
     }
 }
 
+/// Denies a request that is not kept (too large, too many, the store failing): the agent is
+/// told at once, and the transcript says so.
+async fn deny_unstored(
+    state: &AppState,
+    session: &Session,
+    task: &Task,
+    adapter: &dyn Adapter,
+    input: Option<&Input>,
+    ask: &PermissionAsk,
+    reason: String,
+) {
+    warn!(task = %task.task_id, tool = %ask.tool, "{reason}");
+    let decision = Decision::Deny {
+        message: reason.clone(),
+    };
+    if let (Some(line), Some(input)) = (adapter.answer(ask, &decision), input) {
+        input.send(line);
+    }
+    note(
+        state,
+        session,
+        task,
+        json!({
+            "kind": "permission_decision",
+            "tool": ask.tool.chars().take(128).collect::<String>(),
+            "decision": "denied",
+            "by": "limit",
+            "reason": reason,
+        }),
+    )
+    .await;
+}
+
+/// Appends a note of stoa's to the run's transcript.
+async fn note(state: &AppState, session: &Session, task: &Task, value: serde_json::Value) {
+    if let Ok(appended) = state
+        .store
+        .append_messages(
+            &session.session_id,
+            &task.task_id,
+            &session.unix_user,
+            vec![value],
+            state.config.execution.output_limits(),
+        )
+        .await
+    {
+        let _ = state.notices.send(Notice::Messages {
+            session_id: session.session_id.clone(),
+            last_seq: appended.last_seq,
+        });
+    }
+}
+
 /// Gives the agent one answer, and writes it into the transcript.
 async fn deliver(
     state: &AppState,
@@ -312,7 +389,7 @@ async fn deliver(
     if let Err(e) = state.store.answer_delivered(&approval.approval_id).await {
         warn!(approval = %approval.approval_id, "cannot record the delivery: {e}");
     }
-    let note = json!({
+    let decision = json!({
         "kind": "permission_decision",
         "approval_id": approval.approval_id,
         "tool": approval.tool,
@@ -321,20 +398,5 @@ async fn deliver(
         "by": approval.decided_by,
         "reason": approval.reason,
     });
-    if let Ok(appended) = state
-        .store
-        .append_messages(
-            &session.session_id,
-            &task.task_id,
-            &session.unix_user,
-            vec![note],
-            state.config.execution.output_limits(),
-        )
-        .await
-    {
-        let _ = state.notices.send(Notice::Messages {
-            session_id: session.session_id.clone(),
-            last_seq: appended.last_seq,
-        });
-    }
+    note(state, session, task, decision).await;
 }

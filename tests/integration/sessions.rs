@@ -41,6 +41,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
     ),
     ("secrets_reach_only_their_users_agent", secrets),
     (
+        "an_agent_flooding_permission_requests_is_bounded",
+        approval_flood,
+    ),
+    (
         "killed_worker_mid_task_loses_no_message",
         worker_killed_mid_task,
     ),
@@ -69,6 +73,20 @@ case "$prompt" in
   *SLOW*) while IFS= read -r line; do printf '%s\n' "$line"; sleep 1; done < "$fixture" ;;
   *FAIL*) echo "boom: model unavailable" >&2; exit 3 ;;
   *REFUSED*) echo '{"type":"result","subtype":"error_during_execution","is_error":true,"result":"Forbidden: the key was refused"}'; exit 1 ;;
+  *ASKFLOOD*)
+    # 300 permission requests at once, the first with a 100 KB input; then it counts the
+    # answers that come (all but the 16 left waiting) and ends.
+    big=$(head -c 100000 /dev/zero | tr '\0' x)
+    printf '{"type":"control_request","request_id":"r0","request":{"subtype":"can_use_tool","tool_name":"Write","input":{"content":"%s"}}}\n' "$big"
+    i=1
+    while [ $i -lt 300 ]; do
+      printf '{"type":"control_request","request_id":"r%d","request":{"subtype":"can_use_tool","tool_name":"Bash","input":{"command":"echo %d"}}}\n' $i $i
+      i=$((i + 1))
+    done
+    n=0
+    while [ $n -lt 284 ] && IFS= read -r answer; do n=$((n + 1)); done
+    echo $n > .fake-answers
+    echo '{"type":"result","subtype":"success","is_error":false,"result":"done","num_turns":1}' ;;
   *) cat "$fixture" ;;
 esac
 "#;
@@ -591,6 +609,52 @@ fn failures() -> Result<(), Failed> {
     assert_eq!(wait_task(&stoa, &alice, &task)["status"], "completed");
     let (_, s) = stoa.request("GET", &format!("/sessions/{session}"), Some(&alice), None);
     assert_eq!(s["status"], "idle");
+    Ok(())
+}
+
+fn approval_flood() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(&fakes, "");
+    let alice = stoa.api_user("alice", ALICE);
+    let wt = worktree(ALICE);
+    let session = create_session(&stoa, &alice, "claude-code", &wt);
+    let task = wait_task(&stoa, &alice, &prompt(&stoa, &alice, &session, "ASKFLOOD"));
+    assert_eq!(task["status"], "completed", "{task}");
+    // Every request but the 16 left waiting was answered at once (denied).
+    assert_eq!(read(&format!("{wt}/.fake-answers")), "284");
+    let notes: Vec<Value> = messages(&stoa, &alice, &session)
+        .into_iter()
+        .map(|m| m["event"].clone())
+        .filter(|e| e["kind"] == "permission_decision")
+        .collect();
+    let count = |f: &dyn Fn(&Value) -> bool| notes.iter().filter(|e| f(e)).count();
+    let reason = |e: &Value| e["reason"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        count(&|e| reason(e).contains("too large")),
+        1,
+        "the 100 KB one"
+    );
+    assert_eq!(
+        count(&|e| reason(e).contains("asked 256 times")),
+        300 - 256,
+        "past 256 asks, none is kept"
+    );
+    assert_eq!(
+        count(&|e| reason(e).contains("waiting already")),
+        256 - 1 - 16,
+        "past 16 waiting, denied at once"
+    );
+    // The 16 that waited were abandoned when the run ended: nothing waits any more.
+    assert_eq!(
+        notes
+            .iter()
+            .filter(|e| e["decision"] == "abandoned")
+            .count(),
+        0
+    );
+    let (_, pending) = stoa.request("GET", "/approvals", Some(&alice), None);
+    assert_eq!(pending, json!([]), "{pending}");
+    assert_nothing_left(&stoa, ALICE);
     Ok(())
 }
 
