@@ -155,6 +155,15 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         warn!("cgroup limits NOT enforced: {list}");
     }
 
+    if euid == 0 {
+        // Gemini needs its auth type in a settings file only root can write (see
+        // agents::gemini): a user with no ~/.gemini then runs it from stoa's config alone.
+        let path = Path::new(stoa_executor::agents::gemini::SYSTEM_SETTINGS_PATH);
+        match stoa_executor::agents::gemini::write_system_settings(path) {
+            Ok(()) => info!(path = %path.display(), "gemini system settings"),
+            Err(e) => warn!("Gemini CLI runs with a base_url will need the user's own ~/.gemini/settings.json: {e}"),
+        }
+    }
     raise_fd_limit();
     if euid == 0 {
         drop_capabilities()?;
