@@ -22,8 +22,10 @@ const APPROVAL_MODES: [&str; 4] = ["default", "auto_edit", "yolo", "plan"];
 /// Gemini's system settings as stoa gives them when `agents.gemini.base_url` is set: the
 /// auth type. With `GOOGLE_GEMINI_BASE_URL` set and no settings naming one, gemini 0.61
 /// picks its "gateway" type, which it then refuses ("Invalid auth method selected", exit
-/// 41); a user with no `~/.gemini` would have no other way to name it.
-pub const SYSTEM_SETTINGS: &str = r#"{"security":{"auth":{"selectedType":"gemini-api-key"}}}"#;
+/// 41); a user with no `~/.gemini` would have no other way to name it. Usage statistics
+/// (sent to Google's `play.googleapis.com` at every run) are off: the operator chose a
+/// model API of their own.
+pub const SYSTEM_SETTINGS: &str = r#"{"security":{"auth":{"selectedType":"gemini-api-key"}},"privacy":{"usageStatisticsEnabled":false}}"#;
 /// Where the broker writes [`SYSTEM_SETTINGS`] when it starts as root. Gemini reads a
 /// system settings file only when it and every directory above it are root's and writable
 /// by no one else (else it skips it with a warning), so it cannot live in a clone or under
@@ -391,6 +393,7 @@ mod tests {
         assert!(env_of(&invocation(&s, None), "GEMINI_CLI_SYSTEM_SETTINGS_PATH").is_none());
         let parsed: Value = serde_json::from_str(SYSTEM_SETTINGS).unwrap();
         assert_eq!(parsed["security"]["auth"]["selectedType"], "gemini-api-key");
+        assert_eq!(parsed["privacy"]["usageStatisticsEnabled"], false);
     }
 
     #[test]
