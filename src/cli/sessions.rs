@@ -488,7 +488,11 @@ fn result_summary(e: &Value) -> String {
     if let Some(cost) = e["cost_usd"].as_f64() {
         parts.push(format!("${cost:.4}"));
     }
-    let word = if e["is_error"] == true { "error" } else { "done" };
+    let word = if e["is_error"] == true {
+        "error"
+    } else {
+        "done"
+    };
     if parts.is_empty() {
         format!("[{word}]")
     } else {
@@ -693,7 +697,9 @@ mod result_summary_tests {
             "[done: 1 turn]"
         );
         assert_eq!(
-            r(json!({"kind":"result","is_error":false,"num_turns":null,"cost_usd":null,"usage":null})),
+            r(
+                json!({"kind":"result","is_error":false,"num_turns":null,"cost_usd":null,"usage":null})
+            ),
             "[done]"
         );
         assert_eq!(r(json!({"kind":"result","is_error":true})), "[error]");

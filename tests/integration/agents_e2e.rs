@@ -267,7 +267,8 @@ struct World {
     /// Entries of /tmp that were alice's before (agents keep files there: Claude Code's
     /// `/tmp/claude-<uid>`...): the others of hers are removed at the end.
     tmp_before: BTreeSet<String>,
-    /// What the broker may make under /run/stoa (gemini's settings), and was not there.
+    /// What the broker may make under /run/stoa (gemini's settings), and was not there:
+    /// the file first, then the directory.
     run_stoa_new: Vec<PathBuf>,
 }
 
@@ -610,7 +611,8 @@ env = {{ HTTP_PROXY = "{mock}", HTTPS_PROXY = "{mock}", http_proxy = "{mock}", h
     }
 
     /// Stops everything and returns the processes that were still in the namespace once
-    /// `stoa serve` and the mock had exited (they are then killed).
+    /// `stoa serve` and the mock had exited (they are then killed), and the files under
+    /// /run/stoa the broker left.
     fn shutdown(&mut self) -> Vec<String> {
         if let Some(mut stoa) = self.stoa.take() {
             let pid = nix::unistd::Pid::from_raw(stoa.id() as i32);
@@ -651,10 +653,13 @@ env = {{ HTTP_PROXY = "{mock}", HTTPS_PROXY = "{mock}", http_proxy = "{mock}", h
             let path = Path::new("/tmp").join(name);
             let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
         }
-        // The settings file first, then the directory if the broker made it (and it is
-        // empty): a real install's /run/stoa stays as it was.
+        // The broker removes at stop the settings file it made, and /run/stoa if it made
+        // that: anything still there is reported (and removed).
         for path in std::mem::take(&mut self.run_stoa_new) {
-            let _ = fs::remove_file(&path).or_else(|_| fs::remove_dir(&path));
+            if fs::symlink_metadata(&path).is_ok() {
+                described.push(format!("{} left behind", path.display()));
+                let _ = fs::remove_file(&path).or_else(|_| fs::remove_dir(&path));
+            }
         }
         let _ = fs::remove_dir_all(&self.dir);
         described
@@ -960,7 +965,7 @@ fn plain_e2e(test: &str, agent: &Agent) -> Result<(), Failed> {
     let left = world.shutdown();
     assert!(
         left.is_empty(),
-        "processes left in the namespace after stoa and the mock exited: {left:?}"
+        "left behind after stoa and the mock exited: {left:?}"
     );
     Ok(())
 }
@@ -1112,7 +1117,7 @@ fn claude_code_e2e() -> Result<(), Failed> {
     let left = world.shutdown();
     assert!(
         left.is_empty(),
-        "processes left in the namespace after stoa and the mock exited: {left:?}"
+        "left behind after stoa and the mock exited: {left:?}"
     );
     Ok(())
 }

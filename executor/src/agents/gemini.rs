@@ -181,16 +181,26 @@ pub fn trusted_settings(path: &Path) -> bool {
 
 /// Writes [`SYSTEM_SETTINGS`] to `path` (root's, 0644; its directory root's 0755 if it
 /// has to be made) unless it is already there with that content. For the broker, as root.
-pub fn write_system_settings(path: &Path) -> Result<(), String> {
+/// Returns what it made that was not there (the file, then the directory), to remove at
+/// stop.
+pub fn write_system_settings(path: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+    let mut made = vec![];
     if std::fs::read_to_string(path).is_ok_and(|s| s == SYSTEM_SETTINGS) && trusted_settings(path) {
-        return Ok(());
+        return Ok(made);
     }
     let dir = path.parent().ok_or("no directory")?;
-    if !dir.exists() {
+    let new_dir = !dir.exists();
+    if new_dir {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| format!("cannot chmod {}: {e}", dir.display()))?;
+    }
+    if std::fs::symlink_metadata(path).is_err() {
+        made.push(path.to_path_buf());
+    }
+    if new_dir {
+        made.push(dir.to_path_buf());
     }
     // A fresh file renamed over the old: no reader sees half of it, and whatever was at
     // `path` (a link, another owner's file) is replaced, not written through.
@@ -208,8 +218,12 @@ pub fn write_system_settings(path: &Path) -> Result<(), String> {
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
+        if new_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
         format!("cannot write {}: {e}", path.display())
-    })
+    })?;
+    Ok(made)
 }
 
 #[cfg(test)]
@@ -415,5 +429,27 @@ mod tests {
                 "a directory is no file"
             );
         }
+    }
+
+    #[test]
+    fn written_settings_pass_gemini_s_check_and_are_reported_for_removal() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // only root can make a file gemini trusts
+        }
+        let dir = std::path::PathBuf::from(format!("/run/stoa-gemini-unit-{}", std::process::id()));
+        let path = dir.join("gemini-settings.json");
+        let made = write_system_settings(&path).unwrap();
+        assert_eq!(made, vec![path.clone(), dir.clone()]);
+        assert!(trusted_settings(&path));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), SYSTEM_SETTINGS);
+        let mode = std::fs::metadata(&path).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o644);
+        // Again: nothing to do, nothing made.
+        assert!(write_system_settings(&path).unwrap().is_empty());
+        // Someone else's content is replaced (the file was there: not ours to remove).
+        std::fs::write(&path, "{}").unwrap();
+        assert!(write_system_settings(&path).unwrap().is_empty());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), SYSTEM_SETTINGS);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
