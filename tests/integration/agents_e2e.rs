@@ -704,7 +704,7 @@ struct Sampled {
     /// Command lines of the agent's processes (those naming `prefix`).
     agent: BTreeSet<String>,
     /// A command line holding one of the watched strings: pid, which, the command line.
-    leaks: Vec<String>,
+    leaks: BTreeSet<String>,
 }
 
 impl Sampler {
@@ -724,8 +724,8 @@ impl Sampler {
                     };
                     let shown = || String::from_utf8_lossy(&raw).replace('\0', " ");
                     for w in &watch {
-                        if contains(&raw, w) {
-                            sampled.leaks.push(format!(
+                        if contains(&raw, w) && sampled.leaks.len() < 32 {
+                            sampled.leaks.insert(format!(
                                 "pid {pid} shows {:?}: {}",
                                 String::from_utf8_lossy(w),
                                 shown()
