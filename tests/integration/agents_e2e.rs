@@ -877,13 +877,16 @@ fn assistant_text(events: &[Value]) -> String {
         .collect()
 }
 
-/// Alice has none of the tool's dotfiles: the config is stoa's alone.
-fn assert_no_dotfiles(world: &World, agent: &Agent) {
+/// Alice has none of the tool's dotfiles, so the config is stoa's alone: any left by an
+/// earlier test (she is a test user) are removed before the world starts.
+fn clear_dotfiles(agent: &Agent) {
+    let home = PathBuf::from(format!("/home/{ALICE}"));
     for dotfile in agent.dotfiles {
-        let path = world.home.join(dotfile);
+        let path = home.join(dotfile);
+        let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
         assert!(
-            !path.exists(),
-            "{} exists before the run: the test must start without it",
+            fs::symlink_metadata(&path).is_err(),
+            "{} cannot be removed: the test must start without it",
             path.display()
         );
     }
@@ -913,8 +916,8 @@ fn plain_e2e(test: &str, agent: &Agent) -> Result<(), Failed> {
         Ok(found) => found,
         Err(why) => return skipped(test, &why),
     };
+    clear_dotfiles(agent);
     let mut world = World::start(agent, &cli);
-    assert_no_dotfiles(&world, agent);
     if agent.tool == "gemini" {
         // The broker, as root, wrote the settings gemini needs, where gemini trusts them.
         let settings = Path::new(stoa_executor::agents::gemini::SYSTEM_SETTINGS_PATH);
@@ -1000,6 +1003,7 @@ fn opencode_refused_e2e() -> Result<(), Failed> {
         Ok(found) => found,
         Err(why) => return skipped(test, &why),
     };
+    clear_dotfiles(&OPENCODE);
     let mut world = World::start(&OPENCODE, &cli);
     let key = distinctive("sk-stoa-e2e-key");
     let marker = distinctive("PROMPTMARK");
@@ -1042,8 +1046,8 @@ fn claude_code_e2e() -> Result<(), Failed> {
         Ok(found) => found,
         Err(why) => return skipped(test, &why),
     };
+    clear_dotfiles(&CLAUDE);
     let mut world = World::start(&CLAUDE, &claude);
-    assert_no_dotfiles(&world, &CLAUDE);
     // Agents run as alice: she must be able to run it (every directory on the way).
     let out = Command::new("runuser")
         .args(["-u", ALICE, "--"])
