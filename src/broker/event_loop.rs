@@ -52,6 +52,9 @@ pub struct Server {
     /// Held for the broker's life: no second broker uses its state directory meanwhile.
     pub _state_lock: super::startup::StateLock,
     pub workers: super::workers::Workers,
+    /// What the broker made at start and removes at stop, in that order (gemini's
+    /// settings file, its directory if it was not there).
+    pub made_files: Vec<PathBuf>,
 }
 
 impl Server {
@@ -417,6 +420,10 @@ impl Server {
         self.broker.os.cgroup_teardown();
         if let Some(local) = self.broker.local.take() {
             local.remove();
+        }
+        for path in std::mem::take(&mut self.made_files) {
+            // A directory only if empty: what else is there is not ours.
+            let _ = std::fs::remove_file(&path).or_else(|_| std::fs::remove_dir(&path));
         }
         self.broker.audit.record(
             "broker_stop",

@@ -155,6 +155,19 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         warn!("cgroup limits NOT enforced: {list}");
     }
 
+    let mut made_files = vec![];
+    if euid == 0 {
+        // Gemini needs its auth type in a settings file only root can write (see
+        // agents::gemini): a user with no ~/.gemini then runs it from stoa's config alone.
+        let path = Path::new(stoa_executor::agents::gemini::SYSTEM_SETTINGS_PATH);
+        match stoa_executor::agents::gemini::write_system_settings(path) {
+            Ok(made) => {
+                info!(path = %path.display(), "gemini system settings");
+                made_files = made;
+            }
+            Err(e) => warn!("Gemini CLI runs with a base_url will need the user's own ~/.gemini/settings.json: {e}"),
+        }
+    }
     raise_fd_limit();
     if euid == 0 {
         drop_capabilities()?;
@@ -224,6 +237,7 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         shutdown: None,
         next_user_check: Instant::now(),
         workers: Default::default(),
+        made_files,
         _state_lock: state_lock,
     })
 }

@@ -476,27 +476,15 @@ fn show_event(e: &Value) {
     let text = |k: &str| super::escape::text(e[k].as_str().unwrap_or(""));
     match e["kind"].as_str() {
         Some("assistant_text") => println!("{}", text("text")),
-        Some("tool_use") => println!(
-            "[tool {}] {}",
-            super::escape::field(e["name"].as_str().unwrap_or("?")),
-            e["input"]
-        ),
-        Some("tool_result") => println!("[result] {}", text("content")),
-        Some("result") => {
-            // Only what the agent reported: no `null`s.
-            let mut parts = Vec::new();
-            if let Some(turns) = e["num_turns"].as_u64() {
-                parts.push(format!("{turns} turns"));
-            }
-            if let Some(cost) = e["cost_usd"].as_f64() {
-                parts.push(format!("${cost:.4}"));
-            }
-            if parts.is_empty() {
-                eprintln!("[done]");
-            } else {
-                eprintln!("[done: {}]", parts.join(", "));
+        Some("tool_use") => {
+            let name = super::escape::field(e["name"].as_str().unwrap_or("?"));
+            match &e["input"] {
+                Value::Null => println!("[tool {name}]"),
+                input => println!("[tool {name}] {input}"),
             }
         }
+        Some("tool_result") => println!("[result] {}", text("content")),
+        Some("result") => eprintln!("{}", result_summary(e)),
         Some("permission_decision") => eprintln!(
             "[{} {}{}]",
             super::escape::field(e["tool"].as_str().unwrap_or("?")),
@@ -518,6 +506,28 @@ fn show_approval(a: &Value) {
     if a["status"] == "pending" {
         eprintln!("[the agent asks: {summary}]");
         eprintln!("[answer: stoa approvals allow {id}   or   stoa approvals deny {id}]");
+    }
+}
+
+/// `[done: 2 turns, $0.0123]` with what the tool reported: a tool that counts no turns
+/// (Codex, Gemini, OpenCode) or no cost shows no `null` for it.
+fn result_summary(e: &Value) -> String {
+    let mut parts = vec![];
+    if let Some(turns) = e["num_turns"].as_u64() {
+        parts.push(format!("{turns} turn{}", if turns == 1 { "" } else { "s" }));
+    }
+    if let Some(cost) = e["cost_usd"].as_f64() {
+        parts.push(format!("${cost:.4}"));
+    }
+    let word = if e["is_error"] == true {
+        "error"
+    } else {
+        "done"
+    };
+    if parts.is_empty() {
+        format!("[{word}]")
+    } else {
+        format!("[{word}: {}]", parts.join(", "))
     }
 }
 
@@ -740,4 +750,37 @@ pub fn daemon(cmd: DaemonCommand) -> ExitCode {
         }
         Ok(())
     })())
+}
+
+#[cfg(test)]
+mod result_summary_tests {
+    use super::result_summary;
+    use serde_json::json;
+
+    #[test]
+    fn says_only_what_the_tool_reported() {
+        let r = |v| result_summary(&v);
+        assert_eq!(
+            r(json!({"kind":"result","is_error":false,"num_turns":2,"cost_usd":0.0123})),
+            "[done: 2 turns, $0.0123]"
+        );
+        assert_eq!(
+            r(json!({"kind":"result","is_error":false,"num_turns":null,"cost_usd":0.000141})),
+            "[done: $0.0001]"
+        );
+        assert_eq!(
+            r(json!({"kind":"result","is_error":false,"num_turns":1,"cost_usd":null})),
+            "[done: 1 turn]"
+        );
+        assert_eq!(
+            r(
+                json!({"kind":"result","is_error":false,"num_turns":null,"cost_usd":null,"usage":null})
+            ),
+            "[done]"
+        );
+        assert_eq!(r(json!({"kind":"result","is_error":true})), "[error]");
+        for v in [json!({}), json!({"num_turns":null,"cost_usd":null})] {
+            assert!(!result_summary(&v).contains("null"));
+        }
+    }
 }

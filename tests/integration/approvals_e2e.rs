@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::Failed;
 use serde_json::{json, Value};
 
-use crate::agents_e2e::{find_claude, have, World};
+use crate::agents_e2e::{prepare, skipped, Agent, World, CLAUDE, GEMINI};
 use crate::harness::*;
 
 pub const TESTS: &[(&str, crate::TestFn)] = &[
@@ -29,34 +29,13 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
 
 const CLAUDE_NAME: &str = "claude_code_asks_before_its_bash_call_and_waits_for_the_answer";
 const GEMINI_NAME: &str = "gemini_cli_asks_over_acp_before_its_shell_call_and_waits";
-const DEFAULT_GEMINI: &str = "/opt/stoa-ci/gemini/bin/gemini";
 /// Short, so the unanswered request expires within the test.
 const APPROVAL_TIMEOUT_SECS: u64 = 6;
-const API_USER: &str = "e2e-approver";
 
-fn skipped(name: &str, why: &str) -> Result<(), Failed> {
-    eprintln!("SKIPPED: {name}: {why}");
-    Ok(())
+/// What the agent's process's command line shows.
+fn process_of(agent: &Agent) -> &'static str {
+    agent.bin
 }
-
-/// The agent a test drives: its tool name in stoa, the secret holding its key, and what its
-/// process's command line shows.
-struct Agent {
-    tool: &'static str,
-    key: &'static str,
-    process: &'static str,
-}
-
-const CLAUDE: Agent = Agent {
-    tool: "claude-code",
-    key: "ANTHROPIC_API_KEY",
-    process: "claude",
-};
-const GEMINI: Agent = Agent {
-    tool: "gemini",
-    key: "GEMINI_API_KEY",
-    process: "gemini",
-};
 
 struct Case<'w> {
     world: &'w World,
@@ -203,90 +182,32 @@ fn worker_pid() -> Option<i32> {
 fn agent_pid(case: &Case) -> Option<i32> {
     all_pids().into_iter().find(|p| {
         fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c == Path::new(&case.worktree))
-            && cmdline(*p).iter().any(|a| a.contains(case.agent.process))
+            && cmdline(*p)
+                .iter()
+                .any(|a| a.contains(process_of(case.agent)))
     })
 }
 
-/// Why the world cannot be had here, if it cannot.
-fn missing_tools() -> Option<String> {
-    for tool in ["unshare", "nsenter", "ip", "curl", "python3"] {
-        if !have(tool) {
-            return Some(format!("`{tool}` is not installed"));
-        }
-    }
-    if !Command::new("unshare")
-        .args(["--net", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        return Some("`unshare --net` is not permitted here".into());
-    }
-    None
-}
-
 fn claude_code_approvals() -> Result<(), Failed> {
-    if let Some(why) = missing_tools() {
-        return skipped(CLAUDE_NAME, &why);
-    }
-    let (claude, version) = match find_claude() {
-        Ok(found) => found,
-        Err(why) => return skipped(CLAUDE_NAME, &format!("no Claude Code CLI: {why}")),
-    };
-    eprintln!("approvals e2e: {} ({version})", claude.display());
-    let extra = format!("\n[execution]\napproval_timeout_secs = {APPROVAL_TIMEOUT_SECS}\n");
-    let world = World::start_with(&claude, &extra);
-    approvals(world, &CLAUDE)
+    approvals_of(CLAUDE_NAME, &CLAUDE)
 }
 
 fn gemini_approvals() -> Result<(), Failed> {
-    if let Some(why) = missing_tools() {
-        return skipped(GEMINI_NAME, &why);
-    }
-    let gemini = std::env::var_os("STOA_E2E_GEMINI")
-        .filter(|p| !p.is_empty())
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| DEFAULT_GEMINI.into());
-    let version = Command::new(&gemini).arg("--version").output();
-    let Some(version) = version
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    else {
-        return skipped(
-            GEMINI_NAME,
-            &format!("no Gemini CLI at {}", gemini.display()),
-        );
+    approvals_of(GEMINI_NAME, &GEMINI)
+}
+
+fn approvals_of(test: &str, agent: &Agent) -> Result<(), Failed> {
+    let (cli, _) = match prepare(test, agent) {
+        Ok(found) => found,
+        Err(why) => return skipped(test, &why),
     };
-    eprintln!("approvals e2e: {} ({version})", gemini.display());
-    // Claude Code's section is the world's own; Gemini's comes from its config alone.
-    let (claude, _) = find_claude().unwrap_or(("/bin/false".into(), String::new()));
-    let extra = format!(
-        "\n[agents.gemini]\ncommand = [{gemini}]\nbase_url = \"http://127.0.0.1:8765\"\nmodel = \"gemini-2.5-flash\"\nsecrets = [\"GEMINI_API_KEY\"]\n\n[execution]\napproval_timeout_secs = {APPROVAL_TIMEOUT_SECS}\n",
-        gemini = Value::from(gemini.display().to_string()),
-    );
-    let world = World::start_with(&claude, &extra);
-    approvals(world, &GEMINI)
+    let extra = format!("\n[execution]\napproval_timeout_secs = {APPROVAL_TIMEOUT_SECS}\n");
+    approvals(World::start_with(agent, &cli, &extra), agent)
 }
 
 /// The four cases with `agent`: allowed, denied, expired, answered after the worker died.
 fn approvals(mut world: World, agent: &Agent) -> Result<(), Failed> {
-    let out = Command::new(world.dir.join("bin/stoa"))
-        .args(["user", "add", API_USER, "--unix-user", ALICE])
-        .env("STOA_BROKER_CONFIG", world.dir.join("broker.toml"))
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout)?.trim().to_string();
-    let (status, reply) = world.request(
-        "PUT",
-        &format!("/users/me/secrets/{}", agent.key),
-        Some(&token),
-        Some("dummy".into()),
-    );
-    assert_eq!(status, 204, "setting the secret: {reply}");
+    let token = world.alice(agent.key_name, "dummy");
 
     // 1. Allow: the request is listed and announced, the task waits; allowed, the command
     //    runs as alice.

@@ -1132,6 +1132,12 @@ fn cli() -> Result<(), Failed> {
         printed.contains("[tool Bash]") && printed.contains("Hello from the mock server."),
         "{printed}"
     );
+    // The end's summary says what the agent reported, and no `null` for what it did not.
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("[done") && !said.contains("null") && !printed.contains("null"),
+        "{said}"
+    );
     let out = stoa_cli(&["session", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(id));
 

@@ -19,6 +19,12 @@ use super::{
 /// are ignored (codex then uses its configured sandbox).
 const SANDBOX_MODES: [&str; 3] = ["read-only", "workspace-write", "danger-full-access"];
 
+/// `-c` overrides of every run (before the subcommand).
+const HEADLESS: [(&str, &str); 2] = [
+    ("check_for_update_on_startup", "false"),
+    ("analytics.enabled", "false"),
+];
+
 #[derive(Debug, Default)]
 pub struct CodexAdapter {
     /// Tool items whose `ToolUse` was already emitted (at `item.started`), so that
@@ -33,6 +39,11 @@ impl Adapter for CodexAdapter {
 
     fn invocation(&mut self, spec: &RunSpec) -> Invocation {
         let mut argv = argv_prefix(Tool::Codex, spec);
+        // A headless run for someone else: no update check (the operator installs codex)
+        // and no analytics sent to OpenAI (`ab.chatgpt.com`), whatever ~/.codex says.
+        for (key, value) in HEADLESS {
+            argv.extend(["-c".to_string(), format!("{key}={value}")]);
+        }
         // Codex ignores OPENAI_BASE_URL: a provider of stoa's own, given as `-c` overrides
         // (TOML values), reads its key from OPENAI_API_KEY.
         if let Some(url) = &spec.base_url {
@@ -43,6 +54,8 @@ impl Adapter for CodexAdapter {
                 ("model_providers.stoa.base_url", quoted(url)),
                 ("model_providers.stoa.env_key", quoted("OPENAI_API_KEY")),
                 ("model_providers.stoa.wire_api", quoted("responses")),
+                // A gateway or local server speaks HTTP: no websocket attempt first.
+                ("model_providers.stoa.supports_websockets", "false".into()),
             ] {
                 argv.extend(["-c".to_string(), format!("{key}={value}")]);
             }
@@ -387,6 +400,10 @@ mod tests {
             inv.argv,
             strings(&[
                 "codex",
+                "-c",
+                "check_for_update_on_startup=false",
+                "-c",
+                "analytics.enabled=false",
                 "exec",
                 "--json",
                 "--skip-git-repo-check",
@@ -408,6 +425,10 @@ mod tests {
             CodexAdapter::default().invocation(&s).argv,
             strings(&[
                 "codex",
+                "-c",
+                "check_for_update_on_startup=false",
+                "-c",
+                "analytics.enabled=false",
                 "exec",
                 "--json",
                 "--skip-git-repo-check",
@@ -436,6 +457,10 @@ mod tests {
             inv.argv,
             strings(&[
                 "codex",
+                "-c",
+                "check_for_update_on_startup=false",
+                "-c",
+                "analytics.enabled=false",
                 "exec",
                 "--json",
                 "--skip-git-repo-check",
@@ -444,5 +469,35 @@ mod tests {
             ])
         );
         assert_eq!(inv.stdin.as_deref(), Some("-"));
+    }
+
+    #[test]
+    fn base_url_alone_makes_a_provider() {
+        let mut s = spec("hi");
+        s.base_url = Some("http://gw.example:8080/v1".into());
+        let inv = CodexAdapter::default().invocation(&s);
+        let exec_at = inv.argv.iter().position(|a| a == "exec").unwrap();
+        let overrides: Vec<&str> = inv.argv[1..exec_at]
+            .chunks(2)
+            .map(|pair| {
+                assert_eq!(pair[0], "-c", "{:?}", inv.argv);
+                pair[1].as_str()
+            })
+            .collect();
+        assert_eq!(
+            overrides,
+            [
+                "check_for_update_on_startup=false",
+                "analytics.enabled=false",
+                "model_provider=\"stoa\"",
+                "model_providers.stoa.name=\"stoa\"",
+                "model_providers.stoa.base_url=\"http://gw.example:8080/v1\"",
+                "model_providers.stoa.env_key=\"OPENAI_API_KEY\"",
+                "model_providers.stoa.wire_api=\"responses\"",
+                "model_providers.stoa.supports_websockets=false",
+            ]
+        );
+        // The key comes from the environment (a stoa secret), never argv.
+        assert!(inv.env.is_empty());
     }
 }

@@ -8,6 +8,9 @@
 //! sends once a session is set up, so updates before that one are not stored again.
 #![forbid(unsafe_code)]
 
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
 use super::acp::AcpClient;
 use super::{
     argv_prefix, parse_json, Adapter, AgentEvent, Decision, Invocation, NotJson, PermissionAsk,
@@ -17,6 +20,19 @@ use super::{
 /// Gemini's `--approval-mode` values; other permission modes are ignored (gemini's
 /// configured default applies: `default`, which asks).
 const APPROVAL_MODES: [&str; 4] = ["default", "auto_edit", "yolo", "plan"];
+
+/// Gemini's system settings as stoa gives them when `agents.gemini.base_url` is set: the
+/// auth type. With `GOOGLE_GEMINI_BASE_URL` set and no settings naming one, gemini 0.61
+/// picks its "gateway" type, which it then refuses ("Invalid auth method selected", exit
+/// 41); a user with no `~/.gemini` would have no other way to name it. Usage statistics
+/// (sent to Google's `play.googleapis.com` at every run) are off: the operator chose a
+/// model API of their own.
+pub const SYSTEM_SETTINGS: &str = r#"{"security":{"auth":{"selectedType":"gemini-api-key"}},"privacy":{"usageStatisticsEnabled":false}}"#;
+/// Where the broker writes [`SYSTEM_SETTINGS`] when it starts as root. Gemini reads a
+/// system settings file only when it and every directory above it are root's and writable
+/// by no one else (else it skips it with a warning), so it cannot live in a clone or under
+/// /tmp; `/run/stoa` is the broker's root-owned runtime directory in every install.
+pub const SYSTEM_SETTINGS_PATH: &str = "/run/stoa/gemini-settings.json";
 
 #[derive(Debug, Default)]
 pub struct GeminiAdapter {
@@ -30,28 +46,8 @@ impl Adapter for GeminiAdapter {
 
     fn invocation(&mut self, spec: &RunSpec) -> Invocation {
         self.acp = AcpClient::new(spec);
-        let mut argv = argv_prefix(Tool::Gemini, spec);
-        argv.push("--acp".into());
-        if let Some(model) = &spec.model {
-            argv.extend(["-m".into(), model.clone()]);
-        }
-        if let Some(mode) = spec
-            .permission_mode
-            .as_deref()
-            .filter(|m| APPROVAL_MODES.contains(m))
-        {
-            argv.extend(["--approval-mode".into(), mode.to_string()]);
-        }
-        Invocation {
-            argv,
-            stdin: Some(self.acp.first_line()),
-            conversation: true,
-            env: spec
-                .base_url
-                .iter()
-                .map(|u| ("GOOGLE_GEMINI_BASE_URL".to_string(), u.clone()))
-                .collect(),
-        }
+        let settings = Path::new(SYSTEM_SETTINGS_PATH);
+        self.invocation_with(spec, trusted_settings(settings).then_some(settings))
     }
 
     fn parse_line(&mut self, line: &str) -> Result<Vec<AgentEvent>, NotJson> {
@@ -68,6 +64,112 @@ impl Adapter for GeminiAdapter {
     fn answer(&self, ask: &PermissionAsk, decision: &Decision) -> Option<String> {
         AcpClient::answer(ask, decision)
     }
+}
+
+impl GeminiAdapter {
+    /// The run, given the system settings file stoa may point gemini at.
+    fn invocation_with(&self, spec: &RunSpec, system_settings: Option<&Path>) -> Invocation {
+        let mut argv = argv_prefix(Tool::Gemini, spec);
+        argv.push("--acp".into());
+        if let Some(model) = &spec.model {
+            argv.extend(["-m".into(), model.clone()]);
+        }
+        if let Some(mode) = spec
+            .permission_mode
+            .as_deref()
+            .filter(|m| APPROVAL_MODES.contains(m))
+        {
+            argv.extend(["--approval-mode".into(), mode.to_string()]);
+        }
+        let mut env = vec![];
+        if let Some(url) = &spec.base_url {
+            env.push(("GOOGLE_GEMINI_BASE_URL".to_string(), url.clone()));
+            // Only with a base URL: the variable replaces gemini's own system settings
+            // (/etc/gemini-cli/settings.json), which an operator may otherwise rely on.
+            if let Some(path) = system_settings {
+                env.push((
+                    "GEMINI_CLI_SYSTEM_SETTINGS_PATH".to_string(),
+                    path.display().to_string(),
+                ));
+            }
+        }
+        Invocation {
+            argv,
+            stdin: Some(self.acp.first_line()),
+            conversation: true,
+            env,
+        }
+    }
+}
+
+/// Whether gemini would read `path` as its system settings: root's, as is every directory
+/// above it, none of them writable by group or others (gemini's own check).
+pub fn trusted_settings(path: &Path) -> bool {
+    let mut is_file = true;
+    let mut current = Some(path);
+    while let Some(p) = current {
+        let Ok(meta) = std::fs::symlink_metadata(p) else {
+            return false;
+        };
+        let kind_ok = if is_file {
+            meta.is_file()
+        } else {
+            meta.is_dir()
+        };
+        if !kind_ok || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            return false;
+        }
+        is_file = false;
+        current = p.parent().filter(|d| !d.as_os_str().is_empty());
+    }
+    true
+}
+
+/// Writes [`SYSTEM_SETTINGS`] to `path` (root's, 0644; its directory root's 0755 if it
+/// has to be made) unless it is already there with that content. For the broker, as root.
+/// Returns what it made that was not there (the file, then the directory), to remove at
+/// stop.
+pub fn write_system_settings(path: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+    let mut made = vec![];
+    if std::fs::read_to_string(path).is_ok_and(|s| s == SYSTEM_SETTINGS) && trusted_settings(path) {
+        return Ok(made);
+    }
+    let dir = path.parent().ok_or("no directory")?;
+    let new_dir = !dir.exists();
+    if new_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("cannot chmod {}: {e}", dir.display()))?;
+    }
+    if std::fs::symlink_metadata(path).is_err() {
+        made.push(path.to_path_buf());
+    }
+    if new_dir {
+        made.push(dir.to_path_buf());
+    }
+    // A fresh file renamed over the old: no reader sees half of it, and whatever was at
+    // `path` (a link, another owner's file) is replaced, not written through.
+    let tmp = dir.join(format!(".gemini-settings.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        std::io::Write::write_all(&mut f, SYSTEM_SETTINGS.as_bytes())?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        if new_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+        format!("cannot write {}: {e}", path.display())
+    })?;
+    Ok(made)
 }
 
 #[cfg(test)]
@@ -292,5 +394,84 @@ mod tests {
             .invocation(&s)
             .argv
             .contains(&"--approval-mode".to_string()));
+    }
+
+    #[test]
+    fn base_url_brings_the_system_settings_naming_the_auth_type() {
+        let settings = Path::new("/run/stoa/gemini-settings.json");
+        let env_of = |inv: &Invocation, name: &str| {
+            inv.env
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let mut s = spec("hi");
+        // No base URL: gemini's own settings and auth rules, untouched.
+        assert!(GeminiAdapter::default()
+            .invocation_with(&s, Some(settings))
+            .env
+            .is_empty());
+        s.base_url = Some("http://127.0.0.1:8765".into());
+        let inv = GeminiAdapter::default().invocation_with(&s, Some(settings));
+        assert_eq!(
+            env_of(&inv, "GOOGLE_GEMINI_BASE_URL").as_deref(),
+            Some("http://127.0.0.1:8765")
+        );
+        assert_eq!(
+            env_of(&inv, "GEMINI_CLI_SYSTEM_SETTINGS_PATH").as_deref(),
+            Some("/run/stoa/gemini-settings.json")
+        );
+        // Without a trusted file, no variable: gemini would skip it with a warning anyway.
+        assert!(env_of(
+            &GeminiAdapter::default().invocation_with(&s, None),
+            "GEMINI_CLI_SYSTEM_SETTINGS_PATH"
+        )
+        .is_none());
+        let parsed: Value = serde_json::from_str(SYSTEM_SETTINGS).unwrap();
+        assert_eq!(parsed["security"]["auth"]["selectedType"], "gemini-api-key");
+        assert_eq!(parsed["privacy"]["usageStatisticsEnabled"], false);
+    }
+
+    #[test]
+    fn settings_are_trusted_only_in_a_root_owned_unwritable_chain() {
+        // /tmp is writable by others (sticky or not, gemini refuses it).
+        let dir = std::env::temp_dir().join(format!("stoa-gemini-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("settings.json");
+        std::fs::write(&file, SYSTEM_SETTINGS).unwrap();
+        assert!(!trusted_settings(&file));
+        assert!(!trusted_settings(&dir.join("missing.json")));
+        std::fs::remove_dir_all(&dir).unwrap();
+        // A root-owned file in root-owned 0755 directories (where this machine has one).
+        let etc = Path::new("/etc/passwd");
+        if std::fs::metadata(etc).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0) {
+            assert!(trusted_settings(etc));
+            assert!(
+                !trusted_settings(Path::new("/etc")),
+                "a directory is no file"
+            );
+        }
+    }
+
+    #[test]
+    fn written_settings_pass_gemini_s_check_and_are_reported_for_removal() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // only root can make a file gemini trusts
+        }
+        let dir = std::path::PathBuf::from(format!("/run/stoa-gemini-unit-{}", std::process::id()));
+        let path = dir.join("gemini-settings.json");
+        let made = write_system_settings(&path).unwrap();
+        assert_eq!(made, vec![path.clone(), dir.clone()]);
+        assert!(trusted_settings(&path));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), SYSTEM_SETTINGS);
+        let mode = std::fs::metadata(&path).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o644);
+        // Again: nothing to do, nothing made.
+        assert!(write_system_settings(&path).unwrap().is_empty());
+        // Someone else's content is replaced (the file was there: not ours to remove).
+        std::fs::write(&path, "{}").unwrap();
+        assert!(write_system_settings(&path).unwrap().is_empty());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), SYSTEM_SETTINGS);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

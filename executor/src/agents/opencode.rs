@@ -60,6 +60,13 @@ impl Adapter for OpenCodeAdapter {
                     });
                     ("OPENCODE_CONFIG_CONTENT".to_string(), config.to_string())
                 }))
+                // With a base URL of its own, no catalogue from models.dev either (an
+                // outside fetch at every start); opencode then uses the one it ships.
+                .chain(
+                    spec.base_url
+                        .as_ref()
+                        .map(|_| ("OPENCODE_DISABLE_MODELS_FETCH".to_string(), "1".to_string())),
+                )
                 .collect(),
         }
     }
@@ -353,5 +360,29 @@ mod tests {
             ])
         );
         assert_eq!(inv.stdin.as_deref(), Some("-m is not a flag here"));
+    }
+
+    #[test]
+    fn base_url_alone_configures_the_models_provider() {
+        let mut s = spec("hi");
+        s.base_url = Some("http://127.0.0.1:8765/v1".into());
+        s.model = Some("anthropic/claude-sonnet-4-5".into());
+        let inv = OpenCodeAdapter::default().invocation(&s);
+        let env = |name: &str| {
+            inv.env
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(env("OPENCODE_DISABLE_AUTOUPDATE").as_deref(), Some("1"));
+        assert_eq!(env("OPENCODE_DISABLE_MODELS_FETCH").as_deref(), Some("1"));
+        let config: Value = serde_json::from_str(&env("OPENCODE_CONFIG_CONTENT").unwrap()).unwrap();
+        assert_eq!(
+            config["provider"]["anthropic"]["options"]["baseURL"],
+            "http://127.0.0.1:8765/v1"
+        );
+        // No key in the config: opencode reads ANTHROPIC_API_KEY (a stoa secret).
+        assert!(!config.to_string().to_lowercase().contains("apikey"));
+        assert_eq!(config["share"], "disabled");
     }
 }
