@@ -49,6 +49,18 @@ pub struct Verdict<'a> {
     pub reason: Option<&'a str>,
 }
 
+impl<'a> Verdict<'a> {
+    /// Settled by stoa (not a person's answer): never "for the session".
+    pub fn settled(status: &'a str, by: &'a str, reason: Option<&'a str>) -> Verdict<'a> {
+        Verdict {
+            status,
+            for_session: false,
+            by,
+            reason,
+        }
+    }
+}
+
 const COLS: &str = "approval_id, session_id, task_id, tool, summary, ask, status, for_session, decided_by, reason, created_at, expires_unix, decided_at";
 
 fn row(r: &Row<'_>) -> rusqlite::Result<Approval> {

@@ -174,6 +174,22 @@ async fn visible(
     }
 }
 
+/// Request `id`, if the principal may use its session (else 404, as for no request).
+async fn visible_by_id(
+    state: &AppState,
+    principal: &crate::wire::Principal,
+    id: &str,
+) -> Result<Approval, ApiError> {
+    let approval = state
+        .store
+        .approval(id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| not_found(id))?;
+    visible(state, principal, &approval).await?;
+    Ok(approval)
+}
+
 fn not_found(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("no approval {id}"))
 }
@@ -203,14 +219,7 @@ async fn show(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let (principal, _) = authenticate(&state, &headers).await?;
-    let approval = state
-        .store
-        .approval(&id)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| not_found(&id))?;
-    visible(&state, &principal, &approval).await?;
-    Ok(Json(approval).into_response())
+    Ok(Json(visible_by_id(&state, &principal, &id).await?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -230,13 +239,7 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     let (principal, credential) = authenticate(&state, &headers).await?;
     let Json(answer) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let approval = state
-        .store
-        .approval(&id)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| not_found(&id))?;
-    visible(&state, &principal, &approval).await?;
+    visible_by_id(&state, &principal, &id).await?;
     let allow = match answer.decision.as_str() {
         "allow" => true,
         "deny" => false,

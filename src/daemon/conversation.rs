@@ -88,6 +88,15 @@ impl Input {
     }
 }
 
+/// What the request handling of a run works with.
+pub struct RunRefs<'a> {
+    pub state: &'a AppState,
+    pub session: &'a Session,
+    pub task: &'a Task,
+    pub adapter: &'a dyn Adapter,
+    pub input: Option<&'a Input>,
+}
+
 /// The permission requests of one run.
 pub struct Asks {
     /// Since when the run waits for an answer (`None`: it does not).
@@ -126,15 +135,13 @@ impl Asks {
     }
 
     /// The agent asks permission.
-    pub async fn on_ask(
-        &mut self,
-        state: &AppState,
-        session: &Session,
-        task: &Task,
-        ask: PermissionAsk,
-        adapter: &dyn Adapter,
-        input: Option<&Input>,
-    ) {
+    pub async fn on_ask(&mut self, run: &RunRefs<'_>, ask: PermissionAsk) {
+        let RunRefs {
+            state,
+            session,
+            task,
+            ..
+        } = *run;
         self.asked += 1;
         let size = serde_json::to_string(&ask).map_or(usize::MAX, |t| t.len());
         let refusal = if size > approvals::MAX_ASK_BYTES {
@@ -151,7 +158,7 @@ impl Asks {
             None
         };
         if let Some(reason) = refusal {
-            deny_unstored(state, session, task, adapter, input, &ask, reason).await;
+            deny_unstored(run, &ask, reason).await;
             return;
         }
         let tool = ask.tool.clone();
@@ -160,7 +167,7 @@ impl Asks {
             Err(e) => {
                 warn!(task = %task.task_id, "cannot store a permission request: {e}");
                 let reason = "stoa: the request could not be kept, so it is denied".to_string();
-                deny_unstored(state, session, task, adapter, input, &ask, reason).await;
+                deny_unstored(run, &ask, reason).await;
                 return;
             }
         };
@@ -193,46 +200,29 @@ impl Asks {
                 "stoa: this run has {} permission requests waiting already",
                 approvals::MAX_PENDING_PER_TASK
             );
-            let verdict = Verdict {
-                status: "denied",
-                for_session: false,
-                by: "limit",
-                reason: Some(&reason),
-            };
+            let verdict = Verdict::settled("denied", "limit", Some(&reason));
             approvals::settle(state, &approval.approval_id, verdict, ApprovalStep::Denied).await;
         }
-        self.on_wake(state, session, task, adapter, input).await;
+        self.on_wake(run).await;
     }
 
     /// Delivers every settled, undelivered answer, then looks at what still waits.
-    pub async fn on_wake(
-        &mut self,
-        state: &AppState,
-        session: &Session,
-        task: &Task,
-        adapter: &dyn Adapter,
-        input: Option<&Input>,
-    ) {
-        let answered = state
+    pub async fn on_wake(&mut self, run: &RunRefs<'_>) {
+        let answered = run
+            .state
             .store
-            .undelivered_answers(&task.task_id)
+            .undelivered_answers(&run.task.task_id)
             .await
             .unwrap_or_default();
         for approval in answered {
-            deliver(state, session, task, adapter, input, &approval).await;
+            deliver(run, &approval).await;
         }
-        self.refresh(state, task).await;
+        self.refresh(run.state, run.task).await;
     }
 
     /// Requests whose time is up are denied.
-    pub async fn on_expiry(
-        &mut self,
-        state: &AppState,
-        session: &Session,
-        task: &Task,
-        adapter: &dyn Adapter,
-        input: Option<&Input>,
-    ) {
+    pub async fn on_expiry(&mut self, run: &RunRefs<'_>) {
+        let (state, task) = (run.state, run.task);
         let now = unix_secs(std::time::SystemTime::now());
         let pending = state
             .store
@@ -243,15 +233,10 @@ impl Asks {
         let reason =
             format!("stoa: nobody answered within {secs} s (execution.approval_timeout_secs)");
         for approval in pending.iter().filter(|a| a.expires_at <= now) {
-            let verdict = Verdict {
-                status: "expired",
-                for_session: false,
-                by: "timeout",
-                reason: Some(&reason),
-            };
+            let verdict = Verdict::settled("expired", "timeout", Some(&reason));
             approvals::settle(state, &approval.approval_id, verdict, ApprovalStep::Expired).await;
         }
-        self.on_wake(state, session, task, adapter, input).await;
+        self.on_wake(run).await;
     }
 
     /// The run ended: what still waits is abandoned, and nothing wakes it any more.
@@ -267,12 +252,7 @@ impl Asks {
             .await
             .unwrap_or_default();
         for approval in pending {
-            let verdict = Verdict {
-                status: "abandoned",
-                for_session: false,
-                by: "run ended",
-                reason: None,
-            };
+            let verdict = Verdict::settled("abandoned", "run ended", None);
             approvals::settle(
                 state,
                 &approval.approval_id,
@@ -312,26 +292,16 @@ impl Asks {
 
 /// Denies a request that is not kept (too large, too many, the store failing): the agent is
 /// told at once, and the transcript says so.
-async fn deny_unstored(
-    state: &AppState,
-    session: &Session,
-    task: &Task,
-    adapter: &dyn Adapter,
-    input: Option<&Input>,
-    ask: &PermissionAsk,
-    reason: String,
-) {
-    warn!(task = %task.task_id, tool = %ask.tool, "{reason}");
+async fn deny_unstored(run: &RunRefs<'_>, ask: &PermissionAsk, reason: String) {
+    warn!(task = %run.task.task_id, tool = %ask.tool, "{reason}");
     let decision = Decision::Deny {
         message: reason.clone(),
     };
-    if let (Some(line), Some(input)) = (adapter.answer(ask, &decision), input) {
+    if let (Some(line), Some(input)) = (run.adapter.answer(ask, &decision), run.input) {
         input.send(line);
     }
     note(
-        state,
-        session,
-        task,
+        run,
         json!({
             "kind": "permission_decision",
             "tool": ask.tool.chars().take(128).collect::<String>(),
@@ -344,7 +314,13 @@ async fn deny_unstored(
 }
 
 /// Appends a note of stoa's to the run's transcript.
-async fn note(state: &AppState, session: &Session, task: &Task, value: serde_json::Value) {
+async fn note(run: &RunRefs<'_>, value: serde_json::Value) {
+    let RunRefs {
+        state,
+        session,
+        task,
+        ..
+    } = *run;
     if let Ok(appended) = state
         .store
         .append_messages(
@@ -364,14 +340,14 @@ async fn note(state: &AppState, session: &Session, task: &Task, value: serde_jso
 }
 
 /// Gives the agent one answer, and writes it into the transcript.
-async fn deliver(
-    state: &AppState,
-    session: &Session,
-    task: &Task,
-    adapter: &dyn Adapter,
-    input: Option<&Input>,
-    approval: &Approval,
-) {
+async fn deliver(run: &RunRefs<'_>, approval: &Approval) {
+    let RunRefs {
+        state,
+        task,
+        adapter,
+        input,
+        ..
+    } = *run;
     let decision = if approval.status == "allowed" {
         Decision::Allow
     } else {
@@ -398,5 +374,5 @@ async fn deliver(
         "by": approval.decided_by,
         "reason": approval.reason,
     });
-    note(state, session, task, decision).await;
+    note(run, decision).await;
 }

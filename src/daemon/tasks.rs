@@ -22,7 +22,7 @@ use stoa_executor::agents::{Adapter, AgentEvent, Invocation, PermissionAsk, RunS
 use stoa_executor::codec;
 use stoa_executor::job::Report;
 
-use super::conversation::{Asks, Input, Sink};
+use super::conversation::{Asks, Input, RunRefs, Sink};
 use super::fdio::{FdReader, FdWriter};
 use super::store::{Outcome, Session, Task};
 use super::{AppState, Notice};
@@ -580,10 +580,12 @@ async fn drive(
                 killed_at = Some(tokio::time::Instant::now());
             }
             _ = asks.wake.notified() => {
-                asks.on_wake(state, session, task, &*adapter, input.as_ref()).await;
+                let run = RunRefs { state, session, task, adapter: &*adapter, input: input.as_ref() };
+                asks.on_wake(&run).await;
             }
             _ = tokio::time::sleep_until(asks.next_expiry.unwrap_or(far)), if asks.next_expiry.is_some() => {
-                asks.on_expiry(state, session, task, &*adapter, input.as_ref()).await;
+                let run = RunRefs { state, session, task, adapter: &*adapter, input: input.as_ref() };
+                asks.on_expiry(&run).await;
             }
             _ = tokio::time::sleep_until(kill_deadline.unwrap_or(far)), if kill_deadline.is_some() && exit.is_none() => {
                 process.signal(state, Signal::Kill).await;
@@ -599,8 +601,14 @@ async fn drive(
             }
         }
         for ask in std::mem::take(&mut seen.asks) {
-            asks.on_ask(state, session, task, ask, &*adapter, input.as_ref())
-                .await;
+            let run = RunRefs {
+                state,
+                session,
+                task,
+                adapter: &*adapter,
+                input: input.as_ref(),
+            };
+            asks.on_ask(&run, ask).await;
         }
         if let Some(input) = &input {
             for line in adapter.take_input() {
