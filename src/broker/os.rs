@@ -168,6 +168,7 @@ impl Os for RealOs {
             cwd_id: None,
             parent_death_signal: Some(libc::SIGKILL),
             cgroup_procs: Vec::new(),
+            confine: None,
         };
         let started = sys::start_child(&spec).map_err(|e| e.to_string())?;
         Ok(LoginChild { started, answer })
