@@ -2377,3 +2377,60 @@ pub mod pam {
         }
     }
 }
+
+#[cfg(test)]
+mod landlock_tests {
+    use super::*;
+
+    fn parse(text: &[u8]) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 64];
+        buf[..text.len()].copy_from_slice(text);
+        let n = parse_gitdir_file(&mut buf, text.len())?;
+        assert_eq!(buf[n], 0, "NUL-terminated");
+        Some(buf[..n].to_vec())
+    }
+
+    #[test]
+    fn gitdir_files() {
+        assert_eq!(
+            parse(b"gitdir: /r/.git/worktrees/a\n").unwrap(),
+            b"/r/.git/worktrees/a"
+        );
+        assert_eq!(parse(b"gitdir: ../r/.git\r\n").unwrap(), b"../r/.git");
+        assert_eq!(parse(b"gitdir: /x").unwrap(), b"/x");
+        for bad in [
+            &b"gitdir: \n"[..],
+            b"gitdir:/x",
+            b"/x",
+            b"",
+            b"gitdir: a\0b",
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        // No byte to spare after the content: refused, never written past the end.
+        let mut full = *b"gitdir: /abc";
+        assert_eq!(parse_gitdir_file(&mut full, 12), None);
+    }
+
+    #[test]
+    fn rights_by_abi() {
+        use landlock::*;
+        assert!(Confine::new(2, true, vec![]).is_err());
+        let c = Confine::new(3, true, vec![]).unwrap();
+        assert_eq!(c.handled_access() & FS_IOCTL_DEV, 0);
+        assert_ne!(c.handled_access() & FS_TRUNCATE, 0);
+        assert_eq!(c.scoped(), 0);
+        let c = Confine::new(6, false, vec![]).unwrap();
+        assert_eq!(c.scoped(), 0);
+        let c = Confine::new(6, true, vec![]).unwrap();
+        assert_eq!(c.scoped(), SCOPE_SIGNAL | SCOPE_ABSTRACT_UNIX_SOCKET);
+        assert_eq!(
+            c.file_access() & !(FS_WRITE_FILE | FS_TRUNCATE | FS_IOCTL_DEV),
+            0
+        );
+        assert_eq!(
+            c.handled_access() & (FS_READ_FILE | FS_READ_DIR | FS_EXECUTE),
+            0
+        );
+    }
+}

@@ -8,7 +8,7 @@
 use arbitrary::Arbitrary;
 
 use stoa::wire::{
-    limits, DirId, Handle, Program, Request, RequestBody, Signal, SpawnRequest, WindowSize,
+    limits, DirId, Handle, Program, Purpose, Request, RequestBody, Signal, SpawnRequest, WindowSize,
     PROTOCOL_VERSION,
 };
 
@@ -393,6 +393,7 @@ impl Builder {
             stdin: a.stdin,
             secrets: a.secrets,
             secret_names: None,
+            purpose: Purpose::Agent,
         }
     }
 

@@ -34,7 +34,9 @@ use stoa_executor::job::Report;
 use super::fdio::{self, Collected, FdReader};
 use super::http::ApiError;
 use super::AppState;
-use crate::wire::{ExitStatus, FdLayout, Program, RequestBody, Signal, SpawnRequest, WindowSize};
+use crate::wire::{
+    ExitStatus, FdLayout, Program, Purpose, RequestBody, Signal, SpawnRequest, WindowSize,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -281,6 +283,7 @@ async fn start(
         } else {
             0
         },
+        purpose: Purpose::Exec,
     };
     // Dropped before the end (the client went away, an error): the guard kills and
     // releases what was spawned.

@@ -26,7 +26,7 @@ use super::fdio::FdReader;
 use super::store::{Outcome, Session, Task};
 use super::{AppState, Notice};
 use crate::wire::{
-    ExitStatus, FdLayout, Handle, HandleInfo, Program, RequestBody, Signal, SpawnRequest,
+    ExitStatus, FdLayout, Handle, HandleInfo, Program, Purpose, RequestBody, Signal, SpawnRequest,
 };
 
 /// The most of a line (one JSON event) the daemon holds while it waits for its end.
@@ -237,7 +237,7 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
     let mut env: Vec<(String, String)> = agent_config.env.into_iter().collect();
     env.extend(invocation.env.clone());
 
-    let (run, via, handle) = if state.use_executor() {
+    let (run, via, handle, confinement) = if state.use_executor() {
         match spawn_through_broker(
             state,
             session,
@@ -249,18 +249,18 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
         )
         .await
         {
-            Ok((run, handle)) => (run, "executor", Some(handle)),
+            Ok((run, handle, confinement)) => (run, "executor", Some(handle), confinement),
             Err(e) => return Ending::failed(e),
         }
     } else {
         match spawn_direct(session, &invocation.argv, env, invocation.stdin.clone()) {
-            Ok(run) => (run, "direct", None),
+            Ok(run) => (run, "direct", None, DIRECT_CONFINEMENT.to_string()),
             Err(e) => return Ending::failed(e),
         }
     };
     if let Err(e) = state
         .store
-        .task_started(&task.task_id, via, handle.map(|h| h.0))
+        .task_started(&task.task_id, via, handle.map(|h| h.0), &confinement)
         .await
     {
         warn!("cannot record the task's start: {e}");
@@ -285,7 +285,7 @@ async fn spawn_through_broker(
     stdin: Option<String>,
     secret_names: Option<Vec<String>>,
     credential: &str,
-) -> Result<(Run, Handle), String> {
+) -> Result<(Run, Handle, String), String> {
     let request = SpawnRequest {
         // The broker refuses to run anywhere but the directory pinned at creation.
         cwd_id: session.worktree_id,
@@ -301,6 +301,7 @@ async fn spawn_through_broker(
         secrets: true,
         secret_names,
         ring_bytes: 0,
+        purpose: Purpose::Agent,
     };
     let super::Spawned {
         info,
@@ -314,8 +315,11 @@ async fn spawn_through_broker(
     // is, `drive` ends it and releases it.
     let run = run_from_fds(state, &info, fds, stdin)?;
     guard.set(super::OnDrop::Nothing);
-    Ok((run, info.handle))
+    Ok((run, info.handle, info.confinement.to_string()))
 }
+
+/// A task's confinement on the direct path (no broker, no Landlock).
+const DIRECT_CONFINEMENT: &str = "none (run directly by the worker, not through the broker)";
 
 /// A run from a handle's fds (fresh from a spawn, or adopted after a restart).
 fn run_from_fds(
