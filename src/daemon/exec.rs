@@ -76,6 +76,8 @@ pub struct ExecResponse {
     pub error: Option<String>,
     /// A cgroup limit its processes ran into (out of memory, process limit).
     pub limit_hit: Option<String>,
+    /// "landlock abi N" (its writes were confined), or "none (why)".
+    pub confinement: String,
 }
 
 async fn wait_exit(mut rx: watch::Receiver<Option<ExitStatus>>) -> Option<ExitStatus> {
@@ -465,5 +467,6 @@ async fn finish(
         timed_out,
         error,
         limit_hit: limit_hit.map(|l| l.to_string()),
+        confinement: info.confinement.to_string(),
     }
 }

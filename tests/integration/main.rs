@@ -7,6 +7,7 @@
 
 mod agents_e2e;
 mod cli_human;
+mod confine;
 mod core;
 mod harness;
 mod limits;
@@ -53,6 +54,7 @@ fn main() {
         security_front::TESTS,
         workers::TESTS,
         cli_human::TESTS,
+        confine::TESTS,
     ]
     .concat()
     .into_iter()
