@@ -460,6 +460,9 @@ pub struct ChildSpec<'a> {
     /// `cgroup.procs` files (opened for writing) the child writes itself into first, while
     /// still root, so everything it will ever start is inside these cgroups.
     pub cgroup_procs: Vec<BorrowedFd<'a>>,
+    /// Landlock write confinement, applied last before exec (after the identity change and
+    /// `no_new_privs`, with the working directory entered).
+    pub confine: Option<&'a Confine>,
 }
 
 /// The step of the child's sequence that failed.
@@ -487,12 +490,13 @@ pub enum ChildStage {
     VerifyCwd,
     Exec,
     Signal,
+    Confine,
 }
 
 impl ChildStage {
     fn from_raw(raw: u32) -> Option<ChildStage> {
         use ChildStage::*;
-        const ALL: [ChildStage; 21] = [
+        const ALL: [ChildStage; 22] = [
             ResetSignals,
             JoinCgroups,
             NewSession,
@@ -514,6 +518,7 @@ impl ChildStage {
             VerifyCwd,
             Exec,
             Signal,
+            Confine,
         ];
         ALL.into_iter().find(|s| *s as u32 == raw)
     }
@@ -544,6 +549,7 @@ impl ChildStage {
             }
             Exec => "executing the program",
             Signal => "sending the signal",
+            Confine => "confining writes (Landlock)",
         }
     }
 }
@@ -674,6 +680,7 @@ struct Prepared<'s> {
     /// pipe). Everything else is closed first thing in the child, while it is still root
     /// and nobody else can stop it.
     keep_fds: Vec<RawFd>,
+    confine: Option<&'s Confine>,
 }
 
 impl<'s> Prepared<'s> {
@@ -706,6 +713,7 @@ impl<'s> Prepared<'s> {
             parent_pid: unsafe { libc::getpid() },
             report_fd: -1,
             keep_fds: Vec::new(),
+            confine: None,
         })
     }
 }
@@ -1173,6 +1181,7 @@ fn prepare<'s>(spec: &'s ChildSpec<'_>) -> io::Result<Prepared<'s>> {
             .chain([spec.exe.as_raw_fd()])
             .chain(spec.cgroup_procs.iter().map(|fd| fd.as_raw_fd()))
             .collect(),
+        confine: spec.confine,
     })
 }
 
@@ -1482,6 +1491,9 @@ fn finish_and_exec(p: &Prepared<'_>) -> Step {
         libc::umask(p.umask);
     }
     enter_cwd(p)?;
+    if let Some(confine) = p.confine {
+        confine_writes(confine)?;
+    }
     // SAFETY: see above.
     unsafe {
         libc::syscall(
@@ -1494,6 +1506,406 @@ fn finish_and_exec(p: &Prepared<'_>) -> Step {
         );
     }
     Err((Exec, errno()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Landlock (write confinement of a run)
+
+/// Landlock's constants (`linux/landlock.h`); public for the tests that check the masks.
+pub mod landlock {
+    pub const CREATE_RULESET_VERSION: u32 = 1 << 0;
+    pub const RULE_PATH_BENEATH: libc::c_int = 1;
+
+    pub const FS_EXECUTE: u64 = 1 << 0;
+    pub const FS_WRITE_FILE: u64 = 1 << 1;
+    pub const FS_READ_FILE: u64 = 1 << 2;
+    pub const FS_READ_DIR: u64 = 1 << 3;
+    pub const FS_REMOVE_DIR: u64 = 1 << 4;
+    pub const FS_REMOVE_FILE: u64 = 1 << 5;
+    pub const FS_MAKE_CHAR: u64 = 1 << 6;
+    pub const FS_MAKE_DIR: u64 = 1 << 7;
+    pub const FS_MAKE_REG: u64 = 1 << 8;
+    pub const FS_MAKE_SOCK: u64 = 1 << 9;
+    pub const FS_MAKE_FIFO: u64 = 1 << 10;
+    pub const FS_MAKE_BLOCK: u64 = 1 << 11;
+    pub const FS_MAKE_SYM: u64 = 1 << 12;
+    /// ABI 2.
+    pub const FS_REFER: u64 = 1 << 13;
+    /// ABI 3.
+    pub const FS_TRUNCATE: u64 = 1 << 14;
+    /// ABI 5.
+    pub const FS_IOCTL_DEV: u64 = 1 << 15;
+
+    /// ABI 6.
+    pub const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
+    /// ABI 6.
+    pub const SCOPE_SIGNAL: u64 = 1 << 1;
+
+    /// The lowest ABI stoa confines with: below 3 truncation (`truncate(2)`, `O_TRUNC`) is
+    /// not covered, so a file outside the allowed paths could still be emptied.
+    pub const MIN_ABI: u32 = 3;
+    /// ABI 6: signals and abstract unix sockets can be scoped to the run's domain.
+    pub const SCOPE_ABI: u32 = 6;
+}
+
+/// This kernel's Landlock ABI version. `Err`: none (`ENOSYS`: not built in, or a seccomp
+/// filter of a container that predates it; `EOPNOTSUPP`: built in but not enabled at boot,
+/// see `lsm=`).
+pub fn landlock_abi() -> io::Result<u32> {
+    // SAFETY: a null attribute with size 0 and the VERSION flag only asks for the version.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            ptr::null::<libc::c_void>(),
+            0usize,
+            landlock::CREATE_RULESET_VERSION,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as u32)
+}
+
+/// `struct landlock_ruleset_attr` as of ABI 6 (the kernel accepts the larger struct from
+/// older ABIs as long as the fields it does not know are zero).
+#[repr(C)]
+struct RulesetAttr {
+    handled_access_fs: u64,
+    handled_access_net: u64,
+    scoped: u64,
+}
+
+/// `struct landlock_path_beneath_attr` (packed in the kernel's header).
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+/// A run's write confinement, built before the fork. In the child, after the identity
+/// change and `no_new_privs`, with the working directory entered: a ruleset that handles
+/// every write right this ABI knows; the working directory, the linked git directories of
+/// a git worktree (see [`allow_git_dirs`]) and each of `paths` allowed beneath; then
+/// `landlock_restrict_self`. Paths are opened there, with the user's own rights; one the
+/// user cannot open (or that does not exist) is left out. Reads are not handled: Unix
+/// permissions govern them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confine {
+    abi: u32,
+    handled: u64,
+    scoped: u64,
+    paths: Vec<CString>,
+}
+
+impl Confine {
+    /// `abi` as [`landlock_abi`] found it (at least [`landlock::MIN_ABI`]); `scope`: also
+    /// scope signals and abstract unix sockets where the ABI can (6 and later).
+    pub fn new(abi: u32, scope: bool, paths: Vec<CString>) -> io::Result<Confine> {
+        use landlock::*;
+        if abi < MIN_ABI {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("Landlock ABI {abi} is below {MIN_ABI}: truncation is not covered"),
+            ));
+        }
+        let mut handled = FS_WRITE_FILE
+            | FS_REMOVE_DIR
+            | FS_REMOVE_FILE
+            | FS_MAKE_CHAR
+            | FS_MAKE_DIR
+            | FS_MAKE_REG
+            | FS_MAKE_SOCK
+            | FS_MAKE_FIFO
+            | FS_MAKE_BLOCK
+            | FS_MAKE_SYM
+            // Handled so that it can be granted: unhandled, a rename or link across
+            // directories is always refused (EXDEV) under any ruleset.
+            | FS_REFER
+            | FS_TRUNCATE;
+        if abi >= 5 {
+            handled |= FS_IOCTL_DEV;
+        }
+        let scoped = if scope && abi >= SCOPE_ABI {
+            SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
+        } else {
+            0
+        };
+        Ok(Confine {
+            abi,
+            handled,
+            scoped,
+            paths,
+        })
+    }
+
+    pub fn abi(&self) -> u32 {
+        self.abi
+    }
+
+    /// The write rights the ruleset handles (all denied outside the allowed paths).
+    pub fn handled_access(&self) -> u64 {
+        self.handled
+    }
+
+    pub fn scoped(&self) -> u64 {
+        self.scoped
+    }
+
+    pub fn paths(&self) -> &[CString] {
+        &self.paths
+    }
+
+    /// What a directory allowed beneath gets: every handled right.
+    pub fn dir_access(&self) -> u64 {
+        self.handled
+    }
+
+    /// What a file (a device node) allowed gets: the rights that apply to a file.
+    pub fn file_access(&self) -> u64 {
+        use landlock::*;
+        self.handled & (FS_WRITE_FILE | FS_TRUNCATE | FS_IOCTL_DEV)
+    }
+}
+
+/// The path in a git worktree's `.git` file (`gitdir: <path>`, one line), NUL-terminated
+/// in place: the length of the path, or `None` if `buf[..len]` is not such a file.
+/// `buf` must have a byte to spare after `len`.
+pub fn parse_gitdir_file(buf: &mut [u8], len: usize) -> Option<usize> {
+    const PREFIX: &[u8] = b"gitdir: ";
+    if len >= buf.len() || !buf[..len].starts_with(PREFIX) {
+        return None;
+    }
+    let rest = &buf[PREFIX.len()..len];
+    let end = rest
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .unwrap_or(rest.len());
+    if end == 0 || rest[..end].contains(&0) {
+        return None;
+    }
+    buf.copy_within(PREFIX.len()..PREFIX.len() + end, 0);
+    buf[end] = 0;
+    Some(end)
+}
+
+/// A path file as git writes them (one line, e.g. a worktree's back link `gitdir`),
+/// NUL-terminated in place; `None` if empty or not one line.
+fn parse_line_file(buf: &mut [u8], len: usize) -> Option<usize> {
+    if len >= buf.len() {
+        return None;
+    }
+    let end = buf[..len]
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .unwrap_or(len);
+    if end == 0 || buf[..end].contains(&0) {
+        return None;
+    }
+    buf[end] = 0;
+    Some(end)
+}
+
+/// The longest `.git` or `gitdir` file read (a path: `PATH_MAX`, and the prefix).
+const GIT_FILE_BYTES: usize = 4096 + 16;
+
+// SAFETY (for the unsafe blocks of the confinement steps below): as for the other step
+// functions, they run in the only thread of a forked child, after its identity change;
+// every call is a raw system call whose pointers point into `Confine` (built before the
+// fork) or into the step's own stack.
+
+/// In the child: the ruleset, its rules, `landlock_restrict_self`. The ruleset is created
+/// here too, so the parent never shares one with a child.
+fn confine_writes(c: &Confine) -> Step {
+    use ChildStage::Confine as Stage;
+    let attr = RulesetAttr {
+        handled_access_fs: c.handled,
+        handled_access_net: 0,
+        scoped: c.scoped,
+    };
+    // SAFETY: see above.
+    let ruleset = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const RulesetAttr,
+            std::mem::size_of::<RulesetAttr>(),
+            0u32,
+        )
+    } as libc::c_int;
+    check!(Stage, ruleset);
+    let result = (|| -> Step {
+        allow_beneath(c, ruleset, libc::AT_FDCWD, c".")?;
+        for path in &c.paths {
+            allow_beneath(c, ruleset, libc::AT_FDCWD, path)?;
+        }
+        allow_git_dirs(c, ruleset)?;
+        // SAFETY: see above.
+        let rc = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32) };
+        check!(Stage, rc as libc::c_int);
+        Ok(())
+    })();
+    // SAFETY: see above; the ruleset is ours.
+    unsafe { libc::close(ruleset) };
+    result
+}
+
+/// Opens `path` (relative to `dir`) as the user with `O_PATH` and allows it; a path that
+/// cannot be opened is left out (it grants nothing then).
+fn allow_beneath(c: &Confine, ruleset: RawFd, dir: RawFd, path: &CStr) -> Step {
+    // SAFETY: see above.
+    let fd = unsafe { libc::openat(dir, path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Ok(());
+    }
+    let result = allow_fd(c, ruleset, fd);
+    // SAFETY: see above; the fd is ours.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// Adds a rule for an open `O_PATH` fd: every handled right beneath a directory, the file
+/// rights on anything else.
+fn allow_fd(c: &Confine, ruleset: RawFd, fd: RawFd) -> Step {
+    use ChildStage::Confine as Stage;
+    // SAFETY: see above.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    check!(Stage, unsafe { libc::fstat(fd, &mut st) });
+    let allowed_access = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        c.dir_access()
+    } else {
+        c.file_access()
+    };
+    if allowed_access == 0 {
+        return Ok(());
+    }
+    let attr = PathBeneathAttr {
+        allowed_access,
+        parent_fd: fd,
+    };
+    // SAFETY: see above.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset,
+            landlock::RULE_PATH_BENEATH,
+            &attr as *const PathBeneathAttr,
+            0u32,
+        )
+    };
+    check!(Stage, rc as libc::c_int);
+    Ok(())
+}
+
+/// Reads a small file relative to `dir` as the user (no symlink at the end, no blocking on
+/// a FIFO, regular files only) into `buf`; the bytes read.
+fn read_small_file(dir: RawFd, name: &CStr, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: see above.
+    unsafe {
+        let fd = libc::openat(
+            dir,
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return None;
+        }
+        let mut st: libc::stat = std::mem::zeroed();
+        let regular = libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG;
+        let n = if regular {
+            libc::read(fd, buf.as_mut_ptr().cast(), buf.len())
+        } else {
+            -1
+        };
+        libc::close(fd);
+        (n >= 0).then_some(n as usize)
+    }
+}
+
+/// (device, inode) of an open fd.
+fn fd_id(fd: RawFd) -> Option<(u64, u64)> {
+    // SAFETY: see above.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
+/// Opens `path` relative to `dir` with `O_PATH` (following symlinks: it runs as the user).
+fn open_path(dir: RawFd, path: *const libc::c_char, flags: libc::c_int) -> Option<RawFd> {
+    // SAFETY: see above.
+    let fd = unsafe { libc::openat(dir, path, libc::O_PATH | libc::O_CLOEXEC | flags) };
+    (fd >= 0).then_some(fd)
+}
+
+/// A linked git worktree (`git worktree add`) writes to its own git directory
+/// (`<repo>/.git/worktrees/<name>`) and to the repository's (`<repo>/.git`, objects and
+/// refs), both outside the worktree. Its `.git` file names the first, and anyone who can
+/// write the worktree can rewrite that file, so the name is trusted only when the
+/// directory it names links back to this very `.git` file (its `gitdir` file, same device
+/// and inode) and sits in a `worktrees` directory; the repository's is then the one two
+/// levels up. A confined run cannot forge such a link anywhere it cannot already write.
+/// Anything else (no `.git` file, a submodule, a broken link) allows nothing more.
+fn allow_git_dirs(c: &Confine, ruleset: RawFd) -> Step {
+    let mut buf = [0u8; GIT_FILE_BYTES];
+    let Some(len) = read_small_file(libc::AT_FDCWD, c".git", &mut buf[..GIT_FILE_BYTES - 1]) else {
+        return Ok(());
+    };
+    let Some(_) = parse_gitdir_file(&mut buf, len) else {
+        return Ok(());
+    };
+    let Some(dot_git) = open_path(libc::AT_FDCWD, c".git".as_ptr(), libc::O_NOFOLLOW) else {
+        return Ok(());
+    };
+    let own_id = fd_id(dot_git);
+    // SAFETY: see above; the fd is ours.
+    unsafe { libc::close(dot_git) };
+    let Some(gitdir) = open_path(libc::AT_FDCWD, buf.as_ptr().cast(), libc::O_DIRECTORY) else {
+        return Ok(());
+    };
+    let result = (|| -> Step {
+        let mut back = [0u8; GIT_FILE_BYTES];
+        let Some(len) = read_small_file(gitdir, c"gitdir", &mut back[..GIT_FILE_BYTES - 1]) else {
+            return Ok(());
+        };
+        if parse_line_file(&mut back, len).is_none() {
+            return Ok(());
+        }
+        let Some(linked) = open_path(gitdir, back.as_ptr().cast(), libc::O_NOFOLLOW) else {
+            return Ok(());
+        };
+        let linked_id = fd_id(linked);
+        // SAFETY: see above; the fd is ours.
+        unsafe { libc::close(linked) };
+        if own_id.is_none() || linked_id != own_id {
+            return Ok(());
+        }
+        let (Some(parent), Some(common)) = (
+            open_path(gitdir, c"..".as_ptr(), libc::O_DIRECTORY),
+            open_path(gitdir, c"../..".as_ptr(), libc::O_DIRECTORY),
+        ) else {
+            return Ok(());
+        };
+        let worktrees = open_path(common, c"worktrees".as_ptr(), libc::O_DIRECTORY);
+        let genuine = worktrees.is_some_and(|w| fd_id(w).is_some() && fd_id(w) == fd_id(parent));
+        let result = if genuine {
+            allow_fd(c, ruleset, gitdir).and_then(|()| allow_fd(c, ruleset, common))
+        } else {
+            Ok(())
+        };
+        // SAFETY: see above; the fds are ours.
+        unsafe {
+            for fd in [Some(parent), Some(common), worktrees]
+                .into_iter()
+                .flatten()
+            {
+                libc::close(fd);
+            }
+        }
+        result
+    })();
+    // SAFETY: see above; the fd is ours.
+    unsafe { libc::close(gitdir) };
+    result
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1963,5 +2375,62 @@ pub mod pam {
             (true, PAM_NEW_AUTHTOK_REQD) => Err(Refused::PasswordExpired),
             (true, _) => Err(Refused::Account(with_said(words))),
         }
+    }
+}
+
+#[cfg(test)]
+mod landlock_tests {
+    use super::*;
+
+    fn parse(text: &[u8]) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 64];
+        buf[..text.len()].copy_from_slice(text);
+        let n = parse_gitdir_file(&mut buf, text.len())?;
+        assert_eq!(buf[n], 0, "NUL-terminated");
+        Some(buf[..n].to_vec())
+    }
+
+    #[test]
+    fn gitdir_files() {
+        assert_eq!(
+            parse(b"gitdir: /r/.git/worktrees/a\n").unwrap(),
+            b"/r/.git/worktrees/a"
+        );
+        assert_eq!(parse(b"gitdir: ../r/.git\r\n").unwrap(), b"../r/.git");
+        assert_eq!(parse(b"gitdir: /x").unwrap(), b"/x");
+        for bad in [
+            &b"gitdir: \n"[..],
+            b"gitdir:/x",
+            b"/x",
+            b"",
+            b"gitdir: a\0b",
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        // No byte to spare after the content: refused, never written past the end.
+        let mut full = *b"gitdir: /abc";
+        assert_eq!(parse_gitdir_file(&mut full, 12), None);
+    }
+
+    #[test]
+    fn rights_by_abi() {
+        use landlock::*;
+        assert!(Confine::new(2, true, vec![]).is_err());
+        let c = Confine::new(3, true, vec![]).unwrap();
+        assert_eq!(c.handled_access() & FS_IOCTL_DEV, 0);
+        assert_ne!(c.handled_access() & FS_TRUNCATE, 0);
+        assert_eq!(c.scoped(), 0);
+        let c = Confine::new(6, false, vec![]).unwrap();
+        assert_eq!(c.scoped(), 0);
+        let c = Confine::new(6, true, vec![]).unwrap();
+        assert_eq!(c.scoped(), SCOPE_SIGNAL | SCOPE_ABSTRACT_UNIX_SOCKET);
+        assert_eq!(
+            c.file_access() & !(FS_WRITE_FILE | FS_TRUNCATE | FS_IOCTL_DEV),
+            0
+        );
+        assert_eq!(
+            c.handled_access() & (FS_READ_FILE | FS_READ_DIR | FS_EXECUTE),
+            0
+        );
     }
 }

@@ -8,8 +8,8 @@
 use arbitrary::Arbitrary;
 
 use stoa::wire::{
-    limits, ApprovalStep, DirId, Handle, Program, Request, RequestBody, Signal, SpawnRequest,
-    WindowSize, PROTOCOL_VERSION,
+    limits, ApprovalStep, DirId, Handle, Program, Purpose, Request, RequestBody, Signal,
+    SpawnRequest, WindowSize, PROTOCOL_VERSION,
 };
 
 use crate::harness::{CREDENTIALS, USERS};
@@ -418,6 +418,7 @@ impl Builder {
             keep_stdin: a.keep_stdin,
             secrets: a.secrets,
             secret_names: None,
+            purpose: Purpose::Agent,
         }
     }
 

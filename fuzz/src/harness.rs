@@ -1007,6 +1007,7 @@ impl Harness {
                     cwd,
                     cwd_id,
                     secrets,
+                    ..
                 } => {
                     let Step::Request(RequestBody::Spawn(req), ok, at) = step else {
                         panic!("a launch outside a Spawn: {call:?}");

@@ -1,8 +1,8 @@
 //! Real frames for the seed corpora (written by `examples/gen_seeds.rs`).
 
 use stoa::wire::{
-    limits, DirId, Handle, Program, Request, RequestBody, Signal, SpawnRequest, WindowSize,
-    PROTOCOL_VERSION,
+    limits, DirId, Handle, Program, Purpose, Request, RequestBody, Signal, SpawnRequest,
+    WindowSize, PROTOCOL_VERSION,
 };
 use stoa_executor::codec::{self, HEADER_LEN, MAX_FRAME};
 use stoa_executor::job::{Job, Report};
@@ -41,6 +41,7 @@ pub fn spawn_exec() -> SpawnRequest {
         ],
         tty: None,
         ring_bytes: 0,
+        purpose: Purpose::Agent,
         stdin: true,
         keep_stdin: false,
         secrets: true,
@@ -59,6 +60,7 @@ pub fn spawn_shell() -> SpawnRequest {
         env: Vec::new(),
         tty: Some(WindowSize { rows: 24, cols: 80 }),
         ring_bytes: 1 << 20,
+        purpose: Purpose::Agent,
         stdin: false,
         keep_stdin: false,
         secrets: false,
@@ -87,6 +89,7 @@ pub fn spawn_at_limits() -> SpawnRequest {
             cols: limits::MAX_TTY_DIMENSION,
         }),
         ring_bytes: limits::MAX_RING_BYTES,
+        purpose: Purpose::Agent,
         stdin: false,
         keep_stdin: false,
         secrets: false,

@@ -473,3 +473,122 @@ fn a_terminal_needs_a_ring_within_the_limits_and_gets_its_fds_back_on_adopt() {
         _ => panic!("expected Adopted"),
     }
 }
+
+/// Sends a spawn for `purpose` as alice and lets its child report; the last reply.
+fn spawn_for(f: &mut Fixture, purpose: crate::wire::Purpose) -> Option<super::Outgoing> {
+    let admin = f.admin.clone();
+    let RequestBody::Spawn(mut req) = f.spawn_req(&admin, "alice", vec!["true".into()]) else {
+        unreachable!()
+    };
+    req.purpose = purpose;
+    f.send(RequestBody::Spawn(req)).unwrap();
+    launch::check_starting(&mut f.broker);
+    f.broker.outbox.pop()
+}
+
+fn launched_confine(f: &Fixture) -> Vec<Option<(u32, Vec<String>)>> {
+    f.os.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Launch { confine, .. } => Some(confine),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn agents_are_confined_by_the_policy_and_the_reply_says_so() {
+    use crate::wire::{Confinement, Purpose};
+    let mut f = fixture("confine");
+    match spawn_for(&mut f, Purpose::Agent).map(|o| o.message) {
+        Some(BrokerMessage::Reply {
+            body: ReplyBody::Spawned(info),
+            ..
+        }) => assert_eq!(info.confinement, Confinement::Landlock { abi: 7 }),
+        other => panic!("{other:?}"),
+    }
+    let launched = launched_confine(&f);
+    let Some(Some((7, paths))) = launched.first() else {
+        panic!("the agent's launch was not confined: {launched:?}")
+    };
+    for want in ["/home/alice", "/tmp", "/dev/null"] {
+        assert!(paths.iter().any(|p| p == want), "{want}: {paths:?}");
+    }
+    // The policy leaves exec and terminals alone by default, and says why.
+    match spawn_for(&mut f, Purpose::Exec).map(|o| o.message) {
+        Some(BrokerMessage::Reply {
+            body: ReplyBody::Spawned(info),
+            ..
+        }) => assert!(
+            matches!(&info.confinement, Confinement::None { reason } if reason.contains("confine.exec = false")),
+            "{:?}",
+            info.confinement
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(launched_confine(&f).get(1), Some(&None));
+    // Turned on for exec: confined too.
+    f.broker.policy.confine.exec = true;
+    spawn_for(&mut f, Purpose::Exec).unwrap();
+    assert!(matches!(launched_confine(&f).get(2), Some(Some((7, _)))));
+    // The audit line carries it.
+    let audit = std::fs::read_to_string(f.dir.join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"confinement\":\"landlock abi 7\""),
+        "{audit}"
+    );
+}
+
+#[test]
+fn required_confinement_without_landlock_refuses_and_starts_nothing() {
+    use crate::wire::{Confinement, Purpose};
+    let mut f = fixture("confine-required");
+    f.os.0.borrow_mut().landlock =
+        Err("this kernel has no Landlock (landlock_create_ruleset: ENOSYS)".into());
+    // Not required: the run starts, unconfined, and says why.
+    match spawn_for(&mut f, Purpose::Agent).map(|o| o.message) {
+        Some(BrokerMessage::Reply {
+            body: ReplyBody::Spawned(info),
+            ..
+        }) => assert!(
+            matches!(&info.confinement, Confinement::None { reason } if reason.contains("no Landlock")),
+            "{:?}",
+            info.confinement
+        ),
+        other => panic!("{other:?}"),
+    }
+    let launches = launched_confine(&f).len();
+    f.broker.policy.confine.required = true;
+    let reply = spawn_for(&mut f, Purpose::Agent).expect("a reply");
+    assert_eq!(
+        error_kind(&reply.message),
+        Some(ErrorKind::Refused {
+            rule: "confine.required".into()
+        })
+    );
+    let BrokerMessage::Reply {
+        body: ReplyBody::Error(e),
+        ..
+    } = &reply.message
+    else {
+        panic!("{:?}", reply.message)
+    };
+    assert!(
+        e.message.contains("this kernel has no Landlock"),
+        "{}",
+        e.message
+    );
+    assert_eq!(
+        launched_confine(&f).len(),
+        launches,
+        "a refused run launched"
+    );
+    // A run the policy does not confine still starts.
+    assert!(matches!(
+        spawn_for(&mut f, Purpose::Exec).map(|o| o.message),
+        Some(BrokerMessage::Reply {
+            body: ReplyBody::Spawned(_),
+            ..
+        })
+    ));
+}

@@ -14,6 +14,7 @@
 //! | `os.rs`         | every OS call the handlers make, behind a trait (`os_double.rs`: the recording double) |
 //! | `spawn.rs`      | building a spawn: account, environment, PTY or pipes, the job          |
 //! | `legacy_store.rs` | splitting the one daemon's old store into the users' worker stores, once |
+//! | `confine.rs`    | Landlock: the policy's `[confine]` and what each spawn gets           |
 //! | `cgroup/`, `policy.rs`, `credentials.rs`, `users.rs`, `audit.rs`, `link.rs`, `notify.rs` | as named |
 //!
 //! One thread, never a runtime: being single-threaded is what makes `fork` safe here. The
@@ -28,6 +29,7 @@
 pub mod admission;
 pub mod audit;
 pub mod cgroup;
+pub mod confine;
 pub mod credentials;
 mod event_loop;
 pub mod handlers;

@@ -6,6 +6,7 @@
 //! | call             | real                                                             |
 //! |------------------|------------------------------------------------------------------|
 //! | `lookup_user`    | `getpwnam_r`, fresh `getgrouplist`                               |
+//! | `landlock`       | the Landlock ABI probed at start (`landlock_create_ruleset` VERSION) |
 //! | `launch`         | PTY (and its output ring's memfd) or pipes, the job on the control socket, fork (no wait) |
 //! | `start_probe`    | fork a child that becomes the user and enters a directory        |
 //! | `start_login_check` | fork the log-in helper (`stoa __pam-login`, root), the attempt on its stdin |
@@ -34,10 +35,14 @@ pub struct LaunchParams {
     pub rlimits: Vec<Rlimit>,
     pub umask: u32,
     pub path: String,
+    /// Landlock, applied in the child (`broker::confine`).
+    pub confine: Option<sys::Confine>,
 }
 
 pub trait Os {
     fn lookup_user(&mut self, name: &str) -> Result<Option<Account>, String>;
+    /// This kernel's Landlock ABI, or why there is none (probed once, at start).
+    fn landlock(&self) -> super::confine::Kernel;
     /// Starts the executor for `req` as `account`; returns without waiting for its exec.
     fn launch(
         &mut self,
@@ -100,11 +105,16 @@ pub struct RealOs {
     pub executor: OwnedFd,
     pub tty_gid: Option<u32>,
     pub cgroups: Cgroups,
+    pub landlock: super::confine::Kernel,
 }
 
 impl Os for RealOs {
     fn lookup_user(&mut self, name: &str) -> Result<Option<Account>, String> {
         Account::lookup(name)
+    }
+
+    fn landlock(&self) -> super::confine::Kernel {
+        self.landlock.clone()
     }
 
     fn launch(
@@ -122,6 +132,7 @@ impl Os for RealOs {
             rlimits: params.rlimits.clone(),
             umask: params.umask,
             path: params.path.clone(),
+            confine: params.confine.as_ref(),
         };
         launcher.launch(account, req, secrets, cgroup_procs)
     }
@@ -168,6 +179,7 @@ impl Os for RealOs {
             cwd_id: None,
             parent_death_signal: Some(libc::SIGKILL),
             cgroup_procs: Vec::new(),
+            confine: None,
         };
         let started = sys::start_child(&spec).map_err(|e| e.to_string())?;
         Ok(LoginChild { started, answer })

@@ -31,6 +31,9 @@ pub enum Call {
         cwd_id: Option<DirId>,
         /// The secrets handed on (names and values: a test double, never a log).
         secrets: Vec<(String, String)>,
+        /// The Landlock confinement the child was to apply: (ABI, the paths besides its
+        /// working directory).
+        confine: Option<(u32, Vec<String>)>,
     },
     StartProbe {
         user: String,
@@ -81,6 +84,8 @@ pub struct Script {
     pub passwords: HashMap<String, String>,
     /// The write ends of log-in helpers that never answer (with `ChildScript::Hangs`).
     pub held_answers: Vec<OwnedFd>,
+    /// What `landlock` answers (ABI 7 unless a test says otherwise).
+    pub landlock: super::confine::Kernel,
 }
 
 /// Where the double's signalling children's pids start.
@@ -117,6 +122,7 @@ impl RecordingOs {
             next_signaller: SIGNALLER_PIDS,
             passwords: HashMap::new(),
             held_answers: Vec::new(),
+            landlock: Ok(7),
         })))
     }
 
@@ -165,20 +171,29 @@ impl Os for RecordingOs {
         Ok(self.0.borrow().users.get(name).cloned())
     }
 
+    fn landlock(&self) -> super::confine::Kernel {
+        self.0.borrow().landlock.clone()
+    }
+
     fn launch(
         &mut self,
         account: &Account,
         req: &SpawnRequest,
-        _params: &LaunchParams,
+        params: &LaunchParams,
         secrets: Vec<(String, String)>,
         _cgroup_procs: &[OwnedFd],
     ) -> Result<Launched, String> {
+        let confine = params.confine.as_ref().map(|c| {
+            let paths = c.paths().iter().map(|p| p.to_string_lossy().into_owned());
+            (c.abi(), paths.collect())
+        });
         self.record(Call::Launch {
             user: account.name.clone(),
             program: req.program.clone(),
             cwd: req.cwd.clone(),
             cwd_id: req.cwd_id,
             secrets,
+            confine,
         });
         let layout = match req.tty {
             Some(_) => FdLayout::Pty,

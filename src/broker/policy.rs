@@ -12,6 +12,7 @@
 //! | `executors-per-user` | a spawn past `max_executors_per_user` live executors of that user    |
 //! | `executors-total`    | a spawn past `max_executors_total` handles in the broker             |
 //! | `spawn-rate`         | a user's spawns beyond `spawn_burst` at once, refilled at `spawn_rate_per_sec` |
+//! | `confine.required`   | a run the policy confines, on a kernel that cannot (`broker::confine`) |
 //!
 //! `root`, `root-group` and `service-user` always apply. `uid-range` and `allow-group`
 //! combine by `require`: `"all"` (the default: both must pass) or `"any"` (either may).
@@ -190,6 +191,8 @@ pub struct Policy {
     pub env_deny: Vec<String>,
     pub rlimits: Limits,
     pub cgroup: CgroupLimits,
+    /// Landlock confinement of runs (`broker::confine`).
+    pub confine: super::confine::ConfinePolicy,
     /// SIGTERM: how long running work may go on to finish before it is sent SIGTERM (and,
     /// 5 s later, SIGKILL). Terminals are hung up at once.
     pub shutdown_grace_secs: u64,
@@ -261,6 +264,7 @@ impl Default for Policy {
             .to_vec(),
             rlimits: Limits::default(),
             cgroup: CgroupLimits::default(),
+            confine: Default::default(),
             shutdown_grace_secs: 30,
             login_session_secs: 12 * 3600,
             local_socket: None,
@@ -319,6 +323,7 @@ impl Policy {
         if !self.path.split(':').all(|p| p.starts_with('/')) {
             return Err("every PATH entry must be absolute".into());
         }
+        self.confine.validate()?;
         Ok(())
     }
 

@@ -280,6 +280,8 @@ pub struct Launcher<'a> {
     pub rlimits: Vec<Rlimit>,
     pub umask: u32,
     pub path: String,
+    /// Landlock, applied in the child after the identity change.
+    pub confine: Option<&'a sys::Confine>,
 }
 
 /// A started executor: forked, on its way to exec (its report says whether it got there).
@@ -349,6 +351,7 @@ impl Launcher<'_> {
             cwd_id: req.cwd_id.map(|d| (d.dev, d.ino, d.uid)),
             parent_death_signal: None,
             cgroup_procs: cgroup_procs.iter().map(|fd| fd.as_fd()).collect(),
+            confine: self.confine,
         };
         let control_kept: OwnedFd = control_daemon.into();
         let control_copy = control_kept.try_clone().map_err(|e| other("dup", &e))?;

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use nix::sys::signal::{SigSet, Signal as NixSignal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use stoa_executor::sys::Rlimit;
 
@@ -188,6 +188,18 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         .map_err(|e| format!("cannot create a signalfd: {e}"))?;
 
     let isolated = matches!(mode, Mode::Isolated { .. });
+    let landlock = super::confine::probe_kernel();
+    let confine_report = policy.confine.report(&landlock);
+    match (&landlock, policy.confine.required) {
+        (Ok(abi), _) if *abi >= stoa_executor::sys::landlock::MIN_ABI => {
+            info!(landlock = %confine_report[0].1, confine = %confine_report[1].1, "confinement")
+        }
+        (_, true) => error!(
+            "confine.required: {}; every run the policy confines will be refused",
+            confine_report[0].1
+        ),
+        (_, false) => warn!("runs are NOT confined: Landlock {}", confine_report[0].1),
+    }
     let os = Box::new(os::RealOs {
         self_exe: self_exe
             .try_clone()
@@ -196,6 +208,7 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         executor,
         tty_gid,
         cgroups,
+        landlock,
     });
     let local_socket = match &policy.local_socket {
         Some(p) if p.as_os_str().is_empty() => None,

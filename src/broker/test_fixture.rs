@@ -8,8 +8,8 @@ use super::handlers::launch;
 use super::os_double::{broker_for_tests, RecordingOs};
 use super::{table, Broker, LinkState, PeerKind};
 use crate::wire::{
-    BrokerMessage, ErrorKind, Handle, Program, ReplyBody, Request, RequestBody, SpawnRequest,
-    PROTOCOL_VERSION,
+    BrokerMessage, ErrorKind, Handle, Program, Purpose, ReplyBody, Request, RequestBody,
+    SpawnRequest, PROTOCOL_VERSION,
 };
 
 pub struct Fixture {
@@ -141,6 +141,7 @@ impl Fixture {
             secrets: false,
             secret_names: None,
             ring_bytes: 0,
+            purpose: Purpose::Agent,
         })
     }
 

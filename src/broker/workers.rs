@@ -125,6 +125,7 @@ impl Server {
                 cwd_id: None,
                 parent_death_signal: Some(libc::SIGTERM),
                 cgroup_procs: procs.iter().map(|f| f.as_fd()).collect(),
+                confine: None,
             };
             // Not waited for, like the front: a failure before exec shows as its exit, and
             // silence as the Hello deadline. It runs as the user, who may stop it.

@@ -111,6 +111,7 @@ pub fn run() -> ExitCode {
     check_health(&mut report, &daemon.listen);
     check_unit(&mut report);
     report.info(cgroup_support());
+    report.info(landlock_support());
 
     let (fails, warns) = (report.count(Level::Fail), report.count(Level::Warn));
     println!();
@@ -702,6 +703,7 @@ fn check_health(report: &mut Report, listen: &str) {
         ));
     }
     report_limits(report, &body["limits"]);
+    report_confinement(report, &body["limits"]);
     let mine = env!("CARGO_PKG_VERSION");
     if let Some(running) = body["version"].as_str() {
         if running != mine {
@@ -741,6 +743,37 @@ fn report_limits(report: &mut Report, limits: &Value) {
             format!("per-user resource limit not enforced here: {line}"),
             fix,
         );
+    }
+}
+
+/// Whether the running broker confines runs (Landlock), from `/health`'s `limits`.
+fn report_confinement(report: &mut Report, limits: &Value) {
+    let (Some(landlock), Some(confine)) = (limits["landlock"].as_str(), limits["confine"].as_str())
+    else {
+        return;
+    };
+    let line = format!("confinement of runs: Landlock {landlock}; {confine}");
+    if landlock.starts_with("not enforced") {
+        let required = confine.contains("required yes");
+        let fix = "a kernel with Landlock ABI 3 or later (Linux 6.2+, landlock in the lsm= boot parameter)";
+        if required {
+            report.fail(
+                format!("{line}: confine.required refuses every run the policy confines"),
+                fix,
+            );
+        } else {
+            report.warn(line, fix);
+        }
+    } else {
+        report.ok(line);
+    }
+}
+
+/// One line on what Landlock this kernel offers (what stoa applies: the broker's line).
+fn landlock_support() -> String {
+    match stoa_executor::sys::landlock_abi() {
+        Ok(abi) => format!("Landlock: ABI {abi} (what this kernel offers)"),
+        Err(e) => format!("Landlock: none ({e})"),
     }
 }
 

@@ -34,7 +34,9 @@ use stoa_executor::job::Report;
 use super::fdio::{self, Collected, FdReader};
 use super::http::ApiError;
 use super::AppState;
-use crate::wire::{ExitStatus, FdLayout, Program, RequestBody, Signal, SpawnRequest, WindowSize};
+use crate::wire::{
+    ExitStatus, FdLayout, Program, Purpose, RequestBody, Signal, SpawnRequest, WindowSize,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +76,8 @@ pub struct ExecResponse {
     pub error: Option<String>,
     /// A cgroup limit its processes ran into (out of memory, process limit).
     pub limit_hit: Option<String>,
+    /// "landlock abi N" (its writes were confined), or "none (why)".
+    pub confinement: String,
 }
 
 async fn wait_exit(mut rx: watch::Receiver<Option<ExitStatus>>) -> Option<ExitStatus> {
@@ -282,6 +286,7 @@ async fn start(
         } else {
             0
         },
+        purpose: Purpose::Exec,
     };
     // Dropped before the end (the client went away, an error): the guard kills and
     // releases what was spawned.
@@ -463,5 +468,6 @@ async fn finish(
         timed_out,
         error,
         limit_hit: limit_hit.map(|l| l.to_string()),
+        confinement: info.confinement.to_string(),
     }
 }

@@ -299,6 +299,7 @@ async fn prompt(
         exit_code: None,
         signal: None,
         executed_via: None,
+        confinement: None,
         unix_user: session.unix_user.clone(),
         handle: None,
         created_at: now(),

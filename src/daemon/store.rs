@@ -126,6 +126,10 @@ CREATE TABLE session_tools (
     PRIMARY KEY (session_id, tool)
 );
 "#,
+    // Whether the task's run was confined (Landlock), as the broker reported it.
+    r#"
+ALTER TABLE tasks ADD COLUMN confinement TEXT;
+"#,
 ];
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -162,6 +166,8 @@ pub struct Task {
     pub signal: Option<i32>,
     /// executor | direct
     pub executed_via: Option<String>,
+    /// "landlock abi N", or "none (why)"; unset until it runs.
+    pub confinement: Option<String>,
     pub unix_user: String,
     #[serde(skip)]
     pub handle: Option<u64>,
@@ -300,7 +306,7 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<Session> {
 }
 
 const SESSION_COLS: &str = "session_id, owner, unix_user, agentic_tool, worktree, model, permission_mode, agent_session_id, status, created_at, updated_at, worktree_dev, worktree_ino, worktree_uid";
-const TASK_COLS: &str = "task_id, session_id, prompt, status, error, exit_code, signal, executed_via, unix_user, handle, created_at, started_at, finished_at";
+const TASK_COLS: &str = "task_id, session_id, prompt, status, error, exit_code, signal, executed_via, unix_user, handle, created_at, started_at, finished_at, confinement";
 
 fn task_row(r: &Row<'_>) -> rusqlite::Result<Task> {
     Ok(Task {
@@ -317,6 +323,7 @@ fn task_row(r: &Row<'_>) -> rusqlite::Result<Task> {
         created_at: r.get(10)?,
         started_at: r.get(11)?,
         finished_at: r.get(12)?,
+        confinement: r.get(13)?,
     })
 }
 
@@ -474,11 +481,11 @@ impl Store {
                 return Ok(false);
             }
             tx.execute(
-                &format!("INSERT INTO tasks ({TASK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                &format!("INSERT INTO tasks ({TASK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
                 params![
                     t.task_id, t.session_id, t.prompt, t.status, t.error, t.exit_code, t.signal,
                     t.executed_via, t.unix_user, t.handle.map(|h| h as i64), t.created_at,
-                    t.started_at, t.finished_at
+                    t.started_at, t.finished_at, t.confinement
                 ],
             )?;
             tx.execute(
@@ -557,12 +564,18 @@ impl Store {
         .await
     }
 
-    pub async fn task_started(&self, id: &str, via: &str, handle: Option<u64>) -> StoreResult<()> {
-        let (id, via) = (id.to_string(), via.to_string());
+    pub async fn task_started(
+        &self,
+        id: &str,
+        via: &str,
+        handle: Option<u64>,
+        confinement: &str,
+    ) -> StoreResult<()> {
+        let (id, via, confinement) = (id.to_string(), via.to_string(), confinement.to_string());
         self.with(move |c| {
             c.execute(
-                "UPDATE tasks SET status = 'running', executed_via = ?2, handle = ?3, started_at = ?4 WHERE task_id = ?1",
-                params![id, via, handle.map(|h| h as i64), now()],
+                "UPDATE tasks SET status = 'running', executed_via = ?2, handle = ?3, started_at = ?4, confinement = ?5 WHERE task_id = ?1",
+                params![id, via, handle.map(|h| h as i64), now(), confinement],
             )
             .map(|_| ())
         })
@@ -864,6 +877,7 @@ mod tests {
             exit_code: None,
             signal: None,
             executed_via: None,
+            confinement: None,
             unix_user: "alice".into(),
             handle: None,
             created_at: now(),

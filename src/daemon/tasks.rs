@@ -27,7 +27,7 @@ use super::fdio::{FdReader, FdWriter};
 use super::store::{Outcome, Session, Task};
 use super::{AppState, Notice};
 use crate::wire::{
-    ExitStatus, FdLayout, Handle, HandleInfo, Program, RequestBody, Signal, SpawnRequest,
+    ExitStatus, FdLayout, Handle, HandleInfo, Program, Purpose, RequestBody, Signal, SpawnRequest,
 };
 
 /// The most of a line (one JSON event) the daemon holds while it waits for its end.
@@ -243,7 +243,7 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
     let mut env: Vec<(String, String)> = agent_config.env.into_iter().collect();
     env.extend(invocation.env.clone());
 
-    let (run, via, handle) = if state.use_executor() {
+    let (run, via, handle, confinement) = if state.use_executor() {
         match spawn_through_broker(
             state,
             session,
@@ -254,7 +254,7 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
         )
         .await
         {
-            Ok((run, handle)) => (run, "executor", Some(handle)),
+            Ok((run, handle, confinement)) => (run, "executor", Some(handle), confinement),
             Err(e) => return Ending::failed(e),
         }
     } else {
@@ -268,13 +268,13 @@ async fn run(state: &Arc<AppState>, session: &Session, task: &Task, credential: 
             }
         }
         match spawn_direct(session, &invocation, env) {
-            Ok(run) => (run, "direct", None),
+            Ok(run) => (run, "direct", None, DIRECT_CONFINEMENT.to_string()),
             Err(e) => return Ending::failed(e),
         }
     };
     if let Err(e) = state
         .store
-        .task_started(&task.task_id, via, handle.map(|h| h.0))
+        .task_started(&task.task_id, via, handle.map(|h| h.0), &confinement)
         .await
     {
         warn!("cannot record the task's start: {e}");
@@ -322,7 +322,7 @@ async fn spawn_through_broker(
     env: Vec<(String, String)>,
     secret_names: Option<Vec<String>>,
     credential: &str,
-) -> Result<(Run, Handle), String> {
+) -> Result<(Run, Handle, String), String> {
     let stdin = invocation.stdin.clone();
     let request = SpawnRequest {
         // The broker refuses to run anywhere but the directory pinned at creation.
@@ -341,6 +341,7 @@ async fn spawn_through_broker(
         secrets: true,
         secret_names,
         ring_bytes: 0,
+        purpose: Purpose::Agent,
     };
     let super::Spawned {
         info,
@@ -354,8 +355,11 @@ async fn spawn_through_broker(
     // is, `drive` ends it and releases it.
     let run = run_from_fds(state, &info, fds, stdin, invocation.conversation)?;
     guard.set(super::OnDrop::Nothing);
-    Ok((run, info.handle))
+    Ok((run, info.handle, info.confinement.to_string()))
 }
+
+/// A task's confinement on the direct path (no broker, no Landlock).
+const DIRECT_CONFINEMENT: &str = "none (run directly by the worker, not through the broker)";
 
 /// A run from a handle's fds (fresh from a spawn, or adopted after a restart: then there
 /// is a stdin only for a conversation, and nothing to write first).

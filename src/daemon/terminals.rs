@@ -59,7 +59,7 @@ use super::worker::authenticate;
 use super::AppState;
 use crate::terminal::protocol::{error, ClientFrame, Exit, ServerFrame, FROM_NOW, SUBPROTOCOL};
 use crate::wire::{
-    ExitStatus, FdLayout, Handle, HandleInfo, Principal, Program, RequestBody, Signal,
+    ExitStatus, FdLayout, Handle, HandleInfo, Principal, Program, Purpose, RequestBody, Signal,
     SpawnRequest, WindowSize,
 };
 
@@ -422,6 +422,7 @@ async fn create(
         secrets: false,
         secret_names: None,
         ring_bytes: ring_memfd_bytes(state.config.terminal.ring_bytes),
+        purpose: Purpose::Terminal,
     };
     // Until the terminal runs, an error drops the guard, which kills and releases it.
     let super::Spawned {

@@ -278,6 +278,42 @@ pub struct SpawnRequest {
     pub secrets: bool,
     /// With `secrets`: only these names (at most [`limits::MAX_SECRET_NAMES`]); `None`: all.
     pub secret_names: Option<Vec<String>>,
+    /// What the run is for: the policy's `[confine]` says which kinds are confined. The
+    /// worker's word, so it can only choose among what the policy lets its user run.
+    pub purpose: Purpose,
+}
+
+/// What a spawn is for (the policy's `[confine]` keys).
+#[derive(
+    Encode, Decode, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// An agent's task (`confine.agents`).
+    Agent,
+    /// A web terminal (`confine.terminals`).
+    Terminal,
+    /// `POST /exec` (`confine.exec`).
+    Exec,
+}
+
+/// Whether a run was confined (Landlock), as the broker applied it.
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub enum Confinement {
+    /// Writes confined at this Landlock ABI.
+    Landlock { abi: u32 },
+    /// Not confined, and why (the policy does not confine this kind; the kernel has no
+    /// usable Landlock).
+    None { reason: String },
+}
+
+impl std::fmt::Display for Confinement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Confinement::Landlock { abi } => write!(f, "landlock abi {abi}"),
+            Confinement::None { reason } => write!(f, "none ({reason})"),
+        }
+    }
 }
 
 /// The steps of a permission request the audit log records.
@@ -548,6 +584,8 @@ pub struct HandleInfo {
     pub limit_hit: Option<LimitHit>,
     /// Seconds since the Unix epoch.
     pub started_at: u64,
+    /// Whether (and at which Landlock ABI) the run's writes are confined.
+    pub confinement: Confinement,
 }
 
 /// Which fds ride with a `Spawned`/`Adopted` reply, in this order.

@@ -618,6 +618,7 @@ fn hostile_frames() -> Result<(), Failed> {
             ring_bytes: 0,
             secrets: false,
             secret_names: None,
+            purpose: stoa::wire::Purpose::Agent,
         }),
     };
     let truncated = {

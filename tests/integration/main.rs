@@ -8,6 +8,7 @@
 mod agents_e2e;
 mod approvals_e2e;
 mod cli_human;
+mod confine;
 mod core;
 mod harness;
 mod limits;
@@ -55,6 +56,7 @@ fn main() {
         security_front::TESTS,
         workers::TESTS,
         cli_human::TESTS,
+        confine::TESTS,
     ]
     .concat()
     .into_iter()

@@ -425,6 +425,7 @@ fn taken_over() -> Result<(), Failed> {
             ring_bytes: 0,
             secrets: false,
             secret_names: None,
+            purpose: stoa::wire::Purpose::Agent,
         }),
     ];
     let mut fronts = Vec::new();

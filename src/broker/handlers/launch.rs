@@ -6,6 +6,7 @@
 //! |------------------------------|----------------------------------------------------|
 //! | shutting down?               | 503 `Unavailable`                                  |
 //! | `spawn::validate`, env deny  | 400, or refused by rule `env-deny`                 |
+//! | confinement (`confine.rs`)   | refused by rule `confine.required`                 |
 //! | admission (`admission.rs`)   | 429 with the rule                                  |
 //! | cgroup, fork                 | 500 `Failed`; nothing left behind                  |
 //! | the child's report (polled)  | its stage: cwd → 400, `worktree-replaced` → refused, else 500; no report in `START_DEADLINE` → killed, 500 |
@@ -66,6 +67,7 @@ pub fn spawn_record(
         "cwd": req.cwd.as_deref().map(|c| clip(c, 512)),
         "tty": req.tty.is_some(),
         "secrets": req.secrets,
+        "purpose": req.purpose,
         "request_id": request_id,
     })
 }
@@ -107,6 +109,15 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         );
         return refuse(b, refused_kind(&r), r.to_string());
     }
+    let (confine, confinement) =
+        match b
+            .policy
+            .confine
+            .decide(req.purpose, &b.os.landlock(), &account)
+        {
+            Ok(decided) => decided,
+            Err(r) => return refuse(b, refused_kind(&r), r.to_string()),
+        };
     if let Err(r) = admit(b, &account) {
         return refuse(b, ErrorKind::Quota, r.to_string());
     }
@@ -132,6 +143,7 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         rlimits: super::super::startup::fit_rlimits(b.policy.rlimits()),
         umask: b.policy.umask_bits().unwrap_or(0o077),
         path: b.policy.path.clone(),
+        confine,
     };
     let launched = b.os.launch(&account, &req, &params, secrets, &cgroup_procs);
     drop(cgroup_procs);
@@ -145,7 +157,8 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
             return refuse(b, ErrorKind::Failed, e);
         }
     };
-    let record = spawn_record(&req, &principal, ctx.request_id.as_deref());
+    let mut record = spawn_record(&req, &principal, ctx.request_id.as_deref());
+    record["confinement"] = json!(confinement.to_string());
     let req_keeps_stdin = req.keep_stdin;
     let cwd = req
         .cwd
@@ -161,6 +174,7 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         exited: None,
         limit_hit: None,
         started_at: now_secs(),
+        confinement,
     };
     b.handles.insert(Entry {
         info,
@@ -312,7 +326,7 @@ pub fn finish(b: &mut Broker, handle: Handle, report: Result<ChildReport, String
                 }
                 Program::Shell => "shell".into(),
             };
-            info!(handle = handle.0, pid = info.pid, user = %user, by = %principal, "spawned {}", what.escape_debug());
+            info!(handle = handle.0, pid = info.pid, user = %user, by = %principal, confinement = %info.confinement, "spawned {}", what.escape_debug());
             if !b.peers.contains_key(&reply.link) {
                 // The worker that asked is gone: nobody will ever hear of this run.
                 warn!(

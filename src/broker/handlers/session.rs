@@ -99,6 +99,7 @@ pub fn stats(b: &mut Broker, _ctx: &Ctx, _body: RequestBody) -> Outcome {
     .map(|(k, v)| (k.to_string(), v))
     .into_iter()
     .chain(b.os.cgroup_report())
+    .chain(b.policy.confine.report(&b.os.landlock()))
     .collect();
     let stats = BrokerStats {
         handles: b.handles.len() as u64,
