@@ -2,9 +2,10 @@
 //! elsewhere, even where its user may write), and cannot signal its user's processes
 //! outside it; the task, the exec result and `/health` say whether and at which ABI.
 //!
-//! `confine.required` on a kernel without Landlock is covered by the broker's unit test
-//! (the OS double answers "no Landlock"): this machine's kernel has Landlock, and nothing
-//! short of another kernel (or boot parameter) takes it away honestly.
+//! `confine.required` on a kernel without Landlock: `stoa serve` runs under a seccomp filter
+//! that answers the Landlock system calls with ENOSYS (`tests/tools/without-landlock.c`,
+//! compiled here with `cc`), which is what a kernel built without it, or a container
+//! runtime's older seccomp profile, answers.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -25,7 +26,94 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "landlock_a_confined_run_cannot_signal_its_users_other_processes",
         scoped_signals,
     ),
+    (
+        "landlock_required_refuses_where_the_kernel_has_none",
+        required_without_landlock,
+    ),
 ];
+
+/// `tests/tools/without-landlock.c`, compiled into a root-owned directory; `None` (and
+/// why) when there is no C compiler.
+fn without_landlock() -> Result<PathBuf, String> {
+    let dir = PathBuf::from(format!("/run/stoa-test-{}-no-landlock", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let bin = dir.join("without-landlock");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tools/without-landlock.c");
+    let out = std::process::Command::new("cc")
+        .arg("-O2")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("no C compiler (cc): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cc failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // It works: under it, a program sees no Landlock.
+    let probe = std::process::Command::new(&bin)
+        .args(["sh", "-c", "exit 0"])
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !probe.success() {
+        return Err("without-landlock does not run here (seccomp refused?)".into());
+    }
+    Ok(bin)
+}
+
+fn required_without_landlock() -> Result<(), Failed> {
+    let wrapper = match without_landlock() {
+        Ok(bin) => bin,
+        Err(why) => {
+            eprintln!("SKIPPED: landlock_required_refuses_where_the_kernel_has_none: {why}");
+            return Ok(());
+        }
+    };
+    let outside = Outside::new(ALICE);
+    let out = outside.0.display().to_string();
+    let script = probe_script(&out);
+    let home = format!("/home/{ALICE}");
+    // Required: a run the policy confines is refused in words, and nothing runs.
+    let stoa = Instance::start_with(Options {
+        extra_policy: "[confine]\nexec = true\nrequired = true\n".into(),
+        wrapper: Some(wrapper.clone()),
+        ..Options::default()
+    });
+    let health = stoa.wait_healthy(Duration::from_secs(20));
+    let landlock = health["limits"]["landlock"].as_str().unwrap_or("");
+    assert!(landlock.starts_with("not enforced"), "{health}");
+    let (status, reply) = stoa.exec(json!({
+        "unix_user": ALICE, "cwd": home, "argv": ["sh", "-c", script]
+    }));
+    assert_eq!(status, 403, "{reply}");
+    assert_eq!(reply["rule"], "confine.required", "{reply}");
+    let error = reply["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("requires confined runs"),
+        "the refusal says why: {reply}"
+    );
+    assert!(!outside.0.join("written").exists(), "nothing ran");
+    drop(stoa);
+    // Not required: the run goes on unconfined, and says so.
+    let stoa = Instance::start_with(Options {
+        extra_policy: "[confine]\nexec = true\n".into(),
+        wrapper: Some(wrapper.clone()),
+        ..Options::default()
+    });
+    let reply = exec_probe(&stoa, &home, &script);
+    check_probe(reply["stdout"].as_str().unwrap(), false);
+    assert!(
+        reply["confinement"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("none")),
+        "{reply}"
+    );
+    drop(stoa);
+    let _ = std::fs::remove_dir_all(wrapper.parent().unwrap());
+    Ok(())
+}
 
 /// Writes attempted by a run, each reported as "<name> ok" or "<name> denied: <error>".
 fn probe_script(outside: &str) -> String {

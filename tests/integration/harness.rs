@@ -155,6 +155,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Appended verbatim to the daemon's config.toml.
     pub extra_config: String,
+    /// Started through this program (it execs the rest of its arguments), as root.
+    pub wrapper: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -215,9 +217,14 @@ impl Instance {
         fs::write(conf_dir.join("broker.toml"), policy).unwrap();
         fs::write(conf_dir.join("config.toml"), config).unwrap();
         let log = fs::File::create(dir.join("log")).unwrap();
-        let mut cmd = match opts.as_user {
-            None => Command::new(dir.join("bin/stoa")),
-            Some(user) => {
+        let mut cmd = match (opts.as_user, &opts.wrapper) {
+            (None, Some(wrapper)) => {
+                let mut c = Command::new(wrapper);
+                c.arg(dir.join("bin/stoa"));
+                c
+            }
+            (None, None) => Command::new(dir.join("bin/stoa")),
+            (Some(user), _) => {
                 for f in ["broker.toml", "config.toml"] {
                     run(
                         "chown",
