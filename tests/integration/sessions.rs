@@ -73,6 +73,16 @@ case "$prompt" in
   *SLOW*) while IFS= read -r line; do printf '%s\n' "$line"; sleep 1; done < "$fixture" ;;
   *FAIL*) echo "boom: model unavailable" >&2; exit 3 ;;
   *REFUSED*) echo '{"type":"result","subtype":"error_during_execution","is_error":true,"result":"Forbidden: the key was refused"}'; exit 1 ;;
+  *ASKONCE*)
+    # Claude Code's recorded permission request, then, after stoa's answer, the recorded
+    # rest of an allowed or a denied run.
+    dir=$(dirname "$fixture")
+    head -n 3 "$dir/claude-code-2.1.197-approval-allow.jsonl"
+    IFS= read -r answer || exit 1
+    case "$answer" in
+      *'"behavior":"allow"'*) tail -n +4 "$dir/claude-code-2.1.197-approval-allow.jsonl" ;;
+      *) tail -n +4 "$dir/claude-code-2.1.197-approval-deny.jsonl" ;;
+    esac ;;
   *ASKFLOOD*)
     # 300 permission requests at once, the first with a 100 KB input; then it counts the
     # answers that come (all but the 16 left waiting) and ends.
@@ -115,7 +125,11 @@ impl Fakes {
         std::fs::write(dir.join("fake-agent"), FAKE_AGENT).unwrap();
         run("chmod", &["0755", dir.join("fake-agent").to_str().unwrap()]);
         let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/agents");
-        for (_, file) in FIXTURES {
+        let asks = [
+            "claude-code-2.1.197-approval-allow.jsonl",
+            "claude-code-2.1.197-approval-deny.jsonl",
+        ];
+        for file in FIXTURES.iter().map(|(_, f)| *f).chain(asks) {
             std::fs::copy(fixtures.join(file), dir.join(file))
                 .expect("fixture (tests/fixtures/agents)");
             run("chmod", &["0644", dir.join(file).to_str().unwrap()]);
@@ -1140,6 +1154,80 @@ fn cli() -> Result<(), Failed> {
     );
     let out = stoa_cli(&["session", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(id));
+
+    // Approvals from the CLI: listed for people and as JSON, allowed, refused twice.
+    let task = prompt(&stoa, &alice, id, "ASKONCE");
+    let pending = loop {
+        let out = stoa_cli(&["approvals", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let list: Value = serde_json::from_slice(&out.stdout)?;
+        if let Some(first) = list.as_array().and_then(|l| l.first()).cloned() {
+            break first;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let approval = pending["approval_id"].as_str().unwrap().to_string();
+    let out = stoa_cli(&["approvals", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains(&approval) && table.contains("Bash: id -un > whoami.txt"),
+        "{table}"
+    );
+    let out = stoa_cli(&["approvals", "allow", &approval]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("allowed"));
+    let again = stoa_cli(&["approvals", "deny", &approval]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("allowed already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(wait_task(&stoa, &alice, &task)["status"], "completed");
+    // `--wait` says what the agent asks and how to answer; denied from another terminal,
+    // it ends with the decision.
+    let waiting = std::process::Command::new(stoa.dir.join("bin/stoa"))
+        .args(["session", "prompt", id, "ASKONCE again", "--wait"])
+        .env("STOA_URL", stoa.url(""))
+        .env("STOA_TOKEN", &alice)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let approval = loop {
+        let out = stoa_cli(&["approvals", "list", "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout)?;
+        if let Some(id) = list
+            .as_array()
+            .and_then(|l| l.first())
+            .and_then(|a| a["approval_id"].as_str())
+        {
+            break id.to_string();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = stoa_cli(&["approvals", "deny", &approval, "-m", "not today"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let waited = waiting.wait_with_output()?;
+    let said = String::from_utf8_lossy(&waited.stderr);
+    assert!(
+        said.contains("[the agent asks: Bash: id -un > whoami.txt")
+            && said.contains(&format!("stoa approvals allow {approval}"))
+            && said.contains("[Bash denied by"),
+        "{said}"
+    );
 
     // config set keeps comments, validates.
     let out = stoa_cli(&["config", "set", "execution.timeout_secs", "90"]);
