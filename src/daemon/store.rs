@@ -365,8 +365,10 @@ impl Store {
         })
     }
 
-    /// Runs `f` on the connection on a blocking thread.
-    pub async fn with<T: Send + 'static>(
+    /// Runs `f` on the connection on a blocking thread. Only the store's own files use it:
+    /// everything else goes through the methods, the interface a shared PostgreSQL store
+    /// for many hosts would fill.
+    pub(in crate::daemon) async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> StoreResult<T> {
