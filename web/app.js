@@ -1005,8 +1005,15 @@
       label.className = 'label';
       const left = Math.max(0, a.expires_at - Math.floor(Date.now() / 1000));
       label.textContent = `the agent asks to use ${a.tool} (denied in ${Math.ceil(left / 60)} min without an answer)`;
+      // All of what allowing lets the agent do: the command first, then every other field.
       const input = document.createElement('pre');
-      input.textContent = toolInput(a.tool, a.input);
+      const rest = a.input && typeof a.input === 'object' && !Array.isArray(a.input)
+        ? Object.fromEntries(Object.entries(a.input).filter(([k]) => k !== 'command' && k !== 'description'))
+        : null;
+      const command = a.input && typeof a.input.command === 'string' ? `$ ${a.input.command}` : null;
+      if (command && rest && Object.keys(rest).length === 0) input.textContent = command;
+      else if (command) input.textContent = `${command}\n${JSON.stringify(rest, null, 2)}`;
+      else input.textContent = JSON.stringify(a.input, null, 2);
       const actions = document.createElement('div');
       actions.className = 'actions';
       const answers = [

@@ -67,6 +67,8 @@ pub struct Entry {
     /// unless `kept_stdin` (then it is second, after the control socket).
     pub kept: Vec<OwnedFd>,
     pub kept_stdin: bool,
+    /// What it was started for (an agent's run may not log in on the local socket).
+    pub purpose: crate::wire::Purpose,
     /// The daemon is done with it; dropped once the process is also reaped.
     pub released: bool,
     /// Its cgroup, until the process is reaped.

@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use super::table::user_allowed;
 use super::{Broker, Mode};
+use crate::wire::Handle;
 
 /// Where the socket is unless the policy says otherwise (as root).
 pub const DEFAULT_SOCKET: &str = "/run/stoa/local.sock";
@@ -153,6 +154,27 @@ fn reply(stream: &mut UnixStream, value: serde_json::Value) -> bool {
     stream.write_all(line.as_bytes()).is_ok()
 }
 
+/// The stoa run `pid` belongs to, from its cgroup (`…/user-<uid>/h<handle>`, in any
+/// hierarchy): `None` for a process outside stoa's runs (a login shell, an ssh session).
+fn run_of(pid: i32, uid: u32) -> Option<Handle> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    run_in_cgroups(&text, uid)
+}
+
+fn run_in_cgroups(text: &str, uid: u32) -> Option<Handle> {
+    let user = format!("user-{uid}");
+    text.lines().find_map(|line| {
+        let path = line.splitn(3, ':').nth(2)?;
+        let parts: Vec<&str> = path.split('/').collect();
+        parts.windows(2).find_map(|w| {
+            let n = w[1].strip_prefix('h')?;
+            (w[0] == user && !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
+                .then(|| n.parse().ok().map(Handle))
+                .flatten()
+        })
+    })
+}
+
 fn refuse(mut stream: UnixStream, rule: &str, message: String) {
     let _ = reply(&mut stream, json!({ "error": message, "rule": rule }));
 }
@@ -182,6 +204,26 @@ fn answer(b: &mut Broker, stream: UnixStream) {
             "service-user",
             "stoa's service user gets no log-in".into(),
         );
+    }
+    // An agent's run must not answer its own permission requests (nor start unconfined
+    // runs): a process in an agent run's cgroup gets nothing here.
+    if let Some(handle) = run_of(peer.pid(), uid) {
+        let agent = b
+            .handles
+            .get(handle)
+            .is_some_and(|e| e.purpose == crate::wire::Purpose::Agent);
+        if agent {
+            warn!(
+                uid,
+                handle = handle.0,
+                "local log-in refused to an agent's run"
+            );
+            return refuse(
+                stream,
+                "agent-run",
+                "refused by rule agent-run: an agent's run gets no log-in here (it could answer its own permission requests)".into(),
+            );
+        }
     }
     // Each log-in takes one of the user's spawn tokens: a user who floods the socket
     // spends their own budget, and the broker looks nobody up for it.
@@ -258,5 +300,27 @@ fn answer(b: &mut Broker, stream: UnixStream) {
             uid,
             login: login.number,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_found_by_its_cgroup_in_either_layout() {
+        let v2 = "0::/stoa.slice/stoa.service/user-2001/h17\n";
+        assert_eq!(run_in_cgroups(v2, 2001), Some(Handle(17)));
+        let v1 = "12:pids:/stoa/user-2001/h5\n11:memory:/stoa/user-2001/h5\n0::/init.scope\n";
+        assert_eq!(run_in_cgroups(v1, 2001), Some(Handle(5)));
+        // Another user's run, a user's own (non-run) cgroup, a look-alike: none.
+        assert_eq!(run_in_cgroups(v2, 2002), None);
+        assert_eq!(run_in_cgroups("0::/stoa/user-2001/worker\n", 2001), None);
+        assert_eq!(run_in_cgroups("0::/stoa/user-2001/h\n", 2001), None);
+        assert_eq!(run_in_cgroups("0::/stoa/user-2001/hx1\n", 2001), None);
+        assert_eq!(
+            run_in_cgroups("0::/user.slice/user-2001.slice/session-3.scope\n", 2001),
+            None
+        );
     }
 }

@@ -18,7 +18,15 @@ pub enum ApprovalCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Let the agent do it.
+    /// One request, with the tool's input in full (what allowing it lets the agent do).
+    Show {
+        /// The request's id.
+        id: String,
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let the agent do it (see it first with `show`).
     Allow {
         /// The request's id.
         id: String,
@@ -76,7 +84,30 @@ fn answer(cmd: ApprovalCommand) -> Result<(), String> {
                 return Ok(());
             }
             table::print(&["APPROVAL", "SESSION", "WANTS TO", "DENIED IN"], &rows);
-            eprintln!("answer with: stoa approvals allow|deny ID");
+            eprintln!(
+                "see all of one: stoa approvals show ID; answer: stoa approvals allow|deny ID"
+            );
+            return Ok(());
+        }
+        ApprovalCommand::Show { id, json } => {
+            let a = c.get(&format!("/approvals/{id}")).map_err(|e| e.message)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&a).unwrap_or_default());
+                return Ok(());
+            }
+            table::fields(&[
+                ("approval", table::cell(&a["approval_id"])),
+                ("session", table::cell(&a["session_id"])),
+                ("task", table::cell(&a["task_id"])),
+                ("tool", table::cell(&a["tool"])),
+                ("status", table::cell(&a["status"])),
+                ("asked", table::cell(&a["created_at"])),
+                ("denied in", expires_in(&a["expires_at"])),
+                ("decided by", table::cell(&a["decided_by"])),
+            ]);
+            // All of it: allowing lets the agent do exactly this, every field of it.
+            let input = serde_json::to_string_pretty(&a["input"]).unwrap_or_default();
+            println!("\ninput:\n{}", escape::text(&input));
             return Ok(());
         }
         ApprovalCommand::Allow { id, for_session } => (

@@ -505,6 +505,7 @@ fn show_approval(a: &Value) {
     let summary = super::escape::text(a["summary"].as_str().unwrap_or(""));
     if a["status"] == "pending" {
         eprintln!("[the agent asks: {summary}]");
+        eprintln!("[see it all: stoa approvals show {id}]");
         eprintln!("[answer: stoa approvals allow {id}   or   stoa approvals deny {id}]");
     }
 }

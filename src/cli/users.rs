@@ -256,6 +256,21 @@ pub mod defaults {
     }
 
     pub fn set(name: &str, value: &str) -> Result<(), String> {
+        // What the broker checks for a user's own secret, it checks here.
+        if policy()?.env_denied(name) {
+            return Err(format!(
+                "{name} may not be a secret: the policy's env_deny (or the broker) sets it"
+            ));
+        }
+        if value.contains('\0') {
+            return Err("a secret's value holds no NUL byte".into());
+        }
+        if value.len() > users::MAX_SECRET_BYTES {
+            return Err(format!(
+                "a secret's value is at most {} bytes",
+                users::MAX_SECRET_BYTES
+            ));
+        }
         update(|store| {
             let mut sized = store.default_secrets.clone();
             sized.retain(|n, _| n != name);

@@ -88,17 +88,57 @@ fn row(r: &Row<'_>) -> rusqlite::Result<Approval> {
 }
 
 impl Store {
-    pub async fn insert_approval(&self, a: Approval) -> StoreResult<()> {
+    /// Keeps a request, counted against its Unix user's stored output (`user_limit`
+    /// bytes, as messages are): `Ok(false)` when it does not fit.
+    pub async fn insert_approval(
+        &self,
+        a: Approval,
+        unix_user: &str,
+        user_limit: u64,
+    ) -> StoreResult<bool> {
         let ask = serde_json::to_string(&a.ask).map_err(|e| e.to_string())?;
+        let unix_user = unix_user.to_string();
         self.with(move |c| {
-            c.execute(
+            let tx = c.transaction()?;
+            let used: i64 = tx
+                .query_row(
+                    "SELECT bytes FROM output_usage WHERE unix_user = ?1",
+                    [&unix_user],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(0);
+            let bytes = ask.len() as i64;
+            if used.max(0) as u64 + bytes as u64 > user_limit {
+                return Ok(false);
+            }
+            tx.execute(
                 &format!("INSERT INTO approvals ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
                 params![
                     a.approval_id, a.session_id, a.task_id, a.tool, a.summary, ask, a.status,
                     a.for_session, a.decided_by, a.reason, a.created_at, a.expires_at, a.decided_at
                 ],
-            )
-            .map(|_| ())
+            )?;
+            tx.execute(
+                "INSERT INTO output_usage (unix_user, bytes) VALUES (?1, ?2)
+                 ON CONFLICT(unix_user) DO UPDATE SET bytes = bytes + ?2",
+                params![unix_user, bytes],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Pending requests of `session_id` for `tool` (to settle by a new session rule).
+    pub async fn pending_for_tool(&self, session_id: &str, tool: &str) -> StoreResult<Vec<String>> {
+        let (session_id, tool) = (session_id.to_string(), tool.to_string());
+        self.with(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT approval_id FROM approvals WHERE session_id = ?1 AND tool = ?2 AND status = 'pending'",
+            )?;
+            let rows = stmt.query_map(params![session_id, tool], |r| r.get(0))?;
+            rows.collect()
         })
         .await
     }

@@ -54,17 +54,34 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/approvals/{id}", get(show).post(answer))
 }
 
-/// One line saying what the tool would do: a command, a file, or the input compacted.
+/// One line saying what the tool would do: a command, a file, or the input compacted; it
+/// says when the input holds more than it shows (`stoa approvals show` has it all).
 pub fn summary(ask: &PermissionAsk) -> String {
     let input = &ask.input;
-    let said = ["command", "file_path", "path", "url", "pattern", "title"]
-        .iter()
-        .find_map(|k| input.get(*k).and_then(Value::as_str).map(str::to_string))
+    let key = ["command", "file_path", "path", "url", "pattern", "title"]
+        .into_iter()
+        .find(|k| input.get(*k).is_some_and(Value::is_string));
+    let said = key
+        .and_then(|k| input.get(k).and_then(Value::as_str).map(str::to_string))
         .unwrap_or_else(|| input.to_string());
-    let line: String = format!("{}: {}", ask.tool, said.replace(['\n', '\r'], " "));
+    let others = match (key, input.as_object()) {
+        (Some(k), Some(fields)) => fields
+            .keys()
+            .filter(|f| *f != k && *f != "description")
+            .count(),
+        _ => 0,
+    };
+    let mut line: String = format!("{}: {}", ask.tool, said.replace(['\n', '\r'], " "));
     let mut short: String = line.chars().take(SUMMARY_CHARS).collect();
     if short.len() < line.len() {
         short.push('…');
+    }
+    if others > 0 {
+        line = format!(
+            " (+{others} more field{})",
+            if others == 1 { "" } else { "s" }
+        );
+        short.push_str(&line);
     }
     short
 }
@@ -81,7 +98,7 @@ pub async fn audit(
         approval: approval.approval_id.clone(),
         session: approval.session_id.clone(),
         task: approval.task_id.clone(),
-        tool: approval.tool.chars().take(128).collect(),
+        tool: clip(&approval.tool, 128),
         step,
         summary: approval.summary.clone(),
     };
@@ -122,10 +139,49 @@ pub async fn open(
         decided_at: None,
         ask,
     };
-    state.store.insert_approval(approval.clone()).await?;
+    let limit = state.config.execution.max_user_output_bytes;
+    if !state
+        .store
+        .insert_approval(approval.clone(), &session.unix_user, limit)
+        .await?
+    {
+        return Err(format!(
+            "the user's stored output is at its limit ({limit} bytes, execution.max_user_output_bytes)"
+        ));
+    }
     announce(state, &approval);
     audit(state, &approval, ApprovalStep::Asked, None).await;
     Ok(approval)
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub fn clip(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Settles what still waits of `task_id`'s run as abandoned (the run has ended, or
+/// could not be taken over): nothing can answer it any more.
+pub async fn abandon_task(state: &AppState, task_id: &str) {
+    let pending = state
+        .store
+        .pending_approvals(Some(task_id))
+        .await
+        .unwrap_or_default();
+    for approval in pending {
+        let verdict = Verdict::settled("abandoned", "run ended", None);
+        settle(
+            state,
+            &approval.approval_id,
+            verdict,
+            ApprovalStep::Abandoned,
+        )
+        .await;
+        let _ = state.store.answer_delivered(&approval.approval_id).await;
+    }
 }
 
 pub fn unix_secs(t: std::time::SystemTime) -> i64 {
@@ -303,7 +359,19 @@ async fn answer(
         (false, _) => ApprovalStep::Denied,
     };
     announce(&state, &settled);
-    audit(&state, &settled, step, Some(credential)).await;
+    audit(&state, &settled, step, Some(credential.clone())).await;
+    if answer.for_session {
+        // The rule covers what already waits for that tool in the session, too.
+        let waiting = state
+            .store
+            .pending_for_tool(&settled.session_id, &settled.tool)
+            .await
+            .unwrap_or_default();
+        for other in waiting {
+            let verdict = Verdict::settled("allowed", "session rule", None);
+            settle(&state, &other, verdict, ApprovalStep::AllowedBySession).await;
+        }
+    }
     // The run delivers it to the agent; a run that is gone has abandoned it already.
     let sender = state
         .answers
@@ -315,4 +383,52 @@ async fn answer(
         wake.notify_one();
     }
     Ok(Json(settled).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ask(tool: &str, input: Value) -> PermissionAsk {
+        PermissionAsk {
+            request_id: "r".into(),
+            tool: tool.into(),
+            input,
+            description: None,
+            tool_use_id: None,
+            reply: Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_summary_says_when_the_input_holds_more_than_it_shows() {
+        let plain = ask("Bash", json!({"command": "ls -l", "description": "list"}));
+        assert_eq!(summary(&plain), "Bash: ls -l");
+        let more = ask(
+            "Bash",
+            json!({"command": "ls", "run_in_background": true, "dangerouslyDisableSandbox": true}),
+        );
+        assert_eq!(summary(&more), "Bash: ls (+2 more fields)");
+        // A long command is cut, and says so.
+        let long = ask(
+            "Bash",
+            json!({"command": format!("echo ok; {}; rm -rf ~", "x".repeat(300))}),
+        );
+        let s = summary(&long);
+        assert!(s.ends_with('…') && !s.contains("rm -rf"), "{s}");
+        // Lines are one.
+        assert_eq!(
+            summary(&ask("Bash", json!({"command": "a\nb"}))),
+            "Bash: a b"
+        );
+    }
+
+    #[test]
+    fn clip_cuts_at_a_character_boundary() {
+        assert_eq!(clip("abc", 2), "ab");
+        assert_eq!(clip("é", 1), "");
+        assert_eq!(clip("aé", 2), "a");
+        assert_eq!(clip(&"ü".repeat(100), 128).len(), 128);
+    }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -30,6 +30,9 @@ use crate::wire::{ApprovalStep, Handle, RequestBody};
 
 /// Lines queued for the agent's stdin at most (answers: a handful).
 const MAX_QUEUED_LINES: usize = 64;
+/// How long an answer may take to be written before it counts as not given (a worker that
+/// restarts gives it again).
+const WRITE_WAIT: Duration = Duration::from_secs(5);
 
 /// Where a conversation's lines go: a pipe fd from the broker, or a direct child's stdin.
 pub enum Sink {
@@ -50,24 +53,29 @@ impl Sink {
 /// so an agent that does not read holds up nothing else; once this is closed (or dropped)
 /// and the queue written, stdin is closed.
 pub struct Input {
-    lines: mpsc::Sender<String>,
+    /// Each line, and who waits to know it was written.
+    lines: mpsc::Sender<(String, Option<oneshot::Sender<()>>)>,
     /// The broker keeps a copy of the pipe for a worker restart: it must let go of it too.
     handle: Option<Handle>,
 }
 
 impl Input {
     pub fn start(mut sink: Sink, handle: Option<Handle>, first: Option<String>) -> Input {
-        let (lines, mut rx) = mpsc::channel::<String>(MAX_QUEUED_LINES);
+        let (lines, mut rx) =
+            mpsc::channel::<(String, Option<oneshot::Sender<()>>)>(MAX_QUEUED_LINES);
         if let Some(first) = first {
-            let _ = lines.try_send(first);
+            let _ = lines.try_send((first, None));
         }
         super::broker_link::spawn_traced(async move {
-            while let Some(mut line) = rx.recv().await {
+            while let Some((mut line, written)) = rx.recv().await {
                 if !line.ends_with('\n') {
                     line.push('\n');
                 }
                 if sink.write_all(line.as_bytes()).await.is_err() {
                     break; // the agent is gone
+                }
+                if let Some(written) = written {
+                    let _ = written.send(());
                 }
             }
         });
@@ -75,9 +83,18 @@ impl Input {
     }
 
     pub fn send(&self, line: String) {
-        if self.lines.try_send(line).is_err() {
+        if self.lines.try_send((line, None)).is_err() {
             warn!("the agent reads none of its input: a line for it was dropped");
         }
+    }
+
+    /// Sends `line` and waits (at most [`WRITE_WAIT`]) until it is written: whether it was.
+    pub async fn send_written(&self, line: String) -> bool {
+        let (done, written) = oneshot::channel();
+        if self.lines.try_send((line, Some(done))).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(WRITE_WAIT, written).await, Ok(Ok(())))
     }
 
     /// No more input: the agent sees end-of-file once what is queued is written.
@@ -107,6 +124,9 @@ pub struct Asks {
     pub timeout_at: Instant,
     /// Requests this run made.
     asked: usize,
+    /// The task's status has not been written by this run yet (a run taken over must put
+    /// right what the last worker left).
+    fresh: bool,
     pub wake: Arc<tokio::sync::Notify>,
 }
 
@@ -124,6 +144,7 @@ impl Asks {
         Asks {
             waiting_since: None,
             asked: 0,
+            fresh: true,
             next_expiry: None,
             timeout_at: Instant::now() + timeout,
             wake,
@@ -144,7 +165,14 @@ impl Asks {
         } = *run;
         self.asked += 1;
         let size = serde_json::to_string(&ask).map_or(usize::MAX, |t| t.len());
-        let refusal = if size > approvals::MAX_ASK_BYTES {
+        let waiting = state
+            .store
+            .pending_approvals(Some(&task.task_id))
+            .await
+            .map_or(0, |p| p.len());
+        let refusal = if run.input.is_none() {
+            Some("stoa: the run has given its final result; nothing can answer now".to_string())
+        } else if size > approvals::MAX_ASK_BYTES {
             Some(format!(
                 "stoa: the request is too large to show ({size} bytes; at most {})",
                 approvals::MAX_ASK_BYTES
@@ -153,6 +181,11 @@ impl Asks {
             Some(format!(
                 "stoa: this run has asked {} times already",
                 approvals::MAX_ASKS_PER_RUN
+            ))
+        } else if waiting >= approvals::MAX_PENDING_PER_TASK {
+            Some(format!(
+                "stoa: this run has {} permission requests waiting already",
+                approvals::MAX_PENDING_PER_TASK
             ))
         } else {
             None
@@ -171,23 +204,13 @@ impl Asks {
                 return;
             }
         };
-        let pending = state
-            .store
-            .pending_approvals(Some(&task.task_id))
-            .await
-            .map_or(0, |p| p.len());
         let allowed = state
             .store
             .session_allows(&session.session_id, &tool)
             .await
             .unwrap_or(false);
         if allowed {
-            let verdict = Verdict {
-                status: "allowed",
-                for_session: false,
-                by: "session rule",
-                reason: None,
-            };
+            let verdict = Verdict::settled("allowed", "session rule", None);
             approvals::settle(
                 state,
                 &approval.approval_id,
@@ -195,13 +218,6 @@ impl Asks {
                 ApprovalStep::AllowedBySession,
             )
             .await;
-        } else if pending > approvals::MAX_PENDING_PER_TASK {
-            let reason = format!(
-                "stoa: this run has {} permission requests waiting already",
-                approvals::MAX_PENDING_PER_TASK
-            );
-            let verdict = Verdict::settled("denied", "limit", Some(&reason));
-            approvals::settle(state, &approval.approval_id, verdict, ApprovalStep::Denied).await;
         }
         self.on_wake(run).await;
     }
@@ -246,22 +262,7 @@ impl Asks {
             .lock()
             .expect("answers lock")
             .remove(&task.task_id);
-        let pending = state
-            .store
-            .pending_approvals(Some(&task.task_id))
-            .await
-            .unwrap_or_default();
-        for approval in pending {
-            let verdict = Verdict::settled("abandoned", "run ended", None);
-            approvals::settle(
-                state,
-                &approval.approval_id,
-                verdict,
-                ApprovalStep::Abandoned,
-            )
-            .await;
-            let _ = state.store.answer_delivered(&approval.approval_id).await;
-        }
+        approvals::abandon_task(state, &task.task_id).await;
     }
 
     /// Whether the task waits, and until when; the run's timeout stands still meanwhile.
@@ -276,12 +277,14 @@ impl Asks {
             Instant::now() + Duration::from_secs(at.saturating_sub(now_unix).max(0) as u64)
         });
         let waiting = !pending.is_empty();
+        let fresh = std::mem::take(&mut self.fresh);
         match (waiting, self.waiting_since) {
             (true, None) => self.waiting_since = Some(Instant::now()),
             (false, Some(since)) => {
                 self.timeout_at += since.elapsed();
                 self.waiting_since = None;
             }
+            _ if fresh => {}
             _ => return,
         }
         if let Ok(true) = state.store.set_task_waiting(&task.task_id, waiting).await {
@@ -359,7 +362,13 @@ async fn deliver(run: &RunRefs<'_>, approval: &Approval) {
         }
     };
     match (adapter.answer(&approval.ask, &decision), input) {
-        (Some(line), Some(input)) => input.send(line),
+        (Some(line), Some(input)) => {
+            if !input.send_written(line).await {
+                // Not given: it stays undelivered, for this run's next wake or a new worker.
+                warn!(task = %task.task_id, approval = %approval.approval_id, "the answer could not be written to the agent yet");
+                return;
+            }
+        }
         _ => warn!(task = %task.task_id, "an answer cannot reach this agent"),
     }
     if let Err(e) = state.store.answer_delivered(&approval.approval_id).await {

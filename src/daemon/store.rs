@@ -426,9 +426,11 @@ impl Store {
         let id = id.to_string();
         self.with(move |c| {
             let tx = c.transaction()?;
+            // Its messages and its permission requests (counted as they were kept).
             tx.execute(
                 "UPDATE output_usage SET bytes = bytes -
-                    (SELECT COALESCE(SUM(bytes), 0) FROM messages WHERE session_id = ?1)
+                    (SELECT COALESCE(SUM(bytes), 0) FROM messages WHERE session_id = ?1) -
+                    (SELECT COALESCE(SUM(length(CAST(ask AS BLOB))), 0) FROM approvals WHERE session_id = ?1)
                  WHERE unix_user = (SELECT unix_user FROM sessions WHERE session_id = ?1)",
                 [&id],
             )?;

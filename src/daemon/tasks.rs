@@ -190,6 +190,9 @@ impl Ending {
 }
 
 async fn finish(state: &AppState, session: &Session, task_id: &str, ending: Ending) {
+    // However it ended (a run that could not even be taken over too), nothing it asked
+    // can be answered any more.
+    super::approvals::abandon_task(state, task_id).await;
     let (exit_code, signal) = match ending.exit {
         Some(ExitStatus::Code(c)) => (Some(c), None),
         Some(ExitStatus::Signal(s)) => (None, Some(s)),

@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use libtest_mimic::Failed;
@@ -25,6 +26,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
     (
         "local_user_runs_stoa_with_no_token_as_themself_only",
         local_login,
+    ),
+    (
+        "an_agents_run_gets_no_local_login_a_users_exec_does",
+        agent_gets_no_local_login,
     ),
 ];
 
@@ -296,6 +301,86 @@ fn cli_as(stoa: &Instance, user: &str, args: &[&str]) -> std::process::Output {
         .stdin(std::process::Stdio::null())
         .output()
         .expect("runuser")
+}
+
+/// An agent (running as alice) must not answer its own permission requests: the local
+/// socket gives nothing to a process in an agent run's cgroup. The same command from
+/// alice's `exec` run (and from her own shell) logs in.
+fn agent_gets_no_local_login() -> Result<(), Failed> {
+    let dir = PathBuf::from(format!("/run/stoa-test-{}-agent-login", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    run("chmod", &["0755", dir.to_str().unwrap()]);
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/agents/claude-code-2.1.197-text.jsonl");
+    std::fs::copy(&fixture, dir.join("fixture.jsonl"))?;
+    run(
+        "chmod",
+        &["0644", dir.join("fixture.jsonl").to_str().unwrap()],
+    );
+    let stoa = Instance::start_with(Options {
+        extra_config: format!(
+            "[agents.claude-code]\ncommand = [\"{}\", \"{}\"]\n",
+            dir.join("agent").display(),
+            dir.join("fixture.jsonl").display()
+        ),
+        ..Options::default()
+    });
+    let try_login = format!(
+        "STOA_URL={url} STOA_LOCAL_SOCKET={sock} {stoa} approvals list > .login-try 2>&1; echo \"exit $?\" >> .login-try",
+        url = stoa.url(""),
+        sock = stoa.dir.join("local.sock").display(),
+        stoa = stoa.dir.join("bin/stoa").display(),
+    );
+    std::fs::write(
+        dir.join("agent"),
+        format!("#!/bin/sh\nIFS= read -r input\n{try_login}\ncat \"$1\"\n"),
+    )?;
+    run("chmod", &["0755", dir.join("agent").to_str().unwrap()]);
+    let alice = stoa.api_user("alice", ALICE);
+    let wt = crate::sessions::worktree(ALICE);
+    let (status, session) = stoa.request(
+        "POST",
+        "/sessions",
+        Some(&alice),
+        Some(&json!({ "agentic_tool": "claude-code", "worktree": wt })),
+    );
+    assert_eq!(status, 201, "{session}");
+    let id = session["session_id"].as_str().unwrap();
+    let (status, task) = stoa.request(
+        "POST",
+        &format!("/sessions/{id}/prompt"),
+        Some(&alice),
+        Some(&json!({ "prompt": "hi" })),
+    );
+    assert_eq!(status, 202, "{task}");
+    let task_id = task["task_id"].as_str().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, t) = stoa.request("GET", &format!("/tasks/{task_id}"), Some(&alice), None);
+        if matches!(t["status"].as_str(), Some("completed" | "failed")) {
+            assert_eq!(t["status"], "completed", "{t}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{t}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let tried = std::fs::read_to_string(format!("{wt}/.login-try"))?;
+    assert!(
+        tried.contains("agent-run") && tried.trim_end().ends_with("exit 1"),
+        "the agent's run got a log-in: {tried}"
+    );
+    // Alice's `exec` run is hers to use as she likes: it logs in.
+    let (status, reply) = stoa.exec(json!({
+        "unix_user": ALICE, "cwd": wt, "argv": ["sh", "-c", try_login]
+    }));
+    assert_eq!(status, 200, "{reply}");
+    let tried = std::fs::read_to_string(format!("{wt}/.login-try"))?;
+    assert!(tried.trim_end().ends_with("exit 0"), "{tried}");
+    let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl"))?;
+    assert!(audit.contains("\"local_login\""), "the exec run's log-in");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 fn local_login() -> Result<(), Failed> {

@@ -1228,6 +1228,40 @@ fn cli() -> Result<(), Failed> {
             && said.contains("[Bash denied by"),
         "{said}"
     );
+    // Allowed for the session: the next time the tool is asked for, nobody is asked.
+    let task = prompt(&stoa, &alice, id, "ASKONCE third");
+    let approval = loop {
+        let out = stoa_cli(&["approvals", "list", "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout)?;
+        if let Some(id) = list
+            .as_array()
+            .and_then(|l| l.first())
+            .and_then(|a| a["approval_id"].as_str())
+        {
+            break id.to_string();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = stoa_cli(&["approvals", "show", &approval]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("\"command\": \"id -un > whoami.txt; pwd >> whoami.txt; cat whoami.txt\""),
+        "show prints the input in full: {shown}"
+    );
+    let out = stoa_cli(&["approvals", "allow", &approval, "--for-session"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_task(&stoa, &alice, &task)["status"], "completed");
+    let task = prompt(&stoa, &alice, id, "ASKONCE fourth");
+    assert_eq!(wait_task(&stoa, &alice, &task)["status"], "completed");
+    let by_rule = messages(&stoa, &alice, id)
+        .into_iter()
+        .filter(|m| m["task_id"] == task.as_str())
+        .any(|m| m["event"]["kind"] == "permission_decision" && m["event"]["by"] == "session rule");
+    assert!(by_rule, "allowed by the session's rule, unasked");
 
     // config set keeps comments, validates.
     let out = stoa_cli(&["config", "set", "execution.timeout_secs", "90"]);

@@ -38,6 +38,9 @@ pub struct AcpClient {
     model: Option<String>,
     resume: Option<String>,
     session: Option<String>,
+    /// Made for a run of its own (`new`): a client of a run taken over after a restart
+    /// knows neither the prompt nor the directory, and must not open a session.
+    started: bool,
     /// A `session/load` is replaying the history: its updates are not stored again, until
     /// the agent says its commands (it does once a session is set up; see `gemini.rs`).
     loading: bool,
@@ -55,6 +58,7 @@ impl AcpClient {
             cwd: spec.cwd.clone().unwrap_or_else(|| "/".into()),
             model: spec.model.clone(),
             resume: spec.resume.clone(),
+            started: true,
             ..AcpClient::default()
         }
     }
@@ -98,6 +102,17 @@ impl AcpClient {
             }];
         }
         let result = v.get("result").cloned().unwrap_or(Value::Null);
+        if !self.started && matches!(id, Some(INITIALIZE | OPEN)) {
+            return vec![AgentEvent::Result {
+                is_error: true,
+                text: Some(
+                    "the run was taken over by a new worker before its prompt was sent; send it again".into(),
+                ),
+                cost_usd: None,
+                num_turns: None,
+                usage: None,
+            }];
+        }
         match id {
             Some(INITIALIZE) => {
                 let mcp: [Value; 0] = [];

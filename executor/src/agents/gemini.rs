@@ -357,6 +357,34 @@ mod tests {
     }
 
     #[test]
+    fn a_run_taken_over_before_its_prompt_opens_no_session() {
+        // A new worker's adapter never saw the run's spec: it must not send an empty
+        // prompt into a session in no directory.
+        let mut a = GeminiAdapter::default();
+        let first = TEXT.lines().next().unwrap();
+        let events = a.parse_line(first).unwrap();
+        assert!(
+            matches!(&events[..], [AgentEvent::Result { is_error: true, text: Some(t), .. }] if t.contains("taken over")),
+            "{events:?}"
+        );
+        assert!(a.take_input().is_empty(), "nothing sent");
+        // After the prompt went out, a taken-over run goes on as usual.
+        let mut a = GeminiAdapter::default();
+        let events: Vec<AgentEvent> = TEXT
+            .lines()
+            .skip(2)
+            .flat_map(|l| a.parse_line(l).unwrap())
+            .collect();
+        assert!(matches!(
+            events.last(),
+            Some(AgentEvent::Result {
+                is_error: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn key_order_does_not_matter() {
         for text in [TEXT, ALLOW, DENY, LOAD] {
             let reordered: Vec<String> = text.lines().map(reordered_keys).collect();

@@ -18,7 +18,8 @@ use crate::wire::{limits, ErrorKind, ReplyBody, RequestBody};
 const RATE_PER_SEC: f64 = 2.0;
 const BURST: f64 = 60.0;
 
-/// Each user's budget of records.
+/// Each user's budget of records (`RecordApproval`, `RunSecrets`: what a worker can make
+/// the broker write to the audit log).
 #[derive(Default)]
 pub struct RecordBudget {
     buckets: HashMap<u32, (Instant, f64)>,
@@ -26,7 +27,7 @@ pub struct RecordBudget {
 
 impl RecordBudget {
     /// Takes one record from `uid`'s budget; false when it is spent.
-    fn take(&mut self, uid: u32, now: Instant) -> bool {
+    pub fn take(&mut self, uid: u32, now: Instant) -> bool {
         let (last, tokens) = self.buckets.entry(uid).or_insert((now, BURST));
         let refilled =
             (*tokens + now.duration_since(*last).as_secs_f64() * RATE_PER_SEC).min(BURST);

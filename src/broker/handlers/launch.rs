@@ -159,7 +159,7 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
     };
     let mut record = spawn_record(&req, &principal, ctx.request_id.as_deref());
     record["confinement"] = json!(confinement.to_string());
-    let req_keeps_stdin = req.keep_stdin;
+    let (req_keeps_stdin, req_purpose) = (req.keep_stdin, req.purpose);
     let cwd = req
         .cwd
         .clone()
@@ -192,6 +192,7 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         pidfd: launched.started.pidfd,
         kept: launched.kept,
         kept_stdin: req_keeps_stdin,
+        purpose: req_purpose,
         released: false,
         cgroup,
     });

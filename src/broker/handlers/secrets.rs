@@ -66,6 +66,16 @@ pub fn for_run(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         return error(ErrorKind::BadRequest, "too many secret names");
     }
     let account = ctx.account.as_ref().expect("the table proved the account");
+    // Each is an audit line: bounded like the worker's other records.
+    if !b
+        .approval_records
+        .take(account.uid, std::time::Instant::now())
+    {
+        return error(
+            ErrorKind::Quota,
+            "too many audited requests from this worker; try again shortly",
+        );
+    }
     let mut all = secrets_of(b, &account.name);
     if let Some(names) = &names {
         all.retain(|(name, _)| names.contains(name));
