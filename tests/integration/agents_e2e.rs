@@ -443,7 +443,7 @@ env = {{ HTTP_PROXY = "{mock}", HTTPS_PROXY = "{mock}", http_proxy = "{mock}", h
         fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
-    fn mock_log(&self) -> Vec<Value> {
+    pub fn mock_log(&self) -> Vec<Value> {
         fs::read_to_string(self.dir.join("mock.jsonl"))
             .unwrap_or_default()
             .lines()

@@ -37,6 +37,7 @@ fn process_of(agent: &Agent) -> &'static str {
     agent.bin
 }
 
+#[derive(Clone)]
 struct Case<'w> {
     world: &'w World,
     agent: &'w Agent,
@@ -261,6 +262,49 @@ fn approvals(mut world: World, agent: &Agent) -> Result<(), Failed> {
             .iter()
             .any(|e| e["kind"] == "permission_decision" && e["decision"] == "allowed"),
         "{decided:?}"
+    );
+    // The conversation goes on: a second prompt continues the agent's own session (Claude
+    // Code's --resume, Gemini's session/load), so the model sees the first exchange.
+    let before = world.mock_log().len();
+    let (status, next) = world.post(
+        &format!("/sessions/{}/prompt", allow.session),
+        &token,
+        json!({ "prompt": "and what did you find?" }),
+    );
+    assert_eq!(status, 202, "{next}");
+    let second = Case {
+        task: next["task_id"].as_str().unwrap().to_string(),
+        ..allow.clone()
+    };
+    second.wait_task("completed", Duration::from_secs(60));
+    let asked_again: Vec<Value> = world.mock_log().into_iter().skip(before).collect();
+    let last = asked_again
+        .last()
+        .map(|r| r["body"].to_string())
+        .unwrap_or_default();
+    assert!(last.contains("and what did you find?"), "{last}");
+    let continued = last.contains("whoami.txt");
+    // Gemini CLI 0.61 cannot load some of its own sessions ("Invalid session identifier"):
+    // then the prompt runs in a new session and the transcript says so, never silently.
+    let said_so = second.messages().iter().any(|e| {
+        e["kind"] == "notice"
+            && e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("could not continue")
+    });
+    assert!(
+        continued || (agent.tool == "gemini" && said_so),
+        "the second prompt's request carries the first exchange: {last}"
+    );
+    eprintln!(
+        "approvals e2e: {}: the second prompt {}",
+        agent.tool,
+        if continued {
+            "continued the session"
+        } else {
+            "ran in a new session (said in the transcript)"
+        }
     );
 
     // 2. Deny: nothing runs, and the transcript says so.

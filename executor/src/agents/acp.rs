@@ -27,6 +27,8 @@ use super::{raw, str_at, AgentEvent, Decision, NotJson, PermissionAsk, RunSpec};
 const INITIALIZE: u64 = 0;
 const OPEN: u64 = 1;
 const PROMPT: u64 = 2;
+/// A new session, when the one to continue could not be loaded.
+const OPEN_NEW: u64 = 3;
 /// An id the agent gives its request is echoed back: bounded.
 const MAX_ID_BYTES: usize = 256;
 
@@ -93,6 +95,29 @@ impl AcpClient {
     fn response(&mut self, id: Option<u64>, v: &Value) -> Vec<AgentEvent> {
         if let Some(error) = v.get("error") {
             let message = str_at(error, "message").unwrap_or_else(|| error.to_string());
+            // A session the agent cannot load (Gemini 0.61 refuses some of its own): the
+            // prompt still runs, in a new session, and the transcript says so.
+            if id == Some(OPEN) && self.started {
+                if let Some(lost) = self.resume.take() {
+                    self.loading = false;
+                    let details = error
+                        .pointer("/data/details")
+                        .and_then(Value::as_str)
+                        .map(|d| d.lines().next().unwrap_or(d).to_string())
+                        .unwrap_or_else(|| message.clone());
+                    let mcp: [Value; 0] = [];
+                    self.owed.push(request(
+                        OPEN_NEW,
+                        "session/new",
+                        json!({ "cwd": self.cwd, "mcpServers": mcp }),
+                    ));
+                    return vec![AgentEvent::Notice {
+                        message: format!(
+                            "the agent could not continue its session {lost} ({details}); this prompt starts a new one"
+                        ),
+                    }];
+                }
+            }
             return vec![AgentEvent::Result {
                 is_error: true,
                 text: Some(message),
@@ -102,7 +127,7 @@ impl AcpClient {
             }];
         }
         let result = v.get("result").cloned().unwrap_or(Value::Null);
-        if !self.started && matches!(id, Some(INITIALIZE | OPEN)) {
+        if !self.started && matches!(id, Some(INITIALIZE | OPEN | OPEN_NEW)) {
             return vec![AgentEvent::Result {
                 is_error: true,
                 text: Some(
@@ -134,7 +159,7 @@ impl AcpClient {
                 self.owed.push(line);
                 vec![]
             }
-            Some(OPEN) => {
+            Some(OPEN | OPEN_NEW) => {
                 let session = str_at(&result, "sessionId").or_else(|| self.resume.clone());
                 let Some(session) = session else {
                     return vec![AgentEvent::Result {

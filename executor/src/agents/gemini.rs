@@ -357,6 +357,38 @@ mod tests {
     }
 
     #[test]
+    fn a_session_that_cannot_be_loaded_gives_way_to_a_new_one_and_says_so() {
+        let mut a = GeminiAdapter::default();
+        let mut s = with_cwd("hi again");
+        s.resume = Some("eac607c2-249a-4522-848e-415efacf6acc".into());
+        a.invocation(&s);
+        let init = TEXT.lines().next().unwrap();
+        assert!(a.parse_line(init).unwrap().is_empty());
+        let sent: Value = serde_json::from_str(&a.take_input()[0]).unwrap();
+        assert_eq!(sent["method"], "session/load");
+        // Gemini 0.61's answer to a session it cannot load (recorded).
+        let refused = json!({"jsonrpc":"2.0","id":1,"error":{"code":-32603,"message":"Internal error",
+            "data":{"details":"Invalid session identifier \"eac607c2-249a-4522-848e-415efacf6acc\".\n  Searched for sessions in /home/alice/.gemini/tmp/alice/chats."}}});
+        let events = a.parse_line(&refused.to_string()).unwrap();
+        assert!(
+            matches!(&events[..], [AgentEvent::Notice { message }] if message.contains("could not continue") && message.contains("Invalid session identifier")),
+            "{events:?}"
+        );
+        let sent: Value = serde_json::from_str(&a.take_input()[0]).unwrap();
+        assert_eq!(sent["method"], "session/new");
+        assert_eq!(sent["id"], 3);
+        // The new session's answer opens it and sends the prompt.
+        let opened = json!({"jsonrpc":"2.0","id":3,"result":{"sessionId":"new-1"}});
+        let events = a.parse_line(&opened.to_string()).unwrap();
+        assert!(
+            matches!(&events[..], [AgentEvent::SessionStarted { agent_session_id, .. }] if agent_session_id == "new-1")
+        );
+        let sent: Value = serde_json::from_str(&a.take_input()[0]).unwrap();
+        assert_eq!(sent["method"], "session/prompt");
+        assert_eq!(sent["params"]["prompt"][0]["text"], "hi again");
+    }
+
+    #[test]
     fn a_run_taken_over_before_its_prompt_opens_no_session() {
         // A new worker's adapter never saw the run's spec: it must not send an empty
         // prompt into a session in no directory.
