@@ -1157,20 +1157,25 @@ fn cli() -> Result<(), Failed> {
 
     // Approvals from the CLI: listed for people and as JSON, allowed, refused twice.
     let task = prompt(&stoa, &alice, id, "ASKONCE");
-    let pending = loop {
-        let out = stoa_cli(&["approvals", "list", "--json"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let list: Value = serde_json::from_slice(&out.stdout)?;
-        if let Some(first) = list.as_array().and_then(|l| l.first()).cloned() {
-            break first;
+    // The first waiting request's id, as `stoa approvals list --json` gives it.
+    let first_waiting = || -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = stoa_cli(&["approvals", "list", "--json"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let list: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            if let Some(id) = list[0]["approval_id"].as_str() {
+                return id.to_string();
+            }
+            assert!(Instant::now() < deadline, "no request came");
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
     };
-    let approval = pending["approval_id"].as_str().unwrap().to_string();
+    let approval = first_waiting();
     let out = stoa_cli(&["approvals", "list"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -1202,18 +1207,7 @@ fn cli() -> Result<(), Failed> {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let approval = loop {
-        let out = stoa_cli(&["approvals", "list", "--json"]);
-        let list: Value = serde_json::from_slice(&out.stdout)?;
-        if let Some(id) = list
-            .as_array()
-            .and_then(|l| l.first())
-            .and_then(|a| a["approval_id"].as_str())
-        {
-            break id.to_string();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let approval = first_waiting();
     let out = stoa_cli(&["approvals", "deny", &approval, "-m", "not today"]);
     assert!(
         out.status.success(),
@@ -1230,18 +1224,7 @@ fn cli() -> Result<(), Failed> {
     );
     // Allowed for the session: the next time the tool is asked for, nobody is asked.
     let task = prompt(&stoa, &alice, id, "ASKONCE third");
-    let approval = loop {
-        let out = stoa_cli(&["approvals", "list", "--json"]);
-        let list: Value = serde_json::from_slice(&out.stdout)?;
-        if let Some(id) = list
-            .as_array()
-            .and_then(|l| l.first())
-            .and_then(|a| a["approval_id"].as_str())
-        {
-            break id.to_string();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let approval = first_waiting();
     let out = stoa_cli(&["approvals", "show", &approval]);
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
