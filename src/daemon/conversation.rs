@@ -6,7 +6,7 @@
 //! | the agent asks (`on_ask`)       | denied at once, unstored, if it is larger than [`approvals::MAX_ASK_BYTES`] or past [`approvals::MAX_ASKS_PER_RUN`]; allowed at once if the session allows the tool; denied at once past [`approvals::MAX_PENDING_PER_TASK`] waiting; else a pending approval, the task `waiting` |
 //! | an answer was given (`on_wake`) | every settled, undelivered answer of the task goes to the agent, in order, and into the transcript |
 //! | a request's time is up (`on_expiry`) | denied as `expired`, and delivered                 |
-//! | the run ends (`abandon`)        | what is still pending is `abandoned`                    |
+//! | the run ends (`abandon`)        | nothing wakes it; `tasks::finish` settles what is still pending as `abandoned` |
 //!
 //! While a request waits, the run's own timeout stands still.
 #![forbid(unsafe_code)]
@@ -255,14 +255,14 @@ impl Asks {
         self.on_wake(run).await;
     }
 
-    /// The run ended: what still waits is abandoned, and nothing wakes it any more.
-    pub async fn abandon(&mut self, state: &AppState, task: &Task) {
+    /// The run ended: nothing wakes it any more.
+    /// (What still waits is settled by `tasks::finish`, however the run ended.)
+    pub fn abandon(&mut self, state: &AppState, task: &Task) {
         state
             .answers
             .lock()
             .expect("answers lock")
             .remove(&task.task_id);
-        approvals::abandon_task(state, &task.task_id).await;
     }
 
     /// Whether the task waits, and until when; the run's timeout stands still meanwhile.

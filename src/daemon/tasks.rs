@@ -640,7 +640,7 @@ async fn drive(
     // Nothing the run started may outlive it.
     process.signal(state, Signal::Kill).await;
     drop(input);
-    asks.abandon(state, task).await;
+    asks.abandon(state, task);
     let mut limit_hit = None;
     if let Process::Broker { handle, .. } = &process {
         limit_hit = state.processes.limit_hit(*handle);
