@@ -1007,6 +1007,9 @@ impl Harness {
                     cwd,
                     cwd_id,
                     secrets,
+                    // The double's cgroups are off here (dispatch_tests covers them).
+                    cgroup_dir: _,
+                    cgroup_procs: _,
                 } => {
                     let Step::Request(RequestBody::Spawn(req), ok, at) = step else {
                         panic!("a launch outside a Spawn: {call:?}");

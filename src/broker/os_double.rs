@@ -12,9 +12,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use stoa_executor::sys::{encode_report, ChildReport, Started};
+use stoa_executor::sys::{encode_report, CgroupJoin, ChildReport, Started};
 
-use super::cgroup::SpawnCgroup;
+use super::cgroup::{JoinFds, SpawnCgroup};
 use super::os::{LaunchParams, Os};
 use super::policy::{CgroupLimits, Policy};
 use super::spawn::{Account, Launched};
@@ -31,6 +31,10 @@ pub enum Call {
         cwd_id: Option<DirId>,
         /// The secrets handed on (names and values: a test double, never a log).
         secrets: Vec<(String, String)>,
+        /// Whether the child was to be born in a cgroup directory (v2)...
+        cgroup_dir: bool,
+        /// ...and how many `cgroup.procs` files it was to write (v1).
+        cgroup_procs: usize,
     },
     StartProbe {
         user: String,
@@ -81,6 +85,18 @@ pub struct Script {
     pub passwords: HashMap<String, String>,
     /// The write ends of log-in helpers that never answer (with `ChildScript::Hangs`).
     pub held_answers: Vec<OwnedFd>,
+    pub cgroups: CgroupScript,
+}
+
+/// What the double's `cgroup_prepare` answers, as the real one would on each layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupScript {
+    /// Cgroups off: nothing.
+    Off,
+    /// A `cgroup.procs` file per hierarchy (three).
+    V1,
+    /// The spawn's cgroup directory.
+    V2,
 }
 
 /// Where the double's signalling children's pids start.
@@ -117,6 +133,7 @@ impl RecordingOs {
             next_signaller: SIGNALLER_PIDS,
             passwords: HashMap::new(),
             held_answers: Vec::new(),
+            cgroups: CgroupScript::Off,
         })))
     }
 
@@ -145,6 +162,7 @@ impl RecordingOs {
             pid: s.next_pid,
             pidfd: File::open("/dev/null")?.into(),
             report: read,
+            cgroup_join: CgroupJoin::None,
         })
     }
 }
@@ -171,7 +189,7 @@ impl Os for RecordingOs {
         req: &SpawnRequest,
         _params: &LaunchParams,
         secrets: Vec<(String, String)>,
-        _cgroup_procs: &[OwnedFd],
+        cgroup: &JoinFds,
     ) -> Result<Launched, String> {
         self.record(Call::Launch {
             user: account.name.clone(),
@@ -179,6 +197,8 @@ impl Os for RecordingOs {
             cwd: req.cwd.clone(),
             cwd_id: req.cwd_id,
             secrets,
+            cgroup_dir: cgroup.dir.is_some(),
+            cgroup_procs: cgroup.procs.len(),
         });
         let layout = match req.tty {
             Some(_) => FdLayout::Pty,
@@ -267,6 +287,7 @@ impl Os for RecordingOs {
             pid: s.next_signaller,
             pidfd,
             report,
+            cgroup_join: CgroupJoin::None,
         }))
     }
 
@@ -281,10 +302,31 @@ impl Os for RecordingOs {
     fn cgroup_prepare(
         &mut self,
         uid: u32,
-        _leaf: &str,
-    ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String> {
+        leaf: &str,
+    ) -> Result<Option<(SpawnCgroup, JoinFds)>, String> {
         self.record(Call::CgroupPrepare { uid });
-        Ok(None)
+        let spawn = SpawnCgroup::at(vec![PathBuf::from(format!("/double/user-{uid}/{leaf}"))]);
+        match self.0.borrow().cgroups {
+            CgroupScript::Off => Ok(None),
+            CgroupScript::V1 => Ok(Some((
+                spawn,
+                JoinFds {
+                    dir: None,
+                    procs: pipes(3)?,
+                },
+            ))),
+            CgroupScript::V2 => {
+                // Any directory stands in for the cgroup's.
+                let dir = File::open("/").map_err(|e| e.to_string())?;
+                Ok(Some((
+                    spawn,
+                    JoinFds {
+                        dir: Some(dir.into()),
+                        procs: Vec::new(),
+                    },
+                )))
+            }
+        }
     }
 
     fn cgroup_kill(&mut self, _cgroup: &SpawnCgroup) {
@@ -306,6 +348,10 @@ impl Os for RecordingOs {
     fn cgroup_set_limits(&mut self, _limits: &CgroupLimits) {}
 
     fn cgroup_teardown(&mut self) {}
+
+    fn cgroup_retry_leftovers(&mut self) -> bool {
+        false
+    }
 }
 
 /// A broker over `os` with the built-in policy but any uid from 1000 allowed, isolated (service user `stoa`, uid 999),

@@ -87,6 +87,7 @@ impl Server {
                 cwd_id: None,
                 parent_death_signal: Some(libc::SIGTERM),
                 cgroup_procs: Vec::new(),
+                cgroup_dir: None,
             };
             // Not waited for: its report pipe is dropped; a failure before exec shows as its
             // exit (127), and silence as the Hello deadline.
