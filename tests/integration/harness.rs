@@ -133,6 +133,12 @@ fn binaries() -> (PathBuf, PathBuf) {
     (stoa, executor)
 }
 
+/// A machine with only cgroup v2 (no v1 hierarchies) and systemd as init.
+pub fn pure_cgroup_v2_with_systemd() -> bool {
+    std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        && std::path::Path::new("/run/systemd/system").exists()
+}
+
 static INSTANCES: AtomicU32 = AtomicU32::new(0);
 
 /// One `stoa serve` with its own directory, port and policy.
@@ -216,6 +222,23 @@ impl Instance {
         fs::write(conf_dir.join("config.toml"), config).unwrap();
         let log = fs::File::create(dir.join("log")).unwrap();
         let mut cmd = match opts.as_user {
+            None if pure_cgroup_v2_with_systemd() => {
+                // As stoa.service runs there: a cgroup of its own with Delegate=yes (a v2
+                // cgroup whose children have controllers may hold no processes, so the
+                // broker cannot share this test's). systemd-run --scope execs the command:
+                // the child is the broker.
+                let mut c = Command::new("systemd-run");
+                c.args([
+                    "--scope",
+                    "--quiet",
+                    "--collect",
+                    "-p",
+                    "Delegate=yes",
+                    "--",
+                ])
+                .arg(dir.join("bin/stoa"));
+                c
+            }
             None => Command::new(dir.join("bin/stoa")),
             Some(user) => {
                 for f in ["broker.toml", "config.toml"] {
