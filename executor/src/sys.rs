@@ -1034,10 +1034,17 @@ fn fork_with(
         } else {
             let e = errno();
             if !matches!(e, libc::ENOSYS | libc::E2BIG | libc::EINVAL) {
+                // EAGAIN: the cgroup's pids limit (the user's) is reached; a migration
+                // would have ignored it, being born there does not.
+                let why = if e == libc::EAGAIN {
+                    " (its process limit, pids.max, may be reached)"
+                } else {
+                    ""
+                };
                 return Err(SpawnError::Setup(io::Error::new(
                     io::Error::from_raw_os_error(e).kind(),
                     format!(
-                        "cannot start the child in its cgroup (clone3 CLONE_INTO_CGROUP): {}",
+                        "cannot start the child in its cgroup (clone3 CLONE_INTO_CGROUP): {}{why}",
                         io::Error::from_raw_os_error(e)
                     ),
                 )));
