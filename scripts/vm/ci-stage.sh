@@ -15,6 +15,8 @@ skip() {
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 started=$(date +%s)
+source scripts/vm/lib.sh
+vm_install_tools 2>"$log" || { tail -n 20 "$log" >&2; skip "qemu-system-x86 or mmdebstrap cannot be installed (above)"; }
 if ! img=$(scripts/vm/build-image.sh 2>"$log"); then
   tail -n 20 "$log" >&2
   skip "the VM image could not be built (above)"
