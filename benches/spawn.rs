@@ -106,7 +106,7 @@ fn run() -> Result<(), String> {
     let mut relayed = Method::new(
         "(GET relayed, 404)",
         Some(relayed_runner(
-            agent,
+            agent.clone(),
             &fixture.base_url,
             &fixture.token,
             uid.as_raw(),
@@ -136,7 +136,24 @@ fn run() -> Result<(), String> {
         }
     }
     println!("({:.1} s in all)", started.elapsed().as_secs_f64());
-    println!("load average at the end: {}\n", load_average());
+    println!("load average at the end: {}", load_average());
+    // What the runs went through: the cgroups in force and how the last run joined its
+    // cgroup (`/health` with the admin token; older brokers say no cgroup_join).
+    let limits = agent
+        .get(format!("{}/health", fixture.base_url))
+        .header("Authorization", format!("Bearer {}", fixture.token))
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_json::<Value>().ok())
+        .map(|h| h["limits"].clone())
+        .unwrap_or_default();
+    println!(
+        "cgroups: {}; {}\n",
+        limits["cgroups"].as_str().unwrap_or("?"),
+        limits["cgroup_join"]
+            .as_str()
+            .unwrap_or("cgroup_join not reported")
+    );
 
     report(&methods, &[&health, &relayed]);
     drop(fixture);

@@ -78,6 +78,11 @@ pub fn machine() -> String {
 /// and returns the directory they are in, `target/dist`.
 pub fn build_binaries() -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Built beforehand (the test VM has no cargo: scripts/vm/bench.sh).
+    if let Some(dist) = std::env::var_os("STOA_BENCH_DIST").map(PathBuf::from) {
+        eprintln!("bench: the binaries in {}", dist.display());
+        return Ok(dist);
+    }
     eprintln!("bench: scripts/build-release.sh");
     let status = Command::new(root.join("scripts/build-release.sh"))
         .status()
@@ -202,7 +207,27 @@ impl Fixture {
         let log_path = dir.join("stoa.log");
         let log = fs::File::create(&log_path).map_err(|e| format!("cannot create log: {e}"))?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(bin.join("stoa"))
+        // On a pure cgroup-v2 machine with systemd: a scope of its own with Delegate=yes,
+        // as stoa.service has (a v2 cgroup with controllers below holds no processes, so
+        // the broker cannot share the bench's). systemd-run --scope execs stoa.
+        let pure_v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+            && Path::new("/run/systemd/system").exists();
+        let mut command = if pure_v2 {
+            let mut c = Command::new("systemd-run");
+            c.args([
+                "--scope",
+                "--quiet",
+                "--collect",
+                "-p",
+                "Delegate=yes",
+                "--",
+            ])
+            .arg(bin.join("stoa"));
+            c
+        } else {
+            Command::new(bin.join("stoa"))
+        };
+        let child = command
             .arg("serve")
             .arg("--broker-config")
             .arg(&broker_config)

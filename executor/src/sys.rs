@@ -458,11 +458,16 @@ pub struct ChildSpec<'a> {
     /// `PR_SET_PDEATHSIG`, set after the identity change (which clears it).
     pub parent_death_signal: Option<i32>,
     /// `cgroup.procs` files (opened for writing) the child writes itself into first, while
-    /// still root, so everything it will ever start is inside these cgroups.
+    /// still root, so everything it will ever start is inside these cgroups (cgroup v1).
     pub cgroup_procs: Vec<BorrowedFd<'a>>,
     /// Landlock write confinement, applied last before exec (after the identity change and
     /// `no_new_privs`, with the working directory entered).
     pub confine: Option<&'a Confine>,
+    /// cgroup v2: the cgroup directory (`O_PATH` is enough) the child is born in
+    /// (`clone3(CLONE_INTO_CGROUP)`): no migration, and it writes no `cgroup.procs`. Where
+    /// the kernel cannot (`ENOSYS`, `E2BIG`, `EINVAL`: before 5.7, or a seccomp filter),
+    /// the child writes itself into the directory's `cgroup.procs` instead.
+    pub cgroup_dir: Option<BorrowedFd<'a>>,
 }
 
 /// The step of the child's sequence that failed.
@@ -661,6 +666,8 @@ struct Prepared<'s> {
     first_unkept_fd: RawFd,
     exe: RawFd,
     cgroup_procs: Vec<RawFd>,
+    /// -1: none.
+    cgroup_dir: RawFd,
     controlling_tty: bool,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     identity: Option<&'s Identity>,
@@ -699,6 +706,7 @@ impl<'s> Prepared<'s> {
             first_unkept_fd: 3,
             exe: -1,
             cgroup_procs: Vec::new(),
+            cgroup_dir: -1,
             controlling_tty: false,
             rlimits: Vec::new(),
             identity,
@@ -728,6 +736,17 @@ impl Prepared<'_> {
     }
 }
 
+/// How a child got into its cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupJoin {
+    /// None was asked for.
+    None,
+    /// Born in it (`clone3(CLONE_INTO_CGROUP)`).
+    AtClone,
+    /// It wrote itself into `cgroup.procs` files: v1, or v2 where clone3 cannot.
+    Written,
+}
+
 /// A child that has been started and is running its sequence towards exec (or has
 /// already exec'd or failed: [`read_report`] tells).
 #[derive(Debug)]
@@ -740,6 +759,7 @@ pub struct Started {
     /// file once the child exec'd, a [`ChildReport`] record if it failed before, or (for
     /// [`start_probe`]) what it found.
     pub report: OwnedFd,
+    pub cgroup_join: CgroupJoin,
 }
 
 /// What a child wrote to its report pipe.
@@ -918,7 +938,8 @@ fn signal_sequence(p: &mut Prepared<'_>, _report: RawFd) -> (ChildStage, i32) {
     }
 }
 
-/// `clone3(CLONE_PIDFD)` arguments (`struct clone_args`, the first 64 bytes: version 0).
+/// `clone3` arguments (`struct clone_args` up to `cgroup`: version 2, 88 bytes; a kernel
+/// that knows only an earlier version takes it while the fields it lacks are zero).
 #[repr(C)]
 #[derive(Default)]
 struct CloneArgs {
@@ -930,9 +951,36 @@ struct CloneArgs {
     stack: u64,
     stack_size: u64,
     tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
 }
 
 const CLONE_PIDFD: u64 = 0x1000;
+/// Linux 5.7. (libc's constant is a truncated `c_int`: 0.)
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `clone3` with fork semantics (no `CLONE_VM`), falling back to `fork` on `ENOSYS` when
+/// `args` asks for nothing but a pidfd. Returns as fork does, in both processes.
+///
+/// # Safety
+/// The caller must be single-threaded, and in the child (return value 0) run only
+/// async-signal-safe code and never return into its caller's frames beyond its own.
+unsafe fn clone_fork(args: &mut CloneArgs) -> libc::c_long {
+    // SAFETY: `args` is a valid clone_args of the size passed; the rest is the caller's.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 && errno() == libc::ENOSYS && args.flags & CLONE_INTO_CGROUP == 0 {
+        // SAFETY: as above; fork has no arguments.
+        return unsafe { libc::fork() as libc::c_long };
+    }
+    pid
+}
 
 /// Forks; the child runs `sequence` (which returns only on failure, with the stage and
 /// errno, written to the report pipe before `_exit`).
@@ -957,9 +1005,6 @@ fn fork_with(
     .map_err(|e| SpawnError::Setup(e.into()))?;
     let write_fd = report_write.as_raw_fd();
     prepared.keep_fds.push(write_fd);
-    prepared.keep_fds.retain(|fd| *fd > 2);
-    prepared.keep_fds.sort_unstable();
-    prepared.keep_fds.dedup();
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
         flags: CLONE_PIDFD,
@@ -967,24 +1012,64 @@ fn fork_with(
         exit_signal: libc::SIGCHLD as u64,
         ..CloneArgs::default()
     };
-    // SAFETY: single-threaded (checked above), so the child is a complete copy of this
-    // process with no lock held by another thread. In the child (return value 0) only
-    // `sequence` runs (async-signal-safe system calls on the prepared copy), then the
-    // report write and `_exit`; it never returns into the caller's code. `args` is a valid
-    // clone_args of the size passed, and `pidfd` outlives the call.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    let pid = if pid < 0 && errno() == libc::ENOSYS {
-        // SAFETY: as above; fork has no arguments.
-        unsafe { libc::fork() as libc::c_long }
+    // cgroup v2: born in the cgroup. The child's copy of `prepared` says so (no
+    // `cgroup.procs` to write); the fallback opens the directory's instead.
+    let mut pid: libc::c_long = -1;
+    let mut cgroup_join = if prepared.cgroup_procs.is_empty() {
+        CgroupJoin::None
     } else {
-        pid
+        CgroupJoin::Written
     };
+    let mut fallback_procs: Option<OwnedFd> = None;
+    // Out here, so the child (which never returns from this function) frees nothing.
+    let mut saved_procs: Vec<RawFd>;
+    if prepared.cgroup_dir >= 0 {
+        let mut into = CloneArgs {
+            flags: CLONE_PIDFD | CLONE_INTO_CGROUP,
+            cgroup: prepared.cgroup_dir as u64,
+            ..args
+        };
+        saved_procs = std::mem::take(&mut prepared.cgroup_procs);
+        finish_keep_fds(&mut prepared);
+        // SAFETY: single-threaded (checked above), so the child is a complete copy of this
+        // process with no lock held by another thread. In the child (return value 0)
+        // only `sequence` runs (async-signal-safe system calls on the prepared copy),
+        // then the report write and `_exit`; it never returns into the caller's code.
+        // `pidfd` outlives the call.
+        pid = unsafe { clone_fork(&mut into) };
+        if pid >= 0 {
+            cgroup_join = CgroupJoin::AtClone;
+        } else {
+            let e = errno();
+            if !matches!(e, libc::ENOSYS | libc::E2BIG | libc::EINVAL) {
+                // EAGAIN: the cgroup's pids limit (the user's) is reached; a migration
+                // would have ignored it, being born there does not.
+                let why = if e == libc::EAGAIN {
+                    " (its process limit, pids.max, may be reached)"
+                } else {
+                    ""
+                };
+                return Err(SpawnError::Setup(io::Error::new(
+                    io::Error::from_raw_os_error(e).kind(),
+                    format!(
+                        "cannot start the child in its cgroup (clone3 CLONE_INTO_CGROUP): {}{why}",
+                        io::Error::from_raw_os_error(e)
+                    ),
+                )));
+            }
+            prepared.cgroup_procs = std::mem::take(&mut saved_procs);
+            let file = open_cgroup_procs(prepared.cgroup_dir).map_err(SpawnError::Setup)?;
+            prepared.cgroup_procs.push(file.as_raw_fd());
+            prepared.keep_fds.push(file.as_raw_fd());
+            fallback_procs = Some(file);
+            cgroup_join = CgroupJoin::Written;
+        }
+    }
+    if prepared.cgroup_dir < 0 || fallback_procs.is_some() {
+        finish_keep_fds(&mut prepared);
+        // SAFETY: as above.
+        pid = unsafe { clone_fork(&mut args) };
+    }
     if pid == 0 {
         // Nothing of the caller's but what the sequence uses: every fd the broker holds
         // (other users' terminals and pipes, the daemon link) is copied into a fork, and a
@@ -1012,6 +1097,7 @@ fn fork_with(
         return Err(SpawnError::Setup(io::Error::last_os_error()));
     }
     drop(report_write);
+    drop(fallback_procs);
     let pid = pid as i32;
     let pidfd = if pidfd >= 0 {
         // SAFETY: clone3 stored a fresh descriptor that nothing else owns.
@@ -1025,7 +1111,36 @@ fn fork_with(
         pid,
         pidfd,
         report: report_read,
+        cgroup_join,
     })
+}
+
+/// The fds the child keeps: above 2, sorted, once each.
+fn finish_keep_fds(prepared: &mut Prepared<'_>) {
+    prepared.keep_fds.retain(|fd| *fd > 2);
+    prepared.keep_fds.sort_unstable();
+    prepared.keep_fds.dedup();
+}
+
+/// `cgroup.procs` of the cgroup directory `dir`, for writing.
+fn open_cgroup_procs(dir: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: a NUL-terminated literal path relative to a directory fd the caller holds.
+    let fd = unsafe {
+        libc::openat(
+            dir,
+            c"cgroup.procs".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot open the cgroup's cgroup.procs: {e}"),
+        ));
+    }
+    // SAFETY: openat returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// In a forked child: closes every fd above 2 but `keep` (sorted ascending, all above 2).
@@ -1153,6 +1268,7 @@ fn prepare<'s>(spec: &'s ChildSpec<'_>) -> io::Result<Prepared<'s>> {
         first_unkept_fd: 3 + spec.extra_fds.len() as RawFd,
         exe: spec.exe.as_raw_fd(),
         cgroup_procs: spec.cgroup_procs.iter().map(|fd| fd.as_raw_fd()).collect(),
+        cgroup_dir: spec.cgroup_dir.map_or(-1, |fd| fd.as_raw_fd()),
         controlling_tty: spec.controlling_tty,
         rlimits,
         identity: spec.identity.as_ref(),

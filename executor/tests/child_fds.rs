@@ -62,6 +62,7 @@ fn main() {
         parent_death_signal: None,
         cgroup_procs: vec![],
         confine: None,
+        cgroup_dir: None,
     };
     match sys::spawn_child(&spec, std::time::Duration::from_secs(60)) {
         // ENOENT, or ENOTDIR where the child's own report pipe took the freed number.

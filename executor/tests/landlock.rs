@@ -39,6 +39,7 @@ fn run(confine: Option<&Confine>, cwd: &Path, script: &str) -> i32 {
         cwd_id: None,
         parent_death_signal: None,
         cgroup_procs: vec![],
+        cgroup_dir: None,
         confine,
     };
     let pid = sys::spawn_child(&spec, std::time::Duration::from_secs(60)).expect("spawn");

@@ -592,3 +592,30 @@ fn required_confinement_without_landlock_refuses_and_starts_nothing() {
         })
     ));
 }
+
+#[test]
+fn a_run_is_born_in_its_v2_cgroup_and_writes_cgroup_procs_only_on_v1() {
+    use super::os_double::CgroupScript;
+    for (script, dir, procs) in [
+        (CgroupScript::V2, true, 0),
+        (CgroupScript::V1, false, 3),
+        (CgroupScript::Off, false, 0),
+    ] {
+        let mut f = fixture(&format!("cgroup-{script:?}"));
+        f.os.0.borrow_mut().cgroups = script;
+        f.spawn_alice();
+        let launches: Vec<(bool, usize)> =
+            f.os.calls()
+                .into_iter()
+                .filter_map(|c| match c {
+                    Call::Launch {
+                        cgroup_dir,
+                        cgroup_procs,
+                        ..
+                    } => Some((cgroup_dir, cgroup_procs)),
+                    _ => None,
+                })
+                .collect();
+        assert_eq!(launches, vec![(dir, procs)], "{script:?}");
+    }
+}

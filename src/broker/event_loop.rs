@@ -86,6 +86,7 @@ impl Server {
                 self.hello_deadline(),
                 self.worker_deadline(),
                 Some(self.next_user_check),
+                self.broker.cgroup_retry_at,
             ]
             .into_iter()
             .flatten()

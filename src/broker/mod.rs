@@ -61,6 +61,8 @@ use spawn::Account;
 /// The daemon's fds: its end of the broker link, and the HTTP listener.
 pub const DAEMON_LINK_FD: i32 = 3;
 pub const DAEMON_LISTENER_FD: i32 = 4;
+/// How often the cgroups of finished runs that still held dying processes are tried again.
+const CGROUP_RETRY_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub struct ServeOptions {
     pub broker_config: PathBuf,
@@ -191,6 +193,8 @@ pub struct Broker {
     /// Cgroups of reaped runs, to be emptied and removed once their exits are sent (off the
     /// path between an exit and its report).
     pub cgroups_to_finish: Vec<cgroup::SpawnCgroup>,
+    /// When to try again to remove cgroups that still held dying processes.
+    pub cgroup_retry_at: Option<std::time::Instant>,
 }
 
 impl Broker {
@@ -233,13 +237,23 @@ impl Broker {
             outbox: Vec::new(),
             known_users: None,
             cgroups_to_finish: Vec::new(),
+            cgroup_retry_at: None,
         }
     }
 
-    /// Empties and removes the cgroups of reaped runs.
+    /// Empties and removes the cgroups of reaped runs; those still holding dying
+    /// processes are tried again shortly.
     pub fn finish_cgroups(&mut self) {
+        let queued = !self.cgroups_to_finish.is_empty();
         for cg in std::mem::take(&mut self.cgroups_to_finish) {
             self.os.cgroup_finish(cg);
+        }
+        let now = std::time::Instant::now();
+        if queued || self.cgroup_retry_at.is_some_and(|t| t <= now) {
+            self.cgroup_retry_at = self
+                .os
+                .cgroup_retry_leftovers()
+                .then(|| now + CGROUP_RETRY_EVERY);
         }
     }
 }

@@ -25,7 +25,7 @@ use tracing::error;
 
 use stoa_executor::sys::{self, Identity, Rlimit, Started};
 
-use super::cgroup::{Cgroups, SpawnCgroup};
+use super::cgroup::{Cgroups, JoinFds, SpawnCgroup};
 use super::policy::CgroupLimits;
 use super::spawn::{Account, Launched, Launcher};
 use crate::wire::{ExitStatus, LimitHit, Signal, SpawnRequest};
@@ -50,7 +50,7 @@ pub trait Os {
         req: &SpawnRequest,
         params: &LaunchParams,
         secrets: Vec<(String, String)>,
-        cgroup_procs: &[OwnedFd],
+        cgroup: &JoinFds,
     ) -> Result<Launched, String>;
     /// Starts a child that, as `account`, enters `path` and reports what it is.
     fn start_probe(&mut self, account: &Account, path: &str) -> Result<Started, String>;
@@ -71,12 +71,12 @@ pub trait Os {
     /// Every child that has ended since the last call.
     fn reap(&mut self) -> Vec<(i32, ExitStatus)>;
     /// The cgroup `leaf` below the user's (`h<handle>` for a spawn, `worker-<link>` for a
-    /// worker), with its `cgroup.procs` files open for the child to join.
+    /// worker), with what the child needs to get into it.
     fn cgroup_prepare(
         &mut self,
         uid: u32,
         leaf: &str,
-    ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String>;
+    ) -> Result<Option<(SpawnCgroup, JoinFds)>, String>;
     fn cgroup_kill(&mut self, cgroup: &SpawnCgroup);
     /// The limit the run hit (read before what it left is killed).
     fn cgroup_limit_hit(&mut self, cgroup: &SpawnCgroup) -> Option<LimitHit>;
@@ -86,6 +86,10 @@ pub trait Os {
     fn cgroup_set_limits(&mut self, limits: &CgroupLimits);
     /// At stop: everything in the tree killed and removed.
     fn cgroup_teardown(&mut self);
+    /// Tries again to remove the cgroups of finished runs that still held dying processes
+    /// (v2's `cgroup.kill` does not wait; killed orphans leave once the broker reaps
+    /// them); true if some remain.
+    fn cgroup_retry_leftovers(&mut self) -> bool;
 }
 
 /// A log-in helper started.
@@ -123,7 +127,7 @@ impl Os for RealOs {
         req: &SpawnRequest,
         params: &LaunchParams,
         secrets: Vec<(String, String)>,
-        cgroup_procs: &[OwnedFd],
+        cgroup: &JoinFds,
     ) -> Result<Launched, String> {
         let launcher = Launcher {
             executor: &self.executor,
@@ -134,7 +138,9 @@ impl Os for RealOs {
             path: params.path.clone(),
             confine: params.confine.as_ref(),
         };
-        launcher.launch(account, req, secrets, cgroup_procs)
+        let launched = launcher.launch(account, req, secrets, cgroup)?;
+        self.cgroups.note_join(launched.started.cgroup_join);
+        Ok(launched)
     }
 
     fn start_probe(&mut self, account: &Account, path: &str) -> Result<Started, String> {
@@ -180,6 +186,7 @@ impl Os for RealOs {
             parent_death_signal: Some(libc::SIGKILL),
             cgroup_procs: Vec::new(),
             confine: None,
+            cgroup_dir: None,
         };
         let started = sys::start_child(&spec).map_err(|e| e.to_string())?;
         Ok(LoginChild { started, answer })
@@ -230,7 +237,7 @@ impl Os for RealOs {
         &mut self,
         uid: u32,
         leaf: &str,
-    ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String> {
+    ) -> Result<Option<(SpawnCgroup, JoinFds)>, String> {
         self.cgroups.prepare(uid, leaf)
     }
 
@@ -252,6 +259,11 @@ impl Os for RealOs {
 
     fn cgroup_set_limits(&mut self, limits: &CgroupLimits) {
         self.cgroups.set_limits(limits);
+    }
+
+    fn cgroup_retry_leftovers(&mut self) -> bool {
+        self.cgroups.retry_leftovers();
+        self.cgroups.has_leftovers()
     }
 
     fn cgroup_teardown(&mut self) {

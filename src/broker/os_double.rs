@@ -12,9 +12,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use stoa_executor::sys::{encode_report, ChildReport, Started};
+use stoa_executor::sys::{encode_report, CgroupJoin, ChildReport, Started};
 
-use super::cgroup::SpawnCgroup;
+use super::cgroup::{JoinFds, SpawnCgroup};
 use super::os::{LaunchParams, Os};
 use super::policy::{CgroupLimits, Policy};
 use super::spawn::{Account, Launched};
@@ -34,6 +34,10 @@ pub enum Call {
         /// The Landlock confinement the child was to apply: (ABI, the paths besides its
         /// working directory).
         confine: Option<(u32, Vec<String>)>,
+        /// Whether the child was to be born in a cgroup directory (v2)...
+        cgroup_dir: bool,
+        /// ...and how many `cgroup.procs` files it was to write (v1).
+        cgroup_procs: usize,
     },
     StartProbe {
         user: String,
@@ -86,6 +90,18 @@ pub struct Script {
     pub held_answers: Vec<OwnedFd>,
     /// What `landlock` answers (ABI 7 unless a test says otherwise).
     pub landlock: super::confine::Kernel,
+    pub cgroups: CgroupScript,
+}
+
+/// What the double's `cgroup_prepare` answers, as the real one would on each layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupScript {
+    /// Cgroups off: nothing.
+    Off,
+    /// A `cgroup.procs` file per hierarchy (three).
+    V1,
+    /// The spawn's cgroup directory.
+    V2,
 }
 
 /// Where the double's signalling children's pids start.
@@ -123,6 +139,7 @@ impl RecordingOs {
             passwords: HashMap::new(),
             held_answers: Vec::new(),
             landlock: Ok(7),
+            cgroups: CgroupScript::Off,
         })))
     }
 
@@ -151,6 +168,7 @@ impl RecordingOs {
             pid: s.next_pid,
             pidfd: File::open("/dev/null")?.into(),
             report: read,
+            cgroup_join: CgroupJoin::None,
         })
     }
 }
@@ -181,7 +199,7 @@ impl Os for RecordingOs {
         req: &SpawnRequest,
         params: &LaunchParams,
         secrets: Vec<(String, String)>,
-        _cgroup_procs: &[OwnedFd],
+        cgroup: &JoinFds,
     ) -> Result<Launched, String> {
         let confine = params.confine.as_ref().map(|c| {
             let paths = c.paths().iter().map(|p| p.to_string_lossy().into_owned());
@@ -194,6 +212,8 @@ impl Os for RecordingOs {
             cwd_id: req.cwd_id,
             secrets,
             confine,
+            cgroup_dir: cgroup.dir.is_some(),
+            cgroup_procs: cgroup.procs.len(),
         });
         let layout = match req.tty {
             Some(_) => FdLayout::Pty,
@@ -282,6 +302,7 @@ impl Os for RecordingOs {
             pid: s.next_signaller,
             pidfd,
             report,
+            cgroup_join: CgroupJoin::None,
         }))
     }
 
@@ -296,10 +317,31 @@ impl Os for RecordingOs {
     fn cgroup_prepare(
         &mut self,
         uid: u32,
-        _leaf: &str,
-    ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String> {
+        leaf: &str,
+    ) -> Result<Option<(SpawnCgroup, JoinFds)>, String> {
         self.record(Call::CgroupPrepare { uid });
-        Ok(None)
+        let spawn = SpawnCgroup::at(vec![PathBuf::from(format!("/double/user-{uid}/{leaf}"))]);
+        match self.0.borrow().cgroups {
+            CgroupScript::Off => Ok(None),
+            CgroupScript::V1 => Ok(Some((
+                spawn,
+                JoinFds {
+                    dir: None,
+                    procs: pipes(3)?,
+                },
+            ))),
+            CgroupScript::V2 => {
+                // Any directory stands in for the cgroup's.
+                let dir = File::open("/").map_err(|e| e.to_string())?;
+                Ok(Some((
+                    spawn,
+                    JoinFds {
+                        dir: Some(dir.into()),
+                        procs: Vec::new(),
+                    },
+                )))
+            }
+        }
     }
 
     fn cgroup_kill(&mut self, _cgroup: &SpawnCgroup) {
@@ -321,6 +363,10 @@ impl Os for RecordingOs {
     fn cgroup_set_limits(&mut self, _limits: &CgroupLimits) {}
 
     fn cgroup_teardown(&mut self) {}
+
+    fn cgroup_retry_leftovers(&mut self) -> bool {
+        false
+    }
 }
 
 /// A broker over `os` with the built-in policy but any uid from 1000 allowed, isolated (service user `stoa`, uid 999),

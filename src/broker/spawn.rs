@@ -17,6 +17,7 @@ use stoa_executor::codec;
 use stoa_executor::job::Job;
 use stoa_executor::sys::{self, ChildSpec, ChildStage, Identity, Rlimit, SpawnError, Started};
 
+use super::cgroup::JoinFds;
 use crate::wire::{limits, ErrorKind, FdLayout, Program, SpawnRequest};
 
 /// A Unix account as the broker resolved it, with its group list computed now.
@@ -296,14 +297,14 @@ pub struct Launched {
 }
 
 impl Launcher<'_> {
-    /// `secrets` join the job's environment (only for `Program::Exec`); the child joins
-    /// the cgroups whose `cgroup.procs` files are `cgroup_procs`.
+    /// `secrets` join the job's environment (only for `Program::Exec`); the child gets
+    /// into its cgroup with `cgroup`.
     pub fn launch(
         &self,
         account: &Account,
         req: &SpawnRequest,
         secrets: Vec<(String, String)>,
-        cgroup_procs: &[OwnedFd],
+        cgroup: &JoinFds,
     ) -> Result<Launched, String> {
         let other = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
         // The job goes into the control socket before the executor exists, so it reads
@@ -350,7 +351,8 @@ impl Launcher<'_> {
             cwd: Some(cwd_c.clone()),
             cwd_id: req.cwd_id.map(|d| (d.dev, d.ino, d.uid)),
             parent_death_signal: None,
-            cgroup_procs: cgroup_procs.iter().map(|fd| fd.as_fd()).collect(),
+            cgroup_procs: cgroup.procs.iter().map(|fd| fd.as_fd()).collect(),
+            cgroup_dir: cgroup.dir.as_ref().map(|fd| fd.as_fd()),
             confine: self.confine,
         };
         let control_kept: OwnedFd = control_daemon.into();

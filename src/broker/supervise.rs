@@ -88,6 +88,7 @@ impl Server {
                 parent_death_signal: Some(libc::SIGTERM),
                 cgroup_procs: Vec::new(),
                 confine: None,
+                cgroup_dir: None,
             };
             // Not waited for: its report pipe is dropped; a failure before exec shows as its
             // exit (127), and silence as the Hello deadline.

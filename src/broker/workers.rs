@@ -95,7 +95,7 @@ impl Server {
             })?;
             let config_pipe = config_pipe(&config)?;
             let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-            let procs = match self
+            let join = match self
                 .broker
                 .os
                 .cgroup_prepare(account.uid, &format!("worker-{link_no}"))?
@@ -104,7 +104,7 @@ impl Server {
                     cgroup = Some(cg);
                     fds
                 }
-                None => Vec::new(),
+                None => Default::default(),
             };
             let (argv, env) = worker_command(&state_dir, account);
             let identity = match &self.broker.mode {
@@ -124,7 +124,8 @@ impl Server {
                 cwd: Some(c"/".into()),
                 cwd_id: None,
                 parent_death_signal: Some(libc::SIGTERM),
-                cgroup_procs: procs.iter().map(|f| f.as_fd()).collect(),
+                cgroup_procs: join.procs.iter().map(|f| f.as_fd()).collect(),
+                cgroup_dir: join.dir.as_ref().map(|f| f.as_fd()),
                 confine: None,
             };
             // Not waited for, like the front: a failure before exec shows as its exit, and

@@ -133,6 +133,12 @@ fn binaries() -> (PathBuf, PathBuf) {
     (stoa, executor)
 }
 
+/// A machine with only cgroup v2 (no v1 hierarchies) and systemd as init.
+pub fn pure_cgroup_v2_with_systemd() -> bool {
+    std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        && std::path::Path::new("/run/systemd/system").exists()
+}
+
 static INSTANCES: AtomicU32 = AtomicU32::new(0);
 
 /// One `stoa serve` with its own directory, port and policy.
@@ -217,14 +223,26 @@ impl Instance {
         fs::write(conf_dir.join("broker.toml"), policy).unwrap();
         fs::write(conf_dir.join("config.toml"), config).unwrap();
         let log = fs::File::create(dir.join("log")).unwrap();
-        let mut cmd = match (opts.as_user, &opts.wrapper) {
-            (None, Some(wrapper)) => {
-                let mut c = Command::new(wrapper);
-                c.arg(dir.join("bin/stoa"));
+        let mut cmd = match opts.as_user {
+            None => {
+                // The command line: [systemd-run scope] [wrapper] stoa.
+                let mut line: Vec<PathBuf> = Vec::new();
+                if pure_cgroup_v2_with_systemd() {
+                    // As stoa.service runs there: a cgroup of its own with Delegate=yes (a v2
+                    // cgroup whose children have controllers may hold no processes, so the
+                    // broker cannot share this test's). systemd-run --scope execs the
+                    // command: the child is the broker (or the wrapper that execs it).
+                    let scope = ["systemd-run", "--scope", "--quiet", "--collect"];
+                    line.extend(scope.iter().map(PathBuf::from));
+                    line.extend(["-p", "Delegate=yes", "--"].iter().map(PathBuf::from));
+                }
+                line.extend(opts.wrapper.iter().cloned());
+                line.push(dir.join("bin/stoa"));
+                let mut c = Command::new(&line[0]);
+                c.args(&line[1..]);
                 c
             }
-            (None, None) => Command::new(dir.join("bin/stoa")),
-            (Some(user), _) => {
+            Some(user) => {
                 for f in ["broker.toml", "config.toml"] {
                     run(
                         "chown",

@@ -20,6 +20,7 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "sighup_rewrites_every_users_cgroup_limits",
         sighup_rewrites_limits,
     ),
+    ("each_run_starts_in_a_cgroup_of_its_own", own_cgroup),
 ];
 
 /// The broker's cgroup roots (`stoa.<pid ns>.<pid>`), one per hierarchy (v1) or one (v2).
@@ -418,5 +419,63 @@ fn sighup_rewrites_limits() -> Result<(), Failed> {
         health["limits"]["cgroup_pids_max"], "50 per user",
         "{health}"
     );
+    Ok(())
+}
+
+/// Every run is in its own cgroup (`user-<uid>/h<handle>`) from its first instruction: its
+/// first command, `cat /proc/self/cgroup`, shows that leaf. On cgroup v2 it was born there
+/// (`clone3(CLONE_INTO_CGROUP)`: no migration, no `cgroup.procs` written), and `/health`
+/// says so; on v1 it wrote itself into `cgroup.procs` before anything else.
+fn own_cgroup() -> Result<(), Failed> {
+    let Some((stoa, _)) = start_enforcing("[cgroup]\npids_max = 100\n", "cgroup_pids_max") else {
+        return Ok(());
+    };
+    let alice = uid_of(ALICE);
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let leaf_of = |out: &str| -> String {
+        // v2: "0::<path>"; v1: the pids hierarchy (the one a run always joins).
+        out.lines()
+            .find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+                let ours = if v2 {
+                    names.is_empty()
+                } else {
+                    names.split(',').any(|n| n == "pids")
+                };
+                ours.then(|| path.to_string())
+            })
+            .unwrap_or_default()
+    };
+    let mut leaves = Vec::new();
+    for _ in 0..2 {
+        let (status, run) =
+            stoa.exec(json!({ "unix_user": ALICE, "argv": ["cat", "/proc/self/cgroup"] }));
+        assert_eq!(status, 200, "{run}");
+        assert_eq!(run["exit_code"], 0, "{run}");
+        let leaf = leaf_of(run["stdout"].as_str().unwrap_or_default());
+        let (user, handle) = leaf
+            .rsplit_once('/')
+            .map(|(rest, h)| (rest.rsplit('/').next().unwrap_or(""), h))
+            .unwrap_or_default();
+        assert_eq!(user, format!("user-{alice}"), "{run}");
+        assert!(
+            handle.len() > 1
+                && handle.starts_with('h')
+                && handle[1..].bytes().all(|b| b.is_ascii_digit()),
+            "not a run's own cgroup: {leaf:?} ({run})"
+        );
+        leaves.push(leaf);
+    }
+    assert_ne!(leaves[0], leaves[1], "two runs shared a cgroup");
+    let health = stoa.wait_healthy(Duration::from_secs(10));
+    let how = health["limits"]["cgroup_join"].as_str().unwrap_or_default();
+    let expected = if v2 {
+        "born in its cgroup (clone3 CLONE_INTO_CGROUP)"
+    } else {
+        "wrote itself into cgroup.procs"
+    };
+    assert_eq!(how, format!("last run: {expected}"), "{health}");
+    eprintln!("each run in its own cgroup: {leaves:?}, {how}");
     Ok(())
 }

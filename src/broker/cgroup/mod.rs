@@ -16,7 +16,7 @@
 //! |-------------------------|--------------------------------------------------------------|
 //! | broker start            | v2 or v1 found; roots of brokers no longer alive are emptied (their processes killed) and removed |
 //! | a user's first spawn    | `user-<uid>` made and its limits written                     |
-//! | every spawn             | `h<handle>` made; the child writes itself into it while still root, before it drops privileges |
+//! | every spawn             | `h<handle>` made; v2: the child is born in it (`clone3(CLONE_INTO_CGROUP)`, no migration); v1 (and v2 kernels without it): the child writes itself into it while still root, before it drops privileges |
 //! | `Kill` with SIGKILL     | every process in `h<handle>` killed (`cgroup.kill` on v2)    |
 //! | the executor is reaped  | the limit it hit read (OOM kill, failed fork), what it left killed, `h<handle>` removed |
 //! | policy reload (SIGHUP)  | every user's limits rewritten                                 |
@@ -111,6 +111,38 @@ impl Numbers {
 #[derive(Debug)]
 pub struct SpawnCgroup {
     dirs: Vec<PathBuf>,
+    /// The user's `pids.events` "max" count when the spawn started. Kernels from 6.12
+    /// count a refused fork in the cgroup whose limit refused it (the user's) and its
+    /// ancestors, no longer in the forking (spawn's) cgroup; so a rise during the spawn
+    /// says the user's limit refused forks while it ran.
+    user_pids_max_events: u64,
+}
+
+impl SpawnCgroup {
+    /// For the recording double.
+    pub fn at(dirs: Vec<PathBuf>) -> SpawnCgroup {
+        SpawnCgroup {
+            dirs,
+            user_pids_max_events: 0,
+        }
+    }
+
+    fn user_pids_max_events(dirs: &[PathBuf]) -> u64 {
+        dirs.iter()
+            .filter_map(|d| d.parent())
+            .map(|user| counter(&user.join("pids.events"), "max"))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// What a child needs to get into its spawn's cgroup. v2: the directory, which the child
+/// is born in (`sys::ChildSpec::cgroup_dir`); v1: the `cgroup.procs` files it writes
+/// itself into, one per hierarchy.
+#[derive(Debug, Default)]
+pub struct JoinFds {
+    pub dir: Option<OwnedFd>,
+    pub procs: Vec<OwnedFd>,
 }
 
 pub struct Cgroups {
@@ -122,6 +154,8 @@ pub struct Cgroups {
     users: HashSet<u32>,
     /// Spawn directories that could not be removed yet (dying processes); retried.
     leftovers: Vec<PathBuf>,
+    /// How the last run got into its cgroup (for `/health`).
+    last_join: Option<stoa_executor::sys::CgroupJoin>,
 }
 
 const CGROUP_FS: &str = "/sys/fs/cgroup";
@@ -146,6 +180,7 @@ impl Cgroups {
             numbers,
             users: HashSet::new(),
             leftovers: Vec::new(),
+            last_join: None,
         };
         if !limits.enabled {
             return off("disabled by the policy (cgroup.enabled = false)".into());
@@ -161,6 +196,7 @@ impl Cgroups {
                     numbers,
                     users: HashSet::new(),
                     leftovers: Vec::new(),
+                    last_join: None,
                 };
                 info!(cgroups = %cgroups.describe(), "cgroups");
                 cgroups
@@ -207,6 +243,16 @@ impl Cgroups {
     /// (name, value) pairs for `/health`: each limit, or why it is not enforced.
     pub fn report(&self) -> Vec<(String, String)> {
         let mut out = vec![("cgroups".to_string(), self.describe())];
+        if self.enabled() {
+            use stoa_executor::sys::CgroupJoin;
+            let how = match self.last_join {
+                None => "no run yet",
+                Some(CgroupJoin::AtClone) => "born in its cgroup (clone3 CLONE_INTO_CGROUP)",
+                Some(CgroupJoin::Written) => "wrote itself into cgroup.procs",
+                Some(CgroupJoin::None) => "joined no cgroup",
+            };
+            out.push(("cgroup_join".into(), format!("last run: {how}")));
+        }
         let enforced = |c: Controller| self.available.contains(&c);
         let show = |c: Controller, what: String| {
             if enforced(c) {
@@ -263,6 +309,11 @@ impl Cgroups {
 
     pub fn enabled(&self) -> bool {
         !matches!(self.layout, Layout::Off { .. })
+    }
+
+    /// How the last run got into its cgroup.
+    pub fn note_join(&mut self, how: stoa_executor::sys::CgroupJoin) {
+        self.last_join = Some(how);
     }
 
     /// New limits (SIGHUP): rewritten for every user at once.
@@ -368,13 +419,14 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Makes the spawn's cgroup and opens its `cgroup.procs` files for the child to
-    /// write itself into. `Ok(None)`: cgroups are off.
+    /// Makes the spawn's cgroup and opens what the child needs to get into it: v2 the
+    /// directory (the child is born there: no migration), v1 the `cgroup.procs` files.
+    /// `Ok(None)`: cgroups are off.
     pub fn prepare(
         &mut self,
         uid: u32,
         leaf: &str,
-    ) -> Result<Option<(SpawnCgroup, Vec<OwnedFd>)>, String> {
+    ) -> Result<Option<(SpawnCgroup, JoinFds)>, String> {
         if !self.enabled() {
             return Ok(None);
         }
@@ -386,16 +438,28 @@ impl Cgroups {
             .iter()
             .map(|root| root.join(format!("user-{uid}")).join(leaf))
             .collect();
-        let spawn = SpawnCgroup { dirs };
-        let opened = (|| -> io::Result<Vec<OwnedFd>> {
-            let mut fds = Vec::new();
+        let spawn = SpawnCgroup {
+            user_pids_max_events: SpawnCgroup::user_pids_max_events(&dirs),
+            dirs,
+        };
+        let v2 = matches!(self.layout, Layout::V2 { .. });
+        let opened = (|| -> io::Result<JoinFds> {
+            let mut fds = JoinFds::default();
             for dir in &spawn.dirs {
                 make_dir(dir)?;
+                if v2 {
+                    let file = fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+                        .open(dir)?;
+                    fds.dir = Some(file.into());
+                    continue;
+                }
                 let file = fs::OpenOptions::new()
                     .write(true)
                     .custom_flags(libc::O_CLOEXEC)
                     .open(dir.join("cgroup.procs"))?;
-                fds.push(file.into());
+                fds.procs.push(file.into());
             }
             Ok(fds)
         })();
@@ -445,6 +509,7 @@ impl Cgroups {
             pids |= counter(&dir.join("pids.events"), "max") > 0
                 || counter(&dir.join("pids.events.local"), "max") > 0;
         }
+        pids |= SpawnCgroup::user_pids_max_events(&spawn.dirs) > spawn.user_pids_max_events;
         if memory {
             if let Some(max_bytes) = self.numbers.memory {
                 return Some(LimitHit::Memory { max_bytes });
@@ -471,6 +536,10 @@ impl Cgroups {
         }
     }
 
+    pub fn has_leftovers(&self) -> bool {
+        !self.leftovers.is_empty()
+    }
+
     pub fn retry_leftovers(&mut self) {
         self.leftovers.retain(
             |dir| matches!(fs::remove_dir(dir), Err(e) if e.kind() != io::ErrorKind::NotFound),
@@ -488,5 +557,62 @@ impl Cgroups {
         // removes it as stale.)
         self.users.clear();
         self.leftovers.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn cgroups(layout: Layout) -> Cgroups {
+        Cgroups {
+            layout,
+            available: Vec::new(),
+            numbers: Numbers {
+                memory: None,
+                pids: None,
+                cpu_weight: 100,
+                cpu_max_percent: None,
+            },
+            users: HashSet::new(),
+            leftovers: Vec::new(),
+            last_join: None,
+        }
+    }
+
+    /// v2: the child gets the run's directory to be born in, and no `cgroup.procs` to
+    /// write; v1: the `cgroup.procs` files, and no directory. (Plain directories stand in
+    /// for the cgroup filesystem; v1's `cgroup.procs` is made beforehand, as the kernel
+    /// makes it.)
+    #[test]
+    fn v2_hands_over_the_directory_and_v1_the_procs_files() {
+        let base = std::env::temp_dir().join(format!("stoa-cgroup-join-{}", std::process::id()));
+        let v2_root = base.join("v2");
+        fs::create_dir_all(&v2_root).unwrap();
+        let mut v2 = cgroups(Layout::V2 {
+            root: v2_root.clone(),
+        });
+        let (_, fds) = v2.prepare(1000, "h1").unwrap().expect("cgroups on");
+        assert!(fds.procs.is_empty(), "v2 handed over cgroup.procs files");
+        let dir = fds.dir.expect("v2 handed over no directory");
+        let leaf = fs::metadata(v2_root.join("user-1000/h1")).unwrap();
+        let opened = nix::sys::stat::fstat(&dir).unwrap();
+        assert_eq!(
+            (opened.st_dev, opened.st_ino),
+            (leaf.dev(), leaf.ino()),
+            "not the run's directory"
+        );
+
+        let v1_root = base.join("v1");
+        fs::create_dir_all(v1_root.join("user-1000/h1")).unwrap();
+        fs::write(v1_root.join("user-1000/h1/cgroup.procs"), "").unwrap();
+        let mut v1 = cgroups(Layout::V1 {
+            roots: vec![(Controller::Pids, v1_root)],
+        });
+        let (_, fds) = v1.prepare(1000, "h1").unwrap().expect("cgroups on");
+        assert!(fds.dir.is_none(), "v1 handed over a directory");
+        assert_eq!(fds.procs.len(), 1);
+        fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -131,9 +131,9 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         Vec::new()
     };
     let handle = b.handles.next_handle();
-    let (cgroup, cgroup_procs) = match b.os.cgroup_prepare(account.uid, &format!("h{}", handle.0)) {
+    let (cgroup, cgroup_join) = match b.os.cgroup_prepare(account.uid, &format!("h{}", handle.0)) {
         Ok(Some((cg, fds))) => (Some(cg), fds),
-        Ok(None) => (None, Vec::new()),
+        Ok(None) => (None, Default::default()),
         Err(e) => {
             error!(user = %account.name, "spawn failed: {e}");
             return refuse(b, ErrorKind::Failed, e);
@@ -145,8 +145,8 @@ pub fn spawn(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
         path: b.policy.path.clone(),
         confine,
     };
-    let launched = b.os.launch(&account, &req, &params, secrets, &cgroup_procs);
-    drop(cgroup_procs);
+    let launched = b.os.launch(&account, &req, &params, secrets, &cgroup_join);
+    drop(cgroup_join);
     let launched = match launched {
         Ok(l) => l,
         Err(e) => {
