@@ -2025,6 +2025,62 @@ fn allow_git_dirs(c: &Confine, ruleset: RawFd) -> Step {
 }
 
 // ---------------------------------------------------------------------------------------
+// The broker's re-exec (upgrade in place)
+
+/// Takes ownership of `fd`, which this process inherited across its own exec (the broker's
+/// upgrade in place lists them in its state). Refused unless it is open and above the stdio
+/// numbers; the caller makes sure each number is taken once.
+pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd <= 2 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {fd} is a stdio number, not an inherited one"),
+        ));
+    }
+    // SAFETY: F_GETFD only reads the fd's flags; an fd that is not open gives EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open (above), this process owns it (inherited; nothing else in it
+    // knows the number), and the caller takes each number once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets or clears close-on-exec on `fd` (an fd of this process; the broker's upgrade marks
+/// what it carries across its exec).
+pub fn set_fd_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    let flags = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD only changes the fd's flags; a number that is not open gives EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Replaces this process's program by `exe` (`execveat(AT_EMPTY_PATH)`: the file that was
+/// checked is the file that runs), keeping its pid, children and every fd not marked
+/// close-on-exec. Returns only on failure, with the error.
+pub fn reexec(exe: BorrowedFd<'_>, argv: &[CString], env: &[CString]) -> io::Error {
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(ptr::null());
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(ptr::null());
+    // SAFETY: both arrays are null-terminated and point into CStrings that outlive the
+    // call; on success the call does not return.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            exe.as_raw_fd(),
+            c"".as_ptr(),
+            argv_ptrs.as_ptr(),
+            env_ptrs.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+    }
+    io::Error::last_os_error()
+}
+
+// ---------------------------------------------------------------------------------------
 // Passing fds over Unix sockets
 
 /// What one `recvmsg` brought.

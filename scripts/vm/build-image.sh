@@ -20,9 +20,10 @@ trap 'rm -rf "$work"' EXIT
 root=$work/root
 
 # What the integration tests call: useradd/userdel/groupadd (passwd), runuser and setpriv
-# (util-linux), pkill (procps), getent (libc-bin), python3 for the runner.
+# (util-linux), pkill (procps), getent (libc-bin), python3 for the runner, git (the Landlock
+# test's worktree).
 packages=(systemd systemd-sysv udev dbus kmod procps iproute2 util-linux passwd
-  python3 linux-image-amd64 initramfs-tools ca-certificates)
+  python3 linux-image-amd64 initramfs-tools ca-certificates git)
 # initramfs: only what finds the root disk (virtio on PCI, ext4): 11 MB, not 36.
 # machine-id: a fixed one, or every boot is a slow "first boot".
 mmdebstrap --mode=root --variant=minbase --format=directory \

@@ -38,6 +38,7 @@ for t in \
   each_run_starts_in_a_cgroup_of_its_own \
   exit_codes_signals_stdin_and_output_limit \
   health_reports_degradation_with_reasons \
+  upgrade_in_place_keeps_every_users_work_and_a_broken_binary_changes_nothing \
   landlock_agents_write_only_where_allowed_and_exec_when_the_policy_says \
   landlock_a_confined_run_cannot_signal_its_users_other_processes \
   landlock_required_refuses_where_the_kernel_has_none \

@@ -108,6 +108,28 @@ impl Logins {
         Ok((credential, login, ended))
     }
 
+    /// What an upgrade in place carries (`upgrade.rs`): password and local log-ins by
+    /// digest, and the last number given. Delegations are not carried: they end with the
+    /// workers they were handed to, which the upgrade replaces.
+    pub fn carried(&self) -> (Vec<([u8; 32], Login)>, u64) {
+        let entries = self
+            .by_digest
+            .iter()
+            .filter(|(_, l)| !matches!(l.kind, LoginKind::Delegated { .. }))
+            .map(|(d, l)| (*d, l.clone()))
+            .collect();
+        (entries, self.next_number)
+    }
+
+    /// The log-ins an upgraded broker takes over (from [`Logins::carried`]).
+    pub fn restore(entries: Vec<([u8; 32], Login)>, next_number: u64) -> Logins {
+        Logins {
+            by_digest: entries.into_iter().collect(),
+            next_number,
+            delegations: Default::default(),
+        }
+    }
+
     /// A log-in from the local socket (its caller bounds how many there are).
     pub fn start_local(
         &mut self,

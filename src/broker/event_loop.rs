@@ -50,7 +50,11 @@ pub struct Server {
     pub shutdown: Option<Shutdown>,
     pub next_user_check: Instant,
     /// Held for the broker's life: no second broker uses its state directory meanwhile.
-    pub _state_lock: super::startup::StateLock,
+    pub state_lock: super::startup::StateLock,
+    /// The path this broker was started from: an upgrade in place runs what is there now.
+    pub exe_path: PathBuf,
+    /// An upgrade in place asked for, waiting for what is in flight (`upgrade.rs`).
+    pub upgrade: Option<super::upgrade::Pending>,
     pub workers: super::workers::Workers,
     /// What the broker made at start and removes at stop, in that order (gemini's
     /// settings file, its directory if it was not there).
@@ -62,6 +66,8 @@ impl Server {
         session::check_revocations(&mut self.broker);
         loop {
             self.advance_shutdown();
+            // Returns only if this binary goes on serving (no upgrade, or a refused one).
+            self.advance_upgrade();
             let stopping_daemon = self.shutdown.map(|s| s.phase) == Some(Stopping::Daemon);
             if stopping_daemon && self.daemon.is_none() && self.workers.by_link.is_empty() {
                 break;
@@ -87,6 +93,7 @@ impl Server {
                 self.worker_deadline(),
                 Some(self.next_user_check),
                 self.broker.cgroup_retry_at,
+                self.upgrade.map(|u| u.deadline),
             ]
             .into_iter()
             .flatten()
@@ -105,8 +112,12 @@ impl Server {
             if signalled {
                 self.handle_signals();
             }
+            // Nothing new is read while an upgrade waits (see `wait`).
+            let reading = self.upgrade.is_none();
             if let Some(ev) = daemon_events {
-                if ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+                if reading
+                    && ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                {
                     self.read_daemon();
                 }
                 if ev.contains(PollFlags::POLLOUT) {
@@ -118,7 +129,9 @@ impl Server {
                 }
             }
             for (link, ev) in worker_events {
-                if ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+                if reading
+                    && ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                {
                     self.read_worker(link);
                 }
                 if ev.contains(PollFlags::POLLOUT) {
@@ -133,7 +146,9 @@ impl Server {
             launch::check_starting(&mut self.broker);
             dirs::check_probes(&mut self.broker);
             login::check_logins(&mut self.broker);
-            super::local_login::on_ready(&mut self.broker);
+            if reading {
+                super::local_login::on_ready(&mut self.broker);
+            }
             handles::check_signallers(&mut self.broker);
             if Instant::now() >= self.next_user_check {
                 session::check_revocations(&mut self.broker);
@@ -178,8 +193,15 @@ impl Server {
         timeout: PollTimeout,
     ) -> Option<(bool, Option<PollFlags>, Vec<(u64, PollFlags)>)> {
         let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+        // While an upgrade waits for what is in flight, no new request is read (what was
+        // sent waits in the socket, and goes with the old links at the exec).
+        let read = if self.upgrade.is_some() {
+            PollFlags::empty()
+        } else {
+            PollFlags::POLLIN
+        };
         if let Some(d) = &self.daemon {
-            let mut events = PollFlags::POLLIN;
+            let mut events = read;
             if d.link.wants_write() {
                 events |= PollFlags::POLLOUT;
             }
@@ -189,7 +211,7 @@ impl Server {
         let workers_at = fds.len();
         let worker_links: Vec<u64> = self.workers.by_link.keys().copied().collect();
         for w in self.workers.by_link.values() {
-            let mut events = PollFlags::POLLIN;
+            let mut events = read;
             if w.link.wants_write() {
                 events |= PollFlags::POLLOUT;
             }
@@ -207,9 +229,9 @@ impl Server {
             fds.push(PollFd::new(c.answer.as_fd(), PollFlags::POLLIN));
         }
         if let Some(local) = &self.broker.local {
-            fds.push(PollFd::new(local.listener.as_fd(), PollFlags::POLLIN));
+            fds.push(PollFd::new(local.listener.as_fd(), read));
             for c in &local.clients {
-                fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
+                fds.push(PollFd::new(c.stream.as_fd(), read));
             }
         }
         match poll(&mut fds, timeout) {
@@ -242,6 +264,7 @@ impl Server {
                 Ok(NixSignal::SIGCHLD) => self.reap(),
                 Ok(NixSignal::SIGTERM) | Ok(NixSignal::SIGINT) => self.begin_shutdown(),
                 Ok(NixSignal::SIGHUP) => self.reload(),
+                Ok(NixSignal::SIGUSR2) => self.request_upgrade(),
                 _ => {}
             }
         }

@@ -106,6 +106,16 @@ impl HandleTable {
         }
     }
 
+    /// The number the next handle will get (an upgrade in place carries it).
+    pub fn peek_next(&self) -> u64 {
+        self.next.max(1)
+    }
+
+    /// An upgraded broker's table goes on numbering where the old one stopped.
+    pub fn set_next(&mut self, next: u64) {
+        self.next = self.next.max(next);
+    }
+
     pub fn next_handle(&mut self) -> Handle {
         let h = Handle(self.next.max(1));
         self.next = h.0 + 1;

@@ -15,6 +15,7 @@
 //! | `spawn.rs`      | building a spawn: account, environment, PTY or pipes, the job          |
 //! | `legacy_store.rs` | splitting the one daemon's old store into the users' worker stores, once |
 //! | `confine.rs`    | Landlock: the policy's `[confine]` and what each spawn gets           |
+//! | `upgrade.rs`    | upgrade in place: the state carried across the broker's own exec, checked by the new binary first |
 //! | `cgroup/`, `policy.rs`, `credentials.rs`, `users.rs`, `audit.rs`, `link.rs`, `notify.rs` | as named |
 //!
 //! One thread, never a runtime: being single-threaded is what makes `fork` safe here. The
@@ -47,6 +48,7 @@ pub mod spawn;
 mod startup;
 mod supervise;
 pub mod table;
+pub mod upgrade;
 pub mod users;
 mod workers;
 
@@ -67,6 +69,9 @@ const CGROUP_RETRY_EVERY: std::time::Duration = std::time::Duration::from_millis
 pub struct ServeOptions {
     pub broker_config: PathBuf,
     pub config: PathBuf,
+    /// Set by the broker itself when it re-execs for an upgrade in place: the sealed memfd
+    /// with its state (`upgrade.rs`).
+    pub resume_state_fd: Option<i32>,
 }
 
 /// Runs the broker until SIGTERM/SIGINT.

@@ -22,6 +22,22 @@ use super::{audit, cgroup, credentials, os, Broker, Mode, ServeOptions};
 use crate::config::DaemonConfig;
 
 pub fn start(opts: ServeOptions) -> Result<Server, String> {
+    match opts.resume_state_fd {
+        None => build(opts, None),
+        Some(fd) => {
+            // Upgraded in place: the old broker's state, checked by this binary before the
+            // exec; any failure from here on ends the broker (systemd restarts it).
+            let resumed = super::upgrade::take_state(fd)?;
+            let state = resumed.state.clone();
+            let mut server = build(opts, Some(resumed))?;
+            server.resumed(&state);
+            Ok(server)
+        }
+    }
+}
+
+fn build(opts: ServeOptions, resumed: Option<super::upgrade::Resumed>) -> Result<Server, String> {
+    use super::upgrade;
     sanitize_stdio();
     let euid = nix::unistd::geteuid().as_raw();
     let (policy, found) = Policy::load(&opts.broker_config, euid)?;
@@ -59,9 +75,16 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         0o700,
     )?;
     policy::check_trusted_path(&policy.state_dir, euid)?;
-    let state_lock = StateLock::take(&policy.state_dir)?;
-    let (credentials, token_path, created) =
+    let state_lock = match &resumed {
+        Some(r) => StateLock::inherited(r.state_lock.try_clone().map_err(|e| e.to_string())?)?,
+        None => StateLock::take(&policy.state_dir)?,
+    };
+    let (mut credentials, token_path, created) =
         credentials::Credentials::load_or_create(&policy.state_dir, euid)?;
+    if let Some(r) = &resumed {
+        credentials.logins =
+            credentials::Logins::restore(upgrade::logins_of(&r.state), r.state.next_login);
+    }
     // Users from a store written before API users had ids get one now: what the daemon
     // stores belongs to the id, and an id-0 user does not authenticate.
     match super::users::assign_missing_ids(&policy.state_dir, euid) {
@@ -74,10 +97,12 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         .clone()
         .unwrap_or_else(|| policy.state_dir.join("audit.jsonl"));
     let mut audit = audit::Audit::open(&audit_path, euid)?;
-    audit.record(
-        "broker_start",
-        serde_json::json!({ "pid": std::process::id(), "isolation": euid == 0 }),
-    );
+    if resumed.is_none() {
+        audit.record(
+            "broker_start",
+            serde_json::json!({ "pid": std::process::id(), "isolation": euid == 0 }),
+        );
+    }
     if created {
         info!(path = %token_path.display(), "created the admin token");
         eprintln!("stoa: admin token written to {}", token_path.display());
@@ -95,8 +120,10 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         0o755,
     )?;
     policy::check_trusted_path(&policy.workers_dir, euid)?;
-    // Before capabilities are dropped: the old store is the service user's.
-    if let Err(e) = super::legacy_store::split(
+    // Before capabilities are dropped: the old store is the service user's. (Not after an
+    // upgrade in place: the first start did it, and the capabilities are gone.)
+    if resumed.is_some() {
+    } else if let Err(e) = super::legacy_store::split(
         &daemon_config.state_dir,
         &policy.workers_dir,
         &policy.state_dir,
@@ -119,8 +146,10 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
     }
     let executor = open_program(&executor_path)?;
     info!(path = %executor_path.display(), "executor");
-    let self_path =
-        std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let self_path = match &resumed {
+        Some(r) => PathBuf::from(&r.state.exe_path),
+        None => std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?,
+    };
     if executor_path == self_path {
         warn!(
             "no stoa-executor beside {}: stoa itself runs as the executor (slower to start; `cargo build --release --workspace` builds it)",
@@ -129,8 +158,11 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
     }
     let self_exe = open_program(&self_path)?;
 
-    let listener = std::net::TcpListener::bind(&daemon_config.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", daemon_config.listen))?;
+    let listener = match &resumed {
+        Some(r) => std::net::TcpListener::from(r.listener.try_clone().map_err(|e| e.to_string())?),
+        None => std::net::TcpListener::bind(&daemon_config.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", daemon_config.listen))?,
+    };
     info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
     let tty_gid = nix::unistd::Group::from_name("tty")
         .ok()
@@ -156,7 +188,9 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
     }
 
     let mut made_files = vec![];
-    if euid == 0 {
+    if let Some(r) = &resumed {
+        made_files = r.state.made_files.iter().map(PathBuf::from).collect();
+    } else if euid == 0 {
         // Gemini needs its auth type in a settings file only root can write (see
         // agents::gemini): a user with no ~/.gemini then runs it from stoa's config alone.
         let path = Path::new(stoa_executor::agents::gemini::SYSTEM_SETTINGS_PATH);
@@ -179,6 +213,7 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         NixSignal::SIGTERM,
         NixSignal::SIGINT,
         NixSignal::SIGHUP,
+        NixSignal::SIGUSR2,
     ] {
         mask.add(s);
     }
@@ -221,7 +256,37 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
     if broker.direct_path {
         warn!("execution.use_executor = false: agents run on the direct path, started by each user's worker as that user, without the executor (no per-run cgroup, limits or confinement); their workers get their secrets");
     }
-    if let Some(path) = local_socket {
+    let mut resumed = resumed;
+    if let Some(r) = resumed.as_mut() {
+        broker.handles = std::mem::take(&mut r.handles);
+        broker.shares = upgrade::grants_of(&r.state);
+        broker.stats = r.state.stats.clone();
+        broker.announced = true;
+        if let (Some(local), Some(listener)) = (&r.state.local, r.local_listener.take()) {
+            broker.local = Some(super::local_login::LocalLogins {
+                path: PathBuf::from(&local.path),
+                made_dir: local.made_dir,
+                listener: listener.into(),
+                clients: std::mem::take(&mut r.local_clients)
+                    .into_iter()
+                    .map(|(fd, uid, login)| super::local_login::Client {
+                        stream: fd.into(),
+                        uid,
+                        login,
+                    })
+                    .collect(),
+            });
+        }
+    } else {
+        broker.stats.broker = crate::wire::BrokerRun {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            started_at: credentials::now_secs(),
+            upgraded_at: None,
+            upgrades: 0,
+        };
+    }
+    if let Some(path) = local_socket.filter(|_| resumed.is_none()) {
         match super::local_login::bind(&path) {
             Ok((listener, made_dir)) => {
                 info!(path = %path.display(), "local log-in socket");
@@ -249,9 +314,17 @@ pub fn start(opts: ServeOptions) -> Result<Server, String> {
         signals,
         shutdown: None,
         next_user_check: Instant::now(),
-        workers: Default::default(),
+        workers: super::workers::Workers {
+            dying: resumed
+                .as_ref()
+                .map(|r| upgrade::dying_of(&r.state))
+                .unwrap_or_default(),
+            ..Default::default()
+        },
         made_files,
-        _state_lock: state_lock,
+        state_lock,
+        exe_path: self_path,
+        upgrade: None,
     })
 }
 
@@ -262,10 +335,61 @@ const STATE_LOCK_FILE: &str = "broker.lock";
 /// two brokers sharing one would hand out each other's credentials and race on its files.
 /// The kernel lets it go when the broker dies, however it dies.
 pub struct StateLock {
-    _flock: nix::fcntl::Flock<std::fs::File>,
+    flock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl StateLock {
+    /// Its fd, for an upgrade in place to carry (the lock stays held across the exec: it
+    /// belongs to the open file, not to the program).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.flock.as_fd()
+    }
+
+    /// The lock an upgraded broker inherited: still held (checked), its pid written again.
+    pub fn inherited(fd: std::os::fd::OwnedFd) -> Result<StateLock, String> {
+        let file = std::fs::File::from(fd);
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(flock) => Ok(StateLock { flock }),
+            Err((_, e)) => Err(format!("the inherited state lock: {e}")),
+        }
+    }
+
+    /// The pid of the broker holding the lock on `state_dir` (`stoa daemon upgrade`):
+    /// `Ok(None)` when no broker holds it.
+    pub fn holder(state_dir: &Path) -> Result<Option<i32>, String> {
+        let path = state_dir.join(STATE_LOCK_FILE);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+        };
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
+            Ok(_) => Ok(None),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                text.trim().parse().map(Some).map_err(|_| {
+                    format!(
+                        "{} is locked but names no pid (a broker older than upgrade in place?)",
+                        path.display()
+                    )
+                })
+            }
+            Err((_, e)) => Err(format!("cannot check {}: {e}", path.display())),
+        }
+    }
+
+    /// Writes this process's pid into the locked file, for [`StateLock::holder`].
+    fn write_pid(&self) -> Result<(), String> {
+        use std::io::{Seek, Write};
+        let mut f: &std::fs::File = &self.flock;
+        f.set_len(0)
+            .and_then(|_| f.seek(std::io::SeekFrom::Start(0)))
+            .and_then(|_| writeln!(f, "{}", std::process::id()))
+            .map_err(|e| format!("cannot write the broker's pid into its lock file: {e}"))
+    }
+
     pub fn take(state_dir: &Path) -> Result<StateLock, String> {
         let path = state_dir.join(STATE_LOCK_FILE);
         let file = OpenOptions::new()
@@ -277,7 +401,11 @@ impl StateLock {
             .open(&path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(flock) => Ok(StateLock { _flock: flock }),
+            Ok(flock) => {
+                let lock = StateLock { flock };
+                lock.write_pid()?;
+                Ok(lock)
+            }
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(format!(
                 "another stoa broker is running with the state directory {} (it holds {}); \
                  stop it first (systemctl stop stoa), or give this one a state_dir of its own \
@@ -365,7 +493,7 @@ fn raise_fd_limit() {
 }
 
 /// Opens a program to run later with `execveat`, so what was checked is what runs.
-fn open_program(path: &Path) -> Result<OwnedFd, String> {
+pub fn open_program(path: &Path) -> Result<OwnedFd, String> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH)

@@ -47,6 +47,18 @@ enum Command {
         /// The daemon's configuration file.
         #[arg(long, env = "STOA_CONFIG")]
         config: Option<PathBuf>,
+        /// Given by the broker to itself when it upgrades in place (`stoa daemon upgrade`).
+        #[arg(long, hide = true)]
+        resume_state_fd: Option<i32>,
+    },
+    /// The check a new binary makes of a running broker's state before that broker execs it
+    /// (run by the broker, with the state on fd 3).
+    #[command(name = "__broker-check-state", hide = true)]
+    InternalBrokerCheckState {
+        #[arg(long)]
+        broker_config: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Run a command as a Unix user through stoa; prints its output and exits with its code.
     Exec {
@@ -136,13 +148,28 @@ pub fn main() -> ExitCode {
         let _ = stoa_executor::sys::default_sigpipe();
     }
     match cli.command {
+        Command::InternalBrokerCheckState {
+            broker_config,
+            config,
+        } => match crate::broker::upgrade::check_state_main(&broker_config, &config) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("refused: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve {
             broker_config,
             config: daemon_config,
+            resume_state_fd,
         } => {
             let opts = crate::broker::ServeOptions {
                 broker_config: broker_config.unwrap_or_else(config::default_broker_config),
                 config: daemon_config.unwrap_or_else(config::default_daemon_config),
+                resume_state_fd,
             };
             match crate::broker::serve(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -148,6 +148,18 @@ pub enum DaemonCommand {
         /// The Unix user whose worker to replace.
         user: String,
     },
+    /// Upgrade the running broker in place (root; `systemctl reload stoa` runs this): it
+    /// re-execs the binary now installed, keeping its pid and every user's shells, agents
+    /// and terminal output, and replaces the front and the workers (viewers reconnect). A
+    /// new binary that does not accept the broker's state leaves the old one serving.
+    Upgrade {
+        /// The broker's policy file (where its state directory is).
+        #[arg(long, env = "STOA_BROKER_CONFIG")]
+        broker_config: Option<std::path::PathBuf>,
+        /// How long to wait for the outcome, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 fn client() -> Result<Client, String> {
@@ -705,7 +717,36 @@ fn daemon_status(h: &Value) {
     ]);
 }
 
+/// `stoa daemon upgrade`: exit 0 upgraded, 1 the broker stayed on its binary, 2 it could
+/// not be asked or did not answer.
+fn upgrade(broker_config: Option<std::path::PathBuf>, timeout: u64) -> ExitCode {
+    let path = broker_config.unwrap_or_else(crate::config::default_broker_config);
+    let timeout = std::time::Duration::from_secs(timeout);
+    match crate::broker::upgrade::ask(&path, timeout) {
+        Ok(o) => {
+            eprintln!(
+                "stoa: the broker (pid {}) upgraded in place from {} to {}; every user's work goes on (viewers reconnect)",
+                o.pid,
+                o.from,
+                o.to.unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err((code, why)) => {
+            eprintln!("stoa daemon upgrade: {why}");
+            ExitCode::from(code)
+        }
+    }
+}
+
 pub fn daemon(cmd: DaemonCommand) -> ExitCode {
+    if let DaemonCommand::Upgrade {
+        broker_config,
+        timeout,
+    } = cmd
+    {
+        return upgrade(broker_config, timeout);
+    }
     done((|| {
         let c = client()?;
         match cmd {
@@ -739,6 +780,7 @@ pub fn daemon(cmd: DaemonCommand) -> ExitCode {
                 }
                 return Err("no daemon answered within 10 s after the restart".into());
             }
+            DaemonCommand::Upgrade { .. } => unreachable!("handled above"),
             DaemonCommand::RestartWorker { user } => {
                 let v = c
                     .post(&format!("/workers/{user}/restart"), &json!({}))

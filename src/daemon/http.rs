@@ -200,18 +200,31 @@ async fn health(State(state): State<Arc<FrontState>>, headers: HeaderMap) -> Res
         )),
         Ok(_) => {}
     }
-    let limits: serde_json::Map<String, serde_json::Value> =
-        match state.link.request(RequestBody::Stats).await {
-            Ok(r) => match r.body {
-                ReplyBody::Stats(stats) => stats
-                    .limits
-                    .into_iter()
-                    .map(|(k, v)| (k, json!(v)))
-                    .collect(),
-                _ => Default::default(),
-            },
-            Err(_) => Default::default(),
-        };
+    let stats = match state.link.request(RequestBody::Stats).await {
+        Ok(r) => match r.body {
+            ReplyBody::Stats(stats) => Some(stats),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    let limits: serde_json::Map<String, serde_json::Value> = stats
+        .iter()
+        .flat_map(|s| s.limits.iter().map(|(k, v)| (k.clone(), json!(v))))
+        .collect();
+    // The broker process: an upgrade in place keeps its pid and changes its version.
+    let rfc3339 = |secs: u64| {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        humantime::format_rfc3339_seconds(t).to_string()
+    };
+    let broker = stats.map(|s| {
+        json!({
+            "version": s.broker.version,
+            "pid": s.broker.pid,
+            "started_at": rfc3339(s.broker.started_at),
+            "upgraded_at": s.broker.upgraded_at.map(rfc3339),
+            "upgrades": s.broker.upgrades,
+        })
+    });
     let body = json!({
         "status": if problems.is_empty() { "ok" } else { "degraded" },
         "problems": problems,
@@ -224,6 +237,7 @@ async fn health(State(state): State<Arc<FrontState>>, headers: HeaderMap) -> Res
         "state_dir_free_bytes": free.ok(),
         "limits": limits,
         "version": env!("CARGO_PKG_VERSION"),
+        "broker": broker,
         "warning": warning,
     });
     let status = if problems.is_empty() {

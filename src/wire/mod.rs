@@ -60,7 +60,7 @@
 use bincode::{Decode, Encode};
 
 /// Bumped on every incompatible change; the broker refuses a daemon that speaks another.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Limits on what one request may carry, checked by the broker (the frame limit bounds the
 /// total; these bound each part so no single field can eat it).
@@ -470,6 +470,21 @@ pub struct BrokerStats {
     pub handles: u64,
     /// The limits the broker enforces now, as (name, value) for `/health`.
     pub limits: Vec<(String, String)>,
+    /// The broker process: its version, since when, and its upgrades in place.
+    pub broker: BrokerRun,
+}
+
+/// The running broker, for `/health`: an upgrade in place keeps the pid and changes the
+/// version.
+#[derive(Encode, Decode, Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerRun {
+    pub version: String,
+    pub pid: u32,
+    /// Seconds since the Unix epoch: when this pid started (an upgrade keeps it).
+    pub started_at: u64,
+    /// When it last re-exec'd a new binary (`stoa daemon upgrade`), if ever.
+    pub upgraded_at: Option<u64>,
+    pub upgrades: u64,
 }
 
 /// Who a credential belongs to.

@@ -22,6 +22,7 @@ mod shares;
 mod terminal_browser;
 mod terminal_cli;
 mod terminals;
+mod upgrade;
 mod viewer;
 mod workers;
 
@@ -57,6 +58,7 @@ fn main() {
         workers::TESTS,
         cli_human::TESTS,
         confine::TESTS,
+        upgrade::TESTS,
     ]
     .concat()
     .into_iter()

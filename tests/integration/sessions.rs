@@ -186,7 +186,7 @@ fn read(path: &str) -> String {
         .to_string()
 }
 
-fn create_session(stoa: &Instance, token: &str, tool: &str, worktree: &str) -> String {
+pub(crate) fn create_session(stoa: &Instance, token: &str, tool: &str, worktree: &str) -> String {
     let (status, s) = stoa.request(
         "POST",
         "/sessions",
@@ -197,7 +197,7 @@ fn create_session(stoa: &Instance, token: &str, tool: &str, worktree: &str) -> S
     s["session_id"].as_str().unwrap().to_string()
 }
 
-fn prompt(stoa: &Instance, token: &str, session: &str, text: &str) -> String {
+pub(crate) fn prompt(stoa: &Instance, token: &str, session: &str, text: &str) -> String {
     let (status, t) = stoa.request(
         "POST",
         &format!("/sessions/{session}/prompt"),
@@ -209,7 +209,7 @@ fn prompt(stoa: &Instance, token: &str, session: &str, text: &str) -> String {
     t["task_id"].as_str().unwrap().to_string()
 }
 
-fn wait_task(stoa: &Instance, token: &str, task: &str) -> Value {
+pub(crate) fn wait_task(stoa: &Instance, token: &str, task: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, t) = stoa.request("GET", &format!("/tasks/{task}"), Some(token), None);
@@ -222,7 +222,7 @@ fn wait_task(stoa: &Instance, token: &str, task: &str) -> Value {
     }
 }
 
-fn messages(stoa: &Instance, token: &str, session: &str) -> Vec<Value> {
+pub(crate) fn messages(stoa: &Instance, token: &str, session: &str) -> Vec<Value> {
     let (status, m) = stoa.request(
         "GET",
         &format!("/sessions/{session}/messages"),
@@ -233,7 +233,7 @@ fn messages(stoa: &Instance, token: &str, session: &str) -> Vec<Value> {
     m.as_array().cloned().unwrap_or_default()
 }
 
-fn kinds(msgs: &[Value]) -> Vec<String> {
+pub(crate) fn kinds(msgs: &[Value]) -> Vec<String> {
     msgs.iter()
         .map(|m| m["event"]["kind"].as_str().unwrap_or("").to_string())
         .collect()

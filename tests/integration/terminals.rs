@@ -55,22 +55,22 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
     ),
 ];
 
-fn open(stoa: &Instance, token: &str, body: Value) -> Value {
+pub(crate) fn open(stoa: &Instance, token: &str, body: Value) -> Value {
     let (status, t) = stoa.request("POST", "/terminals", Some(token), Some(&body));
     assert_eq!(status, 201, "{t}");
     t
 }
 
 /// A blocking `stoa.term.v1` client that keeps what it received.
-struct Viewer {
+pub(crate) struct Viewer {
     ws: tungstenite::WebSocket<TcpStream>,
-    output: Vec<u8>,
+    pub(crate) output: Vec<u8>,
     /// Offset just past the last OUTPUT byte received.
-    offset: u64,
+    pub(crate) offset: u64,
     exit: Option<Exit>,
     errors: Vec<String>,
-    snapshots: usize,
-    closed: bool,
+    pub(crate) snapshots: usize,
+    pub(crate) closed: bool,
     /// Send ACKs as output arrives.
     acking: bool,
     /// The window size HELLO announces (a writer's is applied).
@@ -78,7 +78,7 @@ struct Viewer {
 }
 
 /// Connects; `Err(status)` if the upgrade is refused.
-fn connect(
+pub(crate) fn connect(
     stoa: &Instance,
     id: &str,
     token: Option<&str>,
@@ -132,7 +132,7 @@ impl Viewer {
         self.ws.send(Message::Binary(f.encode().into())).unwrap();
     }
 
-    fn hello(&mut self, resume: u64, want_write: bool) -> ServerFrame {
+    pub(crate) fn hello(&mut self, resume: u64, want_write: bool) -> ServerFrame {
         self.send(ClientFrame::Hello {
             resume,
             cols: self.size.0,
@@ -151,12 +151,12 @@ impl Viewer {
         }
     }
 
-    fn type_text(&mut self, text: &str) {
+    pub(crate) fn type_text(&mut self, text: &str) {
         self.send(ClientFrame::Input(text.as_bytes().to_vec()));
     }
 
     /// The next frame (recording output, exit and errors), or None after `wait`.
-    fn next(&mut self, wait: Duration) -> Option<ServerFrame> {
+    pub(crate) fn next(&mut self, wait: Duration) -> Option<ServerFrame> {
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline && !self.closed {
             match self.ws.read() {
@@ -171,8 +171,11 @@ impl Viewer {
                             self.output.extend_from_slice(bytes);
                             self.offset += bytes.len() as u64;
                             if self.acking {
+                                // The server may have gone since (a worker replaced):
+                                // the next read says so.
                                 let consumed = self.offset;
-                                self.send(ClientFrame::Ack { consumed });
+                                let ack = ClientFrame::Ack { consumed }.encode();
+                                let _ = self.ws.send(Message::Binary(ack.into()));
                             }
                         }
                         ServerFrame::Snapshot { offset, .. } => {
@@ -198,7 +201,7 @@ impl Viewer {
         None
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.output).into_owned()
     }
 
@@ -216,7 +219,7 @@ impl Viewer {
     }
 
     /// Reads until the output contains `needle`.
-    fn wait_for(&mut self, needle: &str, wait: Duration) {
+    pub(crate) fn wait_for(&mut self, needle: &str, wait: Duration) {
         let deadline = Instant::now() + wait;
         while !self.text().contains(needle) {
             assert!(
@@ -678,7 +681,7 @@ fn holds_ring(pid: i32) -> bool {
 }
 
 /// The numbers of the complete `line N` lines in `text`, in order.
-fn line_numbers(text: &str) -> Vec<u64> {
+pub(crate) fn line_numbers(text: &str) -> Vec<u64> {
     let mut lines: Vec<&str> = text.split("\r\n").collect();
     lines.pop(); // what follows the last line end: a line still being written
     lines

@@ -119,6 +119,19 @@ pub struct SpawnCgroup {
 }
 
 impl SpawnCgroup {
+    /// What an upgrade in place carries (`upgrade.rs`): the directories and the count.
+    pub fn parts(&self) -> (Vec<PathBuf>, u64) {
+        (self.dirs.clone(), self.user_pids_max_events)
+    }
+
+    /// Back from [`SpawnCgroup::parts`] in the upgraded broker.
+    pub fn from_parts(dirs: Vec<PathBuf>, user_pids_max_events: u64) -> SpawnCgroup {
+        SpawnCgroup {
+            dirs,
+            user_pids_max_events,
+        }
+    }
+
     /// For the recording double.
     pub fn at(dirs: Vec<PathBuf>) -> SpawnCgroup {
         SpawnCgroup {

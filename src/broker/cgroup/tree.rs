@@ -89,8 +89,15 @@ fn setup_v1(base: &Path, me: &Instance, c: Controller) -> Result<PathBuf, String
 }
 
 fn setup_v2(base: &Path, me: &Instance, available: &[Controller]) -> Result<PathBuf, String> {
+    let leaf_name = format!("{}.broker", me.root_name());
+    // After an upgrade in place (the same pid, re-exec'd) the broker is already in its
+    // leaf: the tree it set up is below the leaf's parent.
+    let base = match base.parent() {
+        Some(parent) if base.file_name().is_some_and(|n| *n == *leaf_name) => parent,
+        _ => base,
+    };
     clean_stale(base, me);
-    let leaf = base.join(format!("{}.broker", me.root_name()));
+    let leaf = base.join(&leaf_name);
     let root = base.join(me.root_name());
     let ctx = |what: &str, p: &Path, e: io::Error| format!("{what} {}: {e}", p.display());
     // A v2 cgroup that delegates controllers to children may hold no processes itself:
