@@ -6,7 +6,7 @@
 //! |------------|--------------------------------------|---------------------------------------|
 //! | `Starting` | forked, exec not yet reported        | nothing: it has not heard of it       |
 //! | `Running`  | the child reported its exec          | `Kill`, `Adopt`, `Release`, see it listed |
-//! | `Exited`   | reaped (the exit went to the daemon) | `Release`, see it listed; never signal or adopt |
+//! | `Exited`   | reaped (the exit went to the daemon) | `Release`, see it listed, `Adopt` (its fds and exit, to drain what it wrote); never signal |
 //! | `Failed`   | the child failed before exec, or never reported | nothing; dropped when reaped |
 //!
 //! An entry goes when its process is reaped **and** the daemon released it (or never

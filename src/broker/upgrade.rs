@@ -188,7 +188,13 @@ impl State {
                     h.info.handle.0, self.next_handle
                 ));
             }
-            if !handles.insert(h.info.handle) || !pids.insert(h.info.pid) || h.info.pid <= 1 {
+            // An exited handle's pid may be another process's by now: only the unreaped
+            // must be unique.
+            let unreaped = !matches!(h.life, LifeState::Exited(_));
+            if !handles.insert(h.info.handle)
+                || (unreaped && !pids.insert(h.info.pid))
+                || h.info.pid <= 1
+            {
                 return Err(format!(
                     "handle {} (pid {}) is named twice or has no pid of its own",
                     h.info.handle.0, h.info.pid
@@ -877,6 +883,13 @@ pub fn take_state(fd: RawFd) -> Result<Resumed, String> {
             cgroup: h.cgroup.clone().map(cgroup_back),
         });
     }
+    // An exited handle is not looked up by pid again (its pid may be reused), as in
+    // `handlers::handles::on_reaped`.
+    for h in &state.handles {
+        if matches!(h.life, LifeState::Exited(_)) {
+            handles.forget_pid(h.info.pid);
+        }
+    }
     handles.set_next(state.next_handle);
     Ok(Resumed {
         state,
@@ -1061,6 +1074,96 @@ mod tests {
             made_files: vec![],
             stats: BrokerStats::default(),
         }
+    }
+
+    /// A state with every kind of entry, as a running broker of this version writes it.
+    fn full_state() -> State {
+        use crate::wire::{Confinement, FdLayout, Handle, LimitHit, Program};
+        let mut s = state();
+        s.handles = vec![HandleState {
+            info: HandleInfo {
+                handle: Handle(2),
+                pid: 4242,
+                unix_user: "alice".into(),
+                uid: 1001,
+                program: Program::Exec {
+                    argv: vec!["claude".into(), "-p".into()],
+                },
+                fds: FdLayout::Pipes { stdin: true },
+                exited: Some(ExitStatus::Signal(9)),
+                limit_hit: Some(LimitHit::Pids { max: 64 }),
+                started_at: 1_790_000_000,
+                confinement: Confinement::Landlock { abi: 6 },
+            },
+            principal: "unix:1001".into(),
+            account: AccountState {
+                name: "alice".into(),
+                uid: 1001,
+                gid: 1001,
+                home: "/home/alice".into(),
+                shell: "/bin/bash".into(),
+                groups: vec![1001, 27],
+            },
+            life: LifeState::Exited(ExitStatus::Code(3)),
+            pidfd: 10,
+            kept: vec![11, 12],
+            kept_stdin: true,
+            purpose: Purpose::Agent,
+            released: false,
+            cgroup: Some(CgroupState {
+                dirs: vec!["/sys/fs/cgroup/stoa.1.2/user-1001/h2".into()],
+                user_pids_max_events: 7,
+            }),
+        }];
+        s.logins = vec![LoginState {
+            digest: [7; 32],
+            number: 5,
+            uid: 1001,
+            unix_user: "alice".into(),
+            expires_at: 1_790_086_400,
+            local: true,
+        }];
+        s.next_login = 5;
+        s.shares = vec![GrantState {
+            info: ShareInfo {
+                object: "u1001-t1".into(),
+                owner: "unix:1001".into(),
+                grantee: "unix:1002".into(),
+                input: false,
+                expires_at: None,
+                granted_at: 1_790_000_001,
+            },
+            owner_uid: 1001,
+            grantee_uid: 1002,
+        }];
+        s.dying = vec![DyingState {
+            pid: 4000,
+            cgroup: None,
+        }];
+        s.made_files = vec!["/run/stoa/gemini-settings.json".into()];
+        s.stats.broker.upgrades = 2;
+        s
+    }
+
+    /// The state this version writes, kept as bytes in the repository: a change to
+    /// [`State`] that would stop a new broker from reading what the running (old) one hands
+    /// it fails here. Then bump [`STATE_VERSION`], keep the old layout as a type of its own
+    /// that [`decode`] converts, and add the new version's file beside this one.
+    /// (`STOA_WRITE_STATE_FIXTURE=1` writes the file for a new version.)
+    #[test]
+    fn the_state_a_running_broker_of_this_version_hands_on_still_decodes() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/fixtures/broker-state-v{STATE_VERSION}.bin"));
+        let bytes = encode(&full_state()).unwrap();
+        if std::env::var_os("STOA_WRITE_STATE_FIXTURE").is_some() {
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let kept = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(decode(&kept).unwrap(), full_state());
+        assert_eq!(
+            kept, bytes,
+            "the encoding of version {STATE_VERSION} changed"
+        );
     }
 
     #[test]

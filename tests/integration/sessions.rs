@@ -48,6 +48,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         "killed_worker_mid_task_loses_no_message",
         worker_killed_mid_task,
     ),
+    (
+        "an_agent_that_ends_while_its_worker_is_down_is_recorded_in_full",
+        agent_ends_while_its_worker_is_down,
+    ),
     ("cli_prompt_wait_config_and_users", cli),
     (
         "sigterm_lets_tasks_finish_records_every_end_and_exits_0",
@@ -990,6 +994,56 @@ fn worker_killed_mid_task() -> Result<(), Failed> {
     assert!(stoa.log().contains("taking over a running task"));
     // The front was not involved.
     assert_eq!(stoa.daemon_pid(), Some(front));
+    Ok(())
+}
+
+/// An agent that ends while its user's worker is down (stopped, then killed): what it wrote
+/// waits in its pipe, its exit in the broker; the next worker adopts the exited handle and
+/// records the whole run, not "interrupted".
+fn agent_ends_while_its_worker_is_down() -> Result<(), Failed> {
+    let fakes = Fakes::install();
+    let stoa = start(&fakes, "");
+    let alice = stoa.api_user("alice", ALICE);
+    let session = create_session(&stoa, &alice, "claude-code", &worktree(ALICE));
+    let task = prompt(&stoa, &alice, &session, "SLOW");
+    wait_until("two messages", Duration::from_secs(10), || {
+        messages(&stoa, &alice, &session).len() >= 2
+    });
+    let agent: Vec<i32> = live_processes_of(ALICE)
+        .into_iter()
+        .filter(|(_, argv)| argv.iter().any(|a| a.ends_with("fake-agent")))
+        .map(|(p, _)| p)
+        .collect();
+    assert!(!agent.is_empty(), "alice's agent is not running");
+    let worker = worker_pid(&stoa, ALICE).expect("alice's worker");
+    run("kill", &["-STOP", &worker.to_string()]);
+    // The agent writes the rest and ends, unread; the broker reaps it.
+    wait_until("the agent to end", Duration::from_secs(20), || {
+        agent.iter().all(|p| !alive(*p))
+    });
+    run("kill", &["-KILL", &worker.to_string()]);
+    // Until the broker noticed, a request may reach the dead one (502, try again).
+    wait_until("alice's new worker", Duration::from_secs(20), || {
+        worker_pid(&stoa, ALICE).is_some_and(|p| p != worker)
+            && stoa
+                .request("GET", &format!("/tasks/{task}"), Some(&alice), None)
+                .0
+                == 200
+    });
+    let t = wait_task(&stoa, &alice, &task);
+    assert_eq!(t["status"], "completed", "{t}\n{}", stoa.log());
+    let msgs = messages(&stoa, &alice, &session);
+    assert_eq!(
+        kinds(&msgs),
+        [
+            "session_started",
+            "tool_use",
+            "tool_result",
+            "assistant_text",
+            "result"
+        ]
+    );
+    assert_ne!(worker_pid(&stoa, ALICE), Some(worker));
     Ok(())
 }
 

@@ -228,13 +228,9 @@ pub fn adopt(b: &mut Broker, ctx: &Ctx, body: RequestBody) -> Outcome {
     let RequestBody::Adopt { handle } = body else {
         unreachable!("the table routes only Adopt here")
     };
+    // An exited handle is adopted too: what it wrote may still wait in its pipes or PTY
+    // (it ended while its worker was being replaced), and its exit status comes with it.
     let entry = b.handles.visible(handle).expect("checked by the table");
-    if !entry.running() {
-        return error(
-            ErrorKind::Failed,
-            format!("handle {} has exited; there is nothing to adopt", handle.0),
-        );
-    }
     let fds: Result<Vec<OwnedFd>, _> = entry.kept.iter().map(|f| f.try_clone()).collect();
     let mut info = entry.info.clone();
     match fds {
