@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use stoa::terminal::protocol::ServerFrame;
 
 use crate::harness::*;
+use crate::login::{cookie_of, http, login, set_password};
 use crate::sessions::{create_session, kinds, messages, prompt, wait_task, worktree, Fakes};
 use crate::terminals::{connect, line_numbers, open};
 
@@ -103,6 +104,22 @@ fn upgrade_in_place() -> Result<(), Failed> {
         .collect();
     assert!(!agent.is_empty(), "bob's agent is not running");
 
+    // alice also logged in with her password (a browser's cookie): the log-in is carried.
+    set_password(ALICE, "upgrade horse 1");
+    let logged_in = login(stoa.port, ALICE, "upgrade horse 1");
+    assert_eq!(logged_in.status, 200, "{:?}", logged_in.body);
+    let cookie = cookie_of(&logged_in);
+    let as_cookie = |stoa: &Instance| {
+        http(
+            stoa.port,
+            "GET",
+            "/terminals",
+            &[("Cookie", cookie.as_str())],
+            None,
+        )
+    };
+    assert_eq!(as_cookie(&stoa).status, 200);
+
     let broker = stoa.broker_pid();
     let (old_exe, old_ino) = exe_of(broker);
     let front = stoa.daemon_pid().expect("front");
@@ -117,7 +134,9 @@ fn upgrade_in_place() -> Result<(), Failed> {
     install(&pristine, &installed, b"\0stoa-upgrade-test-build-2");
     let new_ino = std::fs::metadata(&installed).unwrap().ino();
     assert_ne!(new_ino, old_ino);
+    let asked = Instant::now();
     let (code, said) = upgrade(&stoa, &installed);
+    let took = asked.elapsed();
     assert_eq!(code, 0, "{said}\n{}", stoa.log());
     assert!(said.contains("upgraded in place"), "{said}");
 
@@ -142,7 +161,13 @@ fn upgrade_in_place() -> Result<(), Failed> {
         assert_eq!(exe_of(p).1, new_ino, "process {p} runs the old binary");
     }
     let health = stoa.wait_healthy(Duration::from_secs(20));
+    eprintln!(
+        "upgrade in place: the command took {took:?}; serving again (/health) after {:?}",
+        asked.elapsed()
+    );
     assert_eq!(health["broker"]["upgrades"], 1, "{health}");
+    let listed = as_cookie(&stoa);
+    assert_eq!(listed.status, 200, "the log-in was lost: {:?}", listed.body);
     assert_eq!(health["broker"]["pid"], broker, "{health}");
     assert!(health["broker"]["upgraded_at"].is_string(), "{health}");
     assert_eq!(
