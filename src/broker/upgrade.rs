@@ -6,15 +6,16 @@
 //! | step     | where                 | what                                                    |
 //! |----------|-----------------------|---------------------------------------------------------|
 //! | ask      | `stoa daemon upgrade` | SIGUSR2 to the pid in the state lock file; waits for [`OUTCOME_FILE`] |
-//! | quiesce  | the loop              | links and the local socket are no longer read; what is in flight (children before exec, directory and password checks, signallers) ends within its own deadline, or the upgrade is refused after [`QUIESCE_DEADLINE`] |
-//! | snapshot | [`State`]             | the handle table (pidfds, kept fds, cgroups), log-ins, shares, local log-ins, the listener, the state lock, counters |
-//! | seal     | a memfd               | [`STATE_MAGIC`], [`STATE_VERSION`], bincode; sealed against any change |
-//! | check    | the new binary        | `stoa __broker-check-state` reads the memfd, the policy and the config as the new broker will, and says `ok`; anything else (or nothing within [`CHECK_DEADLINE`]) and the old broker keeps serving |
-//! | commit   | `execveat`            | the carried fds lose close-on-exec, the rest (links) close |
-//! | resume   | `startup::resume`     | the new broker takes the fds back, tells the old front and workers to go, starts a new front and the workers of users with work |
+//! | quiesce  | the loop              | links and the local socket are no longer polled; what is in flight (children before exec, directory and password checks, signallers) ends within its own deadline, or the upgrade is refused after [`QUIESCE_DEADLINE`] |
+//! | check    | the new binary        | a snapshot ([`State`]: handles with pidfds, kept fds and cgroups, log-ins, shares, local log-ins, listener, state lock, counters) in a sealed memfd ([`STATE_MAGIC`], [`STATE_VERSION`], bincode); `stoa __broker-check-state` reads it, the policy and the config as the new broker will, and says `ok`; anything else (or nothing within [`CHECK_DEADLINE`]) and the old broker keeps serving, undisturbed |
+//! | retire   | the loop              | the front and the workers are asked to stop (each stores what it read: terminals into their rings, agent runs up to a line end) and not started again; waited for up to [`RETIRE_DEADLINE`] |
+//! | commit   | `execveat`            | the final snapshot, checked again; the carried fds lose close-on-exec, the rest (links) close |
+//! | resume   | `startup::resume`     | the new broker takes the fds back, starts a new front and the workers of users with work, which adopt |
 //!
-//! A failure before the exec leaves the old broker as it was (close-on-exec set again,
-//! links read again) and says why in [`OUTCOME_FILE`], the log and the audit log.
+//! A refusal at the check leaves the old broker undisturbed; a failure after the retire (the
+//! second check, or the exec itself: rare) leaves it serving too, with a new front and
+//! workers started as after any restart. Either way every fd is close-on-exec again and
+//! the outcome says why ([`OUTCOME_FILE`], the log, the audit log).
 #![forbid(unsafe_code)]
 
 use std::collections::HashSet;

@@ -75,6 +75,7 @@ case "$prompt" in
   *GARBAGE*) echo "this is not json"; exec sleep 30 ;;
   *HANG*) sleep 300 & echo $! > .fake-child; head -n 1 "$fixture"; wait ;;
   *SLOW*) while IFS= read -r line; do printf '%s\n' "$line"; sleep 1; done < "$fixture" ;;
+  *LONG*) while IFS= read -r line; do printf '%s\n' "$line"; sleep 4; done < "$fixture" ;;
   *FAIL*) echo "boom: model unavailable" >&2; exit 3 ;;
   *REFUSED*) echo '{"type":"result","subtype":"error_during_execution","is_error":true,"result":"Forbidden: the key was refused"}'; exit 1 ;;
   *ASKONCE*)

@@ -3,8 +3,8 @@
 //! broker serving.
 //!
 //! alice has a terminal whose shell prints a numbered line every 20 ms and has a `sleep`
-//! beside it, with a viewer attached; bob has an agent task mid-run (the fake agent's SLOW
-//! answer: a message a second). The binary is replaced (a new file, as a package upgrade
+//! beside it, with a viewer attached; bob has an agent task mid-run (the fake agent's LONG
+//! answer: a message every 4 s). The binary is replaced (a new file, as a package upgrade
 //! does) and the broker upgraded: its pid stays, `/proc/PID/exe` is the new file, the shell,
 //! the sleep and the agent are the same processes, the viewer reconnects and finds every
 //! line (none lost, none repeated), the task completes with every message, `/health` says
@@ -93,9 +93,10 @@ fn upgrade_in_place() -> Result<(), Failed> {
 
     // bob: an agent task mid-run (five messages, one a second).
     let session = create_session(&stoa, &bob, "claude-code", &worktree(BOB));
-    let task = prompt(&stoa, &bob, &session, "SLOW");
+    // Five messages, one every 4 s: it runs through the upgrade even on a slow machine.
+    let task = prompt(&stoa, &bob, &session, "LONG");
     wait_until("bob's task under way", Duration::from_secs(10), || {
-        messages(&stoa, &bob, &session).len() >= 2
+        !messages(&stoa, &bob, &session).is_empty()
     });
     let agent: Vec<i32> = crate::sessions::live_processes_of(BOB)
         .into_iter()
@@ -137,6 +138,7 @@ fn upgrade_in_place() -> Result<(), Failed> {
     let asked = Instant::now();
     let (code, said) = upgrade(&stoa, &installed);
     let took = asked.elapsed();
+    eprintln!("upgrade in place: the command took {took:?}");
     assert_eq!(code, 0, "{said}\n{}", stoa.log());
     assert!(said.contains("upgraded in place"), "{said}");
 
@@ -162,7 +164,7 @@ fn upgrade_in_place() -> Result<(), Failed> {
     }
     let health = stoa.wait_healthy(Duration::from_secs(20));
     eprintln!(
-        "upgrade in place: the command took {took:?}; serving again (/health) after {:?}",
+        "upgrade in place: serving again (/health) {:?} after it was asked",
         asked.elapsed()
     );
     assert_eq!(health["broker"]["upgrades"], 1, "{health}");
