@@ -461,6 +461,11 @@ impl Server {
             return;
         };
         let now = Instant::now();
+        if self.shutdown.is_some() {
+            self.upgrade = None;
+            self.upgrade_failed(pending.attempt, "a shutdown began".into());
+            return;
+        }
         match pending.phase {
             Phase::Quiesce => {
                 if let Some(busy) = in_flight(self) {
@@ -563,6 +568,11 @@ impl Server {
 
     /// Snapshot, seal, and the new binary's check: what the exec needs.
     fn prepare_exec(&self, attempt: u64) -> Result<Prepared, String> {
+        // Nothing new starts during an upgrade; a snapshot never leaves out a child before
+        // its exec.
+        if let Some(busy) = in_flight(self) {
+            return Err(format!("in flight: {busy}"));
+        }
         let euid = nix::unistd::geteuid().as_raw();
         let exe_path = self.exe_path.clone();
         super::policy::check_trusted_path(&exe_path, euid)
