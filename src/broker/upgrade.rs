@@ -761,30 +761,16 @@ fn check_new_binary(
             CString::new(kv).unwrap_or_default()
         })
         .collect();
-    let spec = ChildSpec {
-        exe: exe.as_fd(),
-        argv: vec![
-            cstr(exe_path.as_os_str()),
-            c"__broker-check-state".into(),
-            c"--broker-config".into(),
-            cstr(opts.broker_config.as_os_str()),
-            c"--config".into(),
-            cstr(opts.config.as_os_str()),
-        ],
-        env,
-        stdio: Some([null.as_fd(), out_w.as_fd(), out_w.as_fd()]),
-        extra_fds: vec![memfd.as_fd()],
-        controlling_tty: false,
-        identity: None,
-        rlimits: Vec::new(),
-        umask: 0o077,
-        cwd: Some(c"/".into()),
-        cwd_id: None,
-        parent_death_signal: Some(libc::SIGKILL),
-        cgroup_procs: Vec::new(),
-        confine: None,
-        cgroup_dir: None,
-    };
+    let argv = vec![
+        cstr(exe_path.as_os_str()),
+        c"__broker-check-state".into(),
+        c"--broker-config".into(),
+        cstr(opts.broker_config.as_os_str()),
+        c"--config".into(),
+        cstr(opts.config.as_os_str()),
+    ];
+    let stdio = [null.as_fd(), out_w.as_fd(), out_w.as_fd()];
+    let spec = ChildSpec::root_helper(exe.as_fd(), argv, env, stdio, vec![memfd.as_fd()]);
     let started = sys::start_child(&spec).map_err(|e| format!("cannot start the check: {e}"))?;
     drop(out_w);
     let deadline = Instant::now() + CHECK_DEADLINE;

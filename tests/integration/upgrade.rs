@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use serde_json::{json, Value};
-use stoa::terminal::protocol::ServerFrame;
 
 use crate::harness::*;
 use crate::login::{cookie_of, http, login, set_password};
-use crate::sessions::{create_session, kinds, messages, prompt, wait_task, worktree, Fakes};
-use crate::terminals::{connect, line_numbers, open};
+use crate::sessions::{
+    assert_whole_bash_run, create_session, messages, prompt, wait_task, worktree, Fakes,
+};
+use crate::terminals::{connect, open, resume_every_line};
 
 pub const TESTS: &[(&str, crate::TestFn)] = &[(
     "upgrade_in_place_keeps_every_users_work_and_a_broken_binary_changes_nothing",
@@ -179,50 +180,13 @@ fn upgrade_in_place() -> Result<(), Failed> {
 
     // The viewer was cut when alice's worker went; it reconnects from what it had and
     // finds every line since, none lost, none twice.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !v.closed {
-        assert!(Instant::now() < deadline, "the old worker kept the viewer");
-        v.next(Duration::from_millis(100));
-    }
-    let acked = v.offset;
-    let last = *line_numbers(&v.text()).last().expect("lines before");
-    let mut again = connect(&stoa, &id, Some(&alice), "", None).unwrap();
-    match again.hello(acked, true) {
-        ServerFrame::Welcome {
-            oldest, current, ..
-        } => assert!(
-            oldest <= acked && acked <= current,
-            "output lost in the upgrade: the ring holds {oldest}..{current}, the viewer had {acked}"
-        ),
-        other => panic!("{other:?}"),
-    }
-    again.wait_for(&format!("line {}\r\n", last + 50), Duration::from_secs(20));
-    assert_eq!(again.snapshots, 0);
-    let mut all = v.output.clone();
-    all.extend_from_slice(&again.output);
-    let numbers = line_numbers(&String::from_utf8_lossy(&all));
-    let expected: Vec<u64> = (0..numbers.len() as u64).collect();
-    assert!(
-        numbers == expected,
-        "lines lost or repeated across the upgrade"
-    );
+    resume_every_line(&stoa, &id, &alice, &mut v, "the upgrade");
 
     // bob's task completes, every message once, in order.
     let t = wait_task(&stoa, &bob, &task);
     assert_eq!(t["status"], "completed", "{t}");
     let msgs = messages(&stoa, &bob, &session);
-    assert_eq!(
-        kinds(&msgs),
-        [
-            "session_started",
-            "tool_use",
-            "tool_result",
-            "assistant_text",
-            "result"
-        ]
-    );
-    let seqs: Vec<i64> = msgs.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
-    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert_whole_bash_run(&msgs);
 
     // The audit log has both sides of it.
     let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl")).unwrap();
