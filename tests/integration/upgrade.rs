@@ -27,10 +27,64 @@ use crate::sessions::{
 };
 use crate::terminals::{connect, open, resume_every_line};
 
-pub const TESTS: &[(&str, crate::TestFn)] = &[(
-    "upgrade_in_place_keeps_every_users_work_and_a_broken_binary_changes_nothing",
-    upgrade_in_place,
-)];
+pub const TESTS: &[(&str, crate::TestFn)] = &[
+    (
+        "upgrade_in_place_keeps_every_users_work_and_a_broken_binary_changes_nothing",
+        upgrade_in_place,
+    ),
+    (
+        "upgrade_in_place_in_single_user_mode_by_that_user",
+        single_user_upgrade,
+    ),
+];
+
+/// Without root (one user, no isolation) the same: that user asks, the broker keeps its pid
+/// and the user's terminal; someone else cannot ask.
+fn single_user_upgrade() -> Result<(), Failed> {
+    let stoa = Instance::start_with(Options {
+        as_user: Some(ALICE),
+        ..Options::default()
+    });
+    let broker = stoa.broker_pid();
+    let t = open(
+        &stoa,
+        &stoa.token,
+        json!({ "unix_user": ALICE, "cols": 80, "rows": 24, "command": ["sleep", "1000"] }),
+    );
+    let shell = t["pid"].as_i64().unwrap() as i32;
+    let installed = stoa.dir.join("bin/stoa");
+    install(&installed.clone(), &installed, b"\0single-user build 2");
+    let config = stoa.dir.join(format!("home-{ALICE}/broker.toml"));
+    let ask = |user: &str| {
+        Command::new("runuser")
+            .args(["-u", user, "--"])
+            .arg(&installed)
+            .args(["daemon", "upgrade", "--timeout", "60", "--broker-config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    // Bob cannot even read where the broker is.
+    let refused = ask(BOB);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let out = ask(ALICE);
+    assert!(out.status.success(), "{out:?}\n{}", stoa.log());
+    assert_eq!(stoa.broker_pid(), broker);
+    assert_eq!(
+        exe_of(broker).1,
+        std::fs::metadata(&installed).unwrap().ino()
+    );
+    let health = stoa.wait_healthy(Duration::from_secs(20));
+    assert_eq!(health["broker"]["upgrades"], 1, "{health}");
+    assert_eq!(health["mode"], "single-user");
+    let (status, r) = stoa.exec(json!({ "unix_user": ALICE, "argv": ["id", "-un"] }));
+    assert_eq!(
+        (status, r["stdout"].as_str()),
+        (200, Some(&*format!("{ALICE}\n")))
+    );
+    assert!(alive(shell), "the terminal's process is gone");
+    Ok(())
+}
 
 /// Puts `from` at `installed` the way a package manager does: a new file renamed over the
 /// old one (a new inode; the running broker's old file is then "deleted").
