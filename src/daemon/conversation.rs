@@ -120,8 +120,12 @@ pub struct Asks {
     waiting_since: Option<Instant>,
     /// The earliest time a pending request expires.
     pub next_expiry: Option<Instant>,
-    /// When the run times out, pushed back by the time it spent waiting.
-    pub timeout_at: Instant,
+    /// When the run times out, pushed back by the time it spent waiting (see `deadline`).
+    timeout_at: Instant,
+    /// The most waiting time the run is credited: its own timeout. Past it the run times
+    /// out even while it waits, so an agent that keeps asking cannot run for ever.
+    max_credit: Duration,
+    credited: Duration,
     /// Requests this run made.
     asked: usize,
     /// The task's status has not been written by this run yet (a run taken over must put
@@ -147,12 +151,35 @@ impl Asks {
             fresh: true,
             next_expiry: None,
             timeout_at: Instant::now() + timeout,
+            max_credit: timeout,
+            credited: Duration::ZERO,
             wake,
         }
     }
 
     pub fn waiting(&self) -> bool {
         self.waiting_since.is_some()
+    }
+
+    /// Nothing waits any more: the time it waited is credited, up to what is left.
+    fn stop_waiting(&mut self) {
+        if let Some(since) = self.waiting_since.take() {
+            let credit = since
+                .elapsed()
+                .min(self.max_credit.saturating_sub(self.credited));
+            self.credited += credit;
+            self.timeout_at += credit;
+        }
+    }
+
+    /// When the run times out: while it waits for an answer its clock stands still, for
+    /// at most what is left of its credit.
+    pub fn deadline(&self) -> Instant {
+        let left = self.max_credit.saturating_sub(self.credited);
+        match self.waiting_since {
+            None => self.timeout_at,
+            Some(_) => self.timeout_at + left,
+        }
     }
 
     /// The agent asks permission.
@@ -280,10 +307,7 @@ impl Asks {
         let fresh = std::mem::take(&mut self.fresh);
         match (waiting, self.waiting_since) {
             (true, None) => self.waiting_since = Some(Instant::now()),
-            (false, Some(since)) => {
-                self.timeout_at += since.elapsed();
-                self.waiting_since = None;
-            }
+            (false, Some(_)) => self.stop_waiting(),
             _ if fresh => {}
             _ => return,
         }
@@ -384,4 +408,44 @@ async fn deliver(run: &RunRefs<'_>, approval: &Approval) {
         "reason": approval.reason,
     });
     note(run, decision).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asks(timeout: Duration) -> Asks {
+        Asks {
+            waiting_since: None,
+            next_expiry: None,
+            timeout_at: Instant::now() + timeout,
+            max_credit: timeout,
+            credited: Duration::ZERO,
+            asked: 0,
+            fresh: false,
+            wake: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    #[test]
+    fn waiting_stops_the_clock_for_at_most_the_runs_own_timeout() {
+        let hour = Duration::from_secs(3600);
+        let mut a = asks(hour);
+        let start = a.deadline();
+        // Waiting: the deadline moves out by what is left of the credit (an hour).
+        a.waiting_since = Some(Instant::now());
+        assert_eq!(a.deadline(), start + hour);
+        // A wait of 40 minutes is credited in full.
+        a.waiting_since = Some(Instant::now() - Duration::from_secs(2400));
+        a.stop_waiting();
+        assert!(a.deadline() >= start + Duration::from_secs(2400));
+        assert!(a.deadline() < start + Duration::from_secs(2401));
+        // Waiting again: only the 20 minutes left can be added, however long it waits.
+        a.waiting_since = Some(Instant::now() - Duration::from_secs(86400));
+        let cap = a.timeout_at + (hour - a.credited);
+        assert_eq!(a.deadline(), cap);
+        assert!(a.deadline() <= start + hour + Duration::from_secs(1));
+        a.stop_waiting();
+        assert_eq!(a.deadline(), cap, "no more credit");
+    }
 }

@@ -627,7 +627,7 @@ async fn drive(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(asks.timeout_at), if stop.is_none() && exit.is_none() && !asks.waiting() => {
+            _ = tokio::time::sleep_until(asks.deadline()), if stop.is_none() && exit.is_none() => {
                 stop = Some(StopReason::Timeout);
                 process.signal(state, Signal::Term).await;
                 killed_at = Some(tokio::time::Instant::now());
