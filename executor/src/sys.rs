@@ -470,6 +470,37 @@ pub struct ChildSpec<'a> {
     pub cgroup_dir: Option<BorrowedFd<'a>>,
 }
 
+impl<'a> ChildSpec<'a> {
+    /// A short-lived helper of the broker that stays root (a password check; an upgrade's
+    /// check of the new binary): no identity change, no limits, umask 077, in `/`, killed
+    /// with its parent, in no run's cgroup, unconfined.
+    pub fn root_helper(
+        exe: BorrowedFd<'a>,
+        argv: Vec<CString>,
+        env: Vec<CString>,
+        stdio: [BorrowedFd<'a>; 3],
+        extra_fds: Vec<BorrowedFd<'a>>,
+    ) -> ChildSpec<'a> {
+        ChildSpec {
+            exe,
+            argv,
+            env,
+            stdio: Some(stdio),
+            extra_fds,
+            controlling_tty: false,
+            identity: None,
+            rlimits: Vec::new(),
+            umask: 0o077,
+            cwd: Some(c"/".into()),
+            cwd_id: None,
+            parent_death_signal: Some(libc::SIGKILL),
+            cgroup_procs: Vec::new(),
+            confine: None,
+            cgroup_dir: None,
+        }
+    }
+}
+
 /// The step of the child's sequence that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]

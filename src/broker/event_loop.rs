@@ -73,7 +73,10 @@ impl Server {
                 break;
             }
             let now = Instant::now();
-            if self.daemon.is_none() && !stopping_daemon && self.restart_at.is_none_or(|t| t <= now)
+            if self.daemon.is_none()
+                && !stopping_daemon
+                && self.may_start_children()
+                && self.restart_at.is_none_or(|t| t <= now)
             {
                 self.start_daemon();
             }
@@ -193,15 +196,13 @@ impl Server {
         timeout: PollTimeout,
     ) -> Option<(bool, Option<PollFlags>, Vec<(u64, PollFlags)>)> {
         let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
-        // While an upgrade waits for what is in flight, no new request is read (what was
-        // sent waits in the socket, and goes with the old links at the exec).
-        let read = if self.upgrade.is_some() {
-            PollFlags::empty()
-        } else {
-            PollFlags::POLLIN
-        };
-        if let Some(d) = &self.daemon {
-            let mut events = read;
+        // While an upgrade is under way no link is read or written (what was sent waits in
+        // the socket, and goes with the old links at the exec; a closed one would wake
+        // every poll).
+        let upgrading = self.upgrade.is_some();
+        let daemon = self.daemon.as_ref().filter(|_| !upgrading);
+        if let Some(d) = daemon {
+            let mut events = PollFlags::POLLIN;
             if d.link.wants_write() {
                 events |= PollFlags::POLLOUT;
             }
@@ -209,9 +210,14 @@ impl Server {
         }
         let link_at = fds.len() - 1;
         let workers_at = fds.len();
-        let worker_links: Vec<u64> = self.workers.by_link.keys().copied().collect();
-        for w in self.workers.by_link.values() {
-            let mut events = read;
+        let worker_links: Vec<u64> = if upgrading {
+            Vec::new()
+        } else {
+            self.workers.by_link.keys().copied().collect()
+        };
+        for link in &worker_links {
+            let w = &self.workers.by_link[link];
+            let mut events = PollFlags::POLLIN;
             if w.link.wants_write() {
                 events |= PollFlags::POLLOUT;
             }
@@ -228,10 +234,10 @@ impl Server {
         for c in &self.broker.login_checks {
             fds.push(PollFd::new(c.answer.as_fd(), PollFlags::POLLIN));
         }
-        if let Some(local) = &self.broker.local {
-            fds.push(PollFd::new(local.listener.as_fd(), read));
+        if let Some(local) = self.broker.local.as_ref().filter(|_| !upgrading) {
+            fds.push(PollFd::new(local.listener.as_fd(), PollFlags::POLLIN));
             for c in &local.clients {
-                fds.push(PollFd::new(c.stream.as_fd(), read));
+                fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
             }
         }
         match poll(&mut fds, timeout) {
@@ -244,7 +250,7 @@ impl Server {
             }
         }
         let revents = |f: &PollFd| f.revents().unwrap_or(PollFlags::empty());
-        let daemon = self.daemon.as_ref().map(|_| revents(&fds[link_at]));
+        let daemon = daemon.map(|_| revents(&fds[link_at]));
         let workers = worker_links
             .into_iter()
             .enumerate()

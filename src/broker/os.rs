@@ -166,28 +166,18 @@ impl Os for RealOs {
         )
         .map_err(|e| e.to_string())?;
         let stderr = std::io::stderr();
-        let spec = sys::ChildSpec {
-            exe: self.self_exe.as_fd(),
-            argv: vec![c"stoa".into(), c"__pam-login".into()],
-            env: vec![
+        // It stays root: PAM must read the shadow file (in single-user mode it is the one
+        // user, and PAM can check only that user's own password).
+        let spec = sys::ChildSpec::root_helper(
+            self.self_exe.as_fd(),
+            vec![c"stoa".into(), c"__pam-login".into()],
+            vec![
                 c"PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
                 c"LANG=C".into(),
             ],
-            stdio: Some([stdin_read.as_fd(), answer_write.as_fd(), stderr.as_fd()]),
-            extra_fds: Vec::new(),
-            controlling_tty: false,
-            // It stays root: PAM must read the shadow file (in single-user mode it is the
-            // one user, and PAM can check only that user's own password).
-            identity: None,
-            rlimits: Vec::new(),
-            umask: 0o077,
-            cwd: Some(c"/".into()),
-            cwd_id: None,
-            parent_death_signal: Some(libc::SIGKILL),
-            cgroup_procs: Vec::new(),
-            confine: None,
-            cgroup_dir: None,
-        };
+            [stdin_read.as_fd(), answer_write.as_fd(), stderr.as_fd()],
+            Vec::new(),
+        );
         let started = sys::start_child(&spec).map_err(|e| e.to_string())?;
         Ok(LoginChild { started, answer })
     }

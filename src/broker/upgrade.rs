@@ -6,15 +6,16 @@
 //! | step     | where                 | what                                                    |
 //! |----------|-----------------------|---------------------------------------------------------|
 //! | ask      | `stoa daemon upgrade` | SIGUSR2 to the pid in the state lock file; waits for [`OUTCOME_FILE`] |
-//! | quiesce  | the loop              | links and the local socket are no longer read; what is in flight (children before exec, directory and password checks, signallers) ends within its own deadline, or the upgrade is refused after [`QUIESCE_DEADLINE`] |
-//! | snapshot | [`State`]             | the handle table (pidfds, kept fds, cgroups), log-ins, shares, local log-ins, the listener, the state lock, counters |
-//! | seal     | a memfd               | [`STATE_MAGIC`], [`STATE_VERSION`], bincode; sealed against any change |
-//! | check    | the new binary        | `stoa __broker-check-state` reads the memfd, the policy and the config as the new broker will, and says `ok`; anything else (or nothing within [`CHECK_DEADLINE`]) and the old broker keeps serving |
-//! | commit   | `execveat`            | the carried fds lose close-on-exec, the rest (links) close |
-//! | resume   | `startup::resume`     | the new broker takes the fds back, tells the old front and workers to go, starts a new front and the workers of users with work |
+//! | quiesce  | the loop              | links and the local socket are no longer polled; what is in flight (children before exec, directory and password checks, signallers) ends within its own deadline, or the upgrade is refused after [`QUIESCE_DEADLINE`] |
+//! | check    | the new binary        | a snapshot ([`State`]: handles with pidfds, kept fds and cgroups, log-ins, shares, local log-ins, listener, state lock, counters) in a sealed memfd ([`STATE_MAGIC`], [`STATE_VERSION`], bincode); `stoa __broker-check-state` reads it, the policy and the config as the new broker will, and says `ok`; anything else (or nothing within [`CHECK_DEADLINE`]) and the old broker keeps serving, undisturbed |
+//! | retire   | the loop              | the front and the workers are asked to stop (each stores what it read: terminals into their rings, agent runs up to a line end) and not started again; waited for up to [`RETIRE_DEADLINE`] |
+//! | commit   | `execveat`            | the final snapshot, checked again; the carried fds lose close-on-exec, the rest (links) close |
+//! | resume   | `startup::resume`     | the new broker takes the fds back, starts a new front and the workers of users with work, which adopt |
 //!
-//! A failure before the exec leaves the old broker as it was (close-on-exec set again,
-//! links read again) and says why in [`OUTCOME_FILE`], the log and the audit log.
+//! A refusal at the check leaves the old broker undisturbed; a failure after the retire (the
+//! second check, or the exec itself: rare) leaves it serving too, with a new front and
+//! workers started as after any restart. Either way every fd is close-on-exec again and
+//! the outcome says why ([`OUTCOME_FILE`], the log, the audit log).
 #![forbid(unsafe_code)]
 
 use std::collections::HashSet;
@@ -51,6 +52,9 @@ pub const STATE_VERSION: u32 = 1;
 const MAX_STATE_BYTES: usize = 64 << 20;
 /// How long what is in flight may take to settle before the upgrade is refused.
 pub const QUIESCE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long the front and the workers have to stop before the exec goes ahead anyway (one
+/// still there then exits when its link closes at the exec).
+pub const RETIRE_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the new binary has to check the state.
 pub const CHECK_DEADLINE: Duration = Duration::from_secs(20);
 /// Where each attempt's outcome is written, in the broker's state directory.
@@ -349,11 +353,22 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-/// An upgrade asked for and waiting for what is in flight to settle.
+/// An upgrade under way: where it is, and until when it may stay there.
 #[derive(Debug, Clone, Copy)]
 pub struct Pending {
     pub attempt: u64,
+    pub phase: Phase,
     pub deadline: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for what is in flight to settle (nothing new is read).
+    Quiesce,
+    /// The new binary accepted a first snapshot; the front and the workers were asked to
+    /// stop (SIGTERM: a worker stores what it read, terminals into their rings, agents' output
+    /// up to a line end) and the upgrade waits for them to be gone.
+    Retire,
 }
 
 /// What is still in flight (the upgrade waits for none of it to be left), or `None`.
@@ -396,6 +411,16 @@ fn cgroup_back(cg: CgroupState) -> SpawnCgroup {
     )
 }
 
+/// What the exec takes: the checked program, the sealed state, every fd to keep open, and
+/// the version the new binary said it is.
+struct Prepared {
+    attempt: u64,
+    exe: OwnedFd,
+    memfd: OwnedFd,
+    fds: Vec<RawFd>,
+    to: String,
+}
+
 /// Marks `fds` inheritable (`true`, for the exec) or close-on-exec again.
 fn set_inherit(fds: &[RawFd], inherit: bool) -> Result<(), String> {
     for &fd in fds {
@@ -424,29 +449,98 @@ impl Server {
         );
         self.upgrade = Some(Pending {
             attempt,
+            phase: Phase::Quiesce,
             deadline: Instant::now() + QUIESCE_DEADLINE,
         });
     }
 
-    /// Called every turn of the loop: upgrades once nothing is in flight, or gives up at
-    /// the deadline. Returns only if the broker stays this binary.
+    /// Called every turn of the loop: moves the upgrade on as far as it can go now.
+    /// Returns only if the broker stays this binary.
     pub fn advance_upgrade(&mut self) {
         let Some(pending) = self.upgrade else {
             return;
         };
-        if let Some(busy) = in_flight(self) {
-            if Instant::now() >= pending.deadline {
-                self.upgrade = None;
-                self.upgrade_failed(
-                    pending.attempt,
-                    format!("still in flight after {QUIESCE_DEADLINE:?}: {busy}; try again"),
-                );
-            }
+        let now = Instant::now();
+        if self.shutdown.is_some() {
+            self.upgrade = None;
+            self.upgrade_failed(pending.attempt, "a shutdown began".into());
             return;
         }
-        self.upgrade = None;
-        let err = self.upgrade_now(pending.attempt);
-        self.upgrade_failed(pending.attempt, err);
+        match pending.phase {
+            Phase::Quiesce => {
+                if let Some(busy) = in_flight(self) {
+                    if now >= pending.deadline {
+                        self.upgrade = None;
+                        self.upgrade_failed(
+                            pending.attempt,
+                            format!(
+                                "still in flight after {QUIESCE_DEADLINE:?}: {busy}; try again"
+                            ),
+                        );
+                    }
+                    return;
+                }
+                // A first check, before anything is disturbed: a binary that refuses the
+                // state costs nobody a reconnect.
+                if let Err(e) = self.prepare_exec(pending.attempt) {
+                    self.upgrade = None;
+                    self.upgrade_failed(pending.attempt, e);
+                    return;
+                }
+                self.retire_children();
+                self.upgrade = Some(Pending {
+                    phase: Phase::Retire,
+                    deadline: now + RETIRE_DEADLINE,
+                    ..pending
+                });
+            }
+            Phase::Retire => {
+                let left = self.workers.by_link.len()
+                    + self.workers.dying.len()
+                    + usize::from(self.daemon.is_some());
+                if left > 0 && now < pending.deadline {
+                    return;
+                }
+                if left > 0 {
+                    info!(
+                        processes = left,
+                        "upgrade in place: not every front or worker stopped in time; their links close at the exec"
+                    );
+                }
+                self.upgrade = None;
+                let err = match self.prepare_exec(pending.attempt) {
+                    Ok(prepared) => self.exec(prepared),
+                    Err(e) => e,
+                };
+                // The front and the workers start again as after any restart.
+                self.upgrade_failed(pending.attempt, err);
+            }
+        }
+    }
+
+    /// The front and the workers are asked to stop; they are not started again while the
+    /// upgrade is under way (the new broker starts them).
+    fn retire_children(&mut self) {
+        if let Some(d) = &self.daemon {
+            self.planned_restart = true;
+            let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGTERM);
+        }
+        let links: Vec<u64> = self.workers.by_link.keys().copied().collect();
+        for link in links {
+            if let Some(p) = self.broker.peers.get_mut(&link) {
+                p.retiring = true;
+            }
+        }
+        self.signal_workers(NixSignal::SIGTERM);
+        info!(
+            workers = self.workers.by_link.len(),
+            "upgrade in place: the new binary accepted the state; the front and the workers are stopping"
+        );
+    }
+
+    /// Whether the loop may start a front or a worker now.
+    pub fn may_start_children(&self) -> bool {
+        self.upgrade.is_none()
     }
 
     fn upgrade_failed(&mut self, attempt: u64, error: String) {
@@ -472,40 +566,50 @@ impl Server {
         );
     }
 
-    /// Snapshot, seal, check, exec. Returns only on failure, with why.
-    fn upgrade_now(&mut self, attempt: u64) -> String {
+    /// Snapshot, seal, and the new binary's check: what the exec needs.
+    fn prepare_exec(&self, attempt: u64) -> Result<Prepared, String> {
+        // Nothing new starts during an upgrade; a snapshot never leaves out a child before
+        // its exec.
+        if let Some(busy) = in_flight(self) {
+            return Err(format!("in flight: {busy}"));
+        }
         let euid = nix::unistd::geteuid().as_raw();
         let exe_path = self.exe_path.clone();
-        let prepared = (|| -> Result<(OwnedFd, OwnedFd, Vec<RawFd>, String), String> {
-            super::policy::check_trusted_path(&exe_path, euid)
-                .map_err(|e| format!("refusing the new binary {}: {e}", exe_path.display()))?;
-            let exe = super::startup::open_program(&exe_path)?;
-            let state = self.snapshot(attempt);
-            state.validate()?;
-            let memfd = seal(&encode(&state)?)?;
-            let to = check_new_binary(&exe, &exe_path, &memfd, &self.opts)?;
-            let mut fds = state.fds();
-            fds.push(fd_of(&memfd));
-            Ok((exe, memfd, fds, to))
-        })();
-        let (exe, memfd, fds, to) = match prepared {
-            Ok(p) => p,
-            Err(e) => return e,
-        };
+        super::policy::check_trusted_path(&exe_path, euid)
+            .map_err(|e| format!("refusing the new binary {}: {e}", exe_path.display()))?;
+        let exe = super::startup::open_program(&exe_path)?;
+        let state = self.snapshot(attempt);
+        state.validate()?;
+        let memfd = seal(&encode(&state)?)?;
+        let to = check_new_binary(&exe, &exe_path, &memfd, &self.opts)?;
+        let mut fds = state.fds();
+        fds.push(fd_of(&memfd));
+        Ok(Prepared {
+            attempt,
+            exe,
+            memfd,
+            fds,
+            to,
+        })
+    }
+
+    /// The exec. Returns only on failure, with why (nothing is lost then).
+    fn exec(&mut self, p: Prepared) -> String {
+        let exe_path = self.exe_path.clone();
         let handles = self.broker.handles.len();
-        info!(from = env!("CARGO_PKG_VERSION"), %to, handles, path = %exe_path.display(), "upgrade in place: the new binary checked the state; exec");
+        info!(from = env!("CARGO_PKG_VERSION"), to = %p.to, handles, path = %exe_path.display(), "upgrade in place: the new binary checked the state; exec");
         self.broker.audit.record(
             "broker_upgrade",
             serde_json::json!({
-                "attempt": attempt, "from": env!("CARGO_PKG_VERSION"), "to": to,
+                "attempt": p.attempt, "from": env!("CARGO_PKG_VERSION"), "to": p.to,
                 "path": exe_path.display().to_string(), "handles": handles,
             }),
         );
-        if let Err(e) = set_inherit(&fds, true) {
-            let _ = set_inherit(&fds, false);
+        if let Err(e) = set_inherit(&p.fds, true) {
+            let _ = set_inherit(&p.fds, false);
             return e;
         }
-        let mut argv = vec![
+        let argv: Vec<CString> = [
             exe_path.as_os_str().to_os_string(),
             "serve".into(),
             "--broker-config".into(),
@@ -513,12 +617,11 @@ impl Server {
             "--config".into(),
             self.opts.config.clone().into_os_string(),
             "--resume-state-fd".into(),
-            fd_of(&memfd).to_string().into(),
-        ];
-        let argv: Vec<CString> = argv
-            .drain(..)
-            .filter_map(|a| CString::new(a.as_bytes()).ok())
-            .collect();
+            fd_of(&p.memfd).to_string().into(),
+        ]
+        .iter()
+        .filter_map(|a| CString::new(a.as_bytes()).ok())
+        .collect();
         let env: Vec<CString> = std::env::vars_os()
             .filter_map(|(k, v)| {
                 let mut kv = k.as_bytes().to_vec();
@@ -527,10 +630,9 @@ impl Server {
                 CString::new(kv).ok()
             })
             .collect();
-        let err = sys::reexec(exe.as_fd(), &argv, &env);
+        let err = sys::reexec(p.exe.as_fd(), &argv, &env);
         // Still here: the exec failed; nothing was lost.
-        let _ = set_inherit(&fds, false);
-        drop(memfd);
+        let _ = set_inherit(&p.fds, false);
         format!("exec of {} failed: {err}", exe_path.display())
     }
 
@@ -659,30 +761,16 @@ fn check_new_binary(
             CString::new(kv).unwrap_or_default()
         })
         .collect();
-    let spec = ChildSpec {
-        exe: exe.as_fd(),
-        argv: vec![
-            cstr(exe_path.as_os_str()),
-            c"__broker-check-state".into(),
-            c"--broker-config".into(),
-            cstr(opts.broker_config.as_os_str()),
-            c"--config".into(),
-            cstr(opts.config.as_os_str()),
-        ],
-        env,
-        stdio: Some([null.as_fd(), out_w.as_fd(), out_w.as_fd()]),
-        extra_fds: vec![memfd.as_fd()],
-        controlling_tty: false,
-        identity: None,
-        rlimits: Vec::new(),
-        umask: 0o077,
-        cwd: Some(c"/".into()),
-        cwd_id: None,
-        parent_death_signal: Some(libc::SIGKILL),
-        cgroup_procs: Vec::new(),
-        confine: None,
-        cgroup_dir: None,
-    };
+    let argv = vec![
+        cstr(exe_path.as_os_str()),
+        c"__broker-check-state".into(),
+        c"--broker-config".into(),
+        cstr(opts.broker_config.as_os_str()),
+        c"--config".into(),
+        cstr(opts.config.as_os_str()),
+    ];
+    let stdio = [null.as_fd(), out_w.as_fd(), out_w.as_fd()];
+    let spec = ChildSpec::root_helper(exe.as_fd(), argv, env, stdio, vec![memfd.as_fd()]);
     let started = sys::start_child(&spec).map_err(|e| format!("cannot start the check: {e}"))?;
     drop(out_w);
     let deadline = Instant::now() + CHECK_DEADLINE;

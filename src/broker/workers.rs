@@ -331,6 +331,9 @@ impl Server {
 
     /// Starts the workers whose restart is due.
     pub fn start_due_workers(&mut self) {
+        if !self.may_start_children() {
+            return; // an upgrade in place: the new broker starts them
+        }
         let now = Instant::now();
         let due: Vec<u32> = self
             .workers

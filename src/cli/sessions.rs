@@ -705,6 +705,27 @@ fn daemon_status(h: &Value) {
                 None => String::new(),
             },
         ),
+        (
+            "broker process",
+            match &h["broker"] {
+                Value::Null => String::new(),
+                b => format!(
+                    "pid {}, version {}, up since {}, upgraded in place {} ({})",
+                    super::table::cell(&b["pid"]),
+                    super::table::cell(&b["version"]),
+                    super::table::cell(&b["started_at"]),
+                    match b["upgrades"].as_u64() {
+                        Some(1) => "once".to_string(),
+                        Some(n) => format!("{n} times"),
+                        None => "?".into(),
+                    },
+                    match &b["upgraded_at"] {
+                        Value::Null => "never".to_string(),
+                        at => format!("last {}", super::table::cell(at)),
+                    }
+                ),
+            },
+        ),
         ("workers dir", super::table::cell(&h["workers_dir"])),
         (
             "free space",

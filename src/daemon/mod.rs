@@ -70,6 +70,8 @@ pub struct AppState {
     pub store: store::Store,
     /// Running tasks, by task id: send a reason to end one.
     pub running: Mutex<HashMap<String, tokio::sync::watch::Sender<Option<tasks::StopReason>>>>,
+    /// A planned stop: runs stop reading at a line boundary (`tasks::Pause`).
+    pub pause: tasks::Pause,
     /// What changed, for live event streams.
     pub notices: tokio::sync::broadcast::Sender<Notice>,
     /// Running tasks that may be waiting for answers, by task id: woken when one is given.

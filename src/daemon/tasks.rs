@@ -138,6 +138,11 @@ impl Lines {
         Ok(lines)
     }
 
+    /// Nothing of a line is held back: everything read so far has been handled.
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     fn rest(&mut self) -> Option<String> {
         (!self.buf.is_empty())
             .then(|| String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned())
@@ -486,6 +491,36 @@ fn spawn_direct(
 }
 
 /// Reads the run to its end, storing messages as they come; then decides the outcome.
+/// A planned stop of this worker (SIGTERM: a restart, an upgrade of stoa): each run stops
+/// reading its agent's output at a line boundary, with everything it read stored, so the
+/// next worker reads on from exactly there. A run holding part of a line reads on until
+/// the line is whole.
+pub struct Pause {
+    on: watch::Sender<bool>,
+    /// Runs that stopped so (they wait for the worker to exit).
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Pause {
+    fn default() -> Pause {
+        Pause {
+            on: watch::channel(false).0,
+            held: Default::default(),
+        }
+    }
+}
+
+impl Pause {
+    pub fn begin(&self) {
+        self.on.send_replace(true);
+    }
+
+    /// How many runs have stopped at a line boundary.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 async fn drive(
     state: &Arc<AppState>,
     session: &Session,
@@ -535,9 +570,19 @@ async fn drive(
     let (mut out_buf, mut err_buf, mut ctl_buf) =
         (vec![0u8; 64 * 1024], vec![0u8; 16 * 1024], vec![0u8; 4096]);
 
+    let mut pause = state.pause.on.subscribe();
     loop {
         if exit.is_some() && !out_open && !err_open && !ctl_open {
             break;
+        }
+        if *pause.borrow() && lines.is_empty() {
+            // Everything read is stored; the next worker reads the rest.
+            state
+                .pause
+                .held
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            info!(task = %task.task_id, "run paused at a line boundary for the next worker");
+            std::future::pending::<()>().await;
         }
         let kill_deadline = killed_at.map(|t| t + grace);
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
@@ -571,6 +616,7 @@ async fn drive(
                 exit = Some(status);
                 drain_until = Some(tokio::time::Instant::now() + drain);
             }
+            _ = pause.changed(), if !*pause.borrow() => {}
             changed = stop_rx.changed(), if stop.is_none() => {
                 let requested = *stop_rx.borrow();
                 if changed.is_ok() {

@@ -215,6 +215,7 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
         auth,
         store,
         running: Mutex::new(HashMap::new()),
+        pause: Default::default(),
         answers: Mutex::new(HashMap::new()),
         notices,
         terminals: terminals::Terminals::default(),
@@ -266,7 +267,9 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
                 }
             }
         }
-        // Every byte read from a terminal goes into its ring (the broker's memfd) first.
+        // Every byte read from a terminal goes into its ring (the broker's memfd) first;
+        // every line read from an agent into the store: the next worker reads on from there.
+        state.pause.begin();
         state.terminals.quiesce(Duration::from_secs(1)).await;
         // Connections already handed over still get answered; then the runs being
         // recorded get to finish writing how they ended.
@@ -275,7 +278,7 @@ pub fn run(state_dir: PathBuf) -> Result<(), String> {
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while (open.load(Ordering::SeqCst) > 0
-            || !state.running.lock().expect("running lock").is_empty())
+            || state.running.lock().expect("running lock").len() > state.pause.held())
             && tokio::time::Instant::now() < deadline
         {
             if let Ok(incoming) = conn_rx.try_recv() {

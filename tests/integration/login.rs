@@ -33,14 +33,14 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
     ),
 ];
 
-struct Answer {
-    status: u16,
-    headers: String,
-    body: Value,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: String,
+    pub(crate) body: Value,
 }
 
 /// One request on a fresh connection, with these extra header lines.
-fn http(
+pub(crate) fn http(
     port: u16,
     method: &str,
     path: &str,
@@ -77,7 +77,7 @@ fn http(
     }
 }
 
-fn set_password(user: &str, password: &str) {
+pub(crate) fn set_password(user: &str, password: &str) {
     let mut child = std::process::Command::new("chpasswd")
         .stdin(std::process::Stdio::piped())
         .spawn()
@@ -91,7 +91,7 @@ fn set_password(user: &str, password: &str) {
     assert!(child.wait().unwrap().success(), "chpasswd {user}");
 }
 
-fn login(port: u16, user: &str, password: &str) -> Answer {
+pub(crate) fn login(port: u16, user: &str, password: &str) -> Answer {
     http(
         port,
         "POST",
@@ -101,7 +101,7 @@ fn login(port: u16, user: &str, password: &str) -> Answer {
     )
 }
 
-fn cookie_of(a: &Answer) -> String {
+pub(crate) fn cookie_of(a: &Answer) -> String {
     let line = a
         .headers
         .lines()

@@ -75,6 +75,7 @@ case "$prompt" in
   *GARBAGE*) echo "this is not json"; exec sleep 30 ;;
   *HANG*) sleep 300 & echo $! > .fake-child; head -n 1 "$fixture"; wait ;;
   *SLOW*) while IFS= read -r line; do printf '%s\n' "$line"; sleep 1; done < "$fixture" ;;
+  *LONG*) while IFS= read -r line; do printf '%s\n' "$line"; sleep 4; done < "$fixture" ;;
   *FAIL*) echo "boom: model unavailable" >&2; exit 3 ;;
   *REFUSED*) echo '{"type":"result","subtype":"error_during_execution","is_error":true,"result":"Forbidden: the key was refused"}'; exit 1 ;;
   *ASKONCE*)
@@ -237,6 +238,22 @@ pub(crate) fn messages(stoa: &Instance, token: &str, session: &str) -> Vec<Value
     m.as_array().cloned().unwrap_or_default()
 }
 
+/// The claude-code bash-tool fixture's run, every event stored once, in order.
+pub(crate) fn assert_whole_bash_run(msgs: &[Value]) {
+    assert_eq!(
+        kinds(msgs),
+        [
+            "session_started",
+            "tool_use",
+            "tool_result",
+            "assistant_text",
+            "result"
+        ]
+    );
+    let seqs: Vec<i64> = msgs.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+}
+
 pub(crate) fn kinds(msgs: &[Value]) -> Vec<String> {
     msgs.iter()
         .map(|m| m["event"]["kind"].as_str().unwrap_or("").to_string())
@@ -302,18 +319,7 @@ fn claude_as_user() -> Result<(), Failed> {
     );
     // Every event, stored in order.
     let msgs = messages(&stoa, &alice, &session);
-    assert_eq!(
-        kinds(&msgs),
-        [
-            "session_started",
-            "tool_use",
-            "tool_result",
-            "assistant_text",
-            "result"
-        ]
-    );
-    let seqs: Vec<i64> = msgs.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
-    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert_whole_bash_run(&msgs);
     assert_eq!(msgs[1]["event"]["name"], "Bash");
     assert_eq!(msgs[3]["event"]["text"], "Hello from the mock server.");
     // SSE delivered the same messages live, and the task's states.
@@ -331,7 +337,7 @@ fn claude_as_user() -> Result<(), Failed> {
             }
         }
     }
-    assert_eq!(live_seqs, seqs, "SSE messages");
+    assert_eq!(live_seqs, [1, 2, 3, 4, 5], "SSE messages");
     assert!(
         states.contains(&"running".to_string()) && states.contains(&"completed".to_string()),
         "{states:?}"
@@ -978,18 +984,7 @@ fn worker_killed_mid_task() -> Result<(), Failed> {
     let t = wait_task(&stoa, &alice, &task);
     assert_eq!(t["status"], "completed", "{t}");
     let msgs = messages(&stoa, &alice, &session);
-    assert_eq!(
-        kinds(&msgs),
-        [
-            "session_started",
-            "tool_use",
-            "tool_result",
-            "assistant_text",
-            "result"
-        ]
-    );
-    let seqs: Vec<i64> = msgs.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
-    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert_whole_bash_run(&msgs);
     assert_eq!(worker_pid(&stoa, ALICE), new_worker, "{}", stoa.log());
     assert!(stoa.log().contains("taking over a running task"));
     // The front was not involved.
@@ -1033,16 +1028,7 @@ fn agent_ends_while_its_worker_is_down() -> Result<(), Failed> {
     let t = wait_task(&stoa, &alice, &task);
     assert_eq!(t["status"], "completed", "{t}\n{}", stoa.log());
     let msgs = messages(&stoa, &alice, &session);
-    assert_eq!(
-        kinds(&msgs),
-        [
-            "session_started",
-            "tool_use",
-            "tool_result",
-            "assistant_text",
-            "result"
-        ]
-    );
+    assert_whole_bash_run(&msgs);
     assert_ne!(worker_pid(&stoa, ALICE), Some(worker));
     Ok(())
 }

@@ -732,7 +732,26 @@ fn contiguous_across_restart() -> Result<(), Failed> {
         Some(&json!({})),
     );
     assert_eq!(status, 202, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    stoa.wait_new_worker(ALICE, worker);
+    let (acked, last, total) = resume_every_line(&stoa, &id, &alice, &mut v, "the restart");
+    assert!(stoa.log().contains("output ring intact"));
+    assert!(!stoa.log().contains("not every terminal reader stopped"));
+    eprintln!("restart: lines 0..={last} before, {total} in all; resumed at offset {acked}");
+    Ok(())
+}
+
+/// A viewer `v` of a terminal printing `line N` lines, whose worker went: waits until its
+/// socket closes, resumes on a new connection from the offset it acknowledged, and checks
+/// that both together hold every line once, in order, from line 0 (nothing lost in `what`,
+/// nothing repeated, no SNAPSHOT). Returns (the offset, the last line before, lines in all).
+pub(crate) fn resume_every_line(
+    stoa: &Instance,
+    id: &str,
+    token: &str,
+    v: &mut Viewer,
+    what: &str,
+) -> (u64, u64, usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
     while !v.closed {
         assert!(Instant::now() < deadline, "the old worker kept the socket");
         v.next(Duration::from_millis(100));
@@ -740,41 +759,34 @@ fn contiguous_across_restart() -> Result<(), Failed> {
     assert_eq!(v.snapshots, 0);
     // It acknowledged every byte it got.
     let acked = v.offset;
-    let before = line_numbers(&v.text());
-    stoa.wait_new_worker(ALICE, worker);
-    let mut again = connect(&stoa, &id, Some(&alice), "", None).unwrap();
+    let last = *line_numbers(&v.text())
+        .last()
+        .unwrap_or_else(|| panic!("lines before {what}"));
+    let mut again = connect(stoa, id, Some(token), "", None).unwrap();
     match again.hello(acked, true) {
         ServerFrame::Welcome {
             oldest, current, ..
         } => assert!(
             oldest <= acked && acked <= current,
-            "the ring was lost in the restart: {oldest}..{current}, resuming from {acked}"
+            "the ring was lost in {what}: {oldest}..{current}, resuming from {acked}"
         ),
-        _ => unreachable!(),
+        other => panic!("{other:?}"),
     }
-    let last = *before.last().expect("lines before the restart");
-    again.wait_for(&format!("line {}\r\n", last + 30), Duration::from_secs(10));
-    assert_eq!(again.snapshots, 0, "a SNAPSHOT after the restart");
-    // Both connections together: every line once, in order, from line 0.
+    again.wait_for(&format!("line {}\r\n", last + 30), Duration::from_secs(20));
+    assert_eq!(again.snapshots, 0, "a SNAPSHOT after {what}");
     let mut all = v.output.clone();
     all.extend_from_slice(&again.output);
     let numbers = line_numbers(&String::from_utf8_lossy(&all));
     let expected: Vec<u64> = (0..numbers.len() as u64).collect();
     assert!(
         numbers == expected,
-        "lines lost or repeated across the restart (resumed at offset {acked}, after line {last}): {:?}",
+        "lines lost or repeated across {what} (resumed at offset {acked}, after line {last}): {:?}",
         numbers
             .windows(2)
             .filter(|w| w[1] != w[0] + 1)
             .collect::<Vec<_>>()
     );
-    assert!(stoa.log().contains("output ring intact"));
-    assert!(!stoa.log().contains("not every terminal reader stopped"));
-    eprintln!(
-        "restart: lines 0..={last} before, {} in all; resumed at offset {acked}",
-        numbers.len()
-    );
-    Ok(())
+    (acked, last, numbers.len())
 }
 
 fn tickets_and_origin() -> Result<(), Failed> {

@@ -3,8 +3,8 @@
 //! broker serving.
 //!
 //! alice has a terminal whose shell prints a numbered line every 20 ms and has a `sleep`
-//! beside it, with a viewer attached; bob has an agent task mid-run (the fake agent's SLOW
-//! answer: a message a second). The binary is replaced (a new file, as a package upgrade
+//! beside it, with a viewer attached; bob has an agent task mid-run (the fake agent's LONG
+//! answer: a message every 4 s). The binary is replaced (a new file, as a package upgrade
 //! does) and the broker upgraded: its pid stays, `/proc/PID/exe` is the new file, the shell,
 //! the sleep and the agent are the same processes, the viewer reconnects and finds every
 //! line (none lost, none repeated), the task completes with every message, `/health` says
@@ -19,16 +19,72 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use serde_json::{json, Value};
-use stoa::terminal::protocol::ServerFrame;
 
 use crate::harness::*;
-use crate::sessions::{create_session, kinds, messages, prompt, wait_task, worktree, Fakes};
-use crate::terminals::{connect, line_numbers, open};
+use crate::login::{cookie_of, http, login, set_password};
+use crate::sessions::{
+    assert_whole_bash_run, create_session, messages, prompt, wait_task, worktree, Fakes,
+};
+use crate::terminals::{connect, open, resume_every_line};
 
-pub const TESTS: &[(&str, crate::TestFn)] = &[(
-    "upgrade_in_place_keeps_every_users_work_and_a_broken_binary_changes_nothing",
-    upgrade_in_place,
-)];
+pub const TESTS: &[(&str, crate::TestFn)] = &[
+    (
+        "upgrade_in_place_keeps_every_users_work_and_a_broken_binary_changes_nothing",
+        upgrade_in_place,
+    ),
+    (
+        "upgrade_in_place_in_single_user_mode_by_that_user",
+        single_user_upgrade,
+    ),
+];
+
+/// Without root (one user, no isolation) the same: that user asks, the broker keeps its pid
+/// and the user's terminal; someone else cannot ask.
+fn single_user_upgrade() -> Result<(), Failed> {
+    let stoa = Instance::start_with(Options {
+        as_user: Some(ALICE),
+        ..Options::default()
+    });
+    let broker = stoa.broker_pid();
+    let t = open(
+        &stoa,
+        &stoa.token,
+        json!({ "unix_user": ALICE, "cols": 80, "rows": 24, "command": ["sleep", "1000"] }),
+    );
+    let shell = t["pid"].as_i64().unwrap() as i32;
+    let installed = stoa.dir.join("bin/stoa");
+    install(&installed.clone(), &installed, b"\0single-user build 2");
+    let config = stoa.dir.join(format!("home-{ALICE}/broker.toml"));
+    let ask = |user: &str| {
+        Command::new("runuser")
+            .args(["-u", user, "--"])
+            .arg(&installed)
+            .args(["daemon", "upgrade", "--timeout", "60", "--broker-config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    // Bob cannot even read where the broker is.
+    let refused = ask(BOB);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let out = ask(ALICE);
+    assert!(out.status.success(), "{out:?}\n{}", stoa.log());
+    assert_eq!(stoa.broker_pid(), broker);
+    assert_eq!(
+        exe_of(broker).1,
+        std::fs::metadata(&installed).unwrap().ino()
+    );
+    let health = stoa.wait_healthy(Duration::from_secs(20));
+    assert_eq!(health["broker"]["upgrades"], 1, "{health}");
+    assert_eq!(health["mode"], "single-user");
+    let (status, r) = stoa.exec(json!({ "unix_user": ALICE, "argv": ["id", "-un"] }));
+    assert_eq!(
+        (status, r["stdout"].as_str()),
+        (200, Some(&*format!("{ALICE}\n")))
+    );
+    assert!(alive(shell), "the terminal's process is gone");
+    Ok(())
+}
 
 /// Puts `from` at `installed` the way a package manager does: a new file renamed over the
 /// old one (a new inode; the running broker's old file is then "deleted").
@@ -92,9 +148,10 @@ fn upgrade_in_place() -> Result<(), Failed> {
 
     // bob: an agent task mid-run (five messages, one a second).
     let session = create_session(&stoa, &bob, "claude-code", &worktree(BOB));
-    let task = prompt(&stoa, &bob, &session, "SLOW");
+    // Five messages, one every 4 s: it runs through the upgrade even on a slow machine.
+    let task = prompt(&stoa, &bob, &session, "LONG");
     wait_until("bob's task under way", Duration::from_secs(10), || {
-        messages(&stoa, &bob, &session).len() >= 2
+        !messages(&stoa, &bob, &session).is_empty()
     });
     let agent: Vec<i32> = crate::sessions::live_processes_of(BOB)
         .into_iter()
@@ -102,6 +159,22 @@ fn upgrade_in_place() -> Result<(), Failed> {
         .map(|(p, _)| p)
         .collect();
     assert!(!agent.is_empty(), "bob's agent is not running");
+
+    // alice also logged in with her password (a browser's cookie): the log-in is carried.
+    set_password(ALICE, "upgrade horse 1");
+    let logged_in = login(stoa.port, ALICE, "upgrade horse 1");
+    assert_eq!(logged_in.status, 200, "{:?}", logged_in.body);
+    let cookie = cookie_of(&logged_in);
+    let as_cookie = |stoa: &Instance| {
+        http(
+            stoa.port,
+            "GET",
+            "/terminals",
+            &[("Cookie", cookie.as_str())],
+            None,
+        )
+    };
+    assert_eq!(as_cookie(&stoa).status, 200);
 
     let broker = stoa.broker_pid();
     let (old_exe, old_ino) = exe_of(broker);
@@ -117,7 +190,10 @@ fn upgrade_in_place() -> Result<(), Failed> {
     install(&pristine, &installed, b"\0stoa-upgrade-test-build-2");
     let new_ino = std::fs::metadata(&installed).unwrap().ino();
     assert_ne!(new_ino, old_ino);
+    let asked = Instant::now();
     let (code, said) = upgrade(&stoa, &installed);
+    let took = asked.elapsed();
+    eprintln!("upgrade in place: the command took {took:?}");
     assert_eq!(code, 0, "{said}\n{}", stoa.log());
     assert!(said.contains("upgraded in place"), "{said}");
 
@@ -142,7 +218,13 @@ fn upgrade_in_place() -> Result<(), Failed> {
         assert_eq!(exe_of(p).1, new_ino, "process {p} runs the old binary");
     }
     let health = stoa.wait_healthy(Duration::from_secs(20));
+    eprintln!(
+        "upgrade in place: serving again (/health) {:?} after it was asked",
+        asked.elapsed()
+    );
     assert_eq!(health["broker"]["upgrades"], 1, "{health}");
+    let listed = as_cookie(&stoa);
+    assert_eq!(listed.status, 200, "the log-in was lost: {:?}", listed.body);
     assert_eq!(health["broker"]["pid"], broker, "{health}");
     assert!(health["broker"]["upgraded_at"].is_string(), "{health}");
     assert_eq!(
@@ -152,50 +234,13 @@ fn upgrade_in_place() -> Result<(), Failed> {
 
     // The viewer was cut when alice's worker went; it reconnects from what it had and
     // finds every line since, none lost, none twice.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !v.closed {
-        assert!(Instant::now() < deadline, "the old worker kept the viewer");
-        v.next(Duration::from_millis(100));
-    }
-    let acked = v.offset;
-    let last = *line_numbers(&v.text()).last().expect("lines before");
-    let mut again = connect(&stoa, &id, Some(&alice), "", None).unwrap();
-    match again.hello(acked, true) {
-        ServerFrame::Welcome {
-            oldest, current, ..
-        } => assert!(
-            oldest <= acked && acked <= current,
-            "output lost in the upgrade: the ring holds {oldest}..{current}, the viewer had {acked}"
-        ),
-        other => panic!("{other:?}"),
-    }
-    again.wait_for(&format!("line {}\r\n", last + 50), Duration::from_secs(20));
-    assert_eq!(again.snapshots, 0);
-    let mut all = v.output.clone();
-    all.extend_from_slice(&again.output);
-    let numbers = line_numbers(&String::from_utf8_lossy(&all));
-    let expected: Vec<u64> = (0..numbers.len() as u64).collect();
-    assert!(
-        numbers == expected,
-        "lines lost or repeated across the upgrade"
-    );
+    resume_every_line(&stoa, &id, &alice, &mut v, "the upgrade");
 
     // bob's task completes, every message once, in order.
     let t = wait_task(&stoa, &bob, &task);
     assert_eq!(t["status"], "completed", "{t}");
     let msgs = messages(&stoa, &bob, &session);
-    assert_eq!(
-        kinds(&msgs),
-        [
-            "session_started",
-            "tool_use",
-            "tool_result",
-            "assistant_text",
-            "result"
-        ]
-    );
-    let seqs: Vec<i64> = msgs.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
-    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert_whole_bash_run(&msgs);
 
     // The audit log has both sides of it.
     let audit = std::fs::read_to_string(stoa.dir.join("broker/audit.jsonl")).unwrap();
