@@ -2,7 +2,8 @@
 # Packaging CI (called by .ci/run as root, after the tests): builds the .deb and .rpm, lints
 # them, installs the .deb with dpkg, checks users, files and modes, runs `stoa serve` from
 # the installed files (no systemd as PID 1 here), runs a command as a test user through it,
-# runs `stoa doctor`, upgrades the package (edits and state must survive), stops the broker,
+# runs `stoa doctor`, upgrades the package (edits and state must survive) and the running
+# broker in place (`stoa daemon upgrade`), stops the broker,
 # removes and purges the package and checks that nothing is left but what policy keeps.
 #
 # It leaves the machine as it found it: the package purged, the test user removed, the
@@ -154,6 +155,11 @@ if grep -E '^[EW]: ' "$WORK/lintian.txt" | grep -vE ": ($lintian_allowed)( |$)";
 	fail "lintian reported something new (above)"
 fi
 echo "   ok: lintian: no errors, no warnings but the kept ones"
+# (The override of maintainer-script-calls-systemctl covers queries only.)
+ctl_calls=$(dpkg-deb -I "$DEB" postinst | grep -vE '^[[:space:]]*(#|echo )' | grep -o 'systemctl [A-Za-z -]*' |
+	grep -vE '^systemctl (is-active --quiet|show -p MainPID --value|--system daemon-reload|reload stoa)' || true)
+ctl_calls+=$(dpkg-deb -I "$DEB" postinst | grep -vE '^[[:space:]]*(#|echo )' | grep -E 'restart' || true)
+check "the postinst calls systemctl only to query, daemon-reload or reload (no restart)" test -z "$ctl_calls"
 
 phase "rpmlint"
 rpmlint_allowed='no-url-tag|only-non-binary-in-usr-lib|no-manual-page-for-binary'
@@ -177,6 +183,8 @@ check "rpm: unit, sysusers, tmpfiles, man page, completions" test -f "$RPMROOT/u
 check "rpm: both configs are %config(noreplace)" test "$(rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$RPM" | grep -c '^cn /etc/stoa/')" = 2
 check "rpm: scriptlets run sysusers, tmpfiles and disable --now on erase" \
 	sh -c "rpm -qp --scripts '$RPM' | grep -q 'systemd-sysusers stoa.conf' && rpm -qp --scripts '$RPM' | grep -q 'disable --now stoa.service'"
+check "rpm: %post reloads (upgrades in place) a running unit on upgrade, never restarts it" \
+	sh -c "rpm -qp --scripts '$RPM' | grep -q 'systemctl reload stoa.service' && ! rpm -qp --scripts '$RPM' | grep -q 'restart stoa.service'"
 rpm -e --root "$RPMROOT" --nodeps --noscripts stoa 2>&1 | grep -v '^rpm: \(RPM should not\|However assuming\)' || true
 check "rpm: erase leaves no files" test -z "$(find "$RPMROOT" -type f ! -path '*/.rpmdb/*' ! -path '*/var/lib/rpm/*')"
 
@@ -273,6 +281,14 @@ check "upgrade kept the daemon's state" test -f /var/lib/stoa/ci-marker
 check "upgrade did not stop the broker" kill -0 "$BROKER_PID"
 out=$(/usr/bin/stoa exec --user "$TEST_USER" -- id -un)
 check "stoa exec still works after the upgrade" test "$out" = "$TEST_USER"
+# Without systemd the postinst leaves the broker alone; by hand, it upgrades in place (the
+# same under systemd, with users' work running: test-in-systemd.sh).
+check "the broker still runs the old file" test "$(readlink /proc/"$BROKER_PID"/exe)" = "/usr/bin/stoa (deleted)"
+/usr/bin/stoa daemon upgrade
+check "stoa daemon upgrade: the same broker process runs the new /usr/bin/stoa" \
+	sh -c "kill -0 $BROKER_PID && [ \"\$(readlink /proc/$BROKER_PID/exe)\" = /usr/bin/stoa ] && [ \"\$(stat -L -c %i /proc/$BROKER_PID/exe)\" = \"\$(stat -c %i /usr/bin/stoa)\" ]"
+out=$(/usr/bin/stoa exec --user "$TEST_USER" -- id -un)
+check "stoa exec works after the upgrade in place" test "$out" = "$TEST_USER"
 check "stoa doctor passes after the upgrade" sh -c '/usr/bin/stoa doctor >/dev/null'
 
 # ---------------------------------------------------------------------------------------
