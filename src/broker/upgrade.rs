@@ -846,8 +846,14 @@ fn check_new_binary(
         }
     };
     if let Some(ChildReport::Failed { stage, errno }) = report {
+        // execveat of an fd: a `#!` script's interpreter cannot open it (ENOENT).
+        let hint = if errno == libc::ENOENT {
+            " (a script cannot be run from the broker's fd: it must be stoa's binary)"
+        } else {
+            ""
+        };
         return Err(format!(
-            "the new binary {} cannot be started ({stage:?}: {})",
+            "the new binary {} cannot be started ({stage:?}: {}){hint}",
             exe_path.display(),
             std::io::Error::from_raw_os_error(errno)
         ));
@@ -1110,6 +1116,18 @@ pub fn ask(broker_config: &Path, timeout: Duration) -> Result<Outcome, (u8, Stri
                 ),
             )
         })?;
+    // A broker from before upgrade in place would die of SIGUSR2 (its default action):
+    // only one that blocks it (its signalfd takes it) is asked.
+    if !blocks_sigusr2(pid) {
+        return Err((
+            2,
+            format!(
+                "the running broker (pid {pid}) cannot upgrade in place (it predates it, or \
+                 does not say so in /proc/{pid}/status); restart it once to run the new \
+                 version: systemctl restart stoa (this ends every user's processes)"
+            ),
+        ));
+    }
     let before = read_outcome(dir).map_or(0, |o| o.attempt);
     kill(Pid::from_raw(pid), NixSignal::SIGUSR2)
         .map_err(|e| (2, format!("cannot signal the broker (pid {pid}): {e}")))?;
@@ -1134,6 +1152,24 @@ pub fn ask(broker_config: &Path, timeout: Duration) -> Result<Outcome, (u8, Stri
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Whether `pid` blocks SIGUSR2 (`SigBlk` in `/proc/PID/status`): a broker that upgrades
+/// in place takes it through its signalfd.
+fn blocks_sigusr2(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    sigusr2_in_mask(&status)
+}
+
+/// `SigBlk` of a `/proc/PID/status` text has SIGUSR2 (signal 12: bit 11).
+fn sigusr2_in_mask(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGUSR2 - 1)) != 0)
 }
 
 #[cfg(test)]
@@ -1252,6 +1288,18 @@ mod tests {
             kept, bytes,
             "the encoding of version {STATE_VERSION} changed"
         );
+    }
+
+    #[test]
+    fn only_a_broker_that_blocks_sigusr2_is_asked() {
+        let status = |blk: &str| format!("Name:\tstoa\nSigPnd:\t0\nSigBlk:\t{blk}\nSigIgn:\t0\n");
+        // SIGCHLD, SIGTERM, SIGINT, SIGHUP and SIGUSR2, as the broker blocks them.
+        assert!(sigusr2_in_mask(&status("0000000000014803")));
+        // The same without SIGUSR2: a broker from before upgrade in place.
+        assert!(!sigusr2_in_mask(&status("0000000000014003")));
+        assert!(!sigusr2_in_mask("Name:\tstoa\n"));
+        // This test process blocks nothing of the kind.
+        assert!(!blocks_sigusr2(std::process::id() as i32));
     }
 
     #[test]

@@ -709,7 +709,7 @@ fn check_health(report: &mut Report, listen: &str) {
         if running != mine {
             report.warn(
                 format!("the running stoa is version {running}, this binary is {mine}"),
-                "systemctl restart stoa when convenient (a restart ends every user's running processes)",
+                "systemctl reload stoa (stoa daemon upgrade: the broker re-execs the new binary, every user's work goes on)",
             );
         }
     }
