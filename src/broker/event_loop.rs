@@ -115,7 +115,8 @@ impl Server {
             if signalled {
                 self.handle_signals();
             }
-            // Nothing new is read while an upgrade waits (see `wait`).
+            // Nothing new is read while an upgrade is under way: `wait` polls no link then,
+            // and this covers the turn in which SIGUSR2 came (the links were polled before).
             let reading = self.upgrade.is_none();
             if let Some(ev) = daemon_events {
                 if reading

@@ -122,13 +122,15 @@ fn build(opts: ServeOptions, resumed: Option<super::upgrade::Resumed>) -> Result
     policy::check_trusted_path(&policy.workers_dir, euid)?;
     // Before capabilities are dropped: the old store is the service user's. (Not after an
     // upgrade in place: the first start did it, and the capabilities are gone.)
-    if resumed.is_some() {
-    } else if let Err(e) = super::legacy_store::split(
-        &daemon_config.state_dir,
-        &policy.workers_dir,
-        &policy.state_dir,
-    ) {
-        warn!("the old store was not split into the users' stores: {e}");
+    if resumed.is_none() {
+        let split = super::legacy_store::split(
+            &daemon_config.state_dir,
+            &policy.workers_dir,
+            &policy.state_dir,
+        );
+        if let Err(e) = split {
+            warn!("the old store was not split into the users' stores: {e}");
+        }
     }
 
     let executor_path = policy

@@ -739,6 +739,80 @@ impl Server {
     }
 }
 
+/// The check's output (at most [`CHECK_OUTPUT_BYTES`]), its exec report and its exit, within
+/// [`CHECK_DEADLINE`]. On `Err` the caller kills and reaps it.
+fn follow_check(
+    started: &sys::Started,
+    out_r: &OwnedFd,
+) -> Result<(Vec<u8>, Option<ChildReport>, nix::sys::wait::WaitStatus), String> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let deadline = Instant::now() + CHECK_DEADLINE;
+    let pid = Pid::from_raw(started.pid);
+    let late = || format!("the new binary did not finish its check within {CHECK_DEADLINE:?}");
+    let mut output = Vec::new();
+    let mut report = None;
+    let (mut out_open, mut report_open) = (true, true);
+    while out_open || report_open {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        let mut fds = Vec::new();
+        if out_open {
+            fds.push(PollFd::new(out_r.as_fd(), PollFlags::POLLIN));
+        }
+        if report_open {
+            fds.push(PollFd::new(started.report.as_fd(), PollFlags::POLLIN));
+        }
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(1000) as i32).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, ms) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| !f.revents().unwrap_or(PollFlags::empty()).is_empty())
+            .collect();
+        let mut i = 0;
+        if out_open {
+            if ready[i] {
+                let mut buf = [0u8; 4096];
+                match nix::unistd::read(out_r, &mut buf) {
+                    Ok(0) => out_open = false,
+                    Ok(n) if output.len() < CHECK_OUTPUT_BYTES => output.extend(&buf[..n]),
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::EAGAIN) => {}
+                    Err(_) => out_open = false,
+                }
+            }
+            i += 1;
+        }
+        if report_open && ready[i] {
+            match sys::read_report(started.report.as_fd()) {
+                Ok(Some(r)) => {
+                    report = Some(r);
+                    report_open = false;
+                }
+                Ok(None) => {}
+                Err(_) => report_open = false,
+            }
+        }
+    }
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Ok(WaitStatus::StillAlive) => return Err(late()),
+            Ok(status) => return Ok((output, report, status)),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("waiting for the check: {e}")),
+        }
+    }
+}
+
 /// Runs the new binary's `__broker-check-state` on the sealed state: its version on
 /// success, else why (its own words, or how it failed to start).
 fn check_new_binary(
@@ -747,7 +821,6 @@ fn check_new_binary(
     memfd: &OwnedFd,
     opts: &super::ServeOptions,
 ) -> Result<String, String> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let (out_r, out_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
@@ -773,76 +846,14 @@ fn check_new_binary(
     let spec = ChildSpec::root_helper(exe.as_fd(), argv, env, stdio, vec![memfd.as_fd()]);
     let started = sys::start_child(&spec).map_err(|e| format!("cannot start the check: {e}"))?;
     drop(out_w);
-    let deadline = Instant::now() + CHECK_DEADLINE;
-    let pid = Pid::from_raw(started.pid);
-    let mut output = Vec::new();
-    let mut report = None;
-    let mut out_open = true;
-    let mut report_open = true;
-    while out_open || report_open {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            let _ = kill(pid, NixSignal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
-            return Err(format!(
-                "the new binary did not finish its check within {CHECK_DEADLINE:?}"
-            ));
-        }
-        let mut fds = Vec::new();
-        if out_open {
-            fds.push(PollFd::new(out_r.as_fd(), PollFlags::POLLIN));
-        }
-        if report_open {
-            fds.push(PollFd::new(started.report.as_fd(), PollFlags::POLLIN));
-        }
-        let ms =
-            PollTimeout::try_from(left.as_millis().min(1000) as i32).unwrap_or(PollTimeout::MAX);
-        match poll(&mut fds, ms) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(format!("poll: {e}")),
-        }
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|f| !f.revents().unwrap_or(PollFlags::empty()).is_empty())
-            .collect();
-        let mut i = 0;
-        if out_open {
-            if ready[i] {
-                let mut buf = [0u8; 4096];
-                match nix::unistd::read(&out_r, &mut buf) {
-                    Ok(0) => out_open = false,
-                    Ok(n) if output.len() < CHECK_OUTPUT_BYTES => output.extend(&buf[..n]),
-                    Ok(_) => {}
-                    Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::EAGAIN) => {}
-                    Err(_) => out_open = false,
-                }
-            }
-            i += 1;
-        }
-        if report_open && ready[i] {
-            match sys::read_report(started.report.as_fd()) {
-                Ok(Some(r)) => {
-                    report = Some(r);
-                    report_open = false;
-                }
-                Ok(None) => {}
-                Err(_) => report_open = false,
-            }
-        }
-    }
-    let status = loop {
-        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                let _ = kill(pid, NixSignal::SIGKILL);
-                let _ = nix::sys::wait::waitpid(pid, None);
-                return Err("the new binary's check did not exit".into());
-            }
-            Ok(s) => break s,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(format!("waiting for the check: {e}")),
+    let (output, report, status) = match follow_check(&started, &out_r) {
+        Ok(ended) => ended,
+        Err(e) => {
+            // However it went wrong, the check leaves no process behind (its pidfd: never
+            // another process that took the pid).
+            let _ = sys::pidfd_send_signal(started.pidfd.as_fd(), libc::SIGKILL);
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(started.pid), None);
+            return Err(e);
         }
     };
     if let Some(ChildReport::Failed { stage, errno }) = report {
@@ -1040,11 +1051,14 @@ pub fn dying_of(state: &State) -> Vec<(i32, Option<SpawnCgroup>)> {
 }
 
 impl Server {
-    /// The first steps of a resumed broker: the old front and workers are told to go, the
+    /// The first steps of a resumed broker: what is left of the old front and workers is killed, the
     /// workers of users with work are started at once, the outcome is written.
     pub fn resumed(&mut self, state: &State) {
+        // They were asked to stop before the exec (and their links are closed): what is
+        // left is killed, as a worker that goes is (`workers::worker_gone`); still
+        // unreaped, so the pid is theirs.
         for d in &state.dying {
-            let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGTERM);
+            let _ = kill(Pid::from_raw(d.pid), NixSignal::SIGKILL);
         }
         let mut users: Vec<Account> = Vec::new();
         for (_, e) in self.broker.handles.iter() {

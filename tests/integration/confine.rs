@@ -249,31 +249,9 @@ fn confined_writes() -> Result<(), Failed> {
     // An agent's task is: it writes its worktree, home, /tmp, /dev/null, and not there.
     let alice = stoa.api_user("alice", ALICE);
     let wt = worktree(ALICE);
-    let (status, s) = stoa.request(
-        "POST",
-        "/sessions",
-        Some(&alice),
-        Some(&json!({ "agentic_tool": "claude-code", "worktree": wt })),
-    );
-    assert_eq!(status, 201, "{s}");
-    let session = s["session_id"].as_str().unwrap().to_string();
-    let (status, t) = stoa.request(
-        "POST",
-        &format!("/sessions/{session}/prompt"),
-        Some(&alice),
-        Some(&json!({ "prompt": "probe" })),
-    );
-    assert_eq!(status, 202, "{t}");
-    let task = t["task_id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let t = loop {
-        let (_, t) = stoa.request("GET", &format!("/tasks/{task}"), Some(&alice), None);
-        if ["completed", "failed", "stopped"].contains(&t["status"].as_str().unwrap_or("")) {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "task did not end: {t}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let session = crate::sessions::create_session(&stoa, &alice, "claude-code", &wt);
+    let task = crate::sessions::prompt(&stoa, &alice, &session, "probe");
+    let t = crate::sessions::wait_task(&stoa, &alice, &task);
     assert_eq!(t["status"], "completed", "{t}");
     assert_eq!(
         t["confinement"],

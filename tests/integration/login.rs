@@ -339,32 +339,10 @@ fn agent_gets_no_local_login() -> Result<(), Failed> {
     run("chmod", &["0755", dir.join("agent").to_str().unwrap()]);
     let alice = stoa.api_user("alice", ALICE);
     let wt = crate::sessions::worktree(ALICE);
-    let (status, session) = stoa.request(
-        "POST",
-        "/sessions",
-        Some(&alice),
-        Some(&json!({ "agentic_tool": "claude-code", "worktree": wt })),
-    );
-    assert_eq!(status, 201, "{session}");
-    let id = session["session_id"].as_str().unwrap();
-    let (status, task) = stoa.request(
-        "POST",
-        &format!("/sessions/{id}/prompt"),
-        Some(&alice),
-        Some(&json!({ "prompt": "hi" })),
-    );
-    assert_eq!(status, 202, "{task}");
-    let task_id = task["task_id"].as_str().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let (_, t) = stoa.request("GET", &format!("/tasks/{task_id}"), Some(&alice), None);
-        if matches!(t["status"].as_str(), Some("completed" | "failed")) {
-            assert_eq!(t["status"], "completed", "{t}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{t}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let session = crate::sessions::create_session(&stoa, &alice, "claude-code", &wt);
+    let task = crate::sessions::prompt(&stoa, &alice, &session, "hi");
+    let t = crate::sessions::wait_task(&stoa, &alice, &task);
+    assert_eq!(t["status"], "completed", "{t}");
     let tried = std::fs::read_to_string(format!("{wt}/.login-try"))?;
     assert!(
         tried.contains("agent-run") && tried.trim_end().ends_with("exit 1"),

@@ -749,14 +749,7 @@ fn worktree_swap() -> Result<(), Failed> {
     let wt = format!("{parent}/wt");
     std::fs::create_dir(&wt)?;
     run("chown", &[&format!("{ALICE}:"), &wt]);
-    let (status, session) = stoa.request(
-        "POST",
-        "/sessions",
-        Some(&alice),
-        Some(&json!({ "agentic_tool": "claude-code", "worktree": wt })),
-    );
-    assert_eq!(status, 201, "{session}");
-    let session = session["session_id"].as_str().unwrap().to_string();
+    let session = crate::sessions::create_session(&stoa, &alice, "claude-code", &wt);
     let open = |stoa: &Instance| {
         stoa.request(
             "POST",

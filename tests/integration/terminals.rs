@@ -42,6 +42,10 @@ pub const TESTS: &[(&str, crate::TestFn)] = &[
         contiguous_across_restart,
     ),
     (
+        "terminal_that_ends_while_its_worker_is_down_keeps_its_output_and_exit",
+        ends_while_worker_down,
+    ),
+    (
         "terminal_browser_tickets_and_origin_checks",
         tickets_and_origin,
     ),
@@ -787,6 +791,40 @@ pub(crate) fn resume_every_line(
             .collect::<Vec<_>>()
     );
     (acked, last, numbers.len())
+}
+
+/// The shell ends while its user's worker is down (stopped, then killed): the next worker
+/// adopts the ended terminal, so what it printed meanwhile and its exit code are still there.
+fn ends_while_worker_down() -> Result<(), Failed> {
+    let stoa = Instance::start();
+    let alice = stoa.api_user("alice", ALICE);
+    let t = open(
+        &stoa,
+        &alice,
+        json!({ "cols": 80, "rows": 24,
+            "command": ["sh", "-c", "echo before; sleep 2; echo printed-while-down; exit 3"] }),
+    );
+    let id = t["terminal_id"].as_str().unwrap().to_string();
+    let pid = t["pid"].as_i64().unwrap() as i32;
+    let mut v = connect(&stoa, &id, Some(&alice), "", None).unwrap();
+    v.hello(0, true);
+    v.wait_for("before", Duration::from_secs(10));
+    let worker = stoa.worker_pid(ALICE).expect("alice's worker");
+    run("kill", &["-STOP", &worker.to_string()]);
+    wait_until("the shell to end", Duration::from_secs(20), || !alive(pid));
+    run("kill", &["-KILL", &worker.to_string()]);
+    stoa.wait_new_worker(ALICE, worker);
+    let mut info = Value::Null;
+    wait_until("the exit recorded", Duration::from_secs(20), || {
+        let (status, i) = stoa.request("GET", &format!("/terminals/{id}"), Some(&alice), None);
+        info = i;
+        status == 200 && info["running"] == false
+    });
+    assert_eq!(info["exit_code"], 3, "{info}");
+    let mut again = connect(&stoa, &id, Some(&alice), "", None).unwrap();
+    again.hello(0, false);
+    again.wait_for("printed-while-down", Duration::from_secs(10));
+    Ok(())
 }
 
 fn tickets_and_origin() -> Result<(), Failed> {
